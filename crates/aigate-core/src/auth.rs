@@ -1,0 +1,68 @@
+//! Stage 2, gateway authentication: on a gateway with `authentication = true`, the request must
+//! carry `cf-aig-authorization: Bearer <token>` matching one of the gateway's tokens.
+//!
+//! Reads: the `cf-aig-authorization` header and the gateway's tokens. Writes nothing. Fails
+//! closed with 401. Tokens are compared in constant time (`subtle`), every configured token is
+//! compared so the time does not tell which one matched, and the header is never logged.
+
+use http::HeaderMap;
+use subtle::ConstantTimeEq;
+
+use crate::config::Gateway;
+use crate::error::GatewayError;
+use crate::headers::CF_AIG_AUTHORIZATION;
+
+/// Checks the gateway token.
+pub fn check(gateway: &Gateway, headers: &HeaderMap) -> Result<(), GatewayError> {
+    if !gateway.authentication {
+        return Ok(());
+    }
+    let presented = headers
+        .get(CF_AIG_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or(GatewayError::Unauthorized)?;
+    let mut ok = subtle::Choice::from(0u8);
+    for t in &gateway.tokens {
+        ok |= t.expose().as_bytes().ct_eq(presented.as_bytes());
+    }
+    if bool::from(ok) {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use std::time::Duration;
+
+    fn gw(auth: bool) -> Gateway {
+        Gateway {
+            name: "g".into(),
+            authentication: auth,
+            tokens: vec![Secret::new("t1"), Secret::new("t2")],
+            provider_keys: Default::default(),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(CF_AIG_AUTHORIZATION, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn cases() {
+        assert!(check(&gw(false), &HeaderMap::new()).is_ok());
+        assert!(check(&gw(true), &HeaderMap::new()).is_err());
+        assert!(check(&gw(true), &h("Bearer t2")).is_ok());
+        assert!(check(&gw(true), &h("Bearer t3")).is_err());
+        assert!(check(&gw(true), &h("t1")).is_err());
+        assert!(check(&gw(true), &h("Bearer t")).is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! The one error type at the edge: every failure of the request path becomes a status code and an
+//! OpenAI-shaped body `{"error":{"message","type","code"}}`. Messages name what went wrong (the
+//! gateway, the provider, the header) and never carry credentials or internal details.
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::GatewayBody;
+
+/// Who is to blame, for metrics and retry decisions later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client sent something wrong.
+    Downstream,
+    /// The provider failed or was unreachable.
+    Upstream,
+    /// aigate itself.
+    Internal,
+}
+
+/// A failure on the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No such gateway.
+    #[error("gateway {gateway:?} not found; configured gateways: {known}")]
+    UnknownGateway {
+        /// What was asked for.
+        gateway: String,
+        /// What exists.
+        known: String,
+    },
+    /// The account id in a Cloudflare-layout URL does not match the configured one.
+    #[error("account {account:?} not found")]
+    UnknownAccount {
+        /// What was asked for.
+        account: String,
+    },
+    /// No such provider.
+    #[error("provider {provider:?} is not known; known providers: {known}")]
+    UnknownProvider {
+        /// What was asked for.
+        provider: String,
+        /// What exists.
+        known: String,
+    },
+    /// The gateway requires a token and none (or a wrong one) was sent.
+    #[error("this gateway requires authentication: send cf-aig-authorization: Bearer <gateway token>")]
+    Unauthorized,
+    /// Body above the configured limit.
+    #[error("request body is larger than the gateway's limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A malformed request (bad header value, bad path).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The client's request body could not be read.
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    /// The provider could not be reached.
+    #[error("could not reach provider {provider:?}: {reason}")]
+    UpstreamUnreachable {
+        /// The provider name.
+        provider: String,
+        /// A short, credential-free reason.
+        reason: &'static str,
+    },
+    /// No first byte from the provider in time.
+    #[error("provider {provider:?} did not answer within {timeout_ms} ms")]
+    UpstreamTimeout {
+        /// The provider name.
+        provider: String,
+        /// The timeout that applied.
+        timeout_ms: u64,
+    },
+    /// Anything else.
+    #[error("internal gateway error")]
+    Internal,
+}
+
+impl GatewayError {
+    /// Status code, OpenAI error `type`, and `code`.
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use GatewayError::*;
+        match self {
+            UnknownGateway { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", "gateway_not_found"),
+            UnknownAccount { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", "account_not_found"),
+            UnknownProvider { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", "provider_not_found"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "gateway_unauthorized"),
+            BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "bad_request"),
+            BodyRead(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "body_read_error"),
+            UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "api_error", "upstream_unreachable"),
+            UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout"),
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal_error"),
+        }
+    }
+
+    /// Who is to blame.
+    pub fn blame(&self) -> Blame {
+        match self {
+            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamTimeout { .. } => Blame::Upstream,
+            GatewayError::Internal => Blame::Internal,
+            _ => Blame::Downstream,
+        }
+    }
+
+    /// The HTTP response.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let (status, kind, code) = self.parts();
+        error_response(status, &self.to_string(), kind, code)
+    }
+}
+
+/// Builds an OpenAI-shaped error response.
+pub fn error_response(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<GatewayBody> {
+    let body = serde_json::json!({ "error": { "message": message, "type": kind, "code": code, "param": null } });
+    let mut resp = Response::new(GatewayBody::full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape() {
+        let e = GatewayError::UpstreamUnreachable { provider: "openai".into(), reason: "connection refused" };
+        assert_eq!(e.parts().0, StatusCode::BAD_GATEWAY);
+        assert_eq!(e.blame(), Blame::Upstream);
+        let r = e.into_response();
+        assert_eq!(r.status(), 502);
+        let GatewayBody::Full(Some(b)) = r.into_body() else { panic!() };
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_unreachable");
+        assert!(v["error"]["message"].as_str().unwrap().contains("openai"));
+        assert_eq!(v["error"]["type"], "api_error");
+    }
+}

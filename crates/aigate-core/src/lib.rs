@@ -1,0 +1,21 @@
+//! aigate-core: the request path of the aigate AI gateway.
+//!
+//! Modules are named after the stages of the request path, in the order a request meets them
+//! (see `docs/architecture.md`): [`routing`] → [`auth`] → body limit ([`proxy`]) → [`upstream`] →
+//! stream back ([`body`]). [`proxy`] strings the stages together; [`server`] accepts connections
+//! and drains them at shutdown; [`config`] turns the TOML file into validated [`config::Settings`].
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod providers;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod upstream;
+
+pub use config::Settings;
+pub use error::GatewayError;
+pub use server::{start, start_on, ServerHandle};

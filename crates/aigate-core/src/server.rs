@@ -1,0 +1,97 @@
+//! The listener: accepts connections (HTTP/1.1 and h2c), serves each with [`proxy::handle`], and
+//! shuts down gracefully: stop accepting, mark not ready, let in-flight requests and streams finish
+//! up to the grace period, then return.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::proxy::{self, AppState};
+
+/// A running server.
+pub struct ServerHandle {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    /// Shared state (settings, client).
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Begins graceful shutdown.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the server has stopped (after [`ServerHandle::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `settings.listen` and starts serving.
+pub async fn start(settings: Settings) -> std::io::Result<ServerHandle> {
+    let listener = TcpListener::bind(settings.listen).await?;
+    start_on(settings, listener)
+}
+
+/// Starts serving on an already bound listener (tests bind port 0).
+pub fn start_on(settings: Settings, listener: TcpListener) -> std::io::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let grace = settings.shutdown_grace;
+    let state = AppState::new(settings).map_err(std::io::Error::other)?;
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(serve(listener, state.clone(), rx, grace));
+    Ok(ServerHandle { addr, state, shutdown: tx, task })
+}
+
+async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let st = state.clone();
+                let svc = service_fn(move |req| proxy::handle(st.clone(), req));
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    state.ready.store(false, Ordering::Relaxed);
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period ended with requests still in flight");
+    }
+}

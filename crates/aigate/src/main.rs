@@ -1,0 +1,163 @@
+//! `aigate`: the command line. Thin: parse arguments, load the configuration, call into
+//! `aigate-core`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use aigate_core::Settings;
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// A self-hosted, Cloudflare-compatible AI gateway: cache, meter, rate-limit and log LLM requests.
+#[derive(Parser)]
+#[command(name = "aigate", version, about, long_about = None)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (on the embedded default configuration unless --config is given).
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, short, env = "AIGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override the listen address of the configuration.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Validate a configuration and print what it configures.
+    Check {
+        /// TOML configuration file.
+        #[arg(long, short, env = "AIGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { config } => {
+            let settings = load(config.as_deref())?;
+            print!("{}", describe(&settings, config.as_deref()));
+            println!("configuration is valid");
+            Ok(())
+        }
+        Command::Serve { config, listen } => {
+            let mut settings = load(config.as_deref())?;
+            if let Some(l) = listen {
+                settings.listen =
+                    l.parse().with_context(|| format!("--listen {l:?} is not an address like 127.0.0.1:8787"))?;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(serve(settings))
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
+    Ok(match path {
+        Some(p) => Settings::from_file(p)?,
+        None => Settings::embedded_default()?,
+    })
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let gateways = settings.gateways.len();
+    let handle = aigate_core::start(settings).await.context("cannot start the server")?;
+    tracing::info!(addr = %handle.addr, gateways, "aigate listening on http://{}", handle.addr);
+    shutdown_signal().await;
+    tracing::info!("shutdown signal received");
+    handle.shutdown();
+    handle.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// What `aigate check` prints. Secrets are never shown: only how many tokens and which
+/// providers have stored keys.
+fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let source = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
+    let _ = writeln!(out, "config: {source}");
+    let _ = writeln!(out, "listen: {}", s.listen);
+    let _ = writeln!(out, "data_dir: {}", s.data_dir.display());
+    let _ = writeln!(out, "default_gateway: {}", s.default_gateway);
+    let _ = writeln!(out, "max_request_body: {} bytes", s.max_request_body);
+    let mut gws: Vec<_> = s.gateways.values().collect();
+    gws.sort_by(|a, b| a.name.cmp(&b.name));
+    let _ = writeln!(out, "gateways ({}):", gws.len());
+    for g in gws {
+        let mut keys: Vec<&str> = g.provider_keys.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let auth = if g.authentication { format!("on ({} token(s))", g.tokens.len()) } else { "off".to_string() };
+        let keys = if keys.is_empty() { "none".to_string() } else { keys.join(", ") };
+        let _ = writeln!(
+            out,
+            "  {:<16} authentication: {auth}; stored provider keys: {keys}; request_timeout: {}",
+            g.name,
+            humantime::format_duration(g.request_timeout)
+        );
+    }
+    let mut ps: Vec<_> = s.providers.values().collect();
+    ps.sort_by(|a, b| a.name.cmp(&b.name));
+    let _ = writeln!(out, "providers ({}):", ps.len());
+    for p in ps {
+        let _ = writeln!(out, "  {:<16} {} ({:?})", p.name, p.base_url, p.auth);
+    }
+    out
+}
