@@ -162,6 +162,12 @@ impl Body for MockBody {
     fn is_end_stream(&self) -> bool {
         matches!(self, MockBody::Full(None))
     }
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            MockBody::Full(b) => http_body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            MockBody::Stream(_) => http_body::SizeHint::default(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -298,8 +304,7 @@ fn sse(events: Vec<String>, delay: Duration, cut_after: Option<usize>, stats: Ar
                 return;
             }
         }
-        // Wait until the reader has taken everything (or left) before counting completion.
-        tx.closed().await;
+        // Everything was handed to the reader; dropping `tx` ends the body.
         stats.completed_streams.fetch_add(1, Ordering::SeqCst);
     });
     let mut r = Response::new(MockBody::Stream(rx));

@@ -1,0 +1,601 @@
+//! End-to-end tests of the request path through real sockets: a mock upstream and the gateway,
+//! both on port 0, so tests run in parallel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use aigate_core::{ServerHandle, Settings};
+use aigate_testkit::{MockConfig, MockUpstream};
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Env {
+    mock: MockUpstream,
+    gw: ServerHandle,
+    http: reqwest::Client,
+}
+
+impl Env {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.gw.addr, path)
+    }
+}
+
+/// Starts a mock and a gateway whose `openai`, `anthropic` and `local` providers point at the mock.
+/// `extra` is appended to the TOML.
+async fn env_with(extra: &str, mock_cfg: MockConfig) -> Env {
+    let mock = MockUpstream::start(mock_cfg).await.unwrap();
+    let toml = format!(
+        r#"
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+{extra}
+[providers.openai]
+base_url = "{m}/v1"
+[providers.anthropic]
+base_url = "{m}"
+[providers.local]
+base_url = "{m}/v1"
+"#,
+        m = mock.url()
+    );
+    let toml = if toml.contains("[gateways.default]") { toml } else { format!("{toml}\n[gateways.default]\n") };
+    let settings = Settings::from_toml_with(&toml, &|name| match name {
+        "GW_TOKEN" => Some("gw-secret-token".into()),
+        "STORED_KEY" => Some("sk-stored-key-123".into()),
+        _ => None,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = aigate_core::start_on(settings, listener).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    Env { mock, gw, http }
+}
+
+async fn env() -> Env {
+    env_with("", MockConfig::default()).await
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn assert_log_id(resp: &reqwest::Response) {
+    let id = resp.headers().get("cf-aig-log-id").expect("cf-aig-log-id").to_str().unwrap();
+    let u = uuid_parse(id);
+    assert_eq!(u, 7, "log id {id} is not a UUIDv7");
+}
+
+/// Returns the UUID version nibble of a hyphenated lowercase UUID.
+fn uuid_parse(s: &str) -> u32 {
+    assert_eq!(s.len(), 36, "{s}");
+    assert_eq!(s, s.to_lowercase());
+    s[14..15].chars().next().unwrap().to_digit(16).unwrap()
+}
+
+async fn error_body(resp: reqwest::Response) -> serde_json::Value {
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let e = &v["error"];
+    assert!(e["message"].is_string() && e["type"].is_string() && e["code"].is_string(), "not OpenAI error shape: {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_url_forms_reach_the_same_gateway() {
+    let env = env().await;
+    for path in
+        ["/v1/acct123/default/openai/chat/completions", "/default/openai/chat/completions", "/v1/chat/completions"]
+    {
+        let resp = env
+            .http
+            .post(env.url(path))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-client")
+            .body(CHAT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_log_id(&resp);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["object"], "chat.completion", "{path}");
+        let last = env.mock.last_request().unwrap();
+        assert_eq!(last.path_and_query, "/v1/chat/completions", "{path}");
+        assert_eq!(last.headers["authorization"], "Bearer sk-client");
+        assert_eq!(&last.body[..], CHAT.as_bytes());
+    }
+    assert_eq!(env.mock.requests(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_gateway_404_unknown_provider_400() {
+    let env = env_with("[gateways.default]\n[gateways.prod]\n", MockConfig::default()).await;
+    let resp = env.http.post(env.url("/v1/acct/nope/openai/chat/completions")).body(CHAT).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_log_id(&resp);
+    let v = error_body(resp).await;
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("\"nope\"") && msg.contains("default, prod"), "{msg}");
+
+    let resp = env.http.post(env.url("/prod/nosuch/chat/completions")).body(CHAT).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let v = error_body(resp).await;
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("\"nosuch\"") && msg.contains("openai") && msg.contains("anthropic"), "{msg}");
+    assert_eq!(env.mock.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_gateway_and_stored_key() {
+    let env = env_with(
+        "[gateways.default]\n[gateways.prod]\nauthentication = true\ntokens = [\"env:GW_TOKEN\"]\n[gateways.prod.provider_keys]\nopenai = \"env:STORED_KEY\"\n",
+        MockConfig::default(),
+    )
+    .await;
+    let url = env.url("/v1/acct/prod/openai/chat/completions");
+    // No token, wrong token, wrong scheme: 401, and nothing reaches the upstream.
+    for token in [None, Some("Bearer wrong"), Some("gw-secret-token"), Some("Bearer gw-secret-toke")] {
+        let mut rb = env.http.post(&url).body(CHAT);
+        if let Some(t) = token {
+            rb = rb.header("cf-aig-authorization", t);
+        }
+        let resp = rb.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{token:?}");
+        let v = error_body(resp).await;
+        assert_eq!(v["error"]["type"], "authentication_error");
+        assert!(!v.to_string().contains("gw-secret-token"));
+    }
+    assert_eq!(env.mock.requests(), 0);
+    // Right token, no client credential: the stored key is injected.
+    let resp =
+        env.http.post(&url).header("cf-aig-authorization", "Bearer gw-secret-token").body(CHAT).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let last = env.mock.last_request().unwrap();
+    assert_eq!(last.headers["authorization"], "Bearer sk-stored-key-123");
+    assert!(last.headers.get("cf-aig-authorization").is_none(), "gateway token leaked upstream");
+    // A client credential is replaced by the stored key.
+    let resp = env
+        .http
+        .post(&url)
+        .header("cf-aig-authorization", "Bearer gw-secret-token")
+        .header("authorization", "Bearer sk-client-own")
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(env.mock.last_request().unwrap().headers["authorization"], "Bearer sk-stored-key-123");
+    // The unauthenticated default gateway stays open.
+    let resp = env.http.post(env.url("/default/openai/chat/completions")).body(CHAT).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_query_and_events_pass_through() {
+    let env = env().await;
+    let resp = env
+        .http
+        .post(env.url("/default/local/some/endpoint?a=1&b=two%20words&c"))
+        .header("content-type", "application/json")
+        .header("x-custom-header", "kept")
+        .header("openai-organization", "org-1")
+        .header("cf-aig-event-id", "evt-42")
+        .header("cf-aig-metadata", r#"{"user":"u1"}"#)
+        .header("cf-skip-cache", "true")
+        .header("connection", "keep-alive, x-hop-header")
+        .header("x-hop-header", "should-go")
+        .body(r#"{"echo":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["cf-aig-event-id"], "evt-42");
+    assert_eq!(resp.headers()["x-mock-path"], "/v1/some/endpoint?a=1&b=two%20words&c");
+    assert_eq!(resp.headers()["x-mock-method"], "POST");
+    assert_eq!(resp.headers()["x-request-id"], "req_mock_0001", "upstream response headers come back");
+    assert_log_id(&resp);
+    assert_eq!(resp.text().await.unwrap(), r#"{"echo":true}"#);
+    let last = env.mock.last_request().unwrap();
+    assert_eq!(last.headers["x-custom-header"], "kept");
+    assert_eq!(last.headers["openai-organization"], "org-1");
+    assert_eq!(last.headers["content-type"], "application/json");
+    for gone in ["cf-aig-event-id", "cf-aig-metadata", "cf-skip-cache", "x-hop-header"] {
+        assert!(last.headers.get(gone).is_none(), "{gone} went upstream");
+    }
+    // Host is the upstream's, not the gateway's.
+    assert_eq!(last.headers["host"].to_str().unwrap(), env.mock.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_multipart_and_get_bodies() {
+    let env = env().await;
+    let bin: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let resp = env
+        .http
+        .post(env.url("/v1/audio/transcriptions-raw"))
+        .header("content-type", "application/octet-stream")
+        .body(bin.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &bin[..]);
+
+    let boundary = "----aigateboundary";
+    let mut mp = Vec::new();
+    mp.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").as_bytes());
+    mp.extend_from_slice(&bin[..5000]);
+    mp.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let resp = env
+        .http
+        .post(env.url("/v1/audio/transcriptions"))
+        .header("content-type", &ct)
+        .body(mp.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], ct.as_str());
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &mp[..]);
+
+    let resp = env.http.get(env.url("/v1/models")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+
+    let resp = env.http.delete(env.url("/v1/files/file-1")).send().await.unwrap();
+    assert_eq!(resp.headers()["x-mock-method"], "DELETE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_and_embeddings() {
+    let env = env().await;
+    let resp = env
+        .http
+        .post(env.url("/v1/a/default/anthropic/v1/messages"))
+        .header("x-api-key", "sk-ant-client")
+        .header("anthropic-version", "2023-06-01")
+        .body(r#"{"model":"claude-3-5-haiku-latest","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    let last = env.mock.last_request().unwrap();
+    assert_eq!(last.path_and_query, "/v1/messages");
+    assert_eq!(last.headers["x-api-key"], "sk-ant-client");
+    assert_eq!(last.headers["anthropic-version"], "2023-06-01");
+
+    let resp = env
+        .http
+        .post(env.url("/v1/embeddings"))
+        .body(r#"{"model":"text-embedding-3-small","input":["a","b"]}"#)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_limit_413() {
+    let env = env_with("max_request_body = \"1KB\"\n", MockConfig::default()).await;
+    let big = vec![b'x'; 2000];
+    let resp = env.http.post(env.url("/v1/chat/completions")).body(big.clone()).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    error_body(resp).await;
+    // Chunked (no content-length): caught while reading.
+    let stream = futures_util::stream::iter(
+        big.chunks(100).map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
+    );
+    let resp =
+        env.http.post(env.url("/v1/chat/completions")).body(reqwest::Body::wrap_stream(stream)).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(env.mock.requests(), 0);
+    // At the limit passes.
+    let resp = env.http.post(env.url("/v1/chat/completions")).body(vec![b' '; 1000]).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_502_without_key() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let env = env_with(
+        &format!("[providers.dead]\nbase_url = \"http://127.0.0.1:{port}/v1\"\n[gateways.default]\n[gateways.default.provider_keys]\ndead = \"env:STORED_KEY\"\n"),
+        MockConfig::default(),
+    )
+    .await;
+    let resp =
+        env.http.post(env.url("/default/dead/chat/completions?key=sk-in-query")).body(CHAT).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_log_id(&resp);
+    let v = error_body(resp).await;
+    let text = v.to_string();
+    assert!(text.contains("dead"), "{text}");
+    assert!(
+        !text.contains("sk-stored-key-123") && !text.contains("sk-in-query") && !text.contains(&port.to_string()),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_timeout_504() {
+    let env =
+        env_with("[gateways.default]\n[gateways.slow]\nrequest_timeout = \"150ms\"\n", MockConfig::default()).await;
+    // Per request header.
+    let t0 = Instant::now();
+    let resp = env
+        .http
+        .post(env.url("/v1/chat/completions"))
+        .header("cf-aig-request-timeout", "100")
+        .header("x-mock-latency-ms", "2000")
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(t0.elapsed() < Duration::from_millis(1500));
+    let v = error_body(resp).await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("100 ms"));
+    // Per gateway default.
+    let resp = env
+        .http
+        .post(env.url("/slow/openai/chat/completions"))
+        .header("x-mock-latency-ms", "2000")
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    // Timeout covers first byte only: a slow stream that started in time completes.
+    let resp = env
+        .http
+        .post(env.url("/slow/openai/chat/completions"))
+        .header("x-mock-chunk-delay-ms", "60")
+        .header("x-mock-chunks", "5")
+        .body(r#"{"model":"m","stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    // Invalid header: 400 naming it.
+    let resp = env
+        .http
+        .post(env.url("/v1/chat/completions"))
+        .header("cf-aig-request-timeout", "soon")
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v = error_body(resp).await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("cf-aig-request-timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_pass_through_unchanged() {
+    let env = env().await;
+    let resp =
+        env.http.post(env.url("/v1/chat/completions")).header("x-mock-status", "429").body(CHAT).send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["message"], "mock failure with status 429");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_first_chunk_arrives_before_upstream_finishes() {
+    let env = env_with("", MockConfig { chunk_delay: Duration::from_millis(150), ..Default::default() }).await;
+    let resp = env
+        .http
+        .post(env.url("/v1/chat/completions"))
+        .header("x-mock-chunks", "6")
+        .body(r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    // The upstream has ~1 s of events left: it cannot have finished.
+    assert_eq!(env.mock.stats.completed_streams.load(Ordering::SeqCst), 0, "first chunk was held back until the end");
+    let mut all = first.to_vec();
+    let mut chunks = 1;
+    while let Some(c) = stream.next().await {
+        all.extend_from_slice(&c.unwrap());
+        chunks += 1;
+    }
+    assert!(chunks >= 6, "events were coalesced: {chunks} chunks");
+    let text = String::from_utf8(all).unwrap();
+    assert!(text.contains("\"usage\":{"));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_upstream() {
+    let env = env_with("", MockConfig { chunk_delay: Duration::from_millis(30), ..Default::default() }).await;
+    let resp = env
+        .http
+        .post(env.url("/v1/chat/completions"))
+        .header("x-mock-chunks", "200")
+        .body(r#"{"model":"m","stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while env.mock.stats.cancelled_streams.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "upstream stream was not cancelled after the client left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.mock.stats.completed_streams.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_upstream_stream_is_not_completed_to_client() {
+    let env = env().await;
+    let resp = env
+        .http
+        .post(env.url("/v1/chat/completions"))
+        .header("x-mock-cut-after", "3")
+        .body(r#"{"model":"m","stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The client sees an error, not a clean end, so it cannot mistake a cut stream for a whole one.
+    let mut stream = resp.bytes_stream();
+    let mut saw_error = false;
+    while let Some(c) = stream.next().await {
+        if c.is_err() {
+            saw_error = true;
+            break;
+        }
+    }
+    assert!(saw_error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_live_stream() {
+    let env = env_with("", MockConfig { chunk_delay: Duration::from_millis(100), ..Default::default() }).await;
+    let resp = env
+        .http
+        .post(env.url("/v1/chat/completions"))
+        .header("x-mock-chunks", "8")
+        .body(r#"{"model":"m","stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let ready = env.http.get(env.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let addr = env.gw.addr;
+    env.gw.shutdown();
+    // New connections are refused once the listener is closed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    // The live stream runs to its end.
+    let mut rest = Vec::new();
+    while let Some(c) = stream.next().await {
+        rest.extend_from_slice(&c.unwrap());
+    }
+    assert!(String::from_utf8(rest).unwrap().ends_with("data: [DONE]\n\n"));
+    tokio::time::timeout(Duration::from_secs(5), env.gw.wait()).await.expect("server did not stop after draining");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_cannot_escape_provider_base() {
+    let env = env().await;
+    // Raw request line: reqwest would normalise `..` away before sending.
+    for path in ["/default/openai/../../secret", "/v1/chat/%2e%2e/x", "/default/openai/a%2Fb"] {
+        let mut s = tokio::net::TcpStream::connect(env.gw.addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
+        assert!(text.contains("\"error\""), "{text}");
+    }
+    assert_eq!(env.mock.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness() {
+    let env = env().await;
+    assert_eq!(env.http.get(env.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(env.http.get(env.url("/readyz")).send().await.unwrap().status(), 200);
+}
+
+/// The `aigate` binary as a user runs it.
+mod cli {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    fn aigate() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_aigate"));
+        c.env_remove("AIGATE_CONFIG").env_remove("PROD_GATEWAY_TOKEN").env_remove("OPENAI_API_KEY");
+        c
+    }
+
+    fn example() -> String {
+        format!("{}/../../examples/aigate.toml", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn version_and_help() {
+        let out = aigate().arg("--version").output().unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("aigate "));
+        let out = aigate().arg("--help").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("serve") && text.contains("check"), "{text}");
+    }
+
+    #[test]
+    fn check_prints_what_the_example_configures_without_secrets() {
+        let out = aigate()
+            .args(["check", "--config", &example()])
+            .env("PROD_GATEWAY_TOKEN", "tok-very-secret")
+            .env("OPENAI_API_KEY", "sk-very-secret")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        for needle in
+            ["listen: 127.0.0.1:8787", "prod", "default", "local-vllm", "http://127.0.0.1:8000/v1", "anthropic"]
+        {
+            assert!(text.contains(needle), "missing {needle}: {text}");
+        }
+        assert!(!text.contains("tok-very-secret") && !text.contains("sk-very-secret"), "{text}");
+    }
+
+    #[test]
+    fn check_names_missing_env_key_and_line() {
+        let out = aigate().args(["check", "--config", &example()]).env("OPENAI_API_KEY", "x").output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("line 15") && err.contains("gateways.prod.tokens[0]") && err.contains("PROD_GATEWAY_TOKEN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn serve_stops_cleanly_on_sigterm() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = aigate()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "exit status {status}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

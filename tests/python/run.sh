@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the official openai Python SDK through aigate against the mock upstream.
+# Usage: tests/python/run.sh [target-dir]   (expects debug binaries already built)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${1:-$root/target/debug}
+venv=$root/target/sdk-venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mock_port=$(free_port)
+gw_port=$(free_port)
+tmp=$(mktemp -d)
+cat > "$tmp/aigate.toml" <<TOML
+listen = "127.0.0.1:$gw_port"
+data_dir = "$tmp/data"
+[providers.openai]
+base_url = "http://127.0.0.1:$mock_port/v1"
+[gateways.default]
+TOML
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+"$bin/aigate-mock" --listen "127.0.0.1:$mock_port" --chunk-delay-ms 2 >"$tmp/mock.log" 2>&1 & pids+=($!)
+"$bin/aigate" serve --config "$tmp/aigate.toml" >"$tmp/gw.log" 2>&1 & pids+=($!)
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$gw_port/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+AIGATE_URL="http://127.0.0.1:$gw_port" "$venv/bin/python" "$root/tests/python/sdk_test.py" || { echo "--- gateway log"; cat "$tmp/gw.log"; exit 1; }

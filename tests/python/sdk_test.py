@@ -1,0 +1,81 @@
+"""Real-client test: the official `openai` Python SDK through aigate, against the mock upstream.
+
+Run by `.ci/run` (see tests/python/run.sh): it expects a running mock and gateway and takes the
+gateway's address in AIGATE_URL. Exercises chat, streamed chat, embeddings and the models list with
+base-URL form 1 (Cloudflare layout) and form 3 (plain OpenAI layout).
+"""
+
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+GW = os.environ["AIGATE_URL"].rstrip("/")
+FORMS = {
+    "cloudflare (form 1)": f"{GW}/v1/my-account/default/openai",
+    "openai (form 3)": f"{GW}/v1",
+}
+
+passed = 0
+failed = 0
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name} {detail}")
+
+
+for label, base_url in FORMS.items():
+    client = OpenAI(base_url=base_url, api_key="sk-test-not-real", max_retries=0)
+
+    chat = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}]
+    )
+    check(f"{label}: chat", chat.choices[0].message.content.startswith("Hello"), repr(chat))
+    check(f"{label}: chat usage", chat.usage is not None and chat.usage.total_tokens > 0)
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello"}]
+    )
+    log_id = raw.headers.get("cf-aig-log-id", "")
+    check(f"{label}: cf-aig-log-id is a UUIDv7", len(log_id) == 36 and log_id[14] == "7", log_id)
+
+    pieces = []
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = None
+    for event in stream:
+        if event.choices and event.choices[0].delta.content:
+            pieces.append(event.choices[0].delta.content)
+        if event.usage:
+            usage = event.usage
+    check(f"{label}: streamed chat", "".join(pieces).startswith("Hello") and len(pieces) > 1, repr(pieces))
+    check(f"{label}: streamed usage", usage is not None and usage.completion_tokens > 0)
+
+    emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    check(f"{label}: embeddings", len(emb.data) == 2 and len(emb.data[0].embedding) > 0)
+
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    check(f"{label}: models list", "gpt-4o-mini" in ids, repr(ids))
+
+# Gateway errors reach the SDK as its own exception types, with the gateway's message.
+bad = OpenAI(base_url=f"{GW}/v1/acct/no-such-gateway/openai", api_key="sk-test", max_retries=0)
+try:
+    bad.models.list()
+    check("unknown gateway raises NotFoundError", False)
+except openai.NotFoundError as e:
+    check("unknown gateway raises NotFoundError", "no-such-gateway" in str(e), str(e))
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
