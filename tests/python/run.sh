@@ -19,7 +19,11 @@ listen = "127.0.0.1:$gw_port"
 data_dir = "$tmp/data"
 [providers.openai]
 base_url = "http://127.0.0.1:$mock_port/v1"
+[storage]
+cache = "memory"
 [gateways.default]
+[gateways.default.cache]
+enabled = true
 TOML
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }

@@ -7,6 +7,7 @@ base-URL form 1 (Cloudflare layout) and form 3 (plain OpenAI layout).
 
 import os
 import sys
+import time
 
 import openai
 from openai import OpenAI
@@ -68,6 +69,44 @@ for label, base_url in FORMS.items():
     models = client.models.list()
     ids = [m.id for m in models.data]
     check(f"{label}: models list", "gpt-4o-mini" in ids, repr(ids))
+
+# The cache: repeat a chat and a streamed chat and see HIT on the second (via the raw-response API).
+client = OpenAI(base_url=FORMS["openai (form 3)"], api_key="sk-cache-test", max_retries=0)
+msgs = [{"role": "user", "content": "cache me please"}]
+first = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=msgs)
+check("cache: first chat is a MISS", first.headers.get("cf-aig-cache-status") == "MISS", dict(first.headers))
+first_text = first.parse().choices[0].message.content
+second = None
+for _ in range(20):
+    second = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=msgs)
+    if second.headers.get("cf-aig-cache-status") == "HIT":
+        break
+    time.sleep(0.05)
+check("cache: second chat is a HIT", second.headers.get("cf-aig-cache-status") == "HIT", dict(second.headers))
+check("cache: HIT has the same answer", second.parse().choices[0].message.content == first_text)
+
+
+def streamed(raw):
+    out = []
+    for event in raw.parse():
+        if event.choices and event.choices[0].delta.content:
+            out.append(event.choices[0].delta.content)
+    return "".join(out)
+
+
+smsgs = [{"role": "user", "content": "stream and cache me"}]
+s1 = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=smsgs, stream=True)
+t1 = streamed(s1)
+check("cache: first streamed chat is a MISS", s1.headers.get("cf-aig-cache-status") == "MISS")
+s2 = None
+for _ in range(20):
+    s2 = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=smsgs, stream=True)
+    if s2.headers.get("cf-aig-cache-status") == "HIT":
+        break
+    streamed(s2)
+    time.sleep(0.05)
+check("cache: second streamed chat is a HIT", s2.headers.get("cf-aig-cache-status") == "HIT", dict(s2.headers))
+check("cache: streamed HIT replays the same text", streamed(s2) == t1 and t1.startswith("Hello"))
 
 # Gateway errors reach the SDK as its own exception types, with the gateway's message.
 bad = OpenAI(base_url=f"{GW}/v1/acct/no-such-gateway/openai", api_key="sk-test", max_retries=0)

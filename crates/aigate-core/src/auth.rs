@@ -47,6 +47,7 @@ mod tests {
             tokens: vec![Secret::new("t1"), Secret::new("t2")],
             provider_keys: Default::default(),
             request_timeout: Duration::from_secs(1),
+            cache: crate::config::validate_cache_for_tests(),
         }
     }
 

@@ -28,6 +28,9 @@ data_dir = "./aigate-data"
 default_gateway = "default"
 
 [gateways.default]
+
+[gateways.default.cache]
+enabled = true
 "#;
 
 /// Gateway names that would clash with aigate's own routes.
@@ -87,6 +90,77 @@ pub struct FileConfig {
     /// Gateways, each isolated from the others.
     #[serde(default)]
     pub gateways: BTreeMap<String, GatewayConfig>,
+    /// Where shared state lives (cache now; limits and logs later).
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// The admin API (`/admin/...`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[storage]`: backends, chosen once for all gateways.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Cache backend: `memory`, `disk` (default; under `data_dir`) or `redis://host:port`.
+    pub cache: Option<String>,
+    /// Size of the in-process cache tier. Default 256MB.
+    pub cache_memory: Option<ByteSizeValue>,
+    /// Size cap of the disk cache. Default 2GB.
+    pub cache_disk: Option<ByteSizeValue>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin token (secret), sent as `Authorization: Bearer <token>`. Without it the admin API is off.
+    pub token: Option<Spanned<String>>,
+}
+
+/// `[gateways.NAME.cache]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Turn the cache on for this gateway. Default false (the embedded default config turns it on
+    /// for `default`).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Default TTL, 60s to 30 days. Default `1h`.
+    pub ttl: Option<DurationValue>,
+    /// `on`, `shadow` (look up and store, but always answer from upstream) or `off`. Default `on`.
+    pub mode: Option<CacheMode>,
+    /// `credential` (default: the provider credential and gateway token are part of the key) or
+    /// `gateway` (entries shared by every credential of the gateway).
+    pub scope: Option<CacheScope>,
+    /// Largest response stored. Default `10MB`.
+    pub max_entry_size: Option<ByteSizeValue>,
+    /// Identical requests in flight wait for the first one instead of going upstream. Default true.
+    pub coalesce: Option<bool>,
+    /// How long a waiting request waits for the first one's response head. Default `60s`.
+    pub coalesce_wait: Option<DurationValue>,
+}
+
+/// Cache mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Serve hits.
+    On,
+    /// Count would-be hits, always answer from upstream.
+    Shadow,
+    /// No caching (except requests with `cf-aig-cache-key`).
+    Off,
+}
+
+/// What the cache key covers besides the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// The provider credential and gateway token are part of the key.
+    Credential,
+    /// Entries are shared across credentials of the gateway.
+    Gateway,
 }
 
 /// `[upstream]`: how aigate talks to providers.
@@ -130,6 +204,9 @@ pub struct GatewayConfig {
     /// `cf-aig-request-timeout` (ms) overrides it per request.
     #[serde(default)]
     pub request_timeout: Option<DurationValue>,
+    /// Response cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 
 /// A duration written as `"90s"`, `"5m"`, `"1h"` (humantime syntax).
@@ -241,6 +318,36 @@ pub struct Settings {
     pub providers: HashMap<String, Arc<Provider>>,
     /// Gateways by name.
     pub gateways: HashMap<String, Arc<Gateway>>,
+    /// Storage backends.
+    pub storage: StorageSettings,
+    /// Admin token; `None` disables the admin API.
+    pub admin_token: Option<Secret>,
+}
+
+/// Storage backends.
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    /// Cache backend.
+    pub cache: aigate_store::CacheBackend,
+    /// In-process cache tier size, bytes.
+    pub cache_memory: u64,
+}
+
+/// A gateway's cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Effective mode (`Off` when `enabled = false`).
+    pub mode: CacheMode,
+    /// Default TTL.
+    pub ttl: Duration,
+    /// Key scope.
+    pub scope: CacheScope,
+    /// Largest stored response, bytes.
+    pub max_entry_size: u64,
+    /// Coalesce identical in-flight requests.
+    pub coalesce: bool,
+    /// Longest wait for a coalesced leader's response head.
+    pub coalesce_wait: Duration,
 }
 
 /// Upstream connection settings.
@@ -267,6 +374,8 @@ pub struct Gateway {
     pub provider_keys: HashMap<String, Secret>,
     /// Default time to first byte.
     pub request_timeout: Duration,
+    /// Response cache.
+    pub cache: CacheSettings,
 }
 
 impl Settings {
@@ -371,6 +480,7 @@ impl FileConfig {
                 tokens,
                 provider_keys,
                 request_timeout,
+                cache: validate_cache(&gc.cache, &key("cache"))?,
             };
             gateways.insert(name, Arc::new(gw));
         }
@@ -391,6 +501,18 @@ impl FileConfig {
             pool_idle_timeout: self.upstream.pool_idle_timeout.map_or(Duration::from_secs(90), |d| d.0),
             pool_max_idle_per_host: self.upstream.pool_max_idle_per_host.unwrap_or(512),
         };
+        let disk_bytes = self.storage.cache_disk.map_or(2_000_000_000, |b| b.0);
+        let cache_spec = self.storage.cache.as_deref().unwrap_or("disk");
+        let cache_backend = aigate_store::CacheBackend::parse(cache_spec, &self.data_dir.join("cache"), disk_bytes)
+            .map_err(|e| invalid(format!("storage.cache: {e}")))?;
+        let storage = StorageSettings {
+            cache: cache_backend,
+            cache_memory: self.storage.cache_memory.map_or(256_000_000, |b| b.0),
+        };
+        let admin_token = match &self.admin.token {
+            Some(t) => Some(resolve_secret(source, t, "admin.token", env)?),
+            None => None,
+        };
         Ok(Settings {
             listen,
             data_dir: self.data_dir,
@@ -401,8 +523,31 @@ impl FileConfig {
             upstream,
             providers,
             gateways,
+            storage,
+            admin_token,
         })
     }
+}
+
+/// Validates `[gateways.NAME.cache]`.
+fn validate_cache(c: &CacheConfig, key: &str) -> Result<CacheSettings, ConfigError> {
+    let ttl = c.ttl.map_or(Duration::from_secs(3600), |d| d.0);
+    if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(30 * 86_400) {
+        return Err(ConfigError::Invalid(format!("{key}.ttl: must be between 60s and 30 days")));
+    }
+    let mode = if c.enabled { c.mode.unwrap_or(CacheMode::On) } else { CacheMode::Off };
+    let max_entry_size = c.max_entry_size.map_or(10_000_000, |b| b.0);
+    if max_entry_size == 0 {
+        return Err(ConfigError::Invalid(format!("{key}.max_entry_size: must be greater than zero")));
+    }
+    Ok(CacheSettings {
+        mode,
+        ttl,
+        scope: c.scope.unwrap_or(CacheScope::Credential),
+        max_entry_size,
+        coalesce: c.coalesce.unwrap_or(true),
+        coalesce_wait: c.coalesce_wait.map_or(Duration::from_secs(60), |d| d.0),
+    })
 }
 
 /// Gateway and provider names: 1-64 characters of `[A-Za-z0-9_-]`.
@@ -457,6 +602,12 @@ fn sorted_names<V>(m: &HashMap<String, V>) -> String {
     let mut v: Vec<&str> = m.keys().map(String::as_str).collect();
     v.sort_unstable();
     v.join(", ")
+}
+
+/// Default cache settings (cache off), for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn validate_cache_for_tests() -> CacheSettings {
+    validate_cache(&CacheConfig::default(), "test").unwrap_or_else(|_| unreachable!())
 }
 
 #[cfg(test)]

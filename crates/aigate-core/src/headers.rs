@@ -27,3 +27,9 @@ pub const HOP_BY_HOP: &[&str] = &[
     "upgrade",
     "proxy-connection",
 ];
+/// Cloudflare's cache status, `HIT` or `MISS` (response).
+pub const CF_AIG_CACHE_STATUS: HeaderName = HeaderName::from_static("cf-aig-cache-status");
+/// aigate's finer cache status: `HIT`, `MISS`, `BYPASS`, `OFF`, `SHADOW-HIT` (response).
+pub const AIGATE_CACHE: HeaderName = HeaderName::from_static("aigate-cache");
+/// The cache key digest of a cacheable request, usable with the purge API (response).
+pub const AIGATE_CACHE_KEY: HeaderName = HeaderName::from_static("aigate-cache-key");

@@ -1,8 +1,8 @@
 //! The request path, stage by stage, in order:
 //!
 //! ```text
-//! client ─▶ routing ─▶ auth ─▶ body limit ─▶ upstream ─▶ stream back ─▶ client
-//!           (404/400)  (401)   (413)          (502/504)   (relayed as it arrives)
+//! client ─▶ routing ─▶ auth ─▶ body limit ─▶ cache ─▶ upstream ─▶ stream back ─▶ client
+//!           (404/400)  (401)   (413)          (HIT?)   (502/504)   (relayed; teed on a miss)
 //! ```
 //!
 //! Every response from a gateway route carries `cf-aig-log-id` (a UUIDv7) and echoes a client's
@@ -23,28 +23,57 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::GatewayBody;
+use crate::cache::coalesce::{Flight, Joined};
+use crate::cache::tee::{stream_terminal_marker, Tee};
+use crate::cache::{CacheLayer, CacheOptions, CacheStatus, Plan};
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::error::GatewayError;
-use crate::headers::{CF_AIG_EVENT_ID, CF_AIG_LOG_ID, CF_AIG_REQUEST_TIMEOUT};
+use crate::headers::{CF_AIG_AUTHORIZATION, CF_AIG_EVENT_ID, CF_AIG_LOG_ID, CF_AIG_REQUEST_TIMEOUT};
+use crate::providers::AuthStyle;
 use crate::upstream::HttpClient;
-use crate::{auth, routing, upstream};
+use crate::{admin, auth, cache, routing, upstream};
 
 /// What every request handler shares: the current settings (swappable for reload), the upstream
-/// client and the readiness flag.
+/// client, the cache and the readiness flag.
 pub struct AppState {
     /// Current settings; replaced atomically on reload.
     pub settings: ArcSwap<Settings>,
     /// Pooled upstream client.
     pub client: HttpClient,
+    /// The response cache.
+    pub cache: Arc<CacheLayer>,
+    /// Time source.
+    pub clock: Arc<Clock>,
     /// False once shutdown has begun (`/readyz` answers 503).
     pub ready: AtomicBool,
 }
 
+/// Why the state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS setup failed.
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A store could not be opened.
+    #[error("cannot open the cache store: {0}")]
+    Store(#[from] aigate_store::StoreError),
+}
+
 impl AppState {
     /// Builds the state from validated settings.
-    pub fn new(settings: Settings) -> Result<Arc<AppState>, rustls::Error> {
+    pub fn new(settings: Settings) -> Result<Arc<AppState>, StartError> {
         let client = upstream::build_client(&settings.upstream)?;
-        Ok(Arc::new(AppState { settings: ArcSwap::from_pointee(settings), client, ready: AtomicBool::new(true) }))
+        let clock = Arc::new(Clock::default());
+        let store = aigate_store::build_cache(&settings.storage.cache, settings.storage.cache_memory)?;
+        let cache = CacheLayer::new(store, clock.clone());
+        Ok(Arc::new(AppState {
+            settings: ArcSwap::from_pointee(settings),
+            client,
+            cache,
+            clock,
+            ready: AtomicBool::new(true),
+        }))
     }
 }
 
@@ -59,6 +88,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                 plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
             })
         }
+        p if p.starts_with("/admin/") => return Ok(admin::handle(&state, req).await),
         _ => {}
     }
     let log_id = uuid::Uuid::now_v7();
@@ -68,6 +98,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         Err(e) => e.into_response(),
     };
     let h = resp.headers_mut();
+    if !h.contains_key(crate::headers::CF_AIG_CACHE_STATUS) {
+        CacheStatus::Bypass.write(h);
+    }
     let mut buf = uuid::Uuid::encode_buffer();
     if let Ok(v) = HeaderValue::from_str(log_id.hyphenated().encode_lower(&mut buf)) {
         h.insert(CF_AIG_LOG_ID, v);
@@ -95,10 +128,87 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     let provider = route.provider.clone();
     let stored_key = route.gateway.provider_keys.get(&provider.name).cloned();
 
+    let cache_options = CacheOptions::parse(&parts.headers)?;
+
     // Stage 3: request body, bounded.
     let body = read_body(body, settings.max_request_body).await?;
 
+    // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
+    let cache_plan = {
+        let mut creds: [&[u8]; 5] = [&[]; 5];
+        let mut n = 0;
+        if let Some(k) = &stored_key {
+            creds[n] = k.expose().as_bytes();
+            n += 1;
+        } else {
+            for style in [AuthStyle::Bearer, AuthStyle::XApiKey, AuthStyle::ApiKey, AuthStyle::XGoogApiKey] {
+                if let Some(v) = parts.headers.get(style.header()) {
+                    creds[n] = v.as_bytes();
+                    n += 1;
+                }
+            }
+        }
+        if let Some(v) = parts.headers.get(CF_AIG_AUTHORIZATION) {
+            creds[n] = v.as_bytes();
+            n += 1;
+        }
+        cache::plan(&cache::PlanInput {
+            settings: &route.gateway.cache,
+            options: &cache_options,
+            gateway: &route.gateway.name,
+            provider: &provider.name,
+            method: &parts.method,
+            path: route.rest,
+            query: parts.uri.query().unwrap_or(""),
+            body: &body,
+            credentials: &creds[..n],
+        })
+    };
+    let ns = route.gateway.name.clone();
+    let mut status = CacheStatus::Off;
+    let mut flight: Option<FlightGuard> = None;
+    if let Plan::Skip(s) = &cache_plan {
+        status = *s;
+    }
+    if let Plan::Use(u) = &cache_plan {
+        status = CacheStatus::Miss;
+        let found = state.cache.lookup(&ns, &u.key).await;
+        if u.shadow {
+            if found.is_some() {
+                status = CacheStatus::ShadowHit;
+                state.cache.stats.shadow_hits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                state.cache.stats.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if let Some(entry) = found {
+            state.cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cache::hit_response(entry, &u.key, state.clock.now_ms()));
+        } else {
+            state.cache.stats.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        let max = usize::try_from(u.max_entry_size).unwrap_or(usize::MAX);
+        if u.coalesce {
+            match state.cache.inflight.join(u.key, max) {
+                Joined::Leader(f) => flight = Some(FlightGuard::registered(f, state.cache.clone())),
+                Joined::Finished(entry) => {
+                    state.cache.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                    return Ok(cache::hit_response(entry, &u.key, state.clock.now_ms()));
+                }
+                Joined::Follower(rx) => {
+                    // On `None` the leader failed or was too slow: go upstream alone, unstored.
+                    if let Some(resp) = cache::follow(rx, u.coalesce_wait, &u.key).await {
+                        state.cache.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        return Ok(resp);
+                    }
+                }
+            }
+        } else {
+            flight = Some(FlightGuard::private(u.key, max, state.cache.clone()));
+        }
+    }
+
     // Stage 5: upstream.
+    let method_path = (parts.method.clone(), route.rest.to_string());
     upstream::strip_request_headers(&mut parts.headers);
     if let Some(key) = &stored_key {
         upstream::inject_key(&mut parts.headers, &provider, key)?;
@@ -106,13 +216,62 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     let out = upstream::build_request(parts.method, uri, parts.headers, body);
     let resp = upstream::send(&state.client, &provider, out, timeout).await?;
 
-    // Stage 6: stream back, unchanged but for hop-by-hop headers.
+    // Stage 6: stream back, unchanged but for hop-by-hop headers; tee into the cache on a miss.
     let (mut rparts, rbody) = resp.into_parts();
     upstream::strip_response_headers(&mut rparts.headers);
     rparts.version = http::Version::HTTP_11;
-    Ok(Response::from_parts(rparts, GatewayBody::Upstream(rbody)))
+    let body = match (flight, &cache_plan) {
+        (Some(guard), Plan::Use(u)) if rparts.status.is_success() => {
+            let f = guard.into_flight();
+            let headers = Arc::new(cache::replay_headers(&rparts.headers));
+            f.head(rparts.status, headers.clone());
+            let ct = rparts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let marker = stream_terminal_marker(&method_path.1, ct);
+            let tee = Tee::new(rbody, f, state.cache.clone(), ns, rparts.status.as_u16(), headers, u.ttl, marker);
+            GatewayBody::Tee(Box::new(tee))
+        }
+        // A failed or non-2xx response: the guard's drop fails the flight (followers go upstream).
+        _ => GatewayBody::Upstream(rbody),
+    };
+    if let Plan::Use(u) = &cache_plan {
+        cache::set_key_header(&mut rparts.headers, &u.key);
+    }
+    status.write(&mut rparts.headers);
+    Ok(Response::from_parts(rparts, body))
 }
 
+/// Owns a flight until the tee takes it; dropped earlier (upstream error, non-2xx), it fails the
+/// flight so followers go upstream on their own.
+struct FlightGuard {
+    flight: Arc<Flight>,
+    cache: Arc<CacheLayer>,
+    armed: bool,
+}
+
+impl FlightGuard {
+    fn registered(flight: Arc<Flight>, cache: Arc<CacheLayer>) -> Self {
+        FlightGuard { flight, cache, armed: true }
+    }
+
+    /// A flight nobody can join (shadow mode, coalescing off): it only builds the entry.
+    fn private(key: aigate_store::CacheKey, max: usize, cache: Arc<CacheLayer>) -> Self {
+        FlightGuard { flight: Flight::new(key, max), cache, armed: true }
+    }
+
+    fn into_flight(mut self) -> Arc<Flight> {
+        self.armed = false;
+        self.flight.clone()
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flight.fail();
+            self.cache.inflight.remove(&self.flight);
+        }
+    }
+}
 /// `cf-aig-request-timeout` (ms) or the gateway default.
 fn request_timeout(headers: &http::HeaderMap, default: Duration) -> Result<Duration, GatewayError> {
     match headers.get(CF_AIG_REQUEST_TIMEOUT) {

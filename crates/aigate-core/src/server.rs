@@ -61,6 +61,9 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch:
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // The cache writer runs until every connection has drained, then flushes its queue.
+    let (writer_stop, writer_rx) = watch::channel(false);
+    let writer = tokio::spawn(state.cache.clone().run_writer(writer_rx));
 
     loop {
         tokio::select! {
@@ -94,4 +97,6 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch:
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period ended with requests still in flight");
     }
+    let _ = writer_stop.send(true);
+    let _ = writer.await;
 }

@@ -36,6 +36,36 @@ enum Command {
         #[arg(long, short, env = "AIGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Manage the response cache of a running server.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Purge a gateway's cache (all entries, or one).
+    Purge {
+        /// The gateway.
+        #[arg(long)]
+        gateway: String,
+        /// One entry, by the digest in its `aigate-cache-key` response header.
+        #[arg(long, conflicts_with = "cache_key")]
+        key: Option<String>,
+        /// One entry, by the `cf-aig-cache-key` it was stored under.
+        #[arg(long)]
+        cache_key: Option<String>,
+        /// The server's base URL (default: the configuration's listen address).
+        #[arg(long)]
+        url: Option<String>,
+        /// Admin token (default: the configuration's `[admin] token`).
+        #[arg(long, env = "AIGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// TOML configuration file.
+        #[arg(long, short, env = "AIGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -64,6 +94,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
+        Command::Cache { command: CacheCommand::Purge { gateway, key, cache_key, url, token, config } } => {
+            let settings = load(config.as_deref())?;
+            let base = url.unwrap_or_else(|| format!("http://{}", settings.listen));
+            let token = token
+                .or_else(|| settings.admin_token.as_ref().map(|t| t.expose().to_string()))
+                .context("no admin token: pass --token, set AIGATE_ADMIN_TOKEN or [admin] token")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(purge(&base, &token, &gateway, key.as_deref(), cache_key.as_deref()))
+        }
         Command::Serve { config, listen } => {
             let mut settings = load(config.as_deref())?;
             if let Some(l) = listen {
@@ -74,6 +113,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(serve(settings))
         }
     }
+}
+
+async fn purge(
+    base: &str,
+    token: &str,
+    gateway: &str,
+    key: Option<&str>,
+    cache_key: Option<&str>,
+) -> anyhow::Result<()> {
+    let url = format!("{}/admin/gateways/{gateway}/cache", base.trim_end_matches('/'));
+    let mut query: Vec<(&str, &str)> = Vec::new();
+    if let Some(k) = key {
+        query.push(("key", k));
+    }
+    if let Some(k) = cache_key {
+        query.push(("cache_key", k));
+    }
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let resp = client
+        .delete(&url)
+        .query(&query)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("purge failed ({status}): {}", body["error"]["message"].as_str().unwrap_or("no message"));
+    }
+    println!("purged {} entr{} from gateway {gateway}", body["purged"], if body["purged"] == 1 { "y" } else { "ies" });
+    Ok(())
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {

@@ -27,10 +27,12 @@ impl Env {
 /// `extra` is appended to the TOML.
 async fn env_with(extra: &str, mock_cfg: MockConfig) -> Env {
     let mock = MockUpstream::start(mock_cfg).await.unwrap();
+    let data_dir = temp_dir("data");
     let toml = format!(
         r#"
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
+data_dir = "{data_dir}"
 {extra}
 [providers.openai]
 base_url = "{m}/v1"
@@ -39,7 +41,8 @@ base_url = "{m}"
 [providers.local]
 base_url = "{m}/v1"
 "#,
-        m = mock.url()
+        m = mock.url(),
+        data_dir = data_dir.display()
     );
     let toml = if toml.contains("[gateways.default]") { toml } else { format!("{toml}\n[gateways.default]\n") };
     let settings = Settings::from_toml_with(&toml, &|name| match name {
@@ -52,6 +55,20 @@ base_url = "{m}/v1"
     let gw = aigate_core::start_on(settings, listener).unwrap();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     Env { mock, gw, http }
+}
+
+/// A fresh directory under the system temp dir.
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    use std::sync::atomic::AtomicUsize;
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "aigate-test-{}-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 async fn env() -> Env {
@@ -597,5 +614,421 @@ mod cli {
             assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// The response cache, end to end.
+mod cache {
+    use super::*;
+
+    const CACHED: &str = "[gateways.default]\n[gateways.default.cache]\nenabled = true\n";
+
+    async fn post(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut rb = env.http.post(env.url(path)).header("content-type", "application/json").body(body.to_string());
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        rb.send().await.unwrap()
+    }
+
+    fn status(r: &reqwest::Response) -> (String, String) {
+        let g = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        (g("cf-aig-cache-status"), g("aigate-cache"))
+    }
+
+    fn unique_chat() -> String {
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"unique {}"}}]}}"#,
+            temp_dir("k").file_name().unwrap().to_string_lossy()
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_requests_hit_with_identical_body() {
+        let env = env_with(CACHED, MockConfig::default()).await;
+        let a = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-1")]).await;
+        assert_eq!(status(&a), ("MISS".into(), "MISS".into()));
+        let key = a.headers()["aigate-cache-key"].to_str().unwrap().to_string();
+        let body_a = a.bytes().await.unwrap();
+        // Key order and whitespace do not matter.
+        let reordered =
+            "{ \"messages\": [ {\"content\": \"hi\", \"role\": \"user\"} ],\n  \"model\": \"gpt-4o-mini\" }";
+        let mut b = None;
+        for _ in 0..50 {
+            let r = post(&env, "/v1/chat/completions", reordered, &[("authorization", "Bearer sk-1")]).await;
+            if status(&r).0 == "HIT" {
+                b = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let b = b.expect("second request never hit");
+        assert_eq!(status(&b), ("HIT".into(), "HIT".into()));
+        assert_eq!(b.headers()["aigate-cache-key"].to_str().unwrap(), key);
+        assert!(b.headers().get("age").is_some());
+        assert_eq!(b.headers()["content-type"], "application/json");
+        assert_eq!(b.headers()["x-request-id"], "req_mock_0001", "provider headers are replayed");
+        assert_log_id(&b);
+        assert_eq!(b.bytes().await.unwrap(), body_a);
+        assert_eq!(env.mock.requests(), 1);
+        // A different credential misses.
+        let c = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-2")]).await;
+        assert_eq!(status(&c).0, "MISS");
+        assert_eq!(env.mock.requests(), 2);
+        // A different body misses.
+        let d =
+            post(&env, "/v1/chat/completions", &CHAT.replace("hi", "hi!"), &[("authorization", "Bearer sk-1")]).await;
+        assert_eq!(status(&d).0, "MISS");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gateway_scope_shares_across_credentials() {
+        let env = env_with(&format!("{CACHED}scope = \"gateway\"\n"), MockConfig::default()).await;
+        post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-1")]).await.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-2")]).await;
+        assert_eq!(status(&r).0, "HIT");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn headers_skip_ttl_key_and_invalid_values() {
+        let env = env_with(&format!("{CACHED}[gateways.nocache]\n"), MockConfig::default()).await;
+        // skip-cache: neither read nor write.
+        for h in ["cf-aig-skip-cache", "cf-skip-cache"] {
+            let r = post(&env, "/v1/chat/completions", CHAT, &[(h, "true")]).await;
+            assert_eq!(status(&r), ("MISS".into(), "BYPASS".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(status(&r).0, "MISS", "a skipped request must not have written");
+        // Invalid values: 400 naming the header.
+        for (h, v) in [("cf-aig-skip-cache", "maybe"), ("cf-aig-cache-ttl", "5"), ("cf-cache-ttl", "x")] {
+            let r = post(&env, "/v1/chat/completions", CHAT, &[(h, v)]).await;
+            assert_eq!(r.status(), 400);
+            let v = error_body(r).await;
+            assert!(v["error"]["message"].as_str().unwrap().contains(h));
+        }
+        // A gateway with the cache off says OFF, not MISS only.
+        let r = post(&env, "/nocache/openai/chat/completions", CHAT, &[]).await;
+        assert_eq!(status(&r), ("MISS".into(), "OFF".into()));
+        // ... but cf-aig-cache-key caches there anyway (5 minutes).
+        let before = env.mock.requests();
+        let r = post(&env, "/nocache/openai/chat/completions", CHAT, &[("cf-aig-cache-key", "my-key")]).await;
+        assert_eq!(status(&r).0, "MISS");
+        r.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let other_body = CHAT.replace("hi", "something else");
+        let r = post(&env, "/nocache/openai/chat/completions", &other_body, &[("cf-aig-cache-key", "my-key")]).await;
+        assert_eq!(status(&r).0, "HIT", "custom key replaces the computed key");
+        assert_eq!(env.mock.requests(), before + 1);
+        // Expiry: 5 minutes for a custom key; the gateway clock moves past it.
+        env.gw.state.clock.advance(Duration::from_secs(301));
+        let r = post(&env, "/nocache/openai/chat/completions", CHAT, &[("cf-aig-cache-key", "my-key")]).await;
+        assert_eq!(status(&r).0, "MISS");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ttl_header_and_default_ttl_expire() {
+        let env = env_with(CACHED, MockConfig::default()).await;
+        let body = unique_chat();
+        post(&env, "/v1/chat/completions", &body, &[("cf-aig-cache-ttl", "120")]).await.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        env.gw.state.clock.advance(Duration::from_secs(100));
+        assert_eq!(status(&post(&env, "/v1/chat/completions", &body, &[]).await).0, "HIT");
+        env.gw.state.clock.advance(Duration::from_secs(30));
+        assert_eq!(status(&post(&env, "/v1/chat/completions", &body, &[]).await).0, "MISS", "expired after 120 s");
+        // Default TTL 1h.
+        let body2 = unique_chat();
+        post(&env, "/v1/chat/completions", &body2, &[]).await.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        env.gw.state.clock.advance(Duration::from_secs(3500));
+        assert_eq!(status(&post(&env, "/v1/chat/completions", &body2, &[]).await).0, "HIT");
+        env.gw.state.clock.advance(Duration::from_secs(200));
+        assert_eq!(status(&post(&env, "/v1/chat/completions", &body2, &[]).await).0, "MISS");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_and_cut_streams_are_not_cached() {
+        let env = env_with(CACHED, MockConfig::default()).await;
+        for _ in 0..2 {
+            let r = post(&env, "/v1/chat/completions", CHAT, &[("x-mock-status", "500")]).await;
+            assert_eq!(r.status(), 500);
+            r.bytes().await.unwrap();
+        }
+        assert_eq!(env.mock.requests(), 2);
+        let stream_body = r#"{"model":"m","stream":true,"messages":[]}"#;
+        for _ in 0..2 {
+            let r = post(&env, "/v1/chat/completions", stream_body, &[("x-mock-cut-after", "3")]).await;
+            assert_eq!(status(&r).0, "MISS");
+            let _ = r.bytes().await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(env.mock.requests(), 4);
+        // Non-cacheable endpoints bypass.
+        let r = post(&env, "/v1/images/generations", "{}", &[]).await;
+        assert_eq!(status(&r), ("MISS".into(), "BYPASS".into()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_identical_requests_make_one_upstream_call() {
+        let env = env_with(CACHED, MockConfig { latency: Duration::from_millis(300), ..Default::default() }).await;
+        let body = unique_chat();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (http, url, body) = (env.http.clone(), env.url("/v1/chat/completions"), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = http.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap()
+            }));
+        }
+        let mut bodies = Vec::new();
+        for t in tasks {
+            bodies.push(t.await.unwrap());
+        }
+        assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(env.mock.requests(), 1, "coalescing failed");
+        // Streaming followers get the live stream from the first event.
+        let sbody = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"coalesce me"}]}"#;
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (http, url) = (env.http.clone(), env.url("/v1/chat/completions"));
+            tasks.push(tokio::spawn(async move {
+                let r = http.post(url).header("x-mock-chunk-delay-ms", "30").body(sbody).send().await.unwrap();
+                r.bytes().await.unwrap()
+            }));
+        }
+        let mut sb = Vec::new();
+        for t in tasks {
+            sb.push(t.await.unwrap());
+        }
+        assert!(sb.windows(2).all(|w| w[0] == w[1]));
+        assert!(String::from_utf8_lossy(&sb[0]).ends_with("data: [DONE]\n\n"));
+        assert_eq!(env.mock.requests(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_leader_lets_followers_go_upstream() {
+        let env = env_with(CACHED, MockConfig::default()).await;
+        let body = unique_chat();
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let (http, url, body) = (env.http.clone(), env.url("/v1/chat/completions"), body.clone());
+            tasks.push(tokio::spawn(async move {
+                http.post(url)
+                    .header("x-mock-latency-ms", "200")
+                    .header("x-mock-status", "503")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 503);
+        }
+        assert_eq!(env.mock.requests(), 5, "each follower goes upstream after the leader fails");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_hit_replays_the_same_events() {
+        let env = env_with(CACHED, MockConfig { chunk_delay: Duration::from_millis(2), ..Default::default() }).await;
+        let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"stream"}]}"#;
+        let a = post(&env, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(status(&a).0, "MISS");
+        let a = a.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b = post(&env, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(status(&b).0, "HIT");
+        assert!(b.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let mut events = 0;
+        let mut all = Vec::new();
+        let mut s = b.bytes_stream();
+        while let Some(c) = s.next().await {
+            events += 1;
+            all.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(all, a.to_vec());
+        assert!(events > 1, "replayed as one blob");
+        assert_eq!(env.mock.requests(), 1);
+        // Anthropic streams too.
+        let ab = r#"{"model":"claude-3-5-haiku-latest","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#;
+        let a = post(&env, "/default/anthropic/v1/messages", ab, &[]).await.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let b = post(&env, "/default/anthropic/v1/messages", ab, &[]).await;
+        assert_eq!(status(&b).0, "HIT");
+        assert_eq!(b.bytes().await.unwrap(), a);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shadow_mode_counts_would_be_hits_but_answers_from_upstream() {
+        let env = env_with(&format!("{CACHED}mode = \"shadow\"\n"), MockConfig::default()).await;
+        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(status(&r), ("MISS".into(), "MISS".into()));
+        r.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(status(&r), ("MISS".into(), "SHADOW-HIT".into()));
+        assert_eq!(env.mock.requests(), 2);
+        assert_eq!(env.gw.state.cache.stats.shadow_hits.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_via_admin_api() {
+        let env = env_with(
+            &format!(
+                "[admin]\ntoken = \"env:GW_TOKEN\"\n{CACHED}[gateways.other]\n[gateways.other.cache]\nenabled = true\n"
+            ),
+            MockConfig::default(),
+        )
+        .await;
+        for gw in ["default", "other"] {
+            post(&env, &format!("/{gw}/openai/chat/completions"), CHAT, &[]).await.bytes().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let url = env.url("/admin/gateways/default/cache");
+        assert_eq!(env.http.delete(&url).send().await.unwrap().status(), 401);
+        assert_eq!(env.http.delete(&url).bearer_auth("wrong").send().await.unwrap().status(), 401);
+        let r = env.http.delete(&url).bearer_auth("gw-secret-token").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v["purged"].as_u64().unwrap() >= 1, "{v}");
+        assert_eq!(status(&post(&env, "/default/openai/chat/completions", CHAT, &[]).await).0, "MISS");
+        assert_eq!(
+            status(&post(&env, "/other/openai/chat/completions", CHAT, &[]).await).0,
+            "HIT",
+            "other gateway untouched"
+        );
+        // One key.
+        let r = post(&env, "/other/openai/chat/completions", CHAT, &[]).await;
+        let key = r.headers()["aigate-cache-key"].to_str().unwrap().to_string();
+        let r = env
+            .http
+            .delete(env.url(&format!("/admin/gateways/other/cache?key={key}")))
+            .bearer_auth("gw-secret-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(status(&post(&env, "/other/openai/chat/completions", CHAT, &[]).await).0, "MISS");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_disabled_without_token() {
+        let env = env_with(CACHED, MockConfig::default()).await;
+        let r = env.http.delete(env.url("/admin/gateways/default/cache")).bearer_auth("x").send().await.unwrap();
+        assert_eq!(r.status(), 404);
+    }
+
+    async fn start(toml: &str) -> ServerHandle {
+        let settings = Settings::from_toml_with(toml, &|_| None).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        aigate_core::start_on(settings, listener).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disk_entries_survive_a_restart() {
+        let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+        let dir = temp_dir("restart");
+        let toml = format!(
+            "data_dir = {:?}\nshutdown_grace = \"2s\"\n[storage]\ncache = \"disk\"\n[providers.openai]\nbase_url = \"{}/v1\"\n{CACHED}",
+            dir.display().to_string(),
+            mock.url()
+        );
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let gw = start(&toml).await;
+        let r = http.post(format!("http://{}/v1/chat/completions", gw.addr)).body(CHAT).send().await.unwrap();
+        assert_eq!(status(&r).0, "MISS");
+        r.bytes().await.unwrap();
+        gw.shutdown();
+        gw.wait().await;
+        let gw = start(&toml).await;
+        let r = http.post(format!("http://{}/v1/chat/completions", gw.addr)).body(CHAT).send().await.unwrap();
+        assert_eq!(status(&r).0, "HIT", "disk entry lost across restart");
+        assert_eq!(mock.requests(), 1);
+    }
+
+    fn redis_toml(mock: &MockUpstream, url: &str) -> String {
+        format!(
+            "data_dir = {:?}\n[storage]\ncache = \"{url}\"\n[providers.openai]\nbase_url = \"{}/v1\"\n{CACHED}",
+            temp_dir("redis").display().to_string(),
+            mock.url()
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_gateways_share_entries_through_redis() {
+        let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+        let toml = redis_toml(&mock, "redis://127.0.0.1:6379");
+        let (a, b) = (start(&toml).await, start(&toml).await);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let body = unique_chat();
+        let r = http.post(format!("http://{}/v1/chat/completions", a.addr)).body(body.clone()).send().await.unwrap();
+        assert_eq!(status(&r).0, "MISS");
+        r.bytes().await.unwrap();
+        let mut hit = false;
+        for _ in 0..50 {
+            let r =
+                http.post(format!("http://{}/v1/chat/completions", b.addr)).body(body.clone()).send().await.unwrap();
+            if status(&r).0 == "HIT" {
+                hit = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(hit, "the second replica never saw the first one's entry (is Redis running on 127.0.0.1:6379?)");
+        assert_eq!(mock.requests(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_stopped_mid_test_keeps_requests_succeeding() {
+        // A Redis of our own, so stopping it does not disturb other tests.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let spawn_redis = || {
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed")
+        };
+        let mut redis = spawn_redis();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+        let gw = start(&redis_toml(&mock, &format!("redis://127.0.0.1:{port}"))).await;
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = format!("http://{}/v1/chat/completions", gw.addr);
+        let r = http.post(&url).body(unique_chat()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        redis.kill().unwrap();
+        redis.wait().unwrap();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            let r = http.post(&url).body(unique_chat()).send().await.unwrap();
+            assert_eq!(r.status(), 200, "a dead cache store must not fail requests");
+            assert!(t0.elapsed() < Duration::from_secs(2));
+        }
+        assert!(gw.state.cache.stats.store_errors.load(Ordering::Relaxed) > 0);
+        // Redis comes back: the store reconnects by itself. Proof: an entry written through this
+        // gateway is seen by a fresh gateway (empty memory tier) on the same Redis.
+        let mut redis = spawn_redis();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let fresh = start(&redis_toml(&mock, &format!("redis://127.0.0.1:{port}"))).await;
+        let mut hit = false;
+        for _ in 0..40 {
+            let body = unique_chat();
+            let r = http.post(&url).body(body.clone()).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let r = http.post(format!("http://{}/v1/chat/completions", fresh.addr)).body(body).send().await.unwrap();
+            if status(&r).0 == "HIT" {
+                hit = true;
+                break;
+            }
+        }
+        let _ = redis.kill();
+        let _ = redis.wait();
+        assert!(hit, "the store did not recover after Redis came back");
     }
 }

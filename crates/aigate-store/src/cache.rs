@@ -1,0 +1,206 @@
+//! The response cache store: one trait, [`CacheStore`], and the entry type it holds.
+//!
+//! Keys are 32-byte digests computed by the cache stage (`aigate-core::cache`); the digest already
+//! covers the gateway, so a key is globally unique. The namespace (`ns`, the gateway name) is passed
+//! alongside so a whole gateway can be purged. Entries carry their own absolute expiry
+//! (`expires_at_ms`, Unix milliseconds); a store never returns an expired entry.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::StoreError;
+
+/// A cache key: a 32-byte digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl CacheKey {
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from(HEX[(b >> 4) as usize]));
+            s.push(char::from(HEX[(b & 0xf) as usize]));
+        }
+        s
+    }
+
+    /// Parses 64 hex characters.
+    pub fn from_hex(s: &str) -> Option<CacheKey> {
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            let hi = (b[2 * i] as char).to_digit(16)?;
+            let lo = (b[2 * i + 1] as char).to_digit(16)?;
+            *o = (hi * 16 + lo) as u8;
+        }
+        Some(CacheKey(out))
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CacheKey({})", self.to_hex())
+    }
+}
+
+/// A stored response: status, the headers worth replaying, and the body as the chunks it arrived
+/// in (for SSE: one chunk per relayed frame, so a hit replays the same events in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedResponse {
+    /// HTTP status (2xx).
+    pub status: u16,
+    /// Replayed headers: lowercase name, raw value.
+    pub headers: Vec<(String, Bytes)>,
+    /// Body chunks in arrival order.
+    pub chunks: Vec<Bytes>,
+    /// When it was stored, Unix ms (for `Age`).
+    pub created_at_ms: u64,
+    /// When it expires, Unix ms.
+    pub expires_at_ms: u64,
+}
+
+/// Format version byte of [`CachedResponse::encode`].
+const FORMAT_V1: u8 = 1;
+
+impl CachedResponse {
+    /// Total body bytes.
+    pub fn body_len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    /// Approximate memory/storage weight in bytes (body + headers + fixed overhead).
+    pub fn weight(&self) -> usize {
+        self.body_len() + self.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>() + 64
+    }
+
+    /// Whether it has expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_at_ms
+    }
+
+    /// Serialises to a compact binary form (for disk and Redis).
+    ///
+    /// Hand-written rather than a serde format: the layout is five fields and a few length-prefixed
+    /// byte strings, and decoding can slice the body chunks out of the input `Bytes` without copying.
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.weight() + 32);
+        b.put_u8(FORMAT_V1);
+        b.put_u16(self.status);
+        b.put_u64(self.created_at_ms);
+        b.put_u64(self.expires_at_ms);
+        b.put_u32(self.headers.len() as u32);
+        for (k, v) in &self.headers {
+            b.put_u32(k.len() as u32);
+            b.put_slice(k.as_bytes());
+            b.put_u32(v.len() as u32);
+            b.put_slice(v);
+        }
+        b.put_u32(self.chunks.len() as u32);
+        for c in &self.chunks {
+            b.put_u32(c.len() as u32);
+            b.put_slice(c);
+        }
+        b.freeze()
+    }
+
+    /// Parses [`CachedResponse::encode`]'s output.
+    pub fn decode(mut b: Bytes) -> Result<CachedResponse, StoreError> {
+        fn need(b: &Bytes, n: usize) -> Result<(), StoreError> {
+            if b.remaining() < n {
+                Err(StoreError::Corrupt("truncated cache entry".into()))
+            } else {
+                Ok(())
+            }
+        }
+        fn take(b: &mut Bytes) -> Result<Bytes, StoreError> {
+            need(b, 4)?;
+            let n = b.get_u32() as usize;
+            need(b, n)?;
+            Ok(b.split_to(n))
+        }
+        need(&b, 1 + 2 + 8 + 8 + 4)?;
+        if b.get_u8() != FORMAT_V1 {
+            return Err(StoreError::Corrupt("unknown cache entry format".into()));
+        }
+        let status = b.get_u16();
+        let created_at_ms = b.get_u64();
+        let expires_at_ms = b.get_u64();
+        let nh = b.get_u32() as usize;
+        let mut headers = Vec::with_capacity(nh.min(256));
+        for _ in 0..nh {
+            let k = take(&mut b)?;
+            let k = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("header name".into()))?;
+            let v = take(&mut b)?;
+            headers.push((k, v));
+        }
+        need(&b, 4)?;
+        let nc = b.get_u32() as usize;
+        let mut chunks = Vec::with_capacity(nc.min(65_536));
+        for _ in 0..nc {
+            chunks.push(take(&mut b)?);
+        }
+        Ok(CachedResponse { status, headers, chunks, created_at_ms, expires_at_ms })
+    }
+}
+
+/// Size and eviction figures of a store (for metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStoreStats {
+    /// Entries held (approximate for remote stores; 0 when unknown).
+    pub entries: u64,
+    /// Bytes held (approximate; 0 when unknown).
+    pub bytes: u64,
+    /// Entries evicted for size since start.
+    pub evictions: u64,
+}
+
+/// A response cache backend.
+///
+/// Implementations: [`crate::MemoryCacheStore`] (bounded by bytes), [`crate::DiskCacheStore`]
+/// (SQLite file under `data_dir`, bounded by size, survives restarts) and
+/// [`crate::RedisCacheStore`] (shared by replicas, TTL by Redis expiry, large entries compressed).
+/// Errors are returned, never panicked: the caller treats a failing store as a miss.
+#[async_trait::async_trait]
+pub trait CacheStore: Send + Sync + 'static {
+    /// Short name for logs and metrics (`memory`, `disk`, `redis`).
+    fn kind(&self) -> &'static str;
+    /// The entry under `key`, unless absent or expired.
+    async fn get(&self, ns: &str, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, StoreError>;
+    /// Stores `entry` until its `expires_at_ms`.
+    async fn put(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) -> Result<(), StoreError>;
+    /// Removes one key, or every entry of the namespace when `key` is `None`; returns how many
+    /// entries were removed (best effort for remote stores).
+    async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError>;
+    /// Size figures.
+    fn stats(&self) -> CacheStoreStats {
+        CacheStoreStats::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let e = CachedResponse {
+            status: 200,
+            headers: vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))],
+            chunks: vec![Bytes::from_static(b"data: 1\n\n"), Bytes::from_static(b"data: [DONE]\n\n")],
+            created_at_ms: 5,
+            expires_at_ms: 10,
+        };
+        let d = CachedResponse::decode(e.encode()).unwrap();
+        assert_eq!(d, e);
+        assert!(CachedResponse::decode(e.encode().slice(0..20)).is_err());
+        let k = CacheKey([7u8; 32]);
+        assert_eq!(CacheKey::from_hex(&k.to_hex()), Some(k));
+    }
+}

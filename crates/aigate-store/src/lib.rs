@@ -1,0 +1,107 @@
+//! aigate-store: the store traits of aigate and their implementations.
+//!
+//! One trait per domain, held as `Arc<dyn _>` and chosen from configuration in one place
+//! ([`build_cache`]): memory / embedded implementations are the default, Redis (and later
+//! PostgreSQL) implementations share state between replicas. Every implementation of a trait passes
+//! the same conformance suite (`tests/`).
+//!
+//! Response cache: [`MemoryCacheStore`] (moka, bounded by bytes), [`DiskCacheStore`] (SQLite file,
+//! bounded by size, survives restarts), [`RedisCacheStore`] (shared, LZ4 for large entries, never
+//! blocks past its timeout) and [`TieredCache`] (memory in front of one of the others), which is what
+//! [`build_cache`] returns for a [`CacheBackend`]. Failures come back as [`StoreError`], never as
+//! panics; callers treat them as misses.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod cache;
+pub mod disk;
+pub mod memory;
+pub mod redis;
+pub mod tiered;
+
+pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
+pub use self::disk::DiskCacheStore;
+pub use self::memory::MemoryCacheStore;
+pub use self::redis::RedisCacheStore;
+pub use self::tiered::TieredCache;
+
+/// TTL cap of the memory tier in front of Redis: how long a replica may serve an entry purged
+/// elsewhere.
+pub const REDIS_MEMORY_TTL_CAP: Duration = Duration::from_secs(10);
+
+/// Per-command timeout of the Redis cache store built by [`build_cache`].
+pub const REDIS_OP_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Where cached responses are kept beyond the in-process memory tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheBackend {
+    /// Memory only (per process, lost on restart).
+    Memory,
+    /// A SQLite file `dir/cache.sqlite3` holding at most `max_bytes`, behind the memory tier.
+    Disk {
+        /// Directory of the database file (created if missing).
+        dir: PathBuf,
+        /// Byte cap of the file's rows.
+        max_bytes: u64,
+    },
+    /// A Redis server shared by replicas, behind a memory tier whose entries live at most
+    /// [`REDIS_MEMORY_TTL_CAP`].
+    Redis {
+        /// `redis://` or `rediss://` URL.
+        url: String,
+    },
+}
+
+impl CacheBackend {
+    /// Parses a backend spec: `memory`, `disk` (a database under `data_dir` capped at `disk_bytes`)
+    /// or a `redis://` / `rediss://` URL.
+    pub fn parse(spec: &str, data_dir: &Path, disk_bytes: u64) -> Result<CacheBackend, String> {
+        let spec = spec.trim();
+        if spec.eq_ignore_ascii_case("memory") {
+            Ok(CacheBackend::Memory)
+        } else if spec.eq_ignore_ascii_case("disk") {
+            Ok(CacheBackend::Disk { dir: data_dir.to_path_buf(), max_bytes: disk_bytes })
+        } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+            Ok(CacheBackend::Redis { url: spec.to_owned() })
+        } else {
+            Err(format!("unknown cache backend {spec:?}: expected \"memory\", \"disk\" or a redis:// or rediss:// URL"))
+        }
+    }
+}
+
+/// Builds the cache for `backend` with a memory tier of `memory_bytes`: the one place a backend is
+/// chosen. Opens the disk database (blocking) but never connects to Redis, so it succeeds while
+/// Redis is down; fails on an unusable directory or a malformed Redis URL.
+pub fn build_cache(backend: &CacheBackend, memory_bytes: u64) -> Result<TieredCache, StoreError> {
+    let memory = MemoryCacheStore::new(memory_bytes);
+    Ok(match backend {
+        CacheBackend::Memory => TieredCache::new(memory, None),
+        CacheBackend::Disk { dir, max_bytes } => {
+            let disk: Arc<dyn CacheStore> = Arc::new(DiskCacheStore::open(dir, *max_bytes)?);
+            TieredCache::new(memory, Some(disk))
+        }
+        CacheBackend::Redis { url } => {
+            let redis: Arc<dyn CacheStore> = Arc::new(RedisCacheStore::new(url, REDIS_OP_TIMEOUT)?);
+            TieredCache::new(memory.with_ttl_cap(REDIS_MEMORY_TTL_CAP), Some(redis))
+        }
+    })
+}
+
+/// A store failure. Callers degrade the feature (a cache error is a miss), never the proxying.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or answered with an error.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend took too long.
+    #[error("store timed out")]
+    Timeout,
+    /// Stored data could not be decoded.
+    #[error("corrupt entry: {0}")]
+    Corrupt(String),
+    /// Local I/O (disk full, permissions).
+    #[error("store I/O error: {0}")]
+    Io(String),
+}
