@@ -11,6 +11,7 @@ pub mod body;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod headers;
 pub mod providers;
@@ -18,6 +19,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod upstream;
+pub mod usage;
 
 pub use config::Settings;
 pub use error::GatewayError;
