@@ -15,21 +15,40 @@ pub const CF_AIG_PREFIX: &str = "cf-aig-";
 /// Legacy gateway headers that are consumed too.
 pub const LEGACY_CF_HEADERS: &[&str] = &["cf-cache-ttl", "cf-skip-cache"];
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
-pub const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-];
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward. Parsed once: removing by
+/// `&str` would parse the name again on every request.
+pub static HOP_BY_HOP: std::sync::LazyLock<[HeaderName; 9]> = std::sync::LazyLock::new(|| {
+    [
+        http::header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
+        http::header::TE,
+        http::header::TRAILER,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+        HeaderName::from_static("proxy-connection"),
+    ]
+});
 /// Cloudflare's cache status, `HIT` or `MISS` (response).
 pub const CF_AIG_CACHE_STATUS: HeaderName = HeaderName::from_static("cf-aig-cache-status");
 /// aigate's finer cache status: `HIT`, `MISS`, `BYPASS`, `OFF`, `SHADOW-HIT` (response).
 pub const AIGATE_CACHE: HeaderName = HeaderName::from_static("aigate-cache");
 /// The cache key digest of a cacheable request, usable with the purge API (response).
 pub const AIGATE_CACHE_KEY: HeaderName = HeaderName::from_static("aigate-cache-key");
+/// Skip the cache for this request (request).
+pub const CF_AIG_SKIP_CACHE: HeaderName = HeaderName::from_static("cf-aig-skip-cache");
+/// Legacy name of `cf-aig-skip-cache`.
+pub const CF_SKIP_CACHE: HeaderName = HeaderName::from_static("cf-skip-cache");
+/// TTL in seconds of this request's cache entry (request).
+pub const CF_AIG_CACHE_TTL: HeaderName = HeaderName::from_static("cf-aig-cache-ttl");
+/// Legacy name of `cf-aig-cache-ttl`.
+pub const CF_CACHE_TTL: HeaderName = HeaderName::from_static("cf-cache-ttl");
+/// Client-chosen cache key (request).
+pub const CF_AIG_CACHE_KEY: HeaderName = HeaderName::from_static("cf-aig-cache-key");
+/// Anthropic's credential header.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Azure OpenAI's credential header.
+pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+/// Google AI Studio's credential header.
+pub const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");

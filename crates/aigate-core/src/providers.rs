@@ -31,9 +31,9 @@ impl AuthStyle {
     pub fn header(self) -> HeaderName {
         match self {
             AuthStyle::Bearer => http::header::AUTHORIZATION,
-            AuthStyle::XApiKey => HeaderName::from_static("x-api-key"),
-            AuthStyle::ApiKey => HeaderName::from_static("api-key"),
-            AuthStyle::XGoogApiKey => HeaderName::from_static("x-goog-api-key"),
+            AuthStyle::XApiKey => crate::headers::X_API_KEY,
+            AuthStyle::ApiKey => crate::headers::API_KEY,
+            AuthStyle::XGoogApiKey => crate::headers::X_GOOG_API_KEY,
         }
     }
 

@@ -56,8 +56,8 @@ const CREDENTIAL_HEADERS: &[AuthStyle] =
 /// and the gateway's own headers. In place: no new map is built.
 pub fn strip_request_headers(headers: &mut HeaderMap) {
     remove_connection_listed(headers);
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
+    for h in HOP_BY_HOP.iter() {
+        headers.remove(h);
     }
     headers.remove(http::header::HOST);
     // Gateway headers are rare; only rebuild the list when one is present.
@@ -74,8 +74,8 @@ pub fn strip_request_headers(headers: &mut HeaderMap) {
 /// Removes hop-by-hop headers from a response before it goes back to the client.
 pub fn strip_response_headers(headers: &mut HeaderMap) {
     remove_connection_listed(headers);
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
+    for h in HOP_BY_HOP.iter() {
+        headers.remove(h);
     }
 }
 

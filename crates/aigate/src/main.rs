@@ -8,6 +8,11 @@ use aigate_core::Settings;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc: measurably faster than the system allocator for the many small, short-lived
+/// allocations of an HTTP proxy, and it returns memory to the OS.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A self-hosted, Cloudflare-compatible AI gateway: cache, meter, rate-limit and log LLM requests.
 #[derive(Parser)]
 #[command(name = "aigate", version, about, long_about = None)]
@@ -29,6 +34,10 @@ enum Command {
         /// Override the listen address of the configuration.
         #[arg(long)]
         listen: Option<String>,
+        /// Runtime worker threads (default: the CPUs this process may run on). With one, aigate
+        /// runs a single-threaded runtime, which is faster on one core.
+        #[arg(long, env = "AIGATE_WORKER_THREADS")]
+        worker_threads: Option<usize>,
     },
     /// Validate a configuration and print what it configures.
     Check {
@@ -103,13 +112,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(purge(&base, &token, &gateway, key.as_deref(), cache_key.as_deref()))
         }
-        Command::Serve { config, listen } => {
+        Command::Serve { config, listen, worker_threads } => {
             let mut settings = load(config.as_deref())?;
             if let Some(l) = listen {
                 settings.listen =
                     l.parse().with_context(|| format!("--listen {l:?} is not an address like 127.0.0.1:8787"))?;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let workers = worker_threads
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let rt = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?
+            };
             rt.block_on(serve(settings))
         }
     }

@@ -31,7 +31,10 @@ use crate::body::GatewayBody;
 use crate::clock::Clock;
 use crate::config::{CacheMode, CacheScope, CacheSettings};
 use crate::error::GatewayError;
-use crate::headers::{AIGATE_CACHE, AIGATE_CACHE_KEY, CF_AIG_CACHE_STATUS};
+use crate::headers::{
+    AIGATE_CACHE, AIGATE_CACHE_KEY, CF_AIG_CACHE_KEY, CF_AIG_CACHE_STATUS, CF_AIG_CACHE_TTL, CF_AIG_SKIP_CACHE,
+    CF_CACHE_TTL, CF_SKIP_CACHE,
+};
 use coalesce::{FlightEvent, FlightReceiver, Inflight};
 
 /// TTL of entries stored because of `cf-aig-cache-key` on a gateway whose cache is off.
@@ -93,9 +96,11 @@ pub struct CacheOptions {
     pub custom_key: Option<String>,
 }
 
-fn header<'a>(h: &'a HeaderMap, names: &[&'static str]) -> Result<Option<(&'static str, &'a str)>, GatewayError> {
-    for n in names {
-        if let Some(v) = h.get(*n) {
+/// The first of `names` present, as (name, trimmed value).
+fn header<'a, 'n>(h: &'a HeaderMap, names: &'n [HeaderName]) -> Result<Option<(&'n str, &'a str)>, GatewayError> {
+    for name in names {
+        if let Some(v) = h.get(name) {
+            let n = name.as_str();
             let s = v.to_str().map_err(|_| GatewayError::BadRequest(format!("invalid {n}: not visible ASCII")))?;
             return Ok(Some((n, s.trim())));
         }
@@ -107,14 +112,14 @@ impl CacheOptions {
     /// Reads the cache headers; an invalid value is a 400 naming the header.
     pub fn parse(h: &HeaderMap) -> Result<CacheOptions, GatewayError> {
         let mut o = CacheOptions::default();
-        if let Some((n, v)) = header(h, &["cf-aig-skip-cache", "cf-skip-cache"])? {
+        if let Some((n, v)) = header(h, &[CF_AIG_SKIP_CACHE, CF_SKIP_CACHE])? {
             o.skip = match v.to_ascii_lowercase().as_str() {
                 "true" | "1" => true,
                 "false" | "0" => false,
                 _ => return Err(GatewayError::BadRequest(format!("invalid {n}: expected true or false"))),
             };
         }
-        if let Some((n, v)) = header(h, &["cf-aig-cache-ttl", "cf-cache-ttl"])? {
+        if let Some((n, v)) = header(h, &[CF_AIG_CACHE_TTL, CF_CACHE_TTL])? {
             let secs: u64 = v
                 .parse()
                 .map_err(|_| GatewayError::BadRequest(format!("invalid {n}: expected a number of seconds")))?;
@@ -127,7 +132,7 @@ impl CacheOptions {
             }
             o.ttl = Some(d);
         }
-        if let Some((n, v)) = header(h, &["cf-aig-cache-key"])? {
+        if let Some((n, v)) = header(h, &[CF_AIG_CACHE_KEY])? {
             if v.is_empty() || v.len() > 1024 {
                 return Err(GatewayError::BadRequest(format!("invalid {n}: expected 1 to 1024 characters")));
             }
