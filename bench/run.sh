@@ -1,0 +1,507 @@
+#!/usr/bin/env bash
+# bench/run.sh: aigate against nginx against no proxy at all, in one run, on the same mock upstream.
+#
+#   bench/run.sh                      # full run: about 2 minutes after the build
+#   BENCH_DURATION=5 bench/run.sh     # shorter points
+#
+# Targets, each in front of the same `aigate-mock` (non-streaming chat completions):
+#   direct  client -> mock
+#   nginx   client -> nginx (1 worker, upstream keepalive 64) -> mock
+#   aigate  client -> aigate serve -> mock
+# The servers (mock, nginx, aigate) are pinned to CPU 0, the load generators to CPU 1.
+#
+# Measured:
+#   1. throughput and latency (req/s, p50, p99) at concurrency 32 and 128, with wrk;
+#   2. latency added at 50 req/s with the mock answering after 200 ms: p50/p99 of each target and
+#      proxy p50 - direct p50, with a 95% bootstrap interval (bench/rate.py by default, see below);
+#   3. aigate's idle RSS (after start, before any request) and peak RSS (VmHWM after the load).
+# Prints a markdown report with PASS/FAIL lines for the targets and writes it to
+# bench/results/latest.md (raw load-generator output goes to bench/results/latest-raw.log).
+#
+# Environment:
+#   BENCH_DURATION       seconds per throughput point (default 10)
+#   BENCH_RATE_DURATION  seconds of the 50 req/s points (default 3 x BENCH_DURATION: a median of the
+#                        200 ms responses needs ~1500 samples to be good to a few hundredths of a ms)
+#   BENCH_WARMUP         warm-up seconds before every point, not measured (default 2)
+#   BENCH_RATE           requests per second of the added-latency points (default 50)
+#   BENCH_RATE_CLIENT    load generator of the added-latency points:
+#                          python (default): bench/rate.py, Poisson arrivals at a mean of
+#                            BENCH_RATE, the three targets loaded at the same time;
+#                          oha: oha -q BENCH_RATE (exact 20 ms period), one target after another
+#                            (installed with `cargo install oha --locked` when missing). Its
+#                            medians move by ~0.1 ms from run to run with the phase of its period
+#                            against the mock's 1 ms timer tick: see docs/benchmarks.md.
+#   BENCH_SKIP_BUILD=1   use the release binaries already built
+#   BENCH_STRICT=1       exit 1 when a target is missed (default: report and exit 0)
+#   BENCH_SERVER_CPU / BENCH_CLIENT_CPU   CPUs to pin to (default 0 and 1)
+#   BENCH_KEEP_TMP=1     keep the temporary directory (configs and server logs)
+
+set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in bench/
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$ROOT/bench
+RESULTS=$BENCH/results
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+
+DURATION=${BENCH_DURATION:-10}
+RATE_DURATION=${BENCH_RATE_DURATION:-$((DURATION * 3))}
+WARMUP=${BENCH_WARMUP:-2}
+RATE=${BENCH_RATE:-50}
+RATE_CLIENT=${BENCH_RATE_CLIENT:-python}
+MOCK_LATENCY_MS=200
+CONCURRENCIES=(32 128)
+TARGETS=(direct nginx aigate)
+SERVER_CPU=${BENCH_SERVER_CPU:-0}
+CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
+BODY_FILE=$BENCH/request.json
+AUTH_HEADER='authorization: Bearer sk-bench-not-a-real-key'
+
+# Targets (see docs/benchmarks.md).
+TARGET_THROUGHPUT_RATIO=0.8     # aigate req/s >= 0.8 x nginx req/s at concurrency 32
+TARGET_ADDED_P50_SLACK_MS=0.05  # aigate added p50 <= nginx added p50 + 0.05 ms at 50 req/s
+TARGET_IDLE_RSS_KIB=20480       # aigate idle RSS <= 20 MiB
+
+NGINX=/usr/sbin/nginx
+OHA=""
+OHA_OPTS=()
+WORK=""
+PIDS=()
+declare -A URL RPS P50 P99 ERRS RATE_P50 RATE_P99 RATE_N RATE_ERRS
+
+log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+calc() { awk "BEGIN { printf \"%.3f\", $* }"; }
+is_true() { awk "BEGIN { exit !($*) }"; }
+kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
+# A field of a "BENCH k=v k=v" line (wrk) or of a JSON object (rate points).
+field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
+jfield() {
+    python3 -c 'import json,sys; v=json.loads(sys.argv[1])[sys.argv[2]]; print(f"{v:.3f}" if isinstance(v, float) else v)' "$1" "$2"
+}
+# A bootstrap interval from RATE_CI as "[lo, hi]".
+ci() { python3 -c 'import json,sys; lo, hi = json.loads(sys.argv[1])[sys.argv[2]]; print(f"[{lo:+.3f}, {hi:+.3f}]")' "$RATE_CI" "$1"; }
+
+# ------------------------------------------------------------------------------------------------
+# Set-up and tear-down
+# ------------------------------------------------------------------------------------------------
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local pid _ f
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do  # up to 5 s for a graceful exit, then SIGKILL
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ -n $WORK && -d $WORK ]]; then
+        if [[ $rc -ne 0 ]]; then
+            for f in "$WORK"/*.log "$WORK"/nginx/error.log; do
+                if [[ -s $f ]]; then
+                    log "--- tail of $f"
+                    tail -n 20 "$f" >&2
+                fi
+            done
+        fi
+        if [[ ${BENCH_KEEP_TMP:-0} == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+    fi
+    exit "$rc"
+}
+
+apt_install() {
+    log "installing $* with apt-get"
+    command -v apt-get >/dev/null || die "apt-get not found; install $* by hand"
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_tools() {
+    local missing=()
+    [[ -x $NGINX ]] || missing+=(nginx-light)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v taskset >/dev/null || missing+=(util-linux)
+    command -v ss >/dev/null || missing+=(iproute2)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
+    [[ -x $NGINX ]] || die "nginx not found at $NGINX after installing nginx-light"
+
+    case $RATE_CLIENT in
+        python) ;;
+        oha) ensure_oha ;;
+        *) die "BENCH_RATE_CLIENT must be python or oha, not $RATE_CLIENT" ;;
+    esac
+}
+
+ensure_oha() {
+    local cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+    if command -v oha >/dev/null; then
+        OHA=$(command -v oha)
+    elif [[ -x $cargo_bin/oha ]]; then
+        OHA=$cargo_bin/oha
+    else
+        log "oha not found: cargo install oha --locked (once; several minutes on 2 cores)"
+        cargo install oha --locked >"$WORK/oha-install.log" 2>&1 ||
+            die "cargo install oha failed (see $WORK/oha-install.log); run with BENCH_RATE_CLIENT=python"
+        OHA=$cargo_bin/oha
+    fi
+    # Per-request CSV output (for the bootstrap intervals) needs a recent oha; -w waits for the
+    # requests in flight at the deadline instead of counting them as errors; one worker thread, as
+    # the load generator has one CPU.
+    local help
+    help=$("$OHA" --help)
+    grep -q 'possible values:.*csv' <<<"$help" ||
+        die "$("$OHA" --version | head -n1) has no CSV output; upgrade it or run with BENCH_RATE_CLIENT=python"
+    if grep -q -- '--wait-ongoing-requests-after-deadline' <<<"$help"; then OHA_OPTS+=(-w); fi
+    if grep -q -- '--worker-threads' <<<"$help"; then OHA_OPTS+=(--worker-threads 1); fi
+}
+
+build() {
+    if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+        log "BENCH_SKIP_BUILD=1: using the binaries in $BIN"
+    else
+        log "cargo build --release -p aigate -p aigate-testkit"
+        (cd "$ROOT" && cargo build --release -p aigate -p aigate-testkit)
+    fi
+    [[ -x $BIN/aigate && -x $BIN/aigate-mock ]] || die "release binaries missing in $BIN"
+}
+
+# Three free TCP ports on 127.0.0.1, asked of the kernel at once so they differ.
+free_ports() {
+    python3 - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+}
+
+# Starts "$@" in the background pinned to the server CPU; sets STARTED_PID.
+start_server() {
+    local name=$1
+    shift
+    taskset -c "$SERVER_CPU" "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+# Waits until something listens on 127.0.0.1:$2 (checked with ss: no connection is made, so the
+# server has seen no traffic when its idle RSS is read).
+wait_listening() {
+    local pid=$1 port=$2 _
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || die "process $pid exited before listening on $port"
+        if ss -Hltn "sport = :$port" | grep -q .; then return 0; fi
+        sleep 0.1
+    done
+    die "nothing listens on port $port after 10 s"
+}
+
+# One request through a target: checks the status and logs the response size.
+probe() {
+    local name=$1 url=$2 out code size
+    out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' -X POST \
+        -H 'content-type: application/json' -H "$AUTH_HEADER" --data-binary @"$BODY_FILE" "$url")
+    read -r code size <<<"$out"
+    [[ $code == 200 ]] || die "$name: POST $url answered $code"
+    log "$name: POST $url -> 200, $size response bytes"
+}
+
+# Sum of a /proc status field over the nginx master and its workers.
+nginx_rss() {
+    local master=$1 key=$2 total pid children=()
+    total=$(kib "$master" "$key")
+    read -ra children <"/proc/$master/task/$master/children" || true
+    for pid in "${children[@]}"; do
+        total=$((total + $(kib "$pid" "$key")))
+    done
+    echo "$total"
+}
+
+start_servers() {
+    local mock_port nginx_port gw_port
+    read -r mock_port nginx_port gw_port < <(free_ports)
+    log "ports: mock $mock_port, nginx $nginx_port, aigate $gw_port; work dir $WORK"
+
+    start_server mock "$BIN/aigate-mock" --listen "127.0.0.1:$mock_port" --chunk-delay-ms 0
+    wait_listening "$STARTED_PID" "$mock_port"
+    URL[direct]="http://127.0.0.1:$mock_port/v1/chat/completions"
+
+    mkdir -p "$WORK/nginx"
+    sed -e "s|@WORK@|$WORK|g" -e "s|@MOCK_PORT@|$mock_port|g" -e "s|@NGINX_PORT@|$nginx_port|g" \
+        "$BENCH/nginx.conf.template" >"$WORK/nginx/nginx.conf"
+    local -a nginx=("$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log")
+    "${nginx[@]}" -t -q -g 'daemon off;'
+    start_server nginx "${nginx[@]}" -g 'daemon off;'
+    NGINX_PID=$STARTED_PID
+    wait_listening "$NGINX_PID" "$nginx_port"
+    URL[nginx]="http://127.0.0.1:$nginx_port/v1/chat/completions"
+
+    cat >"$WORK/aigate.toml" <<EOF
+listen = "127.0.0.1:$gw_port"
+data_dir = "$WORK/aigate-data"
+
+[providers.openai]
+base_url = "http://127.0.0.1:$mock_port/v1"
+
+[gateways.default]
+EOF
+    start_server aigate "$BIN/aigate" serve --config "$WORK/aigate.toml"
+    AIGATE_PID=$STARTED_PID
+    wait_listening "$AIGATE_PID" "$gw_port"
+    URL[aigate]="http://127.0.0.1:$gw_port/v1/chat/completions"
+}
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------
+
+# wrk -t1 -cN on the client CPU, after a warm-up; fills RPS/P50/P99/ERRS[target,conc].
+measure_throughput() {
+    local target=$1 conc=$2 url=${URL[$1]} out line
+    local -a wrk=(taskset -c "$CLIENT_CPU" wrk -t1 -c"$conc" --timeout 5s -s "$BENCH/chat.lua")
+    BENCH_BODY_FILE=$BODY_FILE "${wrk[@]}" -d"${WARMUP}s" "$url" >/dev/null
+    out=$(BENCH_BODY_FILE=$BODY_FILE "${wrk[@]}" -d"${DURATION}s" --latency "$url")
+    printf '### wrk %s c=%s\n%s\n\n' "$target" "$conc" "$out" >>"$RAW"
+    line=$(grep '^BENCH ' <<<"$out") || die "no summary line in the wrk output for $target"
+    RPS[$target,$conc]=$(field "$line" rps)
+    P50[$target,$conc]=$(awk -v u="$(field "$line" p50_us)" 'BEGIN { printf "%.3f", u / 1000 }')
+    P99[$target,$conc]=$(awk -v u="$(field "$line" p99_us)" 'BEGIN { printf "%.3f", u / 1000 }')
+    ERRS[$target,$conc]=$(($(field "$line" socket_errors) + $(field "$line" non2xx)))
+    log "$(printf '%-6s c=%-3s %10s req/s  p50 %7s ms  p99 %7s ms  errors %s' "$target" "$conc" \
+        "${RPS[$target,$conc]}" "${P50[$target,$conc]}" "${P99[$target,$conc]}" "${ERRS[$target,$conc]}")"
+}
+
+# One added-latency load on one target: $RATE req/s for $RATE_DURATION s after a warm-up, the
+# mock waiting $MOCK_LATENCY_MS ms before answering (x-mock-latency-ms, which nginx and aigate
+# pass on). Writes a summary JSON to $2 and the latencies of the 2xx responses to
+# $WORK/<target>.samples.
+rate_load() {
+    local target=$1 out=$2 url=${URL[$1]}
+    local -a headers=(-H "$AUTH_HEADER" -H "x-mock-latency-ms: $MOCK_LATENCY_MS")
+    if [[ $RATE_CLIENT == oha ]]; then
+        local conns=$((RATE * (MOCK_LATENCY_MS + 100) / 1000 + 4))  # enough for the requests in flight
+        local -a oha=(taskset -c "$CLIENT_CPU" "$OHA" --no-tui "${OHA_OPTS[@]}" -c "$conns" -q "$RATE" -m POST
+            -H 'content-type: application/json' "${headers[@]}" -D "$BODY_FILE")
+        "${oha[@]}" -z "${WARMUP}s" "$url" >/dev/null
+        "${oha[@]}" -z "${RATE_DURATION}s" --output-format csv "$url" |
+            python3 "$BENCH/oha_summary.py" --samples "$WORK/$target.samples" \
+                --expected $((RATE * RATE_DURATION)) >"$out"
+    else
+        taskset -c "$CLIENT_CPU" python3 "$BENCH/rate.py" --url "$url" --body-file "$BODY_FILE" \
+            --rate "$RATE" --duration "$RATE_DURATION" --warmup "$WARMUP" --samples "$WORK/$target.samples" \
+            "${headers[@]}" >"$out"
+    fi
+}
+
+# The added-latency points. With the python client the three loads run at the same time, each on
+# its own target (independent Poisson arrivals, so they do not fall into step; the servers are
+# idle >99% of the time at this rate, so they hardly meet); with oha one after another (oha's
+# fixed-period loads would fall into step on the shared mock). Fills RATE_P50/RATE_P99/RATE_N/
+# RATE_ERRS[target] and RATE_CI.
+measure_rate() {
+    local t json
+    local -A pid
+    if [[ $RATE_CLIENT == oha ]]; then
+        log "added latency: oha, $RATE req/s to each target in turn for ${RATE_DURATION} s"
+        for t in "${TARGETS[@]}"; do rate_load "$t" "$WORK/rate-$t.json"; done
+    else
+        log "added latency: bench/rate.py, $RATE req/s (Poisson) to each target at once for ${RATE_DURATION} s"
+        for t in "${TARGETS[@]}"; do
+            rate_load "$t" "$WORK/rate-$t.json" &
+            pid[$t]=$!
+        done
+        for t in "${TARGETS[@]}"; do
+            wait "${pid[$t]}" || die "the $RATE req/s load of $t failed"
+        done
+    fi
+    for t in "${TARGETS[@]}"; do
+        json=$(<"$WORK/rate-$t.json")
+        printf '### %s req/s %s\n%s\n\n' "$RATE" "$t" "$json" >>"$RAW"
+        RATE_P50[$t]=$(jfield "$json" p50_ms)
+        RATE_P99[$t]=$(jfield "$json" p99_ms)
+        RATE_N[$t]=$(jfield "$json" requests)
+        RATE_ERRS[$t]=$(($(jfield "$json" errors) + $(jfield "$json" non2xx)))
+        log "$(printf '%-6s %s req/s: %6s requests  p50 %8s ms  p99 %8s ms  errors %s' "$t" "$RATE" \
+            "${RATE_N[$t]}" "${RATE_P50[$t]}" "${RATE_P99[$t]}" "${RATE_ERRS[$t]}")"
+    done
+    RATE_CI=$(python3 "$BENCH/stats.py" added "$WORK")
+    printf '### %s req/s, 95%% bootstrap intervals\n%s\n\n' "$RATE" "$RATE_CI" >>"$RAW"
+}
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+machine() {
+    local model mem
+    model=$(lscpu | awk -F: '/Model name/ { gsub(/^[ \t]+/, "", $2); print $2; exit }')
+    mem=$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+    printf '%s CPUs (nproc), %s, %s RAM, Linux %s' "$(nproc)" "${model:-unknown CPU}" "$mem" "$(uname -r)"
+}
+
+# The source measured: commit, and whether the work tree differed from it (read-only git calls).
+source_version() {
+    local commit dirty=""
+    commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) || { echo "unknown commit"; return; }
+    if [[ -n $(git -C "$ROOT" --no-optional-locks status --porcelain --untracked-files=no -- crates Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+        dirty=" with uncommitted changes in crates/ or Cargo.*"
+    fi
+    echo "commit $commit$dirty"
+}
+
+report() {
+    local c t v verdicts=() fails=0 ng_v wrk_v rate_tool
+    ng_v=$($NGINX -v 2>&1 | sed 's|^nginx version: nginx/||')
+    wrk_v=$(wrk -v 2>&1 | head -n1 | awk '{ print $2 }' || true)
+    if [[ $RATE_CLIENT == oha ]]; then
+        rate_tool="$("$OHA" --version | head -n1) -q $RATE (fixed ${RATE} req/s period), one target after another"
+    else
+        rate_tool="bench/rate.py, Poisson arrivals at a mean of $RATE req/s, the three targets loaded at the same time"
+    fi
+
+    local ratio added_aigate added_nginx
+    ratio=$(calc "${RPS[aigate,32]} / ${RPS[nginx,32]}")
+    added_nginx=$(calc "${RATE_P50[nginx]} - ${RATE_P50[direct]}")
+    added_aigate=$(calc "${RATE_P50[aigate]} - ${RATE_P50[direct]}")
+    if is_true "$ratio >= $TARGET_THROUGHPUT_RATIO"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
+    if is_true "$added_aigate <= $added_nginx + $TARGET_ADDED_P50_SLACK_MS"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
+    if ((IDLE_RSS <= TARGET_IDLE_RSS_KIB)); then verdicts+=(PASS); else verdicts+=(FAIL); fi
+    for v in "${verdicts[@]}"; do [[ $v == PASS ]] || fails=$((fails + 1)); done
+    FAILS=$fails
+
+    echo "# aigate benchmark: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "- machine: $(machine)"
+    echo "- aigate $(source_version); nginx $ng_v; wrk $wrk_v"
+    echo "- servers (mock, nginx, aigate) pinned to CPU $SERVER_CPU, load generators to CPU $CLIENT_CPU;" \
+        "${DURATION} s per throughput point, ${RATE_DURATION} s per added-latency point, ${WARMUP} s warm-up before each"
+    echo "- request: POST /v1/chat/completions, $(wc -c <"$BODY_FILE")-byte JSON body, non-streaming;" \
+        "response body ${RESPONSE_BYTES} bytes"
+    echo "- command: \`${COMMAND_LINE}\`; load average before the run: ${LOADAVG}"
+    echo
+    echo "## Throughput (wrk, 1 thread, keep-alive)"
+    echo
+    echo "| target | concurrency | req/s | p50 ms | p99 ms | req/s vs nginx | errors |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for c in "${CONCURRENCIES[@]}"; do
+        for t in "${TARGETS[@]}"; do
+            printf '| %s | %s | %.0f | %.3f | %.3f | %sx | %s |\n' "$t" "$c" "${RPS[$t,$c]}" "${P50[$t,$c]}" \
+                "${P99[$t,$c]}" "$(calc "${RPS[$t,$c]} / ${RPS[nginx,$c]}")" "${ERRS[$t,$c]}"
+        done
+    done
+    echo
+    echo "At concurrency 128 nginx has more requests in flight than its \`keepalive 64\` keeps idle upstream" \
+        "connections, so it opens and closes upstream connections as it goes; at 32 it reuses them all."
+    echo
+    echo "## Added latency at ${RATE} req/s, mock answering after ${MOCK_LATENCY_MS} ms"
+    echo
+    echo "Load: ${rate_tool}."
+    echo
+    echo "| target | requests | p50 ms | p99 ms | added p50 ms | added p50, 95% interval | added p99 ms | errors |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for t in "${TARGETS[@]}"; do
+        local ap50="-" ap99="-" apci="-"
+        if [[ $t != direct ]]; then
+            ap50=$(calc "${RATE_P50[$t]} - ${RATE_P50[direct]}")
+            ap99=$(calc "${RATE_P99[$t]} - ${RATE_P99[direct]}")
+            apci=$(ci "${t}_added_p50_ci")
+        fi
+        printf '| %s | %s | %.3f | %.3f | %s | %s | %s | %s |\n' "$t" "${RATE_N[$t]}" "${RATE_P50[$t]}" \
+            "${RATE_P99[$t]}" "$ap50" "$apci" "$ap99" "${RATE_ERRS[$t]}"
+    done
+    echo
+    echo "The mock's ${MOCK_LATENCY_MS} ms wait is rounded to tokio's 1 ms timer tick, which spreads every" \
+        "target's latencies over about 1 ms; the intervals (bootstrap over the requests) show how far that" \
+        "moves a median. The p99 figures include the load generator's own scheduling noise."
+    echo
+    echo "## Memory (RSS)"
+    echo
+    echo "| process | idle (after start, before load) | peak (VmHWM after the load) |"
+    echo "| --- | ---: | ---: |"
+    printf '| aigate | %.1f MiB | %.1f MiB |\n' "$(calc "$IDLE_RSS / 1024")" "$(calc "$PEAK_RSS / 1024")"
+    printf '| nginx (master + worker) | %.1f MiB | %.1f MiB |\n' "$(calc "$NGINX_IDLE_RSS / 1024")" \
+        "$(calc "$NGINX_PEAK_RSS / 1024")"
+    echo
+    echo "## Targets"
+    echo
+    echo "- ${verdicts[0]}: aigate throughput at concurrency 32 is ${ratio}x nginx (target >= ${TARGET_THROUGHPUT_RATIO}x)"
+    echo "- ${verdicts[1]}: aigate added p50 at ${RATE} req/s is ${added_aigate} ms, nginx ${added_nginx} ms" \
+        "(target <= nginx + ${TARGET_ADDED_P50_SLACK_MS} ms); aigate p50 - nginx p50 =" \
+        "$(jfield "$RATE_CI" aigate_minus_nginx_p50) ms, 95% interval $(ci aigate_minus_nginx_p50_ci) ms"
+    echo "- ${verdicts[2]}: aigate idle RSS is $(awk -v k="$IDLE_RSS" 'BEGIN { printf "%.1f", k / 1024 }') MiB" \
+        "(target <= $((TARGET_IDLE_RSS_KIB / 1024)) MiB)"
+
+    local total_errors=0
+    for c in "${CONCURRENCIES[@]}"; do for t in "${TARGETS[@]}"; do total_errors=$((total_errors + ERRS[$t,$c])); done; done
+    for t in "${TARGETS[@]}"; do total_errors=$((total_errors + RATE_ERRS[$t])); done
+    if is_true "${LOADAVG%% *} > 0.5"; then
+        echo
+        echo "WARNING: the load average was ${LOADAVG} before the run: other work on the machine may have skewed it."
+    fi
+    if ((total_errors > 0)); then
+        echo
+        echo "WARNING: $total_errors failed or non-2xx requests; the figures above are not comparable."
+    fi
+}
+
+# ------------------------------------------------------------------------------------------------
+
+main() {
+    COMMAND_LINE="$(env | { grep -E '^BENCH_' || true; } | sort | tr '\n' ' ')bench/run.sh"
+    LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench.XXXXXX")
+    chmod 755 "$WORK"  # the nginx worker may run as another user
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    (($(nproc) >= 2)) || log "warning: fewer than 2 CPUs; servers and load generators will share one"
+    if is_true "${LOADAVG%% *} > 0.5"; then
+        log "warning: load average is $LOADAVG; other work on this machine will skew the figures"
+    fi
+    ensure_tools
+    build
+    mkdir -p "$RESULTS"
+    RAW=$RESULTS/latest-raw.log
+    : >"$RAW"
+
+    start_servers
+    sleep 1  # let start-up settle before reading the idle RSS
+    IDLE_RSS=$(kib "$AIGATE_PID" VmRSS)
+    NGINX_IDLE_RSS=$(nginx_rss "$NGINX_PID" VmRSS)
+    log "aigate idle RSS ${IDLE_RSS} KiB, nginx (master + worker) ${NGINX_IDLE_RSS} KiB"
+
+    local t c
+    for t in "${TARGETS[@]}"; do probe "$t" "${URL[$t]}"; done
+    RESPONSE_BYTES=$(curl -s -X POST -H 'content-type: application/json' --data-binary @"$BODY_FILE" \
+        "${URL[direct]}" | wc -c)
+
+    for c in "${CONCURRENCIES[@]}"; do
+        for t in "${TARGETS[@]}"; do measure_throughput "$t" "$c"; done
+    done
+    measure_rate
+
+    PEAK_RSS=$(kib "$AIGATE_PID" VmHWM)
+    NGINX_PEAK_RSS=$(nginx_rss "$NGINX_PID" VmHWM)
+    log "aigate peak RSS (VmHWM) ${PEAK_RSS} KiB"
+
+    report >"$RESULTS/latest.md"  # not in a pipe: report sets FAILS
+    cat "$RESULTS/latest.md"
+    log "wrote $RESULTS/latest.md and $RAW"
+    if ((FAILS > 0)) && [[ ${BENCH_STRICT:-0} == 1 ]]; then exit 1; fi
+}
+
+main "$@"
