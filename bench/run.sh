@@ -53,6 +53,10 @@ RATE_CLIENT=${BENCH_RATE_CLIENT:-python}
 MOCK_LATENCY_MS=200
 CONCURRENCIES=(32 128)
 TARGETS=(direct nginx aigate)
+# Throughput also measures aigate's cache-hit path: a gateway with the cache on, every request after
+# the first one answered from the memory tier.
+TP_TARGETS=(direct nginx aigate aigate-hit)
+TTFE_N=${BENCH_TTFE_N:-200}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BODY_FILE=$BENCH/request.json
@@ -62,6 +66,8 @@ AUTH_HEADER='authorization: Bearer sk-bench-not-a-real-key'
 TARGET_THROUGHPUT_RATIO=0.8     # aigate req/s >= 0.8 x nginx req/s at concurrency 32
 TARGET_ADDED_P50_SLACK_MS=0.05  # aigate added p50 <= nginx added p50 + 0.05 ms at 50 req/s
 TARGET_IDLE_RSS_KIB=20480       # aigate idle RSS <= 20 MiB
+TARGET_HIT_RATIO=0.8            # aigate cache-hit req/s >= 0.8 x direct req/s at concurrency 32,
+                                # and aigate cache-hit p99 <= nginx p99 at concurrency 32
 
 NGINX=/usr/sbin/nginx
 OHA=""
@@ -258,11 +264,36 @@ data_dir = "$WORK/aigate-data"
 base_url = "http://127.0.0.1:$mock_port/v1"
 
 [gateways.default]
+
+[gateways.cached]
+[gateways.cached.cache]
+enabled = true
 EOF
     start_server aigate "$BIN/aigate" serve --config "$WORK/aigate.toml"
     AIGATE_PID=$STARTED_PID
     wait_listening "$AIGATE_PID" "$gw_port"
     URL[aigate]="http://127.0.0.1:$gw_port/v1/chat/completions"
+    URL[aigate-hit]="http://127.0.0.1:$gw_port/cached/openai/chat/completions"
+}
+
+# Time to first event of a streamed cache hit: the same streaming request $TTFE_N times after one
+# warm-up request (a MISS that fills the cache); fills TTFE_P50/TTFE_P99 (ms) and, for reference,
+# TTFE_DIRECT_P50 (a fresh stream straight from the mock).
+measure_ttfe() {
+    local body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"stream me"}]}'
+    local url=${URL[aigate-hit]} direct=${URL[direct]} i
+    local -a c=(taskset -c "$CLIENT_CPU" curl -s -o /dev/null -w '%{time_starttransfer}\n' -X POST
+        -H 'content-type: application/json' -H 'authorization: Bearer sk-bench-not-a-real-key' --data "$body")
+    "${c[@]}" "$url" >/dev/null
+    sleep 0.2
+    for ((i = 0; i < TTFE_N; i++)); do "${c[@]}" "$url"; done >"$WORK/ttfe-hit.txt"
+    for ((i = 0; i < TTFE_N; i++)); do "${c[@]}" "$direct"; done >"$WORK/ttfe-direct.txt"
+    read -r TTFE_P50 TTFE_P99 < <(sort -g "$WORK/ttfe-hit.txt" | awk '{ v[NR] = $1 * 1000 }
+        END { printf "%.3f %.3f\n", v[int(NR * 0.5 + 0.5)], v[int(NR * 0.99 + 0.5)] }')
+    TTFE_DIRECT_P50=$(sort -g "$WORK/ttfe-direct.txt" | awk '{ v[NR] = $1 * 1000 }
+        END { printf "%.3f", v[int(NR * 0.5 + 0.5)] }')
+    log "streamed hit time to first event: p50 ${TTFE_P50} ms, p99 ${TTFE_P99} ms" \
+        "(a fresh stream direct from the mock: p50 ${TTFE_DIRECT_P50} ms)"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -380,6 +411,10 @@ report() {
     if is_true "$ratio >= $TARGET_THROUGHPUT_RATIO"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
     if is_true "$added_aigate <= $added_nginx + $TARGET_ADDED_P50_SLACK_MS"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
     if ((IDLE_RSS <= TARGET_IDLE_RSS_KIB)); then verdicts+=(PASS); else verdicts+=(FAIL); fi
+    local hit_ratio
+    hit_ratio=$(calc "${RPS[aigate-hit,32]} / ${RPS[direct,32]}")
+    if is_true "$hit_ratio >= $TARGET_HIT_RATIO"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
+    if is_true "${P99[aigate-hit,32]} <= ${P99[nginx,32]}"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
     for v in "${verdicts[@]}"; do [[ $v == PASS ]] || fails=$((fails + 1)); done
     FAILS=$fails
 
@@ -398,7 +433,7 @@ report() {
     echo "| target | concurrency | req/s | p50 ms | p99 ms | req/s vs nginx | errors |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     for c in "${CONCURRENCIES[@]}"; do
-        for t in "${TARGETS[@]}"; do
+        for t in "${TP_TARGETS[@]}"; do
             printf '| %s | %s | %.0f | %.3f | %.3f | %sx | %s |\n' "$t" "$c" "${RPS[$t,$c]}" "${P50[$t,$c]}" \
                 "${P99[$t,$c]}" "$(calc "${RPS[$t,$c]} / ${RPS[nginx,$c]}")" "${ERRS[$t,$c]}"
         done
@@ -444,9 +479,16 @@ report() {
         "$(jfield "$RATE_CI" aigate_minus_nginx_p50) ms, 95% interval $(ci aigate_minus_nginx_p50_ci) ms"
     echo "- ${verdicts[2]}: aigate idle RSS is $(awk -v k="$IDLE_RSS" 'BEGIN { printf "%.1f", k / 1024 }') MiB" \
         "(target <= $((TARGET_IDLE_RSS_KIB / 1024)) MiB)"
+    echo "- ${verdicts[3]}: aigate cache-hit throughput at concurrency 32 is ${hit_ratio}x direct-to-mock" \
+        "(target >= ${TARGET_HIT_RATIO}x)"
+    echo "- ${verdicts[4]}: aigate cache-hit p99 at concurrency 32 is ${P99[aigate-hit,32]} ms, nginx" \
+        "${P99[nginx,32]} ms (target: no worse than nginx)"
+    echo
+    echo "Streamed cache hit, time to first event over ${TTFE_N} sequential requests (curl): p50 ${TTFE_P50} ms," \
+        "p99 ${TTFE_P99} ms; a fresh stream straight from the mock: p50 ${TTFE_DIRECT_P50} ms."
 
     local total_errors=0
-    for c in "${CONCURRENCIES[@]}"; do for t in "${TARGETS[@]}"; do total_errors=$((total_errors + ERRS[$t,$c])); done; done
+    for c in "${CONCURRENCIES[@]}"; do for t in "${TP_TARGETS[@]}"; do total_errors=$((total_errors + ERRS[$t,$c])); done; done
     for t in "${TARGETS[@]}"; do total_errors=$((total_errors + RATE_ERRS[$t])); done
     if is_true "${LOADAVG%% *} > 0.5"; then
         echo
@@ -485,14 +527,15 @@ main() {
     log "aigate idle RSS ${IDLE_RSS} KiB, nginx (master + worker) ${NGINX_IDLE_RSS} KiB"
 
     local t c
-    for t in "${TARGETS[@]}"; do probe "$t" "${URL[$t]}"; done
+    for t in "${TP_TARGETS[@]}"; do probe "$t" "${URL[$t]}"; done
     RESPONSE_BYTES=$(curl -s -X POST -H 'content-type: application/json' --data-binary @"$BODY_FILE" \
         "${URL[direct]}" | wc -c)
 
     for c in "${CONCURRENCIES[@]}"; do
-        for t in "${TARGETS[@]}"; do measure_throughput "$t" "$c"; done
+        for t in "${TP_TARGETS[@]}"; do measure_throughput "$t" "$c"; done
     done
     measure_rate
+    measure_ttfe
 
     PEAK_RSS=$(kib "$AIGATE_PID" VmHWM)
     NGINX_PEAK_RSS=$(nginx_rss "$NGINX_PID" VmHWM)
