@@ -8,11 +8,6 @@ use aigate_core::Settings;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// mimalloc: measurably faster than the system allocator for the many small, short-lived
-/// allocations of an HTTP proxy, and it returns memory to the OS.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A self-hosted, Cloudflare-compatible AI gateway: cache, meter, rate-limit and log LLM requests.
 #[derive(Parser)]
 #[command(name = "aigate", version, about, long_about = None)]

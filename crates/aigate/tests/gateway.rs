@@ -915,6 +915,37 @@ mod cache {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_cache_purge_talks_to_the_running_server() {
+        let env = env_with(&format!("[admin]\ntoken = \"env:GW_TOKEN\"\n{CACHED}"), MockConfig::default()).await;
+        post(&env, "/v1/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(status(&post(&env, "/v1/chat/completions", CHAT, &[]).await).0, "HIT");
+        let url = format!("http://{}", env.gw.addr);
+        let run = |token: &'static str| {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
+                    .args(["cache", "purge", "--gateway", "default", "--url", &url, "--token", token])
+                    .env_remove("AIGATE_CONFIG")
+                    .env_remove("AIGATE_ADMIN_TOKEN")
+                    .output()
+                    .unwrap()
+            })
+        };
+        let out = run("wrong").await.unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = run("gw-secret-token").await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("purged 1 entry"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(status(&post(&env, "/v1/chat/completions", CHAT, &[]).await).0, "MISS");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn admin_disabled_without_token() {
         let env = env_with(CACHED, MockConfig::default()).await;
         let r = env.http.delete(env.url("/admin/gateways/default/cache")).bearer_auth("x").send().await.unwrap();
