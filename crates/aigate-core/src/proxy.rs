@@ -155,13 +155,15 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
         cache::plan(&cache::PlanInput {
             settings: &route.gateway.cache,
             options: &cache_options,
-            gateway: &route.gateway.name,
-            provider: &provider.name,
-            method: &parts.method,
-            path: route.rest,
-            query: parts.uri.query().unwrap_or(""),
-            body: &body,
-            credentials: &creds[..n],
+            request: cache::key::KeyInput {
+                gateway: &route.gateway.name,
+                provider: &provider.name,
+                method: &parts.method,
+                path: route.rest,
+                query: parts.uri.query().unwrap_or(""),
+                body: &body,
+                credentials: &creds[..n],
+            },
         })
     };
     let ns = route.gateway.name.clone();

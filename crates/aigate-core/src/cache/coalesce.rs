@@ -104,13 +104,7 @@ impl Inflight {
 
     /// Removes `flight` if it is still the registered one for its key.
     pub fn remove(&self, flight: &Arc<Flight>) {
-        let mut map = match self.map.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        if map.get(&flight.key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            map.remove(&flight.key);
-        }
+        self.remove_by_key(&flight.key, flight);
     }
 
     /// Number of registered flights.

@@ -12,13 +12,14 @@ use aigate_store::CacheKey;
 use serde_json::Value;
 
 /// What goes into a computed key.
+#[derive(Clone, Copy)]
 pub struct KeyInput<'a> {
     /// Gateway name.
     pub gateway: &'a str,
     /// Provider name.
     pub provider: &'a str,
     /// HTTP method.
-    pub method: &'a str,
+    pub method: &'a http::Method,
     /// Provider path.
     pub path: &'a str,
     /// Raw query string.
@@ -33,7 +34,7 @@ pub struct KeyInput<'a> {
 pub fn compute(input: &KeyInput<'_>) -> CacheKey {
     let mut h = blake3::Hasher::new();
     h.update(b"aigate-cache-v1");
-    for part in [input.gateway, input.provider, input.method, input.path, input.query] {
+    for part in [input.gateway, input.provider, input.method.as_str(), input.path, input.query] {
         put(&mut h, part.as_bytes());
     }
     match serde_json::from_slice::<Value>(input.body) {
@@ -128,7 +129,7 @@ mod tests {
         compute(&KeyInput {
             gateway: "g",
             provider: "openai",
-            method: "POST",
+            method: &http::Method::POST,
             path: "chat/completions",
             query: "",
             body: body.as_bytes(),

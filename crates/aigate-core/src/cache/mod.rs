@@ -188,46 +188,24 @@ pub struct PlanInput<'a> {
     pub settings: &'a CacheSettings,
     /// Parsed headers.
     pub options: &'a CacheOptions,
-    /// Gateway name.
-    pub gateway: &'a str,
-    /// Provider name.
-    pub provider: &'a str,
-    /// Method.
-    pub method: &'a Method,
-    /// Provider path.
-    pub path: &'a str,
-    /// Raw query.
-    pub query: &'a str,
-    /// Body.
-    pub body: &'a [u8],
-    /// Credentials the request uses (provider key and gateway token).
-    pub credentials: &'a [&'a [u8]],
+    /// The request as the key sees it (credentials are dropped when `scope = "gateway"`).
+    pub request: key::KeyInput<'a>,
 }
 
 /// Decides what the cache does for a request.
 pub fn plan(i: &PlanInput<'_>) -> Plan {
-    let s = i.settings;
+    let (s, r) = (i.settings, &i.request);
     let custom = i.options.custom_key.as_deref();
     if s.mode == CacheMode::Off && custom.is_none() {
         return Plan::Skip(CacheStatus::Off);
     }
-    if i.options.skip || i.options.ttl == Some(Duration::ZERO) || !cacheable_endpoint(i.method, i.path) {
+    if i.options.skip || i.options.ttl == Some(Duration::ZERO) || !cacheable_endpoint(r.method, r.path) {
         return Plan::Skip(CacheStatus::Bypass);
     }
     let key = match custom {
-        Some(c) => key::custom(i.gateway, c),
-        None => {
-            let creds: &[&[u8]] = if s.scope == CacheScope::Credential { i.credentials } else { &[] };
-            key::compute(&key::KeyInput {
-                gateway: i.gateway,
-                provider: i.provider,
-                method: i.method.as_str(),
-                path: i.path,
-                query: i.query,
-                body: i.body,
-                credentials: creds,
-            })
-        }
+        Some(c) => key::custom(r.gateway, c),
+        None if s.scope == CacheScope::Gateway => key::compute(&key::KeyInput { credentials: &[], ..*r }),
+        None => key::compute(r),
     };
     let default_ttl = if s.mode == CacheMode::Off { CUSTOM_KEY_DEFAULT_TTL } else { s.ttl };
     Plan::Use(Use {
