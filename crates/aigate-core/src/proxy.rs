@@ -134,7 +134,10 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     let body = read_body(body, settings.max_request_body).await?;
 
     // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
-    let cache_plan = {
+    let cache_off = route.gateway.cache.mode == crate::config::CacheMode::Off && cache_options.custom_key.is_none();
+    let cache_plan = if cache_off {
+        Plan::Skip(CacheStatus::Off)
+    } else {
         let mut creds: [&[u8]; 5] = [&[]; 5];
         let mut n = 0;
         if let Some(k) = &stored_key {
@@ -210,7 +213,6 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     }
 
     // Stage 5: upstream.
-    let method_path = (parts.method.clone(), route.rest.to_string());
     upstream::strip_request_headers(&mut parts.headers);
     if let Some(key) = &stored_key {
         upstream::inject_key(&mut parts.headers, &provider, key)?;
@@ -228,7 +230,7 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
             let headers = Arc::new(cache::replay_headers(&rparts.headers));
             f.head(rparts.status, headers.clone());
             let ct = rparts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-            let marker = stream_terminal_marker(&method_path.1, ct);
+            let marker = stream_terminal_marker(route.rest, ct);
             let tee = Tee::new(rbody, f, state.cache.clone(), ns, rparts.status.as_u16(), headers, u.ttl, marker);
             GatewayBody::Tee(Box::new(tee))
         }
