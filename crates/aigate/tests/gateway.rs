@@ -671,6 +671,16 @@ mod cache {
         assert_log_id(&b);
         assert_eq!(b.bytes().await.unwrap(), body_a);
         assert_eq!(env.mock.requests(), 1);
+        // Gateway headers such as cf-aig-metadata and cf-aig-event-id are not part of the key.
+        let m = post(
+            &env,
+            "/v1/chat/completions",
+            CHAT,
+            &[("authorization", "Bearer sk-1"), ("cf-aig-metadata", r#"{"user":"u9"}"#), ("cf-aig-event-id", "e1")],
+        )
+        .await;
+        assert_eq!(status(&m).0, "HIT");
+        assert_eq!(env.mock.requests(), 1);
         // A different credential misses.
         let c = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-2")]).await;
         assert_eq!(status(&c).0, "MISS");
