@@ -220,6 +220,15 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
     let _ = writeln!(out, "data_dir: {}", s.data_dir.display());
     let _ = writeln!(out, "default_gateway: {}", s.default_gateway);
     let _ = writeln!(out, "max_request_body: {} bytes", s.max_request_body);
+    let cache_store = match &s.storage.cache {
+        aigate_store::CacheBackend::Memory => "memory".to_string(),
+        aigate_store::CacheBackend::Disk { dir, max_bytes } => {
+            format!("disk ({}, up to {max_bytes} bytes)", dir.display())
+        }
+        aigate_store::CacheBackend::Redis { .. } => "redis".to_string(),
+    };
+    let _ = writeln!(out, "cache store: {cache_store}; memory tier {} bytes", s.storage.cache_memory);
+    let _ = writeln!(out, "admin API: {}", if s.admin_token.is_some() { "on" } else { "off (no [admin] token)" });
     let mut gws: Vec<_> = s.gateways.values().collect();
     gws.sort_by(|a, b| a.name.cmp(&b.name));
     let _ = writeln!(out, "gateways ({}):", gws.len());
@@ -228,9 +237,18 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
         keys.sort_unstable();
         let auth = if g.authentication { format!("on ({} token(s))", g.tokens.len()) } else { "off".to_string() };
         let keys = if keys.is_empty() { "none".to_string() } else { keys.join(", ") };
+        let cache = match g.cache.mode {
+            aigate_core::config::CacheMode::Off => "off".to_string(),
+            mode => format!(
+                "{} (ttl {}, scope {:?})",
+                if mode == aigate_core::config::CacheMode::Shadow { "shadow" } else { "on" },
+                humantime::format_duration(g.cache.ttl),
+                g.cache.scope
+            ),
+        };
         let _ = writeln!(
             out,
-            "  {:<16} authentication: {auth}; stored provider keys: {keys}; request_timeout: {}",
+            "  {:<16} authentication: {auth}; stored provider keys: {keys}; request_timeout: {}; cache: {cache}",
             g.name,
             humantime::format_duration(g.request_timeout)
         );
