@@ -10,6 +10,11 @@
 //! blocks past its timeout) and [`TieredCache`] (memory in front of one of the others), which is what
 //! [`build_cache`] returns for a [`CacheBackend`]. Failures come back as [`StoreError`], never as
 //! panics; callers treat them as misses.
+//!
+//! Request logs (the audit trail): [`LogStore`], with [`SqliteLogStore`] (a file under `data_dir`,
+//! the default) and [`PostgresLogStore`] (shared by replicas, schema created and migrated by aigate),
+//! chosen by [`build_log_store`] from a [`LogBackend`]. A failing log store degrades logging, never
+//! the proxying.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,12 +22,21 @@ use std::time::Duration;
 
 pub mod cache;
 pub mod disk;
+pub mod log;
+pub mod log_postgres;
+pub mod log_sqlite;
 pub mod memory;
 pub mod redis;
 pub mod tiered;
 
 pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
 pub use self::disk::DiskCacheStore;
+pub use self::log::{
+    AtCap, LogFilter, LogPage, LogRecord, LogStore, MetaValue, Retention, DEFAULT_LIST_LIMIT, DELETE_CHUNK_ROWS,
+    MAX_LIST_LIMIT, MAX_METADATA,
+};
+pub use self::log_postgres::{PostgresLogStore, DEFAULT_LOG_TABLE};
+pub use self::log_sqlite::{SqliteLogStore, LOG_SQLITE_FILE};
 pub use self::memory::MemoryCacheStore;
 pub use self::redis::RedisCacheStore;
 pub use self::tiered::TieredCache;
@@ -87,6 +101,59 @@ pub fn build_cache(backend: &CacheBackend, memory_bytes: u64) -> Result<TieredCa
             TieredCache::new(memory.with_ttl_cap(REDIS_MEMORY_TTL_CAP), Some(redis))
         }
     })
+}
+
+/// Where request logs are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogBackend {
+    /// A SQLite file (embedded, per process).
+    Sqlite {
+        /// The database file (its directory is created if missing).
+        path: PathBuf,
+    },
+    /// A PostgreSQL database shared by replicas (table [`DEFAULT_LOG_TABLE`]).
+    Postgres {
+        /// `postgres://` or `postgresql://` URL.
+        url: String,
+    },
+}
+
+impl LogBackend {
+    /// Parses a backend spec: `sqlite` (the file [`LOG_SQLITE_FILE`] under `data_dir`) or a
+    /// `postgres://` / `postgresql://` URL.
+    pub fn parse(spec: &str, data_dir: &Path) -> Result<LogBackend, String> {
+        let spec = spec.trim();
+        if spec.eq_ignore_ascii_case("sqlite") {
+            Ok(LogBackend::Sqlite { path: data_dir.join(LOG_SQLITE_FILE) })
+        } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            Ok(LogBackend::Postgres { url: spec.to_owned() })
+        } else {
+            Err(format!("unknown log backend {spec:?}: expected \"sqlite\" or a postgres:// or postgresql:// URL"))
+        }
+    }
+}
+
+/// Builds the log store for `backend`: the one place a backend is chosen. Opens the SQLite file (on
+/// the blocking pool); for PostgreSQL, tries to create or migrate the schema but still returns the
+/// store when the server is unreachable (a warning is logged; the store migrates on first use).
+/// Fails on an unusable file or directory, or a malformed PostgreSQL URL.
+pub async fn build_log_store(backend: &LogBackend) -> Result<Arc<dyn LogStore>, StoreError> {
+    match backend {
+        LogBackend::Sqlite { path } => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteLogStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("log store open task failed: {e}")))??;
+            Ok(Arc::new(store))
+        }
+        LogBackend::Postgres { url } => {
+            let store = PostgresLogStore::connect(url)?;
+            if let Err(e) = store.migrate().await {
+                tracing::warn!(error = %e, "log store: PostgreSQL schema not ready yet, will retry on first use");
+            }
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 /// A store failure. Callers degrade the feature (a cache error is a miss), never the proxying.

@@ -1,0 +1,557 @@
+//! Embedded request-log store: one SQLite file (by default `<data_dir>/logs.sqlite3`).
+//!
+//! Layout: table `logs` with one column per scalar field of [`LogRecord`], `metadata` as a JSON
+//! object text (entry order kept) and the bodies as BLOBs stored last in the row (so listing, which
+//! never reads them, does not walk their overflow pages). Indexes: unique `(gateway, id)`,
+//! `(gateway, created_at_ms, id)` (listing, cursors, retention) and `(gateway, event_id,
+//! created_at_ms, id)` (event lookups, newest first). Table `log_counts(gateway, n)` holds each
+//! gateway's row count, kept in the same transaction as every insert and delete, so the retention
+//! check of a batch never counts rows. The schema version is `PRAGMA user_version`. The database
+//! runs in WAL mode with `synchronous=NORMAL` (a crash may lose the last batches, never corrupt the
+//! file) and `auto_vacuum=INCREMENTAL` (space freed by retention is given back to the file system).
+//!
+//! Bounds: as [`crate::log`]; one statement per record inside one transaction per batch.
+//!
+//! Failure behaviour: every SQLite call runs on Tokio's blocking pool behind one mutex, never on the
+//! async runtime; writes take the write lock up front (`BEGIN IMMEDIATE`) and wait up to 5 s for
+//! it. Storage errors (disk full, read-only, I/O) are returned as [`StoreError::Io`], other
+//! database errors as [`StoreError::Unavailable`], an undecodable row as [`StoreError::Corrupt`];
+//! nothing panics. A failed batch is rolled back whole. A file should be used by one process at a
+//! time (the counts are transactional, so a second one stays correct, only slower).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use rusqlite::types::{ToSqlOutput, Value};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
+
+use crate::log::{
+    check_patch, filter_sql, finite, metadata_from_object_json, metadata_object_json, to_i64, to_u64, AtCap, Dialect,
+    Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
+};
+use crate::memory::now_ms;
+use crate::{LogFilter, LogPage, LogRecord, LogStore, StoreError};
+
+/// File name of the database inside the data directory ([`crate::LogBackend::parse`]).
+pub const LOG_SQLITE_FILE: &str = "logs.sqlite3";
+
+/// Schema version written to `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Rows deleted before the file is asked to give pages back.
+const VACUUM_AFTER_ROWS: u64 = 1_000;
+
+const INSERT_SQL: &str = "INSERT INTO logs (gateway, id, event_id, created_at_ms, provider, path, requested_model, \
+     served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, \
+     tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, \
+     feedback, score, request_body, response_body) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
+     ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30) \
+     ON CONFLICT (gateway, id) DO NOTHING";
+
+/// Maps a SQLite error: storage problems to [`StoreError::Io`], the rest to
+/// [`StoreError::Unavailable`].
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                ErrorCode::DiskFull
+                    | ErrorCode::SystemIoFailure
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::PermissionDenied
+                    | ErrorCode::DatabaseCorrupt
+                    | ErrorCode::NotADatabase
+                    | ErrorCode::FileLockingProtocolFailed
+            ) =>
+        {
+            StoreError::Io(e.to_string())
+        }
+        _ => StoreError::Unavailable(format!("log store: {e}")),
+    }
+}
+
+impl ToSql for SqlValue {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            SqlValue::Int(v) => ToSqlOutput::Owned(Value::Integer(*v)),
+            SqlValue::Real(v) => ToSqlOutput::Owned(Value::Real(*v)),
+            SqlValue::Text(v) => v.to_sql()?,
+            SqlValue::Bool(v) => ToSqlOutput::Owned(Value::Integer(i64::from(*v))),
+            SqlValue::Json(v) => ToSqlOutput::Owned(Value::Text(v.to_string())),
+        })
+    }
+}
+
+/// State shared by the clones of one store.
+struct Shared {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    retention: Retentions,
+}
+
+/// The embedded request-log store in a SQLite file. Cloning shares the database handle.
+#[derive(Clone)]
+pub struct SqliteLogStore {
+    inner: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SqliteLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteLogStore").field("path", &self.inner.path).finish()
+    }
+}
+
+impl SqliteLogStore {
+    /// Opens (creating the parent directory, the file and the schema if needed) the store at `path`.
+    /// Blocking: call it at startup or on the blocking pool.
+    pub fn open(path: &Path) -> Result<SqliteLogStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("create log directory {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path).map_err(sql_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(format!(
+                "log store {}: schema version {version} is newer than this aigate's {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        // auto_vacuum only takes effect before the first table is created.
+        conn.execute_batch(&format!(
+            "PRAGMA auto_vacuum = INCREMENTAL;
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS logs (
+                 gateway TEXT NOT NULL,
+                 id TEXT NOT NULL,
+                 event_id TEXT,
+                 created_at_ms INTEGER NOT NULL,
+                 provider TEXT NOT NULL,
+                 path TEXT NOT NULL,
+                 requested_model TEXT,
+                 served_model TEXT,
+                 status INTEGER NOT NULL,
+                 success INTEGER NOT NULL,
+                 cache_status TEXT NOT NULL,
+                 stream INTEGER NOT NULL,
+                 duration_ms REAL NOT NULL,
+                 ttfb_ms REAL,
+                 upstream_ms REAL,
+                 overhead_ms REAL,
+                 tokens_in INTEGER,
+                 tokens_out INTEGER,
+                 cached_tokens_in INTEGER,
+                 reasoning_tokens INTEGER,
+                 cost_usd REAL,
+                 saved_usd REAL,
+                 custom_cost INTEGER NOT NULL,
+                 metadata TEXT,
+                 user_agent TEXT,
+                 error TEXT,
+                 feedback INTEGER,
+                 score REAL,
+                 request_body BLOB,
+                 response_body BLOB
+             );
+             CREATE UNIQUE INDEX IF NOT EXISTS logs_gateway_id ON logs(gateway, id);
+             CREATE INDEX IF NOT EXISTS logs_gateway_time ON logs(gateway, created_at_ms, id);
+             CREATE INDEX IF NOT EXISTS logs_gateway_event ON logs(gateway, event_id, created_at_ms, id);
+             CREATE TABLE IF NOT EXISTS log_counts (
+                 gateway TEXT PRIMARY KEY NOT NULL,
+                 n INTEGER NOT NULL
+             ) WITHOUT ROWID;
+             PRAGMA user_version = {SCHEMA_VERSION};
+             COMMIT;"
+        ))
+        .map_err(sql_err)?;
+        Ok(SqliteLogStore {
+            inner: Arc::new(Shared {
+                conn: Mutex::new(conn),
+                path: path.to_path_buf(),
+                retention: Retentions::default(),
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let shared = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves the connection usable (SQLite rolls back).
+            let mut conn = shared.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("log store task failed: {e}")))?
+    }
+
+    /// Runs `f` in a write transaction, committed when it returns `Ok((value, rows_deleted))`;
+    /// gives pages back to the file system after large deletes.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<(T, u64), StoreError> + Send + 'static,
+    {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            let (value, deleted) = f(&tx)?;
+            tx.commit().map_err(sql_err)?;
+            if deleted >= VACUUM_AFTER_ROWS {
+                // Best effort.
+                let _ = conn.execute_batch("PRAGMA incremental_vacuum;");
+            }
+            Ok(value)
+        })
+        .await
+    }
+}
+
+/// The gateway's row count.
+fn count_rows(tx: &Connection, gateway: &str) -> Result<u64, StoreError> {
+    let n: Option<i64> = tx
+        .query_row("SELECT n FROM log_counts WHERE gateway = ?1", [gateway], |r| r.get(0))
+        .optional()
+        .map_err(sql_err)?;
+    Ok(n.map_or(0, to_u64))
+}
+
+/// Stores the gateway's row count.
+fn set_count(tx: &Transaction<'_>, gateway: &str, n: u64) -> Result<(), StoreError> {
+    if n == 0 {
+        tx.execute("DELETE FROM log_counts WHERE gateway = ?1", [gateway]).map_err(sql_err)?;
+    } else {
+        tx.execute(
+            "INSERT INTO log_counts (gateway, n) VALUES (?1, ?2) ON CONFLICT (gateway) DO UPDATE SET n = excluded.n",
+            params![gateway, to_i64(n)],
+        )
+        .map_err(sql_err)?;
+    }
+    Ok(())
+}
+
+/// Deletes at most `limit` of the gateway's rows created before `cutoff_ms`, oldest first;
+/// returns how many.
+fn delete_older(tx: &Transaction<'_>, gateway: &str, cutoff_ms: u64, limit: u64) -> Result<u64, StoreError> {
+    let n = tx
+        .execute(
+            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
+             ORDER BY created_at_ms, id LIMIT ?3)",
+            params![gateway, to_i64(cutoff_ms), to_i64(limit)],
+        )
+        .map_err(sql_err)?;
+    Ok(n as u64)
+}
+
+/// Deletes the gateway's `k` oldest rows; returns how many.
+fn delete_oldest(tx: &Transaction<'_>, gateway: &str, k: u64) -> Result<u64, StoreError> {
+    let n = tx
+        .execute(
+            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 \
+             ORDER BY created_at_ms, id LIMIT ?2)",
+            params![gateway, to_i64(k)],
+        )
+        .map_err(sql_err)?;
+    Ok(n as u64)
+}
+
+/// One step of [`LogStore::enforce_retention`] on a gateway holding `n` rows: removes at most
+/// [`DELETE_CHUNK_ROWS`] rows, those created before `cutoff_ms` first, then (DeleteOldest only) the
+/// oldest beyond the cap. Returns the rows removed.
+fn retention_step(
+    tx: &Transaction<'_>,
+    gateway: &str,
+    r: &Retention,
+    cutoff_ms: Option<u64>,
+    n: u64,
+) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    if let Some(cutoff) = cutoff_ms {
+        removed += delete_older(tx, gateway, cutoff, DELETE_CHUNK_ROWS)?;
+    }
+    let left = n.saturating_sub(removed);
+    if r.at_cap == AtCap::DeleteOldest && left > r.max_records && removed < DELETE_CHUNK_ROWS {
+        removed += delete_oldest(tx, gateway, (left - r.max_records).min(DELETE_CHUNK_ROWS - removed))?;
+    }
+    Ok(removed)
+}
+
+/// Inserts one record; returns whether it was new.
+fn insert_one(stmt: &mut rusqlite::CachedStatement<'_>, gateway: &str, r: &LogRecord) -> Result<bool, StoreError> {
+    let metadata = metadata_object_json(&r.metadata);
+    let n = stmt
+        .execute(params![
+            gateway,
+            r.id,
+            r.event_id,
+            to_i64(r.created_at_ms),
+            r.provider,
+            r.path,
+            r.requested_model,
+            r.served_model,
+            i64::from(r.status),
+            r.success,
+            r.cache_status,
+            r.stream,
+            if r.duration_ms.is_finite() { r.duration_ms } else { 0.0 },
+            finite(r.ttfb_ms),
+            finite(r.upstream_ms),
+            finite(r.overhead_ms),
+            r.tokens_in.map(to_i64),
+            r.tokens_out.map(to_i64),
+            r.cached_tokens_in.map(to_i64),
+            r.reasoning_tokens.map(to_i64),
+            finite(r.cost_usd),
+            finite(r.saved_usd),
+            r.custom_cost,
+            metadata,
+            r.user_agent,
+            r.error,
+            r.feedback.map(i64::from),
+            finite(r.score),
+            r.request_body.as_deref(),
+            r.response_body.as_deref(),
+        ])
+        .map_err(sql_err)?;
+    Ok(n > 0)
+}
+
+/// Decodes a row of [`LIST_COLUMNS`] (followed by the bodies when `bodies`).
+fn decode(row: &Row<'_>, bodies: bool) -> rusqlite::Result<Result<LogRecord, StoreError>> {
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(row.get::<_, Option<i64>>(i)?.map(to_u64)) };
+    let metadata: Option<String> = row.get(23)?;
+    let metadata = match metadata.as_deref().map(metadata_from_object_json).transpose() {
+        Ok(m) => m.unwrap_or_default(),
+        Err(e) => return Ok(Err(e)),
+    };
+    let status: i64 = row.get(8)?;
+    let feedback: Option<i64> = row.get(26)?;
+    let (request_body, response_body) = if bodies {
+        (row.get::<_, Option<Vec<u8>>>(28)?.map(Bytes::from), row.get::<_, Option<Vec<u8>>>(29)?.map(Bytes::from))
+    } else {
+        (None, None)
+    };
+    Ok(Ok(LogRecord {
+        id: row.get(0)?,
+        event_id: row.get(1)?,
+        created_at_ms: to_u64(row.get(2)?),
+        gateway: row.get(3)?,
+        provider: row.get(4)?,
+        path: row.get(5)?,
+        requested_model: row.get(6)?,
+        served_model: row.get(7)?,
+        status: u16::try_from(status).unwrap_or(0),
+        success: row.get(9)?,
+        cache_status: row.get(10)?,
+        stream: row.get(11)?,
+        duration_ms: row.get(12)?,
+        ttfb_ms: row.get(13)?,
+        upstream_ms: row.get(14)?,
+        overhead_ms: row.get(15)?,
+        tokens_in: opt_u64(16)?,
+        tokens_out: opt_u64(17)?,
+        cached_tokens_in: opt_u64(18)?,
+        reasoning_tokens: opt_u64(19)?,
+        cost_usd: row.get(20)?,
+        saved_usd: row.get(21)?,
+        custom_cost: row.get(22)?,
+        metadata,
+        user_agent: row.get(24)?,
+        error: row.get(25)?,
+        request_body,
+        response_body,
+        feedback: feedback.and_then(|f| i8::try_from(f).ok()),
+        score: row.get(27)?,
+    }))
+}
+
+#[async_trait::async_trait]
+impl LogStore for SqliteLogStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let retention = self.inner.retention.get(gateway);
+        let gateway = gateway.to_owned();
+        let records = records.to_vec();
+        self.write(move |tx| {
+            let mut n = count_rows(tx, &gateway)?;
+            let mut removed = 0;
+            let cap = match retention {
+                Some(r) if r.at_cap == AtCap::StopInserting => {
+                    // Make room from expired rows before refusing any.
+                    if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
+                        let d = delete_older(tx, &gateway, now_ms().saturating_sub(age), DELETE_CHUNK_ROWS)?;
+                        removed += d;
+                        n = n.saturating_sub(d);
+                    }
+                    Some(r.max_records)
+                }
+                _ => None,
+            };
+            let mut inserted = 0u64;
+            {
+                let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(sql_err)?;
+                for r in &records {
+                    if cap.is_some_and(|cap| n >= cap) {
+                        break;
+                    }
+                    if insert_one(&mut stmt, &gateway, r)? {
+                        n += 1;
+                        inserted += 1;
+                    }
+                }
+            }
+            if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
+                let excess = n - r.max_records;
+                let d = delete_oldest(tx, &gateway, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
+                removed += d;
+                n = n.saturating_sub(d);
+            }
+            set_count(tx, &gateway, n)?;
+            Ok((inserted, removed))
+        })
+        .await
+    }
+
+    async fn list(&self, gateway: &str, filter: &LogFilter) -> Result<LogPage, StoreError> {
+        let w = filter_sql(Dialect::Sqlite, gateway, filter, true)?;
+        let limit = filter.effective_limit() as usize;
+        let sql = format!(
+            "SELECT {LIST_COLUMNS} FROM logs WHERE {} ORDER BY created_at_ms DESC, id DESC LIMIT {}",
+            w.sql,
+            limit + 1
+        );
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(w.params.iter()), |r| decode(r, false)).map_err(sql_err)?;
+            let mut records = Vec::with_capacity(limit.min(64));
+            for row in rows {
+                records.push(row.map_err(sql_err)??);
+            }
+            let next_cursor = if records.len() > limit {
+                records.truncate(limit);
+                records.last().map(|r| crate::log::encode_cursor(r.created_at_ms, &r.id))
+            } else {
+                None
+            };
+            Ok(LogPage { records, next_cursor })
+        })
+        .await
+    }
+
+    async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
+        let (gateway, id) = (gateway.to_owned(), id.to_owned());
+        self.run(move |conn| {
+            let sql =
+                format!("SELECT {LIST_COLUMNS}, request_body, response_body FROM logs WHERE gateway = ?1 AND id = ?2");
+            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+            stmt.query_row(params![gateway, id], |r| decode(r, true)).optional().map_err(sql_err)?.transpose()
+        })
+        .await
+    }
+
+    async fn delete(&self, gateway: &str, filter: &LogFilter) -> Result<u64, StoreError> {
+        let w = filter_sql(Dialect::Sqlite, gateway, filter, false)?;
+        let sql = Arc::new(format!(
+            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE {} LIMIT {DELETE_CHUNK_ROWS})",
+            w.sql
+        ));
+        let values = Arc::new(w.params);
+        let mut total = 0;
+        loop {
+            let (sql, values, gateway) = (sql.clone(), values.clone(), gateway.to_owned());
+            let d = self
+                .write(move |tx| {
+                    let d = tx.execute(&sql, rusqlite::params_from_iter(values.iter())).map_err(sql_err)? as u64;
+                    if d > 0 {
+                        let n = count_rows(tx, &gateway)?;
+                        set_count(tx, &gateway, n.saturating_sub(d))?;
+                    }
+                    Ok((d, d))
+                })
+                .await?;
+            total += d;
+            if d < DELETE_CHUNK_ROWS {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn patch(
+        &self,
+        gateway: &str,
+        id: &str,
+        feedback: Option<i8>,
+        score: Option<f64>,
+    ) -> Result<bool, StoreError> {
+        check_patch(feedback, score)?;
+        let (gateway, id) = (gateway.to_owned(), id.to_owned());
+        self.write(move |tx| {
+            let n = tx
+                .execute(
+                    "UPDATE logs SET feedback = COALESCE(?3, feedback), score = COALESCE(?4, score) \
+                     WHERE gateway = ?1 AND id = ?2",
+                    params![gateway, id, feedback.map(i64::from), score],
+                )
+                .map_err(sql_err)?;
+            Ok((n > 0, 0))
+        })
+        .await
+    }
+
+    async fn count(&self, gateway: &str) -> Result<u64, StoreError> {
+        let gateway = gateway.to_owned();
+        self.run(move |conn| count_rows(conn, &gateway)).await
+    }
+
+    fn set_retention(&self, gateway: &str, retention: Retention) {
+        self.inner.retention.set(gateway, retention);
+    }
+
+    fn retention(&self, gateway: &str) -> Option<Retention> {
+        self.inner.retention.get(gateway)
+    }
+
+    async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
+        let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
+        let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
+        let mut total = 0;
+        loop {
+            let gateway = gateway.to_owned();
+            let d = self
+                .write(move |tx| {
+                    let n = count_rows(tx, &gateway)?;
+                    let removed = retention_step(tx, &gateway, &r, cutoff, n)?;
+                    if removed > 0 {
+                        set_count(tx, &gateway, n.saturating_sub(removed))?;
+                    }
+                    Ok((removed, removed))
+                })
+                .await?;
+            total += d;
+            if d < DELETE_CHUNK_ROWS {
+                return Ok(total);
+            }
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! One conformance suite for every [`LogStore`]: SQLite and PostgreSQL; then the backend-specific
+//! checks (persistence, backend selection, concurrent migration, failure behaviour).
+//!
+//! PostgreSQL tests use the server at `postgres://postgres@127.0.0.1:5432/test` (override with
+//! `AIGATE_TEST_POSTGRES_URL`) and FAIL when it is unreachable, unless `AIGATE_SKIP_POSTGRES=1`.
+//! Each PostgreSQL test uses its own tables (process id + counter), dropped at the end, so tests run
+//! in parallel and alongside other runs without interfering.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aigate_store::{
+    build_log_store, AtCap, LogBackend, LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore, Retention,
+    SqliteLogStore, StoreError, DELETE_CHUNK_ROWS, LOG_SQLITE_FILE,
+};
+use bytes::Bytes;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique(tag: &str) -> String {
+    format!("t{}_{}_{tag}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("aigate-log-{}", unique(tag)));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pg_url() -> String {
+    std::env::var("AIGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Whether PostgreSQL tests run: always, unless `AIGATE_SKIP_POSTGRES=1` (then they pass
+/// vacuously, loudly).
+fn pg_enabled() -> bool {
+    if std::env::var("AIGATE_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
+        eprintln!("AIGATE_SKIP_POSTGRES=1: skipping a PostgreSQL test");
+        return false;
+    }
+    true
+}
+
+/// Drops a test's tables when the test ends (on a thread of its own: Drop cannot await).
+struct PgTables(String);
+
+impl Drop for PgTables {
+    fn drop(&mut self) {
+        let t = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let Ok((client, conn)) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await else {
+                    return;
+                };
+                tokio::spawn(conn);
+                let _ =
+                    client.batch_execute(&format!(r#"DROP TABLE IF EXISTS "{t}", "{t}_counts", "{t}_schema""#)).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A PostgreSQL store on fresh tables, migrated; panics when the server is unreachable.
+async fn pg_store(table: &str) -> PostgresLogStore {
+    let store = PostgresLogStore::connect_with_table(&pg_url(), table).unwrap();
+    if let Err(e) = store.migrate().await {
+        panic!("PostgreSQL at {} unreachable ({e}); start it or set AIGATE_SKIP_POSTGRES=1", pg_url());
+    }
+    store
+}
+
+/// A store under test, its gateway name, and what must outlive it.
+struct Fixture {
+    store: Arc<dyn LogStore>,
+    gw: String,
+    _dir: Option<TempDir>,
+    _tables: Option<PgTables>,
+}
+
+async fn sqlite_fixture() -> Option<Fixture> {
+    let dir = TempDir::new("sqlite");
+    let store = SqliteLogStore::open(&dir.path().join(LOG_SQLITE_FILE)).unwrap();
+    Some(Fixture { store: Arc::new(store), gw: unique("gw"), _dir: Some(dir), _tables: None })
+}
+
+async fn postgres_fixture() -> Option<Fixture> {
+    if !pg_enabled() {
+        return None;
+    }
+    let table = unique("logs");
+    let tables = PgTables(table.clone());
+    let store = pg_store(&table).await;
+    Some(Fixture { store: Arc::new(store), gw: unique("gw"), _dir: None, _tables: Some(tables) })
+}
+
+/// A record with only the required fields set.
+fn rec(id: &str, ms: u64) -> LogRecord {
+    LogRecord {
+        id: id.to_owned(),
+        event_id: None,
+        created_at_ms: ms,
+        gateway: String::new(),
+        provider: "openai".into(),
+        path: "/v1/chat/completions".into(),
+        requested_model: None,
+        served_model: None,
+        status: 200,
+        success: true,
+        cache_status: "MISS".into(),
+        stream: false,
+        duration_ms: 10.0,
+        ttfb_ms: None,
+        upstream_ms: None,
+        overhead_ms: None,
+        tokens_in: None,
+        tokens_out: None,
+        cached_tokens_in: None,
+        reasoning_tokens: None,
+        cost_usd: None,
+        saved_usd: None,
+        custom_cost: false,
+        metadata: Vec::new(),
+        user_agent: None,
+        error: None,
+        request_body: None,
+        response_body: None,
+        feedback: None,
+        score: None,
+    }
+}
+
+/// A record with every field set.
+fn full(id: &str, ms: u64) -> LogRecord {
+    LogRecord {
+        id: id.to_owned(),
+        event_id: Some("evt-1".into()),
+        created_at_ms: ms,
+        gateway: "ignored".into(),
+        provider: "anthropic".into(),
+        path: "/v1/messages".into(),
+        requested_model: Some("claude".into()),
+        served_model: Some("claude-3-5-sonnet-20241022".into()),
+        status: 503,
+        success: false,
+        cache_status: "SHADOW-HIT".into(),
+        stream: true,
+        duration_ms: 1234.5,
+        ttfb_ms: Some(12.25),
+        upstream_ms: Some(1200.0),
+        overhead_ms: Some(0.125),
+        tokens_in: Some(1_000_000),
+        tokens_out: Some(2),
+        cached_tokens_in: Some(512),
+        reasoning_tokens: Some(0),
+        cost_usd: Some(0.000_123),
+        saved_usd: Some(1.5),
+        custom_cost: true,
+        metadata: vec![
+            ("zeta".into(), MetaValue::String("Zürich \"quoted\" 🚀".into())),
+            ("alpha".into(), MetaValue::Number(-2.5)),
+            ("int".into(), MetaValue::Number(7.0)),
+            ("flag".into(), MetaValue::Bool(false)),
+            ("empty".into(), MetaValue::String(String::new())),
+        ],
+        user_agent: Some("OpenAI/Python 1.0".into()),
+        error: Some("upstream: 503 overloaded".into()),
+        request_body: Some(Bytes::from_static(b"{\"messages\":[]}\x00\xff\xfe")),
+        response_body: Some(Bytes::from(vec![7u8; 100_000])),
+        feedback: Some(-1),
+        score: Some(0.875),
+    }
+}
+
+/// What the store returns for `r` inserted into `gw`.
+fn stored(r: &LogRecord, gw: &str) -> LogRecord {
+    LogRecord { gateway: gw.to_owned(), ..r.clone() }
+}
+
+/// `stored` without the bodies (as listed).
+fn listed(r: &LogRecord, gw: &str) -> LogRecord {
+    LogRecord { request_body: None, response_body: None, ..stored(r, gw) }
+}
+
+/// Ids of every record matching `f`, following cursors, newest first.
+async fn all_ids(s: &dyn LogStore, gw: &str, f: &LogFilter) -> Vec<String> {
+    let mut f = f.clone();
+    let mut out = Vec::new();
+    loop {
+        let page = s.list(gw, &f).await.unwrap();
+        assert!(page.records.len() <= f.effective_limit() as usize);
+        out.extend(page.records.into_iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(c) => f.cursor = Some(c),
+            None => return out,
+        }
+    }
+}
+
+const HOUR: u64 = 3_600_000;
+
+// ---------------------------------------------------------------------------------------------
+// The conformance cases
+// ---------------------------------------------------------------------------------------------
+
+mod cases {
+    use super::*;
+
+    pub async fn roundtrip_every_field(s: &dyn LogStore, gw: &str) {
+        let t = now_ms();
+        let a = full("0190b3c4-0000-7000-8000-00000000000a", t);
+        let b = rec("0190b3c4-0000-7000-8000-00000000000b", t - 1);
+        assert_eq!(s.insert_batch(gw, &[a.clone(), b.clone()]).await.unwrap(), 2);
+        assert_eq!(s.get(gw, &a.id).await.unwrap().unwrap(), stored(&a, gw));
+        assert_eq!(s.get(gw, &b.id).await.unwrap().unwrap(), stored(&b, gw));
+        assert_eq!(s.get(gw, "missing").await.unwrap(), None);
+        let page = s.list(gw, &LogFilter::default()).await.unwrap();
+        assert_eq!(page.records, vec![listed(&a, gw), listed(&b, gw)]);
+        assert_eq!(page.next_cursor, None);
+        assert_eq!(s.count(gw).await.unwrap(), 2);
+        assert_eq!(s.insert_batch(gw, &[]).await.unwrap(), 0);
+    }
+
+    pub async fn stored_values_are_bounded(s: &dyn LogStore, gw: &str) {
+        let mut r = rec("bounded", now_ms());
+        r.metadata = (0..8).map(|i| (format!("k{i}"), MetaValue::Number(f64::from(i)))).collect();
+        r.metadata.insert(1, ("nan".into(), MetaValue::Number(f64::NAN)));
+        r.duration_ms = f64::INFINITY;
+        r.cost_usd = Some(f64::NAN);
+        r.ttfb_ms = Some(f64::NEG_INFINITY);
+        r.tokens_in = Some(u64::MAX);
+        assert_eq!(s.insert_batch(gw, &[r]).await.unwrap(), 1);
+        let got = s.get(gw, "bounded").await.unwrap().unwrap();
+        let keys: Vec<&str> = got.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4"]);
+        assert_eq!(got.duration_ms, 0.0);
+        assert_eq!((got.cost_usd, got.ttfb_ms), (None, None));
+        assert_eq!(got.tokens_in, Some(i64::MAX as u64));
+        // The saturated count still filters without overflow.
+        let f = LogFilter { min_tokens: Some(1), ..LogFilter::default() };
+        assert_eq!(all_ids(s, gw, &f).await, ["bounded"]);
+    }
+
+    pub async fn duplicate_ids_are_skipped(s: &dyn LogStore, gw: &str) {
+        let t = now_ms();
+        assert_eq!(s.insert_batch(gw, &[rec("a", t), rec("b", t)]).await.unwrap(), 2);
+        let mut b2 = rec("b", t + 5);
+        b2.status = 500;
+        assert_eq!(s.insert_batch(gw, &[b2, rec("c", t), rec("c", t)]).await.unwrap(), 1);
+        assert_eq!(s.count(gw).await.unwrap(), 3);
+        assert_eq!(s.get(gw, "b").await.unwrap().unwrap().status, 200, "first write wins");
+    }
+
+    pub async fn pagination_is_stable_across_equal_timestamps(s: &dyn LogStore, gw: &str) {
+        let base = now_ms();
+        // 23 records over 5 timestamps; ids are not in timestamp or insertion order.
+        let records: Vec<LogRecord> =
+            (0..23u64).map(|i| rec(&format!("id-{:02}", (i * 7) % 23), base + i / 5)).collect();
+        let (first, second) = records.split_at(11);
+        assert_eq!(s.insert_batch(gw, second).await.unwrap(), 12);
+        assert_eq!(s.insert_batch(gw, first).await.unwrap(), 11);
+        let mut expected: Vec<(u64, String)> = records.iter().map(|r| (r.created_at_ms, r.id.clone())).collect();
+        expected.sort_by(|a, b| b.cmp(a));
+        let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+
+        for limit in [1, 4, 5, 22, 23, 50] {
+            let f = LogFilter { limit: Some(limit), ..LogFilter::default() };
+            assert_eq!(all_ids(s, gw, &f).await, expected, "limit {limit}");
+        }
+        // An exact last page has no cursor.
+        let page = s.list(gw, &LogFilter { limit: Some(23), ..LogFilter::default() }).await.unwrap();
+        assert_eq!((page.records.len(), page.next_cursor), (23, None));
+
+        // Records arriving between pages neither shift nor repeat what follows.
+        let f = LogFilter { limit: Some(4), ..LogFilter::default() };
+        let page = s.list(gw, &f).await.unwrap();
+        let mut seen: Vec<String> = page.records.iter().map(|r| r.id.clone()).collect();
+        let newest = vec![rec("id-99", base + 1_000), rec("id-00a", base + 4), rec("id-000", base)];
+        assert_eq!(s.insert_batch(gw, &newest).await.unwrap(), 3);
+        let rest = all_ids(s, gw, &LogFilter { cursor: page.next_cursor, ..f }).await;
+        seen.extend(rest);
+        let unique: HashSet<&String> = seen.iter().collect();
+        assert_eq!(unique.len(), seen.len(), "duplicates: {seen:?}");
+        // Everything of the original set, in order; of the newcomers only the one sorting after the
+        // cursor, (base, "id-000"), in its place.
+        let mut want: Vec<(u64, String)> = records.iter().map(|r| (r.created_at_ms, r.id.clone())).collect();
+        want.push((base, "id-000".into()));
+        want.sort_by(|a, b| b.cmp(a));
+        let want: Vec<String> = want.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(seen, want);
+    }
+
+    /// Inserts five records covering every filter, r0 (oldest) to r4 (newest), out of order.
+    async fn filter_fixture(s: &dyn LogStore, gw: &str, base: u64) {
+        let meta = |v: &[(&str, MetaValue)]| v.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<Vec<_>>();
+        let mut r0 = rec("r0", base);
+        r0.cache_status = "HIT".into();
+        r0.requested_model = Some("gpt-4o".into());
+        r0.served_model = Some("gpt-4o".into());
+        r0.cost_usd = Some(0.01);
+        (r0.tokens_in, r0.tokens_out) = (Some(10), Some(20));
+        r0.duration_ms = 100.0;
+        r0.metadata = meta(&[
+            ("user", MetaValue::String("alice".into())),
+            ("tier", MetaValue::Number(1.0)),
+            ("beta", MetaValue::Bool(true)),
+        ]);
+        r0.event_id = Some("e0".into());
+
+        let mut r1 = rec("r1", base + 1);
+        (r1.status, r1.success) = (500, false);
+        r1.provider = "anthropic".into();
+        r1.requested_model = Some("claude".into());
+        r1.duration_ms = 2000.0;
+        r1.metadata = meta(&[("user", MetaValue::String("bob".into()))]);
+
+        let mut r2 = rec("r2", base + 2);
+        r2.requested_model = Some("alias".into());
+        r2.served_model = Some("gpt-4o-mini".into());
+        r2.cost_usd = Some(0.5);
+        r2.tokens_in = Some(1000);
+        r2.duration_ms = 50.0;
+        r2.metadata = meta(&[("tier", MetaValue::Number(2.0))]);
+        r2.event_id = Some("e2".into());
+
+        let mut r3 = rec("r3", base + 3);
+        (r3.status, r3.success) = (429, false);
+        r3.cache_status = "BYPASS".into();
+        r3.requested_model = Some("gpt-4o".into());
+        r3.cost_usd = Some(0.0);
+        r3.tokens_out = Some(5);
+        r3.duration_ms = 10.0;
+        r3.metadata = meta(&[("user", MetaValue::String("1".into()))]);
+
+        let mut r4 = rec("r4", base + 4);
+        r4.cache_status = "SHADOW-HIT".into();
+        r4.provider = "workers-ai".into();
+        r4.served_model = Some("gpt-4o".into());
+        r4.cost_usd = Some(0.02);
+        (r4.tokens_in, r4.tokens_out) = (Some(100), Some(100));
+        r4.duration_ms = 300.0;
+        r4.metadata = meta(&[("beta", MetaValue::Bool(false))]);
+        r4.event_id = Some("e0".into());
+
+        assert_eq!(s.insert_batch(gw, &[r3, r1, r4, r0, r2]).await.unwrap(), 5);
+    }
+
+    pub async fn each_filter_selects_its_records(s: &dyn LogStore, gw: &str) {
+        let base = now_ms();
+        filter_fixture(s, gw, base).await;
+        let d = LogFilter::default;
+        let meta = |k: &str, v: MetaValue| LogFilter { metadata: Some((k.to_owned(), v)), ..d() };
+        let cases: Vec<(&str, LogFilter, &[&str])> = vec![
+            ("all", d(), &["r4", "r3", "r2", "r1", "r0"]),
+            ("time range", LogFilter { from_ms: Some(base + 1), to_ms: Some(base + 3), ..d() }, &["r2", "r1"]),
+            ("from", LogFilter { from_ms: Some(base + 3), ..d() }, &["r4", "r3"]),
+            ("status", LogFilter { status: Some(200), ..d() }, &["r4", "r2", "r0"]),
+            ("status none", LogFilter { status: Some(404), ..d() }, &[]),
+            ("failed", LogFilter { success: Some(false), ..d() }, &["r3", "r1"]),
+            ("succeeded", LogFilter { success: Some(true), ..d() }, &["r4", "r2", "r0"]),
+            ("cached", LogFilter { cached: Some(true), ..d() }, &["r0"]),
+            ("not cached", LogFilter { cached: Some(false), ..d() }, &["r4", "r3", "r2", "r1"]),
+            ("provider", LogFilter { provider: Some("openai".into()), ..d() }, &["r3", "r2", "r0"]),
+            ("model served or requested", LogFilter { model: Some("gpt-4o".into()), ..d() }, &["r4", "r3", "r0"]),
+            ("model requested only", LogFilter { model: Some("alias".into()), ..d() }, &["r2"]),
+            ("model served only", LogFilter { model: Some("gpt-4o-mini".into()), ..d() }, &["r2"]),
+            ("min cost", LogFilter { min_cost_usd: Some(0.015), ..d() }, &["r4", "r2"]),
+            ("max cost (unknown never)", LogFilter { max_cost_usd: Some(0.015), ..d() }, &["r3", "r0"]),
+            ("cost range", LogFilter { min_cost_usd: Some(0.01), max_cost_usd: Some(0.02), ..d() }, &["r4", "r0"]),
+            ("min tokens", LogFilter { min_tokens: Some(100), ..d() }, &["r4", "r2"]),
+            ("max tokens (unknown never)", LogFilter { max_tokens: Some(30), ..d() }, &["r3", "r0"]),
+            ("min duration", LogFilter { min_duration_ms: Some(100.0), ..d() }, &["r4", "r1", "r0"]),
+            ("max duration", LogFilter { max_duration_ms: Some(50.0), ..d() }, &["r3", "r2"]),
+            ("meta string", meta("user", MetaValue::String("alice".into())), &["r0"]),
+            ("meta string that looks numeric", meta("user", MetaValue::String("1".into())), &["r3"]),
+            ("meta number", meta("tier", MetaValue::Number(1.0)), &["r0"]),
+            ("meta number 2", meta("tier", MetaValue::Number(2.0)), &["r2"]),
+            ("meta number vs string", meta("tier", MetaValue::String("1".into())), &[]),
+            ("meta string vs number", meta("user", MetaValue::Number(1.0)), &[]),
+            ("meta true", meta("beta", MetaValue::Bool(true)), &["r0"]),
+            ("meta false", meta("beta", MetaValue::Bool(false)), &["r4"]),
+            ("meta missing key", meta("nope", MetaValue::Bool(true)), &[]),
+            ("event id", LogFilter { event_id: Some("e0".into()), ..d() }, &["r4", "r0"]),
+            (
+                "combined",
+                LogFilter { provider: Some("openai".into()), status: Some(200), limit: Some(1), ..d() },
+                &["r2", "r0"],
+            ),
+        ];
+        for (name, f, want) in cases {
+            assert_eq!(all_ids(s, gw, &f).await, want, "filter {name}: {f:?}");
+        }
+    }
+
+    pub async fn delete_by_filter(s: &dyn LogStore, gw: &str) {
+        filter_fixture(s, gw, now_ms()).await;
+        let failed = LogFilter { success: Some(false), limit: Some(1), cursor: None, ..LogFilter::default() };
+        assert_eq!(s.delete(gw, &failed).await.unwrap(), 2, "limit is ignored");
+        assert_eq!(s.count(gw).await.unwrap(), 3);
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, ["r4", "r2", "r0"]);
+        assert_eq!(s.delete(gw, &failed).await.unwrap(), 0);
+        let meta = LogFilter { metadata: Some(("beta".into(), MetaValue::Bool(true))), ..LogFilter::default() };
+        assert_eq!(s.delete(gw, &meta).await.unwrap(), 1);
+        assert_eq!(s.get(gw, "r0").await.unwrap(), None);
+        assert_eq!(s.delete(gw, &LogFilter::default()).await.unwrap(), 2);
+        assert_eq!(s.count(gw).await.unwrap(), 0);
+        assert!(s.list(gw, &LogFilter::default()).await.unwrap().records.is_empty());
+    }
+
+    pub async fn patch_feedback_and_score(s: &dyn LogStore, gw: &str) {
+        s.insert_batch(gw, &[rec("p", now_ms())]).await.unwrap();
+        assert!(s.patch(gw, "p", Some(1), None).await.unwrap());
+        let got = s.get(gw, "p").await.unwrap().unwrap();
+        assert_eq!((got.feedback, got.score), (Some(1), None));
+        assert!(s.patch(gw, "p", None, Some(0.75)).await.unwrap());
+        let got = s.get(gw, "p").await.unwrap().unwrap();
+        assert_eq!((got.feedback, got.score), (Some(1), Some(0.75)));
+        assert!(s.patch(gw, "p", Some(-1), None).await.unwrap());
+        assert!(s.patch(gw, "p", None, None).await.unwrap(), "exists");
+        let listed = s.list(gw, &LogFilter::default()).await.unwrap().records;
+        assert_eq!((listed[0].feedback, listed[0].score), (Some(-1), Some(0.75)));
+        assert!(!s.patch(gw, "missing", Some(1), None).await.unwrap());
+        assert!(
+            matches!(s.patch(gw, "p", Some(2), None).await, Err(StoreError::Corrupt(m)) if m.starts_with("invalid"))
+        );
+        assert!(matches!(s.patch(gw, "p", Some(0), None).await, Err(StoreError::Corrupt(_))));
+        assert!(matches!(s.patch(gw, "p", None, Some(f64::NAN)).await, Err(StoreError::Corrupt(_))));
+        let got = s.get(gw, "p").await.unwrap().unwrap();
+        assert_eq!((got.feedback, got.score), (Some(-1), Some(0.75)));
+    }
+
+    pub async fn retention_stop_inserting(s: &dyn LogStore, gw: &str) {
+        let r = Retention { max_records: 10, at_cap: AtCap::StopInserting, max_age_ms: None };
+        s.set_retention(gw, r);
+        assert_eq!(s.retention(gw), Some(r));
+        let t = now_ms();
+        let batch = |from: u64, n: u64| (from..from + n).map(|i| rec(&format!("s{i:02}"), t + i)).collect::<Vec<_>>();
+        assert_eq!(s.insert_batch(gw, &batch(0, 7)).await.unwrap(), 7);
+        // A duplicate does not use room.
+        let mut b = batch(6, 1);
+        b.extend(batch(7, 5));
+        assert_eq!(s.insert_batch(gw, &b).await.unwrap(), 3);
+        assert_eq!(s.count(gw).await.unwrap(), 10);
+        assert_eq!(s.insert_batch(gw, &batch(20, 2)).await.unwrap(), 0);
+        assert_eq!(s.count(gw).await.unwrap(), 10);
+        let mut want: Vec<String> = (0..10).rev().map(|i| format!("s{i:02}")).collect();
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, want);
+        // Enforcing never trims with StopInserting; room made by deleting is used again.
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 0);
+        let one = LogFilter { event_id: None, from_ms: Some(t + 9), ..LogFilter::default() };
+        assert_eq!(s.delete(gw, &one).await.unwrap(), 1);
+        assert_eq!(s.insert_batch(gw, &batch(30, 2)).await.unwrap(), 1);
+        want.remove(0);
+        want.insert(0, "s30".into());
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, want);
+    }
+
+    pub async fn retention_delete_oldest(s: &dyn LogStore, gw: &str) {
+        s.set_retention(gw, Retention { max_records: 10, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        let t = now_ms();
+        let batch = |from: u64, n: u64| (from..from + n).map(|i| rec(&format!("d{i:02}"), t + i)).collect::<Vec<_>>();
+        assert_eq!(s.insert_batch(gw, &batch(0, 6)).await.unwrap(), 6);
+        // Inserted out of time order: the newest by timestamp are kept.
+        let mut b = batch(6, 8);
+        b.reverse();
+        assert_eq!(s.insert_batch(gw, &b).await.unwrap(), 8);
+        assert_eq!(s.count(gw).await.unwrap(), 10);
+        let want: Vec<String> = (4..14).rev().map(|i| format!("d{i:02}")).collect();
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, want);
+        // An older record is inserted, then trimmed at once.
+        assert_eq!(s.insert_batch(gw, &[rec("old", t - 1)]).await.unwrap(), 1);
+        assert_eq!(s.get(gw, "old").await.unwrap(), None);
+        assert_eq!(s.count(gw).await.unwrap(), 10);
+        // Lowering the cap trims on enforcement.
+        s.set_retention(gw, Retention { max_records: 4, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 6);
+        assert_eq!(s.count(gw).await.unwrap(), 4);
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, ["d13", "d12", "d11", "d10"]);
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 0);
+        // Clearing the retention removes the cap.
+        s.set_retention(gw, Retention::default());
+        assert_eq!(s.retention(gw), None);
+        assert_eq!(s.insert_batch(gw, &batch(40, 3)).await.unwrap(), 3);
+        assert_eq!(s.count(gw).await.unwrap(), 7);
+    }
+
+    pub async fn max_age(s: &dyn LogStore, gw: &str) {
+        let t = now_ms();
+        let old: Vec<LogRecord> = (0..3).map(|i| rec(&format!("old{i}"), t - 2 * HOUR - i)).collect();
+        let new: Vec<LogRecord> = (0..2).map(|i| rec(&format!("new{i}"), t - 10_000 + i)).collect();
+        s.insert_batch(gw, &old).await.unwrap();
+        s.insert_batch(gw, &new).await.unwrap();
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 0, "no retention set");
+        s.set_retention(gw, Retention { max_records: u64::MAX, at_cap: AtCap::DeleteOldest, max_age_ms: Some(HOUR) });
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 3);
+        assert_eq!(s.count(gw).await.unwrap(), 2);
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, ["new1", "new0"]);
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 0);
+
+        // At the cap with StopInserting, expired rows make room before a batch is refused.
+        s.insert_batch(gw, &old).await.unwrap();
+        s.set_retention(gw, Retention { max_records: 5, at_cap: AtCap::StopInserting, max_age_ms: Some(HOUR) });
+        let more: Vec<LogRecord> = (0..4).map(|i| rec(&format!("more{i}"), t + i)).collect();
+        assert_eq!(s.insert_batch(gw, &more).await.unwrap(), 3);
+        assert_eq!(s.count(gw).await.unwrap(), 5);
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, ["more2", "more1", "more0", "new1", "new0"]);
+    }
+
+    pub async fn gateways_are_isolated(s: &dyn LogStore, gw: &str) {
+        let (a, b) = (format!("{gw}-a"), format!("{gw}-b"));
+        let t = now_ms();
+        let mut xb = rec("x", t);
+        xb.provider = "b-provider".into();
+        assert_eq!(s.insert_batch(&a, &[rec("x", t), rec("y", t + 1)]).await.unwrap(), 2);
+        assert_eq!(s.insert_batch(&b, &[xb.clone(), rec("z", t + 2)]).await.unwrap(), 2, "same id, other gateway");
+        assert_eq!(s.get(&a, "x").await.unwrap().unwrap().provider, "openai");
+        assert_eq!(s.get(&b, "x").await.unwrap().unwrap(), stored(&xb, &b));
+        assert_eq!(s.get(&a, "z").await.unwrap(), None);
+        assert_eq!(all_ids(s, &a, &LogFilter::default()).await, ["y", "x"]);
+        assert_eq!(all_ids(s, &b, &LogFilter::default()).await, ["z", "x"]);
+        assert!(!s.patch(&a, "z", Some(1), None).await.unwrap());
+        assert!(s.patch(&a, "x", Some(1), None).await.unwrap());
+        assert_eq!(s.get(&b, "x").await.unwrap().unwrap().feedback, None);
+
+        // Retention of one gateway leaves the other alone.
+        s.set_retention(&a, Retention { max_records: 1, at_cap: AtCap::DeleteOldest, max_age_ms: Some(1) });
+        assert_eq!(s.retention(&b), None);
+        assert_eq!(s.insert_batch(&a, &[rec("w", t + 3)]).await.unwrap(), 1);
+        assert_eq!(s.count(&a).await.unwrap(), 1);
+        assert_eq!(s.count(&b).await.unwrap(), 2);
+        assert_eq!(s.enforce_retention(&b).await.unwrap(), 0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(s.enforce_retention(&a).await.unwrap(), 1, "max_age of 1 ms");
+        assert_eq!(s.count(&b).await.unwrap(), 2);
+
+        s.insert_batch(&a, &[rec("v", t)]).await.unwrap();
+        assert_eq!(s.delete(&a, &LogFilter::default()).await.unwrap(), 1);
+        assert_eq!(s.count(&a).await.unwrap(), 0);
+        assert_eq!(s.count(&b).await.unwrap(), 2);
+        assert_eq!(s.count(&format!("{gw}-never")).await.unwrap(), 0);
+    }
+
+    pub async fn large_deletions_run_in_chunks(s: &dyn LogStore, gw: &str) {
+        let n = DELETE_CHUNK_ROWS + 10;
+        let t = now_ms();
+        let many = |tag: &str| (0..n).map(|i| rec(&format!("{tag}{i:06}"), t + i)).collect::<Vec<_>>();
+        assert_eq!(s.insert_batch(gw, &many("a")).await.unwrap(), n);
+        // Lowering a cap far below the count: trimmed over several transactions.
+        s.set_retention(gw, Retention { max_records: 5, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), n - 5);
+        assert_eq!(s.count(gw).await.unwrap(), 5);
+        let newest: Vec<String> = (n - 5..n).rev().map(|i| format!("a{i:06}")).collect();
+        assert_eq!(all_ids(s, gw, &LogFilter::default()).await, newest);
+        // Deleting more than a chunk by filter.
+        let other = format!("{gw}-b");
+        assert_eq!(s.insert_batch(&other, &many("b")).await.unwrap(), n);
+        let f = LogFilter { from_ms: Some(t + 5), ..LogFilter::default() };
+        assert_eq!(s.delete(&other, &f).await.unwrap(), n - 5);
+        assert_eq!(s.count(&other).await.unwrap(), 5);
+        assert_eq!(s.count(gw).await.unwrap(), 5);
+    }
+
+    pub async fn invalid_cursor_is_rejected(s: &dyn LogStore, gw: &str) {
+        s.insert_batch(gw, &[rec("a", now_ms())]).await.unwrap();
+        for bad in ["garbage", "", "MTIz"] {
+            let f = LogFilter { cursor: Some(bad.into()), ..LogFilter::default() };
+            assert!(f.validate().is_err(), "{bad:?}");
+            match s.list(gw, &f).await {
+                Err(StoreError::Corrupt(m)) => assert!(m.starts_with("invalid cursor"), "{m}"),
+                other => panic!("cursor {bad:?}: {other:?}"),
+            }
+        }
+        let f = LogFilter { min_cost_usd: Some(f64::NAN), ..LogFilter::default() };
+        assert!(matches!(s.delete(gw, &f).await, Err(StoreError::Corrupt(_))));
+        assert_eq!(s.count(gw).await.unwrap(), 1);
+    }
+}
+
+/// Runs every conformance case against the stores made by `$fixture`, one test per case.
+macro_rules! conformance {
+    ($name:ident, $fixture:path) => {
+        mod $name {
+            use super::*;
+            conformance!(@case $fixture, roundtrip_every_field);
+            conformance!(@case $fixture, stored_values_are_bounded);
+            conformance!(@case $fixture, duplicate_ids_are_skipped);
+            conformance!(@case $fixture, pagination_is_stable_across_equal_timestamps);
+            conformance!(@case $fixture, each_filter_selects_its_records);
+            conformance!(@case $fixture, delete_by_filter);
+            conformance!(@case $fixture, patch_feedback_and_score);
+            conformance!(@case $fixture, retention_stop_inserting);
+            conformance!(@case $fixture, retention_delete_oldest);
+            conformance!(@case $fixture, max_age);
+            conformance!(@case $fixture, gateways_are_isolated);
+            conformance!(@case $fixture, large_deletions_run_in_chunks);
+            conformance!(@case $fixture, invalid_cursor_is_rejected);
+        }
+    };
+    (@case $fixture:path, $case:ident) => {
+        #[tokio::test]
+        async fn $case() {
+            let Some(f) = $fixture().await else { return };
+            cases::$case(&*f.store, &f.gw).await;
+        }
+    };
+}
+
+conformance!(sqlite, sqlite_fixture);
+conformance!(postgres, postgres_fixture);
+
+// ---------------------------------------------------------------------------------------------
+// Backend selection
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn log_backend_parse() {
+    let dir = Path::new("/var/lib/aigate");
+    assert_eq!(LogBackend::parse(" SQLite ", dir).unwrap(), LogBackend::Sqlite { path: dir.join("logs.sqlite3") });
+    for url in ["postgres://u@h/db", "postgresql://u:p@h:5433/db?sslmode=disable"] {
+        assert_eq!(LogBackend::parse(url, dir).unwrap(), LogBackend::Postgres { url: url.into() });
+    }
+    for bad in ["", "memory", "mysql://h/db", "redis://h"] {
+        assert!(LogBackend::parse(bad, dir).is_err(), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn build_log_store_sqlite_persists_across_reopen() {
+    let dir = TempDir::new("build");
+    let backend = LogBackend::parse("sqlite", &dir.path().join("nested")).unwrap();
+    let s = build_log_store(&backend).await.unwrap();
+    assert_eq!(s.kind(), "sqlite");
+    let r = full("persisted", now_ms());
+    assert_eq!(s.insert_batch("gw", std::slice::from_ref(&r)).await.unwrap(), 1);
+    drop(s);
+    assert!(dir.path().join("nested").join(LOG_SQLITE_FILE).is_file());
+    let s = build_log_store(&backend).await.unwrap();
+    assert_eq!(s.get("gw", "persisted").await.unwrap().unwrap(), stored(&r, "gw"));
+    assert_eq!(s.count("gw").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_unusable_path_is_an_error() {
+    let dir = TempDir::new("bad");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let Err(err) = build_log_store(&LogBackend::Sqlite { path: file.join("logs.sqlite3") }).await else {
+        panic!("opened a database under a file");
+    };
+    assert!(matches!(err, StoreError::Io(_)), "{err:?}");
+    std::fs::write(dir.path().join("junk.sqlite3"), vec![0x42u8; 8192]).unwrap();
+    assert!(SqliteLogStore::open(&dir.path().join("junk.sqlite3")).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_migrate_at_once_and_share_rows() {
+    if !pg_enabled() {
+        return;
+    }
+    let table = unique("mig");
+    let _tables = PgTables(table.clone());
+    let stores: Vec<PostgresLogStore> =
+        (0..4).map(|_| PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap()).collect();
+    let runs = stores.iter().map(|s| {
+        let s = s.clone();
+        tokio::spawn(async move { s.migrate().await })
+    });
+    for r in runs.collect::<Vec<_>>() {
+        r.await.unwrap().unwrap();
+    }
+    // A later start finds the schema current.
+    let again = pg_store(&table).await;
+    assert_eq!(again.table(), table);
+    assert_eq!(stores[0].insert_batch("gw", &[rec("a", now_ms())]).await.unwrap(), 1);
+    assert_eq!(stores[1].get("gw", "a").await.unwrap().unwrap().id, "a");
+    assert_eq!(again.count("gw").await.unwrap(), 1);
+    // Concurrent batches from several replicas under one cap: the cap holds exactly.
+    for s in &stores {
+        s.set_retention("capped", Retention { max_records: 25, at_cap: AtCap::StopInserting, max_age_ms: None });
+    }
+    let t = now_ms();
+    let inserts = stores.iter().enumerate().map(|(n, s)| {
+        let s = s.clone();
+        let batch: Vec<LogRecord> = (0..10).map(|i| rec(&format!("r{n}-{i}"), t + i)).collect();
+        tokio::spawn(async move { s.insert_batch("capped", &batch).await })
+    });
+    let mut total = 0;
+    for r in inserts.collect::<Vec<_>>() {
+        total += r.await.unwrap().unwrap();
+    }
+    assert_eq!(total, 25);
+    assert_eq!(again.count("capped").await.unwrap(), 25);
+    assert_eq!(all_ids(&again, "capped", &LogFilter { limit: Some(1000), ..LogFilter::default() }).await.len(), 25);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_fails_without_hanging() {
+    // Nothing listens on port 1: the store is still built, and every operation fails promptly.
+    let url = "postgres://postgres@127.0.0.1:1/test";
+    let start = Instant::now();
+    let s = build_log_store(&LogBackend::Postgres { url: url.into() }).await.unwrap();
+    assert_eq!(s.kind(), "postgres");
+    let err = s.insert_batch("gw", &[rec("a", now_ms())]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_) | StoreError::Timeout), "{err:?}");
+    assert!(s.list("gw", &LogFilter::default()).await.is_err());
+    assert!(s.count("gw").await.is_err());
+    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
+}
+
+#[test]
+fn postgres_rejects_bad_configuration() {
+    for table in ["", "Logs", "1logs", "logs-x", "logs\"; DROP TABLE x; --", &"a".repeat(41)] {
+        assert!(PostgresLogStore::connect_with_table(&pg_url(), table).is_err(), "{table:?}");
+    }
+    assert!(PostgresLogStore::connect("postgres://h:notaport/db").is_err());
+    assert_eq!(PostgresLogStore::connect(&pg_url()).unwrap().table(), aigate_store::DEFAULT_LOG_TABLE);
+}
