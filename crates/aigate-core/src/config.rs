@@ -81,6 +81,12 @@ pub struct FileConfig {
     /// How long in-flight requests may run after SIGTERM/Ctrl-C before the process exits. Default `30s`.
     #[serde(default)]
     pub shutdown_grace: Option<DurationValue>,
+    /// Most client connections served at once; more wait in the listen backlog. Default 10000.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Longest time to receive a request body. Default `60s`; slower uploads get 408.
+    #[serde(default)]
+    pub request_body_timeout: Option<DurationValue>,
     /// Upstream connection settings.
     #[serde(default)]
     pub upstream: UpstreamConfig,
@@ -312,6 +318,10 @@ pub struct Settings {
     pub max_request_body: u64,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// Most client connections served at once.
+    pub max_connections: usize,
+    /// Longest time to receive a request body.
+    pub request_body_timeout: Duration,
     /// Upstream connection settings.
     pub upstream: UpstreamSettings,
     /// Providers by name (built-in merged with configured).
@@ -520,6 +530,18 @@ impl FileConfig {
             account_id: self.account_id,
             max_request_body,
             shutdown_grace: self.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+            max_connections: match self.max_connections {
+                Some(0) => return Err(invalid("max_connections: must be greater than zero".into())),
+                Some(n) => n,
+                None => 10_000,
+            },
+            request_body_timeout: match self.request_body_timeout {
+                Some(d) if d.0.is_zero() => {
+                    return Err(invalid("request_body_timeout: must be greater than zero".into()))
+                }
+                Some(d) => d.0,
+                None => Duration::from_secs(60),
+            },
             upstream,
             providers,
             gateways,

@@ -54,6 +54,12 @@ pub enum GatewayError {
     /// A malformed request (bad header value, bad path).
     #[error("{0}")]
     BadRequest(String),
+    /// The client took longer than `request_body_timeout` to send its body.
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout {
+        /// The timeout that applied.
+        timeout_ms: u64,
+    },
     /// The client's request body could not be read.
     #[error("could not read the request body: {0}")]
     BodyRead(String),
@@ -90,6 +96,7 @@ impl GatewayError {
             BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "bad_request"),
             BodyRead(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "body_read_error"),
+            BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout"),
             UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "api_error", "upstream_unreachable"),
             UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal_error"),

@@ -131,7 +131,14 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     let cache_options = CacheOptions::parse(&parts.headers)?;
 
     // Stage 3: request body, bounded.
-    let body = read_body(body, settings.max_request_body).await?;
+    let body =
+        match tokio::time::timeout(settings.request_body_timeout, read_body(body, settings.max_request_body)).await {
+            Ok(b) => b?,
+            Err(_) => {
+                let timeout_ms = u64::try_from(settings.request_body_timeout.as_millis()).unwrap_or(u64::MAX);
+                return Err(GatewayError::BodyTimeout { timeout_ms });
+            }
+        };
 
     // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
     let cache_off = route.gateway.cache.mode == crate::config::CacheMode::Off && cache_options.custom_key.is_none();

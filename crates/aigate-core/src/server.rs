@@ -50,13 +50,22 @@ pub async fn start(settings: Settings) -> std::io::Result<ServerHandle> {
 pub fn start_on(settings: Settings, listener: TcpListener) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let grace = settings.shutdown_grace;
+    let max_connections = settings.max_connections;
     let state = AppState::new(settings).map_err(std::io::Error::other)?;
     let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(serve(listener, state.clone(), rx, grace));
+    let task = tokio::spawn(serve(listener, state.clone(), rx, grace, max_connections));
     Ok(ServerHandle { addr, state, shutdown: tx, task })
 }
 
-async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    max_connections: usize,
+) {
+    // At most `max_connections` connections are served at once; the next accept waits for a slot.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
     builder.http2().timer(TokioTimer::new());
@@ -66,6 +75,13 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch:
     let writer = tokio::spawn(state.cache.clone().run_writer(writer_rx));
 
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -86,6 +102,7 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch:
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             _ = shutdown.changed() => break,

@@ -1073,3 +1073,32 @@ mod cache {
         assert!(hit, "the store did not recover after Redis came back");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_body_gets_408() {
+    let env = env_with("request_body_timeout = \"200ms\"\n", MockConfig::default()).await;
+    let mut s = tokio::net::TcpStream::connect(env.gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let t0 = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_eq!(env.mock.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_wait_for_a_slot() {
+    let env = env_with("max_connections = 1\n", MockConfig::default()).await;
+    let first = tokio::net::TcpStream::connect(env.gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::time::timeout(Duration::from_millis(400), env.http.get(env.url("/healthz")).send()).await;
+    assert!(waiting.is_err(), "a second connection was served beyond max_connections = 1");
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(3), env.http.get(env.url("/healthz")).send()).await;
+    assert_eq!(r.expect("served once the slot was free").unwrap().status(), 200);
+}
