@@ -11,8 +11,10 @@
 //! level, or re-serialises a body: bodies travel as `Bytes`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -131,14 +133,18 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     let cache_options = CacheOptions::parse(&parts.headers)?;
 
     // Stage 3: request body, bounded.
-    let body =
-        match tokio::time::timeout(settings.request_body_timeout, read_body(body, settings.max_request_body)).await {
+    // Most bodies have fully arrived with the head: poll once before arming the body timer.
+    let mut reading = std::pin::pin!(read_body(body, settings.max_request_body));
+    let body = match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
+        Poll::Ready(b) => b?,
+        Poll::Pending => match tokio::time::timeout(settings.request_body_timeout, reading).await {
             Ok(b) => b?,
             Err(_) => {
                 let timeout_ms = u64::try_from(settings.request_body_timeout.as_millis()).unwrap_or(u64::MAX);
                 return Err(GatewayError::BodyTimeout { timeout_ms });
             }
-        };
+        },
+    };
 
     // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
     let cache_off = route.gateway.cache.mode == crate::config::CacheMode::Off && cache_options.custom_key.is_none();
