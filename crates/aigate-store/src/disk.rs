@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::memory::now_ms;
 use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, StoreError};
@@ -41,27 +41,9 @@ const ROW_OVERHEAD: u64 = 32 + 32;
 /// Rows examined per eviction round.
 const EVICT_BATCH: i64 = 256;
 
-/// Maps a SQLite error: storage problems to [`StoreError::Io`], the rest to
-/// [`StoreError::Unavailable`].
+/// Maps a SQLite error (see [`crate::sqlite::map_err`]).
 fn sql_err(e: rusqlite::Error) -> StoreError {
-    match &e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                ErrorCode::DiskFull
-                    | ErrorCode::SystemIoFailure
-                    | ErrorCode::ReadOnly
-                    | ErrorCode::CannotOpen
-                    | ErrorCode::PermissionDenied
-                    | ErrorCode::DatabaseCorrupt
-                    | ErrorCode::NotADatabase
-                    | ErrorCode::FileLockingProtocolFailed
-            ) =>
-        {
-            StoreError::Io(e.to_string())
-        }
-        _ => StoreError::Unavailable(format!("disk cache: {e}")),
-    }
+    crate::sqlite::map_err("disk cache", e)
 }
 
 /// Unix ms as a SQLite integer (saturating).

@@ -27,6 +27,7 @@ pub mod log_postgres;
 pub mod log_sqlite;
 pub mod memory;
 pub mod redis;
+mod sqlite;
 pub mod tiered;
 
 pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use rusqlite::types::{ToSqlOutput, Value};
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
 
 use crate::log::{
     check_patch, filter_sql, finite, metadata_from_object_json, metadata_object_json, to_i64, to_u64, AtCap, Dialect,
@@ -50,27 +50,9 @@ const INSERT_SQL: &str = "INSERT INTO logs (gateway, id, event_id, created_at_ms
      ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30) \
      ON CONFLICT (gateway, id) DO NOTHING";
 
-/// Maps a SQLite error: storage problems to [`StoreError::Io`], the rest to
-/// [`StoreError::Unavailable`].
+/// Maps a SQLite error (see [`crate::sqlite::map_err`]).
 fn sql_err(e: rusqlite::Error) -> StoreError {
-    match &e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                ErrorCode::DiskFull
-                    | ErrorCode::SystemIoFailure
-                    | ErrorCode::ReadOnly
-                    | ErrorCode::CannotOpen
-                    | ErrorCode::PermissionDenied
-                    | ErrorCode::DatabaseCorrupt
-                    | ErrorCode::NotADatabase
-                    | ErrorCode::FileLockingProtocolFailed
-            ) =>
-        {
-            StoreError::Io(e.to_string())
-        }
-        _ => StoreError::Unavailable(format!("log store: {e}")),
-    }
+    crate::sqlite::map_err("log store", e)
 }
 
 impl ToSql for SqlValue {

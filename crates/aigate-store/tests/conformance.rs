@@ -6,10 +6,11 @@
 //! id + counter), so tests run in parallel and alongside other runs without interfering.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aigate_store::{
     build_cache, CacheBackend, CacheKey, CacheStore, CachedResponse, DiskCacheStore, MemoryCacheStore, RedisCacheStore,
@@ -21,35 +22,7 @@ use bytes::Bytes;
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-fn unique(tag: &str) -> String {
-    format!("t{}-{}-{tag}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("aigate-store-{}", unique(tag)));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{now_ms, unique, TempDir};
 
 fn redis_url() -> String {
     std::env::var("AIGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

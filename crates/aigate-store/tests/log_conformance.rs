@@ -7,11 +7,12 @@
 //! in parallel and alongside other runs without interfering.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aigate_store::{
     build_log_store, AtCap, LogBackend, LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore, Retention,
@@ -23,35 +24,7 @@ use bytes::Bytes;
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-fn unique(tag: &str) -> String {
-    format!("t{}_{}_{tag}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("aigate-log-{}", unique(tag)));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{now_ms, unique, TempDir};
 
 fn pg_url() -> String {
     std::env::var("AIGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
