@@ -114,7 +114,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
 }
 
 async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
-    let settings = state.settings.load();
+    // An owned snapshot: the request may live for minutes, longer than arc-swap's guards should.
+    let settings = state.settings.load_full();
     let (mut parts, body) = req.into_parts();
 
     // Stage 1: routing.
