@@ -87,6 +87,10 @@ pub struct FileConfig {
     /// Longest time to receive a request body. Default `60s`; slower uploads get 408.
     #[serde(default)]
     pub request_body_timeout: Option<DurationValue>,
+    /// Longest time to receive a request head (and longest idle time of a kept-alive connection
+    /// between requests). Default `30s`.
+    #[serde(default)]
+    pub header_read_timeout: Option<DurationValue>,
     /// Upstream connection settings.
     #[serde(default)]
     pub upstream: UpstreamConfig,
@@ -322,6 +326,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Longest time to receive a request body.
     pub request_body_timeout: Duration,
+    /// Longest time to receive a request head.
+    pub header_read_timeout: Duration,
     /// Upstream connection settings.
     pub upstream: UpstreamSettings,
     /// Providers by name (built-in merged with configured).
@@ -541,6 +547,13 @@ impl FileConfig {
                 }
                 Some(d) => d.0,
                 None => Duration::from_secs(60),
+            },
+            header_read_timeout: match self.header_read_timeout {
+                Some(d) if d.0.is_zero() => {
+                    return Err(invalid("header_read_timeout: must be greater than zero".into()))
+                }
+                Some(d) => d.0,
+                None => Duration::from_secs(30),
             },
             upstream,
             providers,

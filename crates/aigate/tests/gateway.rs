@@ -1117,3 +1117,18 @@ async fn connections_beyond_max_connections_wait_for_a_slot() {
     let r = tokio::time::timeout(Duration::from_secs(3), env.http.get(env.url("/healthz")).send()).await;
     assert_eq!(r.expect("served once the slot was free").unwrap().status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_head_is_cut_off() {
+    let env = env_with("header_read_timeout = \"300ms\"\n", MockConfig::default()).await;
+    let mut s = tokio::net::TcpStream::connect(env.gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the connection was not closed after the header read timeout");
+    assert!(t0.elapsed() >= Duration::from_millis(250) && t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // A complete request on a fresh connection is still served.
+    let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
