@@ -589,6 +589,26 @@ mod cli {
     }
 
     #[test]
+    fn log_format_json_writes_json_lines() {
+        use std::io::BufRead;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = aigate()
+            .args(["--log-format", "json", "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["level"], "INFO", "{line}");
+        assert!(v["fields"]["message"].as_str().unwrap_or("").contains("listening"), "{line}");
+    }
+
+    #[test]
     fn serve_stops_cleanly_on_sigterm() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut child = aigate()
