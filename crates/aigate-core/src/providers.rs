@@ -206,14 +206,29 @@ impl Provider {
 
 /// Refuses `.`, `..` (plain or percent-encoded) and encoded separators.
 fn check_segment(seg: &str) -> Result<(), PathError> {
-    let lower = seg.to_ascii_lowercase();
-    let decoded_dots = lower.replace("%2e", ".");
-    if decoded_dots == "."
-        || decoded_dots == ".."
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || seg.contains('\\')
-    {
+    // Scans bytes instead of lower-casing and replacing: this runs for every segment of every request.
+    let b = seg.as_bytes();
+    let mut dots = 0usize;
+    let mut only_dots = true;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            match (b[i + 1], b[i + 2].to_ascii_lowercase()) {
+                (b'2', b'e') => dots += 1,
+                (b'2', b'f') | (b'5', b'c') => return Err(PathError::BadSegment(seg.to_string())),
+                _ => only_dots = false,
+            }
+            i += 3;
+            continue;
+        }
+        match b[i] {
+            b'.' => dots += 1,
+            b'\\' => return Err(PathError::BadSegment(seg.to_string())),
+            _ => only_dots = false,
+        }
+        i += 1;
+    }
+    if only_dots && (dots == 1 || dots == 2) {
         return Err(PathError::BadSegment(seg.to_string()));
     }
     Ok(())
