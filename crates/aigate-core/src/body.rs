@@ -37,6 +37,8 @@ pub enum GatewayBody {
     },
     /// A coalesced request: the leader's body as it is relayed.
     Follower(FlightReceiver),
+    /// Chunks produced by a task (the admin live tail), until the sender is dropped.
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl GatewayBody {
@@ -73,6 +75,7 @@ impl Body for GatewayBody {
                 }
                 Poll::Pending => Poll::Pending,
             },
+            GatewayBody::Channel(rx) => rx.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c)))),
         }
     }
 
@@ -82,7 +85,7 @@ impl Body for GatewayBody {
             GatewayBody::Upstream(inc) => inc.is_end_stream(),
             GatewayBody::Tee(t) => t.is_end_stream(),
             GatewayBody::Replay { entry, next, .. } => *next >= entry.chunks.len(),
-            GatewayBody::Follower(_) => false,
+            GatewayBody::Follower(_) | GatewayBody::Channel(_) => false,
         }
     }
 
@@ -95,7 +98,7 @@ impl Body for GatewayBody {
                 SizeHint::with_exact(entry.chunks.iter().skip(*next).map(|c| c.len() as u64).sum())
             }
             GatewayBody::Replay { .. } => SizeHint::default(),
-            GatewayBody::Follower(_) => SizeHint::default(),
+            GatewayBody::Follower(_) | GatewayBody::Channel(_) => SizeHint::default(),
         }
     }
 }

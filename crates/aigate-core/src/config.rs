@@ -106,6 +106,22 @@ pub struct FileConfig {
     /// The admin API (`/admin/...`).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Model prices used for cost (overrides and additions to the built-in table).
+    #[serde(default)]
+    pub pricing: PricingConfig,
+}
+
+/// `[pricing]`: where model prices come from besides the built-in table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// A LiteLLM `model_prices_and_context_window.json` file read at start (its prices replace the
+    /// built-in ones for the models it lists).
+    pub litellm_file: Option<PathBuf>,
+    /// Prices by model name (USD per million tokens), applied last:
+    /// `[pricing.models."gpt-4o"] input = 2.5, output = 10.0, cached_input = 1.25`.
+    #[serde(default)]
+    pub models: BTreeMap<String, crate::cost::Price>,
 }
 
 /// `[storage]`: backends, chosen once for all gateways.
@@ -118,6 +134,13 @@ pub struct StorageConfig {
     pub cache_memory: Option<ByteSizeValue>,
     /// Size cap of the disk cache. Default 2GB.
     pub cache_disk: Option<ByteSizeValue>,
+    /// Log store: `sqlite` (default; a file under `data_dir`) or `postgres://user@host/db`.
+    pub logs: Option<String>,
+    /// Records waiting for the log writer; when full, records spill to a file. Default 10000.
+    pub log_queue: Option<usize>,
+    /// Most bytes of spill files kept under `data_dir/log-spill`; beyond it records are dropped and
+    /// counted. Default 1GB.
+    pub log_spill_max: Option<ByteSizeValue>,
 }
 
 /// `[admin]`.
@@ -217,6 +240,37 @@ pub struct GatewayConfig {
     /// Response cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Request logs.
+    #[serde(default)]
+    pub logs: LogsConfig,
+}
+
+/// `at_cap` of `[gateways.NAME.logs]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AtCapValue {
+    /// Keep inserting and delete the oldest records.
+    DeleteOldest,
+    /// Stop inserting until records age out or are deleted.
+    StopInserting,
+}
+
+/// `[gateways.NAME.logs]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Keep a record of every request. Default true.
+    pub enabled: Option<bool>,
+    /// Store request and response bodies (each capped at `max_body_size`). Default false.
+    pub bodies: Option<bool>,
+    /// Cap of each stored body. Default `1MB`.
+    pub max_body_size: Option<ByteSizeValue>,
+    /// Most records kept for the gateway. Default 1000000.
+    pub max_records: Option<u64>,
+    /// At the cap: `delete_oldest` (default) or `stop_inserting`.
+    pub at_cap: Option<AtCapValue>,
+    /// Records older than this are deleted, e.g. `"30d"`. Default: no age limit.
+    pub max_age: Option<DurationValue>,
 }
 
 /// A duration written as `"90s"`, `"5m"`, `"1h"` (humantime syntax).
@@ -338,6 +392,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// Admin token; `None` disables the admin API.
     pub admin_token: Option<Secret>,
+    /// Model prices (built-in table with the configured file and overrides applied).
+    pub prices: Arc<crate::cost::PriceTable>,
 }
 
 /// Storage backends.
@@ -347,6 +403,25 @@ pub struct StorageSettings {
     pub cache: aigate_store::CacheBackend,
     /// In-process cache tier size, bytes.
     pub cache_memory: u64,
+    /// Log store backend.
+    pub logs: aigate_store::LogBackend,
+    /// Log queue capacity (records).
+    pub log_queue: usize,
+    /// Spill files cap, bytes.
+    pub log_spill_max: u64,
+}
+
+/// A gateway's log settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Records are kept (analytics and metrics count every request regardless).
+    pub enabled: bool,
+    /// Bodies are stored.
+    pub bodies: bool,
+    /// Cap of each stored body, bytes.
+    pub max_body_size: usize,
+    /// Retention applied by the store.
+    pub retention: aigate_store::Retention,
 }
 
 /// A gateway's cache settings.
@@ -392,6 +467,8 @@ pub struct Gateway {
     pub request_timeout: Duration,
     /// Response cache.
     pub cache: CacheSettings,
+    /// Request logs.
+    pub logs: LogSettings,
 }
 
 impl Settings {
@@ -497,6 +574,7 @@ impl FileConfig {
                 provider_keys,
                 request_timeout,
                 cache: validate_cache(&gc.cache, &key("cache"))?,
+                logs: validate_logs(&gc.logs, &key("logs"))?,
             };
             gateways.insert(name, Arc::new(gw));
         }
@@ -521,10 +599,29 @@ impl FileConfig {
         let cache_spec = self.storage.cache.as_deref().unwrap_or("disk");
         let cache_backend = aigate_store::CacheBackend::parse(cache_spec, &self.data_dir.join("cache"), disk_bytes)
             .map_err(|e| invalid(format!("storage.cache: {e}")))?;
+        let logs_spec = self.storage.logs.as_deref().unwrap_or("sqlite");
+        let logs_backend = aigate_store::LogBackend::parse(logs_spec, &self.data_dir)
+            .map_err(|e| invalid(format!("storage.logs: {e}")))?;
         let storage = StorageSettings {
             cache: cache_backend,
             cache_memory: self.storage.cache_memory.map_or(256_000_000, |b| b.0),
+            logs: logs_backend,
+            log_queue: match self.storage.log_queue {
+                Some(0) => return Err(invalid("storage.log_queue: must be greater than zero".into())),
+                Some(n) => n,
+                None => 10_000,
+            },
+            log_spill_max: self.storage.log_spill_max.map_or(1_000_000_000, |b| b.0),
         };
+        let mut prices = crate::cost::PriceTable::builtin();
+        if let Some(path) = &self.pricing.litellm_file {
+            let bytes = std::fs::read(path)
+                .map_err(|e| invalid(format!("pricing.litellm_file: cannot read {}: {e}", path.display())))?;
+            let table = crate::cost::PriceTable::load_litellm(&bytes)
+                .map_err(|e| invalid(format!("pricing.litellm_file: {}: {e}", path.display())))?;
+            prices = prices.with_overrides(table).map_err(|e| invalid(format!("pricing.litellm_file: {e}")))?;
+        }
+        let prices = prices.with_overrides(self.pricing.models).map_err(|e| invalid(format!("pricing.models: {e}")))?;
         let admin_token = match &self.admin.token {
             Some(t) => Some(resolve_secret(source, t, "admin.token", env)?),
             None => None,
@@ -560,6 +657,7 @@ impl FileConfig {
             gateways,
             storage,
             admin_token,
+            prices: Arc::new(prices),
         })
     }
 }
@@ -582,6 +680,31 @@ fn validate_cache(c: &CacheConfig, key: &str) -> Result<CacheSettings, ConfigErr
         max_entry_size,
         coalesce: c.coalesce.unwrap_or(true),
         coalesce_wait: c.coalesce_wait.map_or(Duration::from_secs(60), |d| d.0),
+    })
+}
+
+/// Validates `[gateways.NAME.logs]`.
+fn validate_logs(c: &LogsConfig, key: &str) -> Result<LogSettings, ConfigError> {
+    let max_body_size = c.max_body_size.map_or(1_000_000, |b| b.0);
+    let max_records = c.max_records.unwrap_or(1_000_000);
+    if max_records == 0 {
+        return Err(ConfigError::Invalid(format!("{key}.max_records: must be greater than zero")));
+    }
+    if c.max_age.is_some_and(|d| d.0.is_zero()) {
+        return Err(ConfigError::Invalid(format!("{key}.max_age: must be greater than zero")));
+    }
+    Ok(LogSettings {
+        enabled: c.enabled.unwrap_or(true),
+        bodies: c.bodies.unwrap_or(false),
+        max_body_size: usize::try_from(max_body_size).unwrap_or(usize::MAX),
+        retention: aigate_store::Retention {
+            max_records,
+            at_cap: match c.at_cap {
+                Some(AtCapValue::StopInserting) => aigate_store::AtCap::StopInserting,
+                _ => aigate_store::AtCap::DeleteOldest,
+            },
+            max_age_ms: c.max_age.map(|d| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)),
+        },
     })
 }
 
@@ -640,6 +763,11 @@ fn sorted_names<V>(m: &HashMap<String, V>) -> String {
 }
 
 /// Default cache settings (cache off), for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn validate_logs_for_tests() -> LogSettings {
+    validate_logs(&LogsConfig::default(), "test").unwrap_or_else(|_| unreachable!())
+}
+
 #[cfg(test)]
 pub(crate) fn validate_cache_for_tests() -> CacheSettings {
     validate_cache(&CacheConfig::default(), "test").unwrap_or_else(|_| unreachable!())

@@ -52,3 +52,11 @@ pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// Google AI Studio's credential header.
 pub const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+/// Flat JSON object of up to five entries attached to the request's log record.
+pub const CF_AIG_METADATA: HeaderName = HeaderName::from_static("cf-aig-metadata");
+/// Per-token prices overriding the price table for one request.
+pub const CF_AIG_CUSTOM_COST: HeaderName = HeaderName::from_static("cf-aig-custom-cost");
+/// `false` skips the request's log record.
+pub const CF_AIG_COLLECT_LOG: HeaderName = HeaderName::from_static("cf-aig-collect-log");
+/// `false` keeps the record without bodies.
+pub const CF_AIG_COLLECT_LOG_PAYLOAD: HeaderName = HeaderName::from_static("cf-aig-collect-log-payload");

@@ -31,9 +31,16 @@ use crate::cache::{CacheLayer, CacheOptions, CacheStatus, Plan};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::error::GatewayError;
-use crate::headers::{CF_AIG_AUTHORIZATION, CF_AIG_EVENT_ID, CF_AIG_LOG_ID, CF_AIG_REQUEST_TIMEOUT};
+use crate::headers::{
+    CF_AIG_AUTHORIZATION, CF_AIG_COLLECT_LOG, CF_AIG_COLLECT_LOG_PAYLOAD, CF_AIG_CUSTOM_COST, CF_AIG_EVENT_ID,
+    CF_AIG_LOG_ID, CF_AIG_METADATA, CF_AIG_REQUEST_TIMEOUT,
+};
+use crate::logs::{LogPipeline, LogStats};
+use crate::meter::{Meter, ResponseBody};
+use crate::metrics::Metrics;
 use crate::providers::AuthStyle;
 use crate::upstream::HttpClient;
+use crate::usage::{Endpoint, InjectedUsageFilter};
 use crate::{admin, auth, cache, routing, upstream};
 
 /// What every request handler shares: the current settings (swappable for reload), the upstream
@@ -49,6 +56,12 @@ pub struct AppState {
     pub clock: Arc<Clock>,
     /// False once shutdown has begun (`/readyz` answers 503).
     pub ready: AtomicBool,
+    /// Request logs: queue, writer, spill, live tail.
+    pub logs: Arc<LogPipeline>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set to true when shutdown begins (ends live tails so connections can drain).
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why the state could not be built.
@@ -60,6 +73,9 @@ pub enum StartError {
     /// A store could not be opened.
     #[error("cannot open the cache store: {0}")]
     Store(#[from] aigate_store::StoreError),
+    /// The log store or its spill directory could not be opened.
+    #[error("cannot open the log store: {0}")]
+    Logs(String),
 }
 
 impl AppState {
@@ -69,35 +85,59 @@ impl AppState {
         let clock = Arc::new(Clock::default());
         let store = aigate_store::build_cache(&settings.storage.cache, settings.storage.cache_memory)?;
         let cache = CacheLayer::new(store, clock.clone());
+        let log_store = crate::logs::open_store(&settings.storage.logs).map_err(|e| StartError::Logs(e.to_string()))?;
+        let log_stats = Arc::new(LogStats::default());
+        let metrics = Metrics::new(cache.clone(), log_stats.clone());
+        let logs = LogPipeline::new(&settings, log_store, log_stats, metrics.clone())
+            .map_err(|e| StartError::Logs(format!("spill directory: {e}")))?;
         Ok(Arc::new(AppState {
             settings: ArcSwap::from_pointee(settings),
             client,
             cache,
             clock,
             ready: AtomicBool::new(true),
+            logs,
+            metrics,
+            stopping: tokio::sync::watch::Sender::new(false),
         }))
     }
 }
 
 /// Entry point for every HTTP request.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<GatewayBody>, Infallible> {
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
     match req.uri().path() {
-        "/healthz" => return Ok(plain(StatusCode::OK, "ok")),
+        "/healthz" => return Ok(plain(StatusCode::OK, "ok").map(ResponseBody::plain)),
         "/readyz" => {
-            return Ok(if state.ready.load(Ordering::Relaxed) {
+            let r = if state.ready.load(Ordering::Relaxed) {
                 plain(StatusCode::OK, "ready")
             } else {
                 plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-            })
+            };
+            return Ok(r.map(ResponseBody::plain));
         }
-        p if p.starts_with("/admin/") => return Ok(admin::handle(&state, req).await),
+        "/metrics" => {
+            let mut r = Response::new(GatewayBody::full(state.metrics.encode()));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return Ok(r.map(ResponseBody::plain));
+        }
+        p if p.starts_with("/admin/") => return Ok(admin::handle(&state, req).await.map(ResponseBody::plain)),
         _ => {}
     }
+    let start = std::time::Instant::now();
     let log_id = uuid::Uuid::now_v7();
     let event_id = req.headers().get(CF_AIG_EVENT_ID).cloned();
-    let mut resp = match proxy(&state, req).await {
+    let mut meter: Option<Box<Meter>> = None;
+    let mut resp = match proxy(&state, req, log_id, start, &mut meter).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if let Some(m) = &mut meter {
+                m.error = Some(e.to_string());
+            }
+            e.into_response()
+        }
     };
     let h = resp.headers_mut();
     if !h.contains_key(crate::headers::CF_AIG_CACHE_STATUS) {
@@ -110,16 +150,86 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
     if let Some(ev) = event_id {
         h.insert(CF_AIG_EVENT_ID, ev);
     }
-    Ok(resp)
+    Ok(match meter {
+        Some(mut m) => {
+            m.on_head(resp.status().as_u16(), resp.headers().get(http::header::CONTENT_TYPE));
+            let logs = state.logs.clone();
+            resp.map(|b| ResponseBody::metered(b, m, logs))
+        }
+        None => resp.map(ResponseBody::plain),
+    })
 }
 
-async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
+/// Providers known to accept `stream_options.include_usage` (so aigate can ask for usage on a
+/// stream whose client did not, and hide that event from the client).
+fn accepts_stream_options(provider: &str) -> bool {
+    matches!(provider, "openai" | "azure-openai" | "deepseek" | "grok")
+}
+
+/// The body to send upstream with `include_usage` added, when aigate should ask for it.
+fn injected_usage_body(provider: &str, endpoint: Option<Endpoint>, body: &[u8]) -> Option<Vec<u8>> {
+    if !matches!(endpoint, Some(Endpoint::ChatCompletions | Endpoint::Completions)) || !accepts_stream_options(provider)
+    {
+        return None;
+    }
+    // Cheap pre-check: only a body that mentions "stream" can be a streaming request.
+    memchr::memmem::find(body, b"\"stream\"")?;
+    crate::usage::inject_include_usage(body)
+}
+
+fn header_is_false(h: &http::HeaderMap, name: &http::HeaderName) -> bool {
+    h.get(name).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false"))
+}
+
+async fn proxy(
+    state: &AppState,
+    req: Request<Incoming>,
+    log_id: uuid::Uuid,
+    start: std::time::Instant,
+    slot: &mut Option<Box<Meter>>,
+) -> Result<Response<GatewayBody>, GatewayError> {
     // An owned snapshot: the request may live for minutes, longer than arc-swap's guards should.
     let settings = state.settings.load_full();
     let (mut parts, body) = req.into_parts();
 
     // Stage 1: routing.
     let route = routing::resolve(&settings, parts.uri.path())?;
+    // From here on the request belongs to a gateway: it is metered and logged.
+    let endpoint = Endpoint::from_path(&route.provider.name, route.rest);
+    let meter = slot.insert(Box::new(Meter {
+        id: log_id,
+        created_at_ms: state.clock.now_ms(),
+        start,
+        gateway: route.gateway.name.clone(),
+        logs: route.gateway.logs.clone(),
+        provider: route.provider.clone(),
+        path: route.rest.to_owned(),
+        endpoint,
+        request_body: Bytes::new(),
+        event_id: parts.headers.get(CF_AIG_EVENT_ID).cloned(),
+        metadata: parts.headers.get(CF_AIG_METADATA).cloned(),
+        custom_cost: parts.headers.get(CF_AIG_CUSTOM_COST).cloned(),
+        user_agent: parts.headers.get(http::header::USER_AGENT).cloned(),
+        collect_log: !header_is_false(&parts.headers, &CF_AIG_COLLECT_LOG),
+        collect_payload: !header_is_false(&parts.headers, &CF_AIG_COLLECT_LOG_PAYLOAD),
+        status: 0,
+        cache_status: CacheStatus::Bypass,
+        stream: false,
+        upstream_start: None,
+        upstream_head: None,
+        head_out: None,
+        first_byte: None,
+        end: None,
+        error: None,
+        completed: false,
+        captured: Vec::new(),
+        captured_bytes: 0,
+        capture_limit: 0,
+        capture_overflow: false,
+        sse: None,
+        filter: None,
+        hit_entry: None,
+    }));
     // Stage 2: gateway authentication.
     auth::check(&route.gateway, &parts.headers)?;
 
@@ -146,6 +256,7 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
             }
         },
     };
+    meter.request_body = body.clone();
 
     // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
     let cache_off = route.gateway.cache.mode == crate::config::CacheMode::Off && cache_options.custom_key.is_none();
@@ -188,6 +299,7 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     let mut flight: Option<FlightGuard> = None;
     if let Plan::Skip(s) = &cache_plan {
         status = *s;
+        meter.cache_status = *s;
     }
     if let Plan::Use(u) = &cache_plan {
         status = CacheStatus::Miss;
@@ -201,6 +313,7 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
             }
         } else if let Some(entry) = found {
             state.cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+            meter.on_hit(Some(entry.clone()), injected_usage_body(&provider.name, endpoint, &body).is_some());
             return Ok(cache::hit_response(entry, &u.key, state.clock.now_ms()));
         } else {
             state.cache.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -211,12 +324,14 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
                 Joined::Leader(f) => flight = Some(FlightGuard::registered(f, state.cache.clone())),
                 Joined::Finished(entry) => {
                     state.cache.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                    meter.on_hit(Some(entry.clone()), injected_usage_body(&provider.name, endpoint, &body).is_some());
                     return Ok(cache::hit_response(entry, &u.key, state.clock.now_ms()));
                 }
                 Joined::Follower(rx) => {
                     // On `None` the leader failed or was too slow: go upstream alone, unstored.
                     if let Some(resp) = cache::follow(rx, u.coalesce_wait, &u.key).await {
                         state.cache.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        meter.on_hit(None, injected_usage_body(&provider.name, endpoint, &body).is_some());
                         return Ok(resp);
                     }
                 }
@@ -226,13 +341,26 @@ async fn proxy(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
         }
     }
 
+    meter.cache_status = status;
+
     // Stage 5: upstream.
     upstream::strip_request_headers(&mut parts.headers);
     if let Some(key) = &stored_key {
         upstream::inject_key(&mut parts.headers, &provider, key)?;
     }
+    // Ask for usage on a stream whose client did not (the extra event is hidden from the client).
+    let body = match injected_usage_body(&provider.name, endpoint, &body) {
+        Some(with_usage) => {
+            meter.filter = Some(InjectedUsageFilter::new());
+            parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(with_usage.len()));
+            Bytes::from(with_usage)
+        }
+        None => body,
+    };
     let out = upstream::build_request(parts.method, uri, parts.headers, body);
+    meter.upstream_start = Some(std::time::Instant::now());
     let resp = upstream::send(&state.client, &provider, out, timeout).await?;
+    meter.upstream_head = Some(std::time::Instant::now());
 
     // Stage 6: stream back, unchanged but for hop-by-hop headers; tee into the cache on a miss.
     let (mut rparts, rbody) = resp.into_parts();

@@ -75,7 +75,8 @@ async fn serve(
     let graceful = GracefulShutdown::new();
     // The cache writer runs until every connection has drained, then flushes its queue.
     let (writer_stop, writer_rx) = watch::channel(false);
-    let writer = tokio::spawn(state.cache.clone().run_writer(writer_rx));
+    let writer = tokio::spawn(state.cache.clone().run_writer(writer_rx.clone()));
+    let log_writer = tokio::spawn(state.logs.clone().run_writer(writer_rx));
 
     loop {
         let permit = tokio::select! {
@@ -113,12 +114,14 @@ async fn serve(
     }
     drop(listener);
     state.ready.store(false, Ordering::Relaxed);
+    state.stopping.send_replace(true);
     tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: draining in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period ended with requests still in flight");
     }
     let _ = writer_stop.send(true);
     let _ = writer.await;
+    let _ = log_writer.await;
 }
 
 /// The timer behind hyper's HTTP/1 header-read timeout, made lazy. hyper arms that timeout before

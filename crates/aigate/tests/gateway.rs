@@ -1152,3 +1152,6 @@ async fn slow_request_head_is_cut_off() {
     let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[path = "gateway/logs.rs"]
+mod logs;

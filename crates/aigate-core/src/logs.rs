@@ -1,0 +1,753 @@
+//! The log pipeline: every metered request becomes a [`LogRecord`], off the request path.
+//!
+//! ```text
+//! request path ──try_send──▶ bounded queue ──▶ writer task ──▶ finalise ──▶ LogStore (batches)
+//!       │ (queue full)                             │                  └──▶ metrics, live tail
+//!       └────────▶ spill thread ──▶ data_dir/log-spill/*.jsonl ──(replayed by the writer)──┘
+//! ```
+//!
+//! - The request path only calls [`LogPipeline::submit`]: a `try_send` of the boxed [`Meter`].
+//!   It never waits. When the queue is full the meter goes to the spill thread (a bounded
+//!   channel), which finalises it and appends it to a spill file; if even that channel is full,
+//!   or the spill files reached `storage.log_spill_max`, the record is dropped and counted.
+//! - The writer takes what is queued in batches (up to [`BATCH`]), finalises each record (request
+//!   model, usage, cost, metadata, bodies), records metrics, feeds the live tail, and stores the
+//!   batch per gateway in one transaction. A failing store sends the batch to the spill files
+//!   instead; the writer replays spill files when the store is healthy and the queue is calm.
+//! - Shutdown: after connections drained, the writer drains the queue, the spill thread closes its
+//!   file, and the writer makes one bounded attempt to replay spill files. Whatever is left stays
+//!   on disk and is replayed at the next start.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use aigate_store::{LogRecord, LogStore, MetaValue, Retention, StoreError, MAX_METADATA};
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::config::Settings;
+use crate::cost::{CustomCost, PriceTable};
+use crate::meter::Meter;
+use crate::metrics::Metrics;
+use crate::usage::{self, Endpoint, SseUsage, Usage};
+
+/// Most records the writer stores in one transaction.
+pub const BATCH: usize = 512;
+
+/// Capacity of the channel to the spill thread.
+pub const SPILL_CHANNEL: usize = 65_536;
+
+/// A spill file is closed (and becomes replayable) at this size or after [`SPILL_IDLE`] idle.
+pub const SPILL_FILE_MAX: u64 = 16 * 1024 * 1024;
+
+/// Idle time after which the spill thread closes its file.
+pub const SPILL_IDLE: Duration = Duration::from_millis(500);
+
+/// Live tail events buffered per subscriber before it is told it lagged.
+pub const TAIL_BUFFER: usize = 4096;
+
+/// How often the writer runs maintenance (spill replay; retention every minute).
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
+
+/// Spill directory under `data_dir`.
+pub const SPILL_DIR: &str = "log-spill";
+
+/// Counters of the pipeline (exported as metrics).
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// Records waiting in the queue.
+    pub depth: AtomicU64,
+    /// Records stored.
+    pub written: AtomicU64,
+    /// Records sent to spill files.
+    pub spilled: AtomicU64,
+    /// Spilled records stored later.
+    pub replayed: AtomicU64,
+    /// Records lost.
+    pub dropped: AtomicU64,
+    /// Store errors.
+    pub store_errors: AtomicU64,
+    /// Bytes of spill files on disk.
+    pub spill_bytes: AtomicU64,
+    /// Requests whose `cf-aig-metadata` was not a valid flat JSON object.
+    pub invalid_metadata: AtomicU64,
+    /// Unix ms of the last store error warning (one per 10 s).
+    last_warn_ms: AtomicU64,
+}
+
+impl LogStats {
+    /// Records waiting for the writer.
+    pub fn queue_depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+/// A finalised record and whether it is kept (analytics count it either way).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finished {
+    /// Gateway name.
+    pub gateway: String,
+    /// Store the record (false: `cf-aig-collect-log: false` or logs off; it still counts in
+    /// analytics).
+    pub keep: bool,
+    /// The record.
+    pub record: LogRecord,
+}
+
+enum SpillItem {
+    Meter(Box<Meter>),
+    Records(Vec<Finished>),
+    Flush(std_mpsc::SyncSender<()>),
+}
+
+/// Turns meters into records; shared by the writer and the spill thread.
+pub struct Finalizer {
+    prices: ArcSwap<PriceTable>,
+    metrics: Arc<Metrics>,
+    tail: broadcast::Sender<Arc<LogRecord>>,
+    stats: Arc<LogStats>,
+}
+
+/// The pipeline: queue, writer, spill and live tail.
+pub struct LogPipeline {
+    tx: mpsc::Sender<Box<Meter>>,
+    rx: Mutex<Option<mpsc::Receiver<Box<Meter>>>>,
+    spill_tx: std_mpsc::SyncSender<SpillItem>,
+    spill_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    spill_dir: PathBuf,
+    /// Counters.
+    pub stats: Arc<LogStats>,
+    /// The store.
+    pub store: Arc<dyn LogStore>,
+    finalizer: Arc<Finalizer>,
+    retentions: Mutex<Vec<(String, Retention)>>,
+    queue_capacity: usize,
+}
+
+impl std::fmt::Debug for LogPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogPipeline").field("store", &self.store.kind()).finish_non_exhaustive()
+    }
+}
+
+impl LogPipeline {
+    /// Builds the pipeline and starts its spill thread; [`LogPipeline::run_writer`] must be spawned.
+    pub fn new(
+        settings: &Settings,
+        store: Arc<dyn LogStore>,
+        stats: Arc<LogStats>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<LogPipeline>> {
+        let (tx, rx) = mpsc::channel(settings.storage.log_queue);
+        let (tail, _) = broadcast::channel(TAIL_BUFFER);
+        let finalizer =
+            Arc::new(Finalizer { prices: ArcSwap::new(settings.prices.clone()), metrics, tail, stats: stats.clone() });
+        let spill_dir = settings.data_dir.join(SPILL_DIR);
+        std::fs::create_dir_all(&spill_dir)?;
+        stats.spill_bytes.store(recover_spill_files(&spill_dir)?, Ordering::Relaxed);
+        let (spill_tx, spill_rx) = std_mpsc::sync_channel(SPILL_CHANNEL);
+        let spill_thread = {
+            let dir = spill_dir.clone();
+            let fin = finalizer.clone();
+            let max = settings.storage.log_spill_max;
+            std::thread::Builder::new()
+                .name("aigate-log-spill".into())
+                .spawn(move || spill_loop(&spill_rx, &dir, &fin, max))?
+        };
+        let p = Arc::new(LogPipeline {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            spill_tx,
+            spill_thread: Mutex::new(Some(spill_thread)),
+            spill_dir,
+            stats,
+            store,
+            finalizer,
+            retentions: Mutex::new(Vec::new()),
+            queue_capacity: settings.storage.log_queue,
+        });
+        p.configure(settings);
+        Ok(p)
+    }
+
+    /// Applies (re)loadable settings: prices and per-gateway retention.
+    pub fn configure(&self, settings: &Settings) {
+        self.finalizer.prices.store(settings.prices.clone());
+        let mut r: Vec<(String, Retention)> =
+            settings.gateways.values().map(|g| (g.name.to_string(), g.logs.retention)).collect();
+        r.sort_by(|a, b| a.0.cmp(&b.0));
+        for (gw, ret) in &r {
+            self.store.set_retention(gw, *ret);
+        }
+        *self.retentions.lock().unwrap_or_else(PoisonError::into_inner) = r;
+    }
+
+    /// Hands a finished request over. Never waits: a full queue spills, a full spill drops.
+    pub fn submit(&self, meter: Box<Meter>) {
+        match self.tx.try_send(meter) {
+            Ok(()) => {
+                self.stats.depth.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) => {
+                if self.spill_tx.try_send(SpillItem::Meter(m)).is_err() {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A live feed of finalised records (without bodies).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
+        self.finalizer.tail.subscribe()
+    }
+
+    /// The writer loop; returns after `shutdown` once everything queued is stored or spilled.
+    pub async fn run_writer(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(mut rx) = self.rx.lock().unwrap_or_else(PoisonError::into_inner).take() else { return };
+        let mut buf: Vec<Box<Meter>> = Vec::with_capacity(BATCH);
+        let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_retention: Option<Instant> = None;
+        let mut healthy = true;
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut buf, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    healthy = self.write(&mut buf).await;
+                }
+                _ = tick.tick() => {
+                    let calm = self.stats.queue_depth() < (self.queue_capacity as u64) / 2;
+                    if healthy && calm {
+                        healthy = self.replay_spill(Duration::from_millis(500)).await;
+                    }
+                    if last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        last_retention = Some(Instant::now());
+                        self.enforce_retention().await;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    rx.close();
+                    while let Some(m) = rx.recv().await {
+                        buf.push(m);
+                        if buf.len() >= BATCH {
+                            self.write(&mut buf).await;
+                        }
+                    }
+                    self.write(&mut buf).await;
+                    break;
+                }
+            }
+        }
+        self.flush_spill();
+        if self.stats.spill_bytes.load(Ordering::Relaxed) > 0 {
+            self.replay_spill(Duration::from_secs(5)).await;
+        }
+        if let Some(t) = self.spill_thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            drop(t); // detached: it waits for more items; the process is exiting.
+        }
+    }
+
+    /// Waits until the spill thread has written and closed its current file.
+    pub fn flush_spill(&self) {
+        let (ack_tx, ack_rx) = std_mpsc::sync_channel(1);
+        if self.spill_tx.send(SpillItem::Flush(ack_tx)).is_ok() {
+            let _ = ack_rx.recv_timeout(Duration::from_secs(30));
+        }
+    }
+
+    /// Finalises and stores a batch; returns whether the store accepted it. (The meters stay boxed:
+    /// they were boxed once on the request path and moving them out would copy each.)
+    #[allow(clippy::vec_box)]
+    async fn write(&self, buf: &mut Vec<Box<Meter>>) -> bool {
+        if buf.is_empty() {
+            return true;
+        }
+        self.stats.depth.fetch_sub(buf.len() as u64, Ordering::Relaxed);
+        let finished: Vec<Finished> = buf.drain(..).map(|m| self.finalizer.finalize(*m)).collect();
+        match self.store_finished(&finished).await {
+            Ok(n) => {
+                self.stats.written.fetch_add(n, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.store_failed(&e);
+                if self.spill_tx.try_send(SpillItem::Records(finished)).is_err() {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+        }
+    }
+
+    /// Stores records grouped by gateway; returns how many rows were inserted.
+    async fn store_finished(&self, finished: &[Finished]) -> Result<u64, StoreError> {
+        let mut by_gateway: HashMap<&str, (Vec<LogRecord>, Vec<LogRecord>)> = HashMap::new();
+        for f in finished {
+            let e = by_gateway.entry(f.gateway.as_str()).or_default();
+            if f.keep {
+                e.0.push(f.record.clone());
+            } else {
+                e.1.push(f.record.clone());
+            }
+        }
+        let mut inserted = 0;
+        for (gw, (kept, _counted)) in by_gateway {
+            if !kept.is_empty() {
+                inserted += self.store.insert_batch(gw, &kept).await?;
+            }
+        }
+        Ok(inserted)
+    }
+
+    fn store_failed(&self, e: &StoreError) {
+        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        let now = unix_ms();
+        let last = self.stats.last_warn_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && self.stats.last_warn_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(store = self.store.kind(), error = %e, "log store failing: records go to spill files");
+        }
+    }
+
+    async fn enforce_retention(&self) {
+        let gateways: Vec<String> =
+            self.retentions.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(g, _)| g.clone()).collect();
+        for gw in gateways {
+            if let Err(e) = self.store.enforce_retention(&gw).await {
+                self.store_failed(&e);
+                return;
+            }
+        }
+    }
+
+    /// Replays closed spill files into the store, oldest first, for at most `budget`. Returns
+    /// false if the store failed.
+    pub async fn replay_spill(&self, budget: Duration) -> bool {
+        let started = Instant::now();
+        let files = match list_spill_files(&self.spill_dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list log spill files");
+                return true;
+            }
+        };
+        for path in files {
+            if started.elapsed() >= budget {
+                break;
+            }
+            let data = match tokio::fs::read(&path).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %path.display(), "cannot read a log spill file");
+                    continue;
+                }
+            };
+            let mut records = Vec::new();
+            for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                match serde_json::from_slice::<Finished>(line) {
+                    Ok(f) => records.push(f),
+                    // A torn last line after a crash.
+                    Err(e) => tracing::debug!(error = %e, "skipping an unreadable spill line"),
+                }
+            }
+            for chunk in records.chunks(BATCH) {
+                if let Err(e) = self.store_finished(chunk).await {
+                    self.store_failed(&e);
+                    return false;
+                }
+            }
+            self.stats.replayed.fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.stats.written.fetch_add(records.iter().filter(|f| f.keep).count() as u64, Ordering::Relaxed);
+            if tokio::fs::remove_file(&path).await.is_ok() {
+                self.stats.spill_bytes.fetch_sub(
+                    (data.len() as u64).min(self.stats.spill_bytes.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        true
+    }
+}
+
+/// Opens the configured log store without waiting on the network: SQLite opens its file now;
+/// PostgreSQL connects and migrates its schema on first use (and retries after failures).
+pub fn open_store(backend: &aigate_store::LogBackend) -> Result<Arc<dyn LogStore>, StoreError> {
+    Ok(match backend {
+        aigate_store::LogBackend::Sqlite { path } => Arc::new(aigate_store::SqliteLogStore::open(path)?),
+        aigate_store::LogBackend::Postgres { url } => Arc::new(aigate_store::PostgresLogStore::connect(url)?),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finalising a record
+// ---------------------------------------------------------------------------------------------
+
+impl Finalizer {
+    /// Builds the record of a finished request, updates metrics and feeds the tail.
+    pub fn finalize(&self, m: Meter) -> Finished {
+        let keep = m.logs.enabled && m.collect_log;
+        let bodies = keep && m.logs.bodies && m.collect_payload;
+        let end = m.end.unwrap_or_else(Instant::now);
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+        let head_out = m.head_out.unwrap_or(end);
+        let success = (200..300).contains(&m.status) && m.completed && m.error.is_none();
+        let hit = m.cache_status == crate::cache::CacheStatus::Hit;
+
+        let requested_model = request_model(&m.request_body);
+        let response = response_bytes(&m);
+        let mut served_model = None;
+        let mut usage: Option<Usage> = None;
+        if let Some(ep) = m.endpoint {
+            if let Some(entry) = &m.hit_entry {
+                usage = usage_of_chunks(ep, &entry.chunks, m.stream);
+            } else if let Some(sse) = m.sse {
+                served_model = sse.model().map(str::to_owned);
+                usage = sse.finish();
+            } else if (200..300).contains(&m.status) && !m.capture_overflow {
+                usage = usage::parse_json(ep, &response);
+            }
+        }
+        if let Some(u) = &mut usage {
+            if u.model.is_none() {
+                u.model = served_model.clone().or_else(|| requested_model.clone());
+            }
+            served_model = u.model.clone().or(served_model);
+        }
+        let custom = m.custom_cost.as_ref().and_then(|v| CustomCost::parse(v.as_bytes()).ok());
+        let prices = self.prices.load();
+        let priced = usage.as_ref().and_then(|u| prices.cost_for(&m.provider.name, u, custom.as_ref()));
+        let (cost_usd, saved_usd) = if hit {
+            (Some(0.0), priced)
+        } else if priced.is_some() {
+            (priced, None)
+        } else if !success || m.endpoint.is_none() && m.request_body.is_empty() {
+            // Failed requests are not billed; bodiless calls (model lists) cost nothing.
+            (Some(0.0), None)
+        } else {
+            (None, None)
+        };
+
+        let error = m.error.clone().or_else(|| (m.status >= 400).then(|| error_message(&response, m.status)));
+        let metadata = match &m.metadata {
+            Some(v) => match parse_metadata(v.as_bytes()) {
+                Some(md) => md,
+                None => {
+                    self.stats.invalid_metadata.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("cf-aig-metadata ignored: not a JSON object");
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        let cap = m.logs.max_body_size;
+        let overhead = match (m.upstream_start, m.upstream_head) {
+            (Some(us), Some(uh)) => ms(m.start, us) + ms(uh, head_out),
+            (Some(us), None) => ms(m.start, us),
+            _ => ms(m.start, head_out),
+        };
+        let record = LogRecord {
+            id: m.id.hyphenated().to_string(),
+            event_id: m.event_id.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned),
+            created_at_ms: m.created_at_ms,
+            gateway: m.gateway.to_string(),
+            provider: m.provider.name.clone(),
+            path: m.path.clone(),
+            requested_model,
+            served_model,
+            status: m.status,
+            success,
+            cache_status: m.cache_status.aigate_value().to_owned(),
+            stream: m.stream,
+            duration_ms: ms(m.start, end),
+            ttfb_ms: Some(ms(m.start, m.first_byte.unwrap_or(head_out))),
+            upstream_ms: m.upstream_start.map(|s| ms(s, end)),
+            overhead_ms: Some(overhead),
+            tokens_in: usage.as_ref().map(|u| u.input_tokens),
+            tokens_out: usage.as_ref().map(|u| u.output_tokens),
+            cached_tokens_in: usage.as_ref().map(|u| u.cached_input_tokens),
+            reasoning_tokens: usage.as_ref().map(|u| u.reasoning_tokens),
+            cost_usd,
+            saved_usd,
+            custom_cost: custom.is_some(),
+            metadata,
+            user_agent: m.user_agent.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned),
+            error,
+            request_body: None,
+            response_body: None,
+            feedback: None,
+            score: None,
+        };
+        self.metrics.record(&record);
+        if self.tail.receiver_count() > 0 {
+            let _ = self.tail.send(Arc::new(record.clone()));
+        }
+        let mut record = record;
+        if bodies {
+            record.request_body = Some(m.request_body.slice(..m.request_body.len().min(cap)));
+            record.response_body = Some(response.slice(..response.len().min(cap)));
+        }
+        Finished { gateway: m.gateway.to_string(), keep, record }
+    }
+}
+
+/// The response body as relayed (or as cached, for a hit), up to what was kept.
+fn response_bytes(m: &Meter) -> Bytes {
+    let chunks: &[Bytes] = match &m.hit_entry {
+        Some(e) => &e.chunks,
+        None => &m.captured,
+    };
+    match chunks {
+        [] => Bytes::new(),
+        [one] => one.clone(),
+        many => {
+            let mut b = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+            for c in many {
+                b.extend_from_slice(c);
+            }
+            b.freeze()
+        }
+    }
+}
+
+fn usage_of_chunks(ep: Endpoint, chunks: &[Bytes], stream: bool) -> Option<Usage> {
+    if stream {
+        let mut sse = SseUsage::new(ep);
+        for c in chunks {
+            sse.feed(c);
+        }
+        let model = sse.model().map(str::to_owned);
+        sse.finish().map(|mut u| {
+            u.model = u.model.or(model);
+            u
+        })
+    } else {
+        let mut b = BytesMut::new();
+        for c in chunks {
+            b.extend_from_slice(c);
+        }
+        usage::parse_json(ep, &b)
+    }
+}
+
+/// The `model` of a JSON request body, if it has one.
+fn request_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        model: Option<String>,
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' {
+        return None;
+    }
+    serde_json::from_slice::<Probe>(body).ok()?.model
+}
+
+/// The message of an error body (`{"error":{"message"}}`, `{"error":"…"}`, `{"message"}`), or
+/// the start of the body as text.
+fn error_message(body: &[u8], status: u16) -> String {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ErrorField {
+        Object {
+            #[serde(default)]
+            message: Option<String>,
+        },
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        error: Option<ErrorField>,
+        #[serde(default)]
+        message: Option<String>,
+    }
+    if let Ok(p) = serde_json::from_slice::<Probe>(body) {
+        match p.error {
+            Some(ErrorField::Object { message: Some(m) }) | Some(ErrorField::Text(m)) => return truncate(m, 1000),
+            _ => {}
+        }
+        if let Some(m) = p.message {
+            return truncate(m, 1000);
+        }
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(1000)]).trim().to_owned();
+    if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        text
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// `cf-aig-metadata`: a flat JSON object; the first [`MAX_METADATA`] string, number or boolean
+/// entries are kept, others dropped. `None` if the header is not a JSON object.
+pub fn parse_metadata(v: &[u8]) -> Option<Vec<(String, MetaValue)>> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(v).ok()?;
+    Some(map.iter().filter_map(|(k, v)| MetaValue::from_json(v).map(|mv| (k.clone(), mv))).take(MAX_METADATA).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spill files
+// ---------------------------------------------------------------------------------------------
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Renames files left open by a crash so they are replayed, and returns the bytes on disk.
+fn recover_spill_files(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "partial") {
+            let done = path.with_extension("");
+            std::fs::rename(&path, &done)?;
+            total += std::fs::metadata(&done)?.len();
+        } else if path.extension().is_some_and(|e| e == "jsonl") {
+            total += std::fs::metadata(&path)?.len();
+        }
+    }
+    Ok(total)
+}
+
+fn list_spill_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+struct SpillFile {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    bytes: u64,
+}
+
+/// The spill thread: appends records as JSON lines to `*.jsonl.partial`, renamed to `*.jsonl`
+/// when closed (size cap, idle, flush).
+fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &Finalizer, max_bytes: u64) {
+    let mut current: Option<SpillFile> = None;
+    let mut seq: u64 = 0;
+    let close = |f: Option<SpillFile>| {
+        if let Some(mut f) = f {
+            let _ = f.out.flush();
+            let _ = f.out.get_ref().sync_data();
+            let done = f.path.with_extension("");
+            if let Err(e) = std::fs::rename(&f.path, &done) {
+                tracing::warn!(error = %e, "cannot close a log spill file");
+            }
+        }
+    };
+    loop {
+        let item = match rx.recv_timeout(SPILL_IDLE) {
+            Ok(i) => i,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                close(current.take());
+                continue;
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                close(current.take());
+                return;
+            }
+        };
+        let records = match item {
+            SpillItem::Meter(m) => vec![fin.finalize(*m)],
+            SpillItem::Records(r) => r,
+            SpillItem::Flush(ack) => {
+                close(current.take());
+                let _ = ack.send(());
+                continue;
+            }
+        };
+        for r in records {
+            let Ok(mut line) = serde_json::to_vec(&r) else {
+                fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            line.push(b'\n');
+            let len = line.len() as u64;
+            if fin.stats.spill_bytes.load(Ordering::Relaxed) + len > max_bytes {
+                fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if current.as_ref().is_some_and(|f| f.bytes >= SPILL_FILE_MAX) {
+                close(current.take());
+            }
+            if current.is_none() {
+                seq += 1;
+                let path = dir.join(format!("spill-{:013}-{:06}.jsonl.partial", unix_ms(), seq));
+                match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+                    Ok(f) => current = Some(SpillFile { path, out: std::io::BufWriter::new(f), bytes: 0 }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create a log spill file: record dropped");
+                        fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+            if let Some(f) = &mut current {
+                if f.out.write_all(&line).is_ok() {
+                    f.bytes += len;
+                    fin.stats.spill_bytes.fetch_add(len, Ordering::Relaxed);
+                    fin.stats.spilled.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_keeps_five_scalars() {
+        let md = parse_metadata(br#"{"a":"x","b":1,"c":true,"d":{"x":1},"e":[1],"f":null,"g":2.5,"h":"y","i":"z"}"#)
+            .unwrap();
+        let keys: Vec<&str> = md.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "c", "g", "h"]);
+        assert!(parse_metadata(b"not json").is_none());
+        assert!(parse_metadata(b"[1,2]").is_none());
+    }
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(error_message(br#"{"error":{"message":"bad key","type":"x"}}"#, 401), "bad key");
+        assert_eq!(error_message(br#"{"error":"oops"}"#, 500), "oops");
+        assert_eq!(error_message(b"", 502), "HTTP 502");
+        assert_eq!(error_message(b"plain text", 500), "plain text");
+    }
+
+    #[test]
+    fn request_model_probe() {
+        assert_eq!(request_model(br#" {"model":"gpt-4o","messages":[]}"#).as_deref(), Some("gpt-4o"));
+        assert_eq!(request_model(b"--multipart"), None);
+    }
+}

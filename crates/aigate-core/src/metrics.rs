@@ -1,0 +1,289 @@
+//! Prometheus metrics, served at `GET /metrics` in the text exposition format.
+//!
+//! Per-request metrics are recorded by the log pipeline's writer when a request's record is
+//! finalised ([`Metrics::record`]), never on the request path. Gauges and counters that live
+//! elsewhere (cache store size, log queue depth, spills) are read at scrape time by a collector.
+//!
+//! Label values come from requests (model names), so their number is bounded: past
+//! [`MAX_MODEL_LABELS`] distinct models, further ones are counted under `model="other"`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use aigate_store::{CacheStore, LogRecord};
+
+use crate::cache::CacheLayer;
+use crate::logs::LogStats;
+
+/// Distinct model label values kept before new ones are folded into `other`.
+pub const MAX_MODEL_LABELS: usize = 500;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    gateway: String,
+    provider: String,
+    model: String,
+    status_class: &'static str,
+    cache_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    gateway: String,
+    provider: String,
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    gateway: String,
+    provider: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayLabels {
+    gateway: String,
+    provider: String,
+}
+
+type HistogramFamily = Family<GatewayLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+fn overhead_histogram() -> Histogram {
+    // 10 µs .. ~80 ms: the gateway's own time.
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 14))
+}
+
+/// The metrics registry and the per-request families.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    cost: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    saved: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    duration: HistogramFamily,
+    ttfb: HistogramFamily,
+    overhead: HistogramFamily,
+    models: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry with aigate's metrics; `cache` and `logs` are read at scrape time.
+    pub fn new(cache: Arc<CacheLayer>, logs: Arc<LogStats>) -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("aigate_requests", "Requests through a gateway", requests.clone());
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "aigate_tokens",
+            "Tokens reported by providers (kind: input, output, cached_input, reasoning); cache hits excluded",
+            tokens.clone(),
+        );
+        let cost = Family::<ModelLabels, Counter<f64, AtomicU64>>::default();
+        registry.register("aigate_cost_usd", "Cost paid to providers, USD (known prices only)", cost.clone());
+        let saved = Family::<ModelLabels, Counter<f64, AtomicU64>>::default();
+        registry.register("aigate_cost_saved_usd", "Cost saved by cache hits, USD", saved.clone());
+        let duration = HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "aigate_request_duration_seconds",
+            "Request duration, arrival to last byte",
+            duration.clone(),
+        );
+        let ttfb = HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register("aigate_time_to_first_byte_seconds", "Arrival to first response byte", ttfb.clone());
+        let overhead = HistogramFamily::new_with_constructor(overhead_histogram as fn() -> Histogram);
+        registry.register(
+            "aigate_gateway_overhead_seconds",
+            "Time spent in aigate itself (before the upstream call and relaying its head)",
+            overhead.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector { cache, logs }));
+        Arc::new(Metrics {
+            registry,
+            requests,
+            tokens,
+            cost,
+            saved,
+            duration,
+            ttfb,
+            overhead,
+            models: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Records one finished request.
+    pub fn record(&self, r: &LogRecord) {
+        let model = self.model_label(r.served_model.as_deref().or(r.requested_model.as_deref()).unwrap_or(""));
+        let status_class = match r.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                gateway: r.gateway.clone(),
+                provider: r.provider.clone(),
+                model: model.clone(),
+                status_class,
+                cache_status: r.cache_status.clone(),
+            })
+            .inc();
+        let hit = r.cache_status == "HIT";
+        if !hit {
+            for (kind, v) in [
+                ("input", r.tokens_in),
+                ("output", r.tokens_out),
+                ("cached_input", r.cached_tokens_in),
+                ("reasoning", r.reasoning_tokens),
+            ] {
+                if let Some(v) = v.filter(|&v| v > 0) {
+                    let l = TokenLabels {
+                        gateway: r.gateway.clone(),
+                        provider: r.provider.clone(),
+                        model: model.clone(),
+                        kind,
+                    };
+                    self.tokens.get_or_create(&l).inc_by(v);
+                }
+            }
+        }
+        let ml = ModelLabels { gateway: r.gateway.clone(), provider: r.provider.clone(), model };
+        if let Some(c) = r.cost_usd.filter(|c| *c > 0.0) {
+            self.cost.get_or_create(&ml).inc_by(c);
+        }
+        if let Some(s) = r.saved_usd.filter(|c| *c > 0.0) {
+            self.saved.get_or_create(&ml).inc_by(s);
+        }
+        let gl = GatewayLabels { gateway: r.gateway.clone(), provider: r.provider.clone() };
+        self.duration.get_or_create(&gl).observe(r.duration_ms / 1000.0);
+        if let Some(t) = r.ttfb_ms {
+            self.ttfb.get_or_create(&gl).observe(t / 1000.0);
+        }
+        if let Some(o) = r.overhead_ms {
+            self.overhead.get_or_create(&gl).observe(o / 1000.0);
+        }
+    }
+
+    fn model_label(&self, model: &str) -> String {
+        let mut seen = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(model) {
+            return model.to_owned();
+        }
+        if seen.len() >= MAX_MODEL_LABELS {
+            return "other".to_owned();
+        }
+        seen.insert(model.to_owned());
+        model.to_owned()
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Values owned by other parts of the gateway, read at scrape time.
+struct StateCollector {
+    cache: Arc<CacheLayer>,
+    logs: Arc<LogStats>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCollector").finish_non_exhaustive()
+    }
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.cache.store.stats();
+        let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        gauge(&mut enc, "aigate_cache_entries", "Entries in the cache store", i(s.entries))?;
+        gauge(&mut enc, "aigate_cache_bytes", "Bytes in the cache store", i(s.bytes))?;
+        counter(&mut enc, "aigate_cache_evictions", "Cache entries evicted for size", s.evictions)?;
+        let c = &self.cache.stats;
+        counter(&mut enc, "aigate_cache_hits", "Responses served from the cache store", load(&c.hits))?;
+        counter(
+            &mut enc,
+            "aigate_cache_coalesced",
+            "Responses served from an identical request in flight",
+            load(&c.coalesced),
+        )?;
+        counter(&mut enc, "aigate_cache_misses", "Cache lookups that missed", load(&c.misses))?;
+        counter(&mut enc, "aigate_cache_shadow_hits", "Would-be hits of shadow-mode gateways", load(&c.shadow_hits))?;
+        counter(&mut enc, "aigate_cache_writes", "Entries written to the cache store", load(&c.writes))?;
+        counter(&mut enc, "aigate_cache_write_drops", "Entries not written (write queue full)", load(&c.write_drops))?;
+        counter(&mut enc, "aigate_cache_store_errors", "Cache store errors (served as misses)", load(&c.store_errors))?;
+        let l = &self.logs;
+        gauge(&mut enc, "aigate_log_queue_depth", "Records waiting for the log writer", i(l.queue_depth()))?;
+        counter(&mut enc, "aigate_log_records_written", "Log records stored", load(&l.written))?;
+        counter(
+            &mut enc,
+            "aigate_log_records_spilled",
+            "Log records spilled to disk (queue full or store failing)",
+            load(&l.spilled),
+        )?;
+        counter(
+            &mut enc,
+            "aigate_log_records_replayed",
+            "Spilled log records replayed into the store",
+            load(&l.replayed),
+        )?;
+        counter(
+            &mut enc,
+            "aigate_log_records_dropped",
+            "Log records lost (spill full or unwritable)",
+            load(&l.dropped),
+        )?;
+        counter(&mut enc, "aigate_log_store_errors", "Log store errors", load(&l.store_errors))?;
+        gauge(&mut enc, "aigate_log_spill_bytes", "Bytes in log spill files", i(load(&l.spill_bytes)))?;
+        counter(
+            &mut enc,
+            "aigate_log_invalid_metadata",
+            "Requests whose cf-aig-metadata was ignored",
+            load(&l.invalid_metadata),
+        )?;
+        Ok(())
+    }
+}
