@@ -8,6 +8,8 @@ use aigate_core::Settings;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod remote;
+
 /// A self-hosted, Cloudflare-compatible AI gateway: cache, meter, rate-limit and log LLM requests.
 #[derive(Parser)]
 #[command(name = "aigate", version, about, long_about = None)]
@@ -44,6 +46,33 @@ enum Command {
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
+    },
+    /// Follow a running server's requests live, one line each (like `wrangler tail`).
+    Tail {
+        /// Only this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Only failed requests.
+        #[arg(long)]
+        errors: bool,
+        /// Print each record as a JSON line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Query a gateway's request logs, newest first.
+    Logs {
+        /// The gateway.
+        #[arg(long, default_value = "default")]
+        gateway: String,
+        #[command(flatten)]
+        filters: remote::LogFilters,
+        /// Print each record as a JSON line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
     },
 }
 
@@ -106,6 +135,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("no admin token: pass --token, set AIGATE_ADMIN_TOKEN or [admin] token")?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(purge(&base, &token, &gateway, key.as_deref(), cache_key.as_deref()))
+        }
+        Command::Tail { gateway, errors, json, remote } => {
+            let server = remote.resolve()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                tokio::select! {
+                    r = remote::tail(&server, gateway.as_deref(), errors, json) => r,
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                }
+            })
+        }
+        Command::Logs { gateway, filters, json, remote } => {
+            let server = remote.resolve()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(remote::logs(&server, &gateway, &filters, json))
         }
         Command::Serve { config, listen, worker_threads } => {
             let mut settings = load(config.as_deref())?;

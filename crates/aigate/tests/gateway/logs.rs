@@ -417,3 +417,50 @@ async fn stalled_store_spills_to_disk_and_replays_later() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_tail_and_logs() {
+    use std::io::BufRead as _;
+    let env = env_with(ADMIN, MockConfig::default()).await;
+    let base = format!("http://{}", env.gw.addr);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
+        .args(["tail", "--gateway", "default", "--url", &base, "--token", ADMIN_TOKEN])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The tail announces itself on stderr once connected.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    tokio::task::spawn_blocking(move || err.read_line(&mut first).map(|_| first)).await.unwrap().unwrap();
+    let r = post(&env, "/v1/chat/completions", CHAT, &[("x-mock-status", "500")]).await;
+    r.bytes().await.unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let line = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            let mut l = String::new();
+            out.read_line(&mut l).map(|_| l)
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(line.contains(" default gpt-4o-mini 500 OFF "), "{line}");
+    assert!(line.contains("error:"), "{line}");
+
+    post(&env, "/v1/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
+    records(&env, "default", 2).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
+        .args(["logs", "--gateway", "default", "--ok", "--json", "--url", &base, "--token", ADMIN_TOKEN])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["status"], 200);
+}
