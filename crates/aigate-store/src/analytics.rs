@@ -445,19 +445,73 @@ impl Histogram {
         out
     }
 
-    /// Parses [`Histogram::to_json`]'s output (or a merge of it).
+    /// Parses [`Histogram::to_json`]'s output, or the backends' merge of it (any JSON object of
+    /// bucket index strings to non-negative integers, with any whitespace). Hand-rolled: a query
+    /// parses one per row read.
     pub(crate) fn from_json(s: &str) -> Result<Histogram, StoreError> {
-        let sparse: HashMap<usize, u64> =
-            serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("latency histogram: {e}")))?;
+        let bad = || StoreError::Corrupt(format!("latency histogram: {s:?}"));
         let mut h = Histogram::default();
-        for (i, c) in sparse {
-            let slot = h
-                .counts
-                .get_mut(i)
-                .ok_or_else(|| StoreError::Corrupt(format!("latency histogram: bucket {i} out of range")))?;
-            *slot = slot.saturating_add(c);
+        let mut p = JsonCursor { b: s.as_bytes(), i: 0 };
+        p.expect(b'{').ok_or_else(bad)?;
+        if p.eat(b'}') {
+            return p.end().then_some(h).ok_or_else(bad);
         }
-        Ok(h)
+        loop {
+            p.expect(b'"').ok_or_else(bad)?;
+            let i = p.number().ok_or_else(bad)?;
+            p.expect(b'"').ok_or_else(bad)?;
+            p.expect(b':').ok_or_else(bad)?;
+            let c = p.number().ok_or_else(bad)?;
+            let slot = usize::try_from(i).ok().and_then(|i| h.counts.get_mut(i)).ok_or_else(bad)?;
+            *slot = slot.saturating_add(c);
+            if p.eat(b'}') {
+                return p.end().then_some(h).ok_or_else(bad);
+            }
+            p.expect(b',').ok_or_else(bad)?;
+        }
+    }
+}
+
+/// A position in a histogram's JSON text.
+struct JsonCursor<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl JsonCursor<'_> {
+    fn skip_ws(&mut self) {
+        while self.b.get(self.i).is_some_and(u8::is_ascii_whitespace) {
+            self.i += 1;
+        }
+    }
+
+    /// Consumes `c` (after whitespace) if it is next.
+    fn eat(&mut self, c: u8) -> bool {
+        self.skip_ws();
+        let hit = self.b.get(self.i) == Some(&c);
+        self.i += usize::from(hit);
+        hit
+    }
+
+    fn expect(&mut self, c: u8) -> Option<()> {
+        self.eat(c).then_some(())
+    }
+
+    /// A run of ASCII digits as a number.
+    fn number(&mut self) -> Option<u64> {
+        self.skip_ws();
+        let start = self.i;
+        let mut n: u64 = 0;
+        while let Some(d) = self.b.get(self.i).filter(|d| d.is_ascii_digit()) {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            self.i += 1;
+        }
+        (self.i > start).then_some(n)
+    }
+
+    fn end(&mut self) -> bool {
+        self.skip_ws();
+        self.i == self.b.len()
     }
 }
 
@@ -558,9 +612,16 @@ impl Rollup {
         ]
     }
 
-    /// The sums, in the order of [`FLOAT_COLUMNS`].
+    /// The sums, in the order of [`FLOAT_COLUMNS`] (a NaN, from sums of opposite infinities, as 0:
+    /// neither backend's `NOT NULL` column takes it).
     pub(crate) fn floats(&self) -> [f64; 4] {
-        [self.cost_usd, self.saved_usd, self.shadow_saved_usd, self.duration_sum_ms]
+        [self.cost_usd, self.saved_usd, self.shadow_saved_usd, self.duration_sum_ms].map(|v| {
+            if v.is_nan() {
+                0.0
+            } else {
+                v
+            }
+        })
     }
 
     /// A rollup from stored columns (in the orders of [`INT_COLUMNS`] and [`FLOAT_COLUMNS`]).
@@ -818,8 +879,11 @@ mod tests {
         assert_eq!(s.matches(':').count(), 4, "{s}");
         assert_eq!(Histogram::from_json(&s).unwrap(), h);
         assert_eq!(Histogram::from_json("{}").unwrap(), Histogram::default());
-        assert!(Histogram::from_json("{\"999\":1}").is_err());
-        assert!(Histogram::from_json("[1]").is_err());
+        // PostgreSQL's jsonb text form.
+        assert_eq!(Histogram::from_json(" { \"0\": 1, \"12\" : 30 } ").unwrap().count(), 31);
+        for bad in ["{\"999\":1}", "[1]", "", "{", "{\"1\":1,}", "{\"1\":-1}", "{\"a\":1}", "{} x", "{\"1\":1.5}"] {
+            assert!(Histogram::from_json(bad).is_err(), "{bad:?}");
+        }
     }
 
     proptest! {

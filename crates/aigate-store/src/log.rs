@@ -24,6 +24,9 @@
 //! An insert is atomic; a delete or retention run that fails part-way keeps the chunks it already
 //! committed (the row counts stay exact).
 //!
+//! Analytics: the same stores keep traffic rollups in the transaction of every insert and answer
+//! [`LogStore::analytics`] from them (see [`crate::analytics`]).
+//!
 //! Implementations: [`crate::SqliteLogStore`] (embedded, default) and [`crate::PostgresLogStore`]
 //! (shared by replicas); both pass `tests/log_conformance.rs`.
 
