@@ -14,12 +14,14 @@
 //! Request logs (the audit trail): [`LogStore`], with [`SqliteLogStore`] (a file under `data_dir`,
 //! the default) and [`PostgresLogStore`] (shared by replicas, schema created and migrated by aigate),
 //! chosen by [`build_log_store`] from a [`LogBackend`]. A failing log store degrades logging, never
-//! the proxying.
+//! the proxying. The same stores answer traffic analytics ([`LogStore::analytics`]) from rollups
+//! kept as records are written ([`analytics`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod analytics;
 pub mod cache;
 pub mod disk;
 pub mod log;
@@ -30,6 +32,10 @@ pub mod redis;
 mod sqlite;
 pub mod tiered;
 
+pub use self::analytics::{
+    Analytics, AnalyticsBucket, AnalyticsGroup, AnalyticsQuery, AnalyticsStats, Granularity, GroupBy,
+    HOUR_ROLLUP_RETENTION_MS, MAX_ANALYTICS_BUCKETS, MINUTE_ROLLUP_RETENTION_MS,
+};
 pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
 pub use self::disk::DiskCacheStore;
 pub use self::log::{

@@ -24,6 +24,9 @@
 //! An insert is atomic; a delete or retention run that fails part-way keeps the chunks it already
 //! committed (the row counts stay exact).
 //!
+//! Analytics: the same stores keep traffic rollups in the transaction of every insert and answer
+//! [`LogStore::analytics`] from them (see [`crate::analytics`]).
+//!
 //! Implementations: [`crate::SqliteLogStore`] (embedded, default) and [`crate::PostgresLogStore`]
 //! (shared by replicas); both pass `tests/log_conformance.rs`.
 
@@ -34,7 +37,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::StoreError;
+use crate::{Analytics, AnalyticsQuery, StoreError};
 
 /// Metadata entries kept per record; extra entries are dropped on insert.
 pub const MAX_METADATA: usize = 5;
@@ -346,7 +349,21 @@ pub trait LogStore: Send + Sync + 'static {
     /// honouring the gateway's [`Retention`]; returns how many rows were inserted. Records whose id
     /// already exists in the gateway are skipped (so a retried batch is not duplicated); with
     /// [`AtCap::StopInserting`] the batch is inserted in order only until the cap is reached.
+    ///
+    /// The same transaction adds to the analytics rollups ([`crate::analytics`]) every record that
+    /// is not a duplicate id, including those dropped at the cap (analytics count traffic, not
+    /// what is kept).
     async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError>;
+
+    /// Adds `records` to the gateway's analytics rollups only, without storing them (requests whose
+    /// record is not kept: logging disabled for the gateway or refused by the client). Ids are not
+    /// checked for duplicates. Atomic.
+    async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError>;
+
+    /// The gateway's traffic analytics over `q`'s range, from the rollups (see
+    /// [`crate::analytics`]). Rejects, as [`StoreError::Corrupt`] starting `invalid`, what
+    /// [`AnalyticsQuery::validate`] rejects.
+    async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError>;
 
     /// One page of the gateway's records matching `filter`, newest first, without bodies.
     async fn list(&self, gateway: &str, filter: &LogFilter) -> Result<LogPage, StoreError>;
@@ -381,6 +398,11 @@ pub trait LogStore: Send + Sync + 'static {
     /// Applies the gateway's retention now: deletes rows older than `max_age_ms` and, with
     /// [`AtCap::DeleteOldest`], the oldest rows beyond `max_records`, in transactions of at most
     /// [`DELETE_CHUNK_ROWS`] rows. Returns how many were removed (0 without a retention).
+    ///
+    /// Also prunes the gateway's analytics rollups, with or without a retention: minute rows older
+    /// than [`crate::MINUTE_ROLLUP_RETENTION_MS`] and hour rows older than
+    /// [`crate::HOUR_ROLLUP_RETENTION_MS`]
+    /// (not counted in the result). Otherwise rollups are never changed by deletions.
     async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError>;
 }
 

@@ -7,8 +7,11 @@
 //! `(gateway, created_at_ms, id)` and `(gateway, event_id, created_at_ms, id)`.
 //! `<table>_counts(gateway, n)` holds each gateway's row count, kept in the transaction of every
 //! insert and delete; its row is locked first by every write, which serialises the writes of one
-//! gateway across replicas (so a cap holds exactly and trims never deadlock). `<table>_schema`
-//! holds the schema version.
+//! gateway across replicas (so a cap holds exactly and trims never deadlock). `<table>_rollups`
+//! holds the analytics rollups ([`crate::analytics`]), primary key `(gateway, grain_ms, dim,
+//! bucket_ms, dim_value)`, histogram as JSONB; every batch adds to them with one `INSERT … ON
+//! CONFLICT DO UPDATE` of its aggregated rows in key order, in the batch's transaction, so the sums
+//! stay exact when replicas write at once. `<table>_schema` holds the schema version.
 //!
 //! aigate creates and migrates the schema itself ([`PostgresLogStore::migrate`], run once per store
 //! before its first query): every pending migration runs in one transaction that first takes
@@ -17,7 +20,7 @@
 //!
 //! Bounds: a pool of at most [`POOL_SIZE`] connections; a batch is inserted with one `INSERT …
 //! SELECT FROM UNNEST(…)` statement per chunk of at most [`INSERT_CHUNK_ROWS`] rows /
-//! [`INSERT_CHUNK_BYTES`] of bodies, all in one transaction.
+//! [`INSERT_CHUNK_BYTES`] of bodies, plus one rollup upsert, all in one transaction.
 //!
 //! Failure behaviour: nothing connects at construction, so a store is built while PostgreSQL is
 //! down; every operation then fails with [`StoreError::Unavailable`] (or [`StoreError::Timeout`]
@@ -26,6 +29,7 @@
 //! Connections are plain TCP (or Unix socket): a URL with `sslmode=require` is refused when
 //! connecting, as TLS is not built in.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,12 +39,19 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use crate::analytics::{
+    aggregate, assemble, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS, HOUR_MS,
+    INT_COLUMNS, MINUTE_MS,
+};
 use crate::log::{
     check_patch, encode_cursor, filter_sql, finite, invalid, stored_metadata, to_i64, to_u64, AtCap, Dialect,
     MetaValue, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
 use crate::memory::now_ms;
-use crate::{LogFilter, LogPage, LogRecord, LogStore, StoreError};
+use crate::{
+    Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
+    MINUTE_ROLLUP_RETENTION_MS,
+};
 
 /// Table used by [`PostgresLogStore::connect`].
 pub const DEFAULT_LOG_TABLE: &str = "aigate_logs";
@@ -65,8 +76,9 @@ const MAX_TABLE_LEN: usize = 40;
 
 /// The schema migrations of `table`, in order: migration `i` brings the schema to version `i + 1`.
 fn migrations(t: &str) -> Vec<String> {
-    vec![format!(
-        r#"CREATE TABLE IF NOT EXISTS "{t}" (
+    vec![
+        format!(
+            r#"CREATE TABLE IF NOT EXISTS "{t}" (
                gateway TEXT NOT NULL,
                id TEXT COLLATE "C" NOT NULL,
                event_id TEXT,
@@ -105,12 +117,41 @@ fn migrations(t: &str) -> Vec<String> {
                gateway TEXT PRIMARY KEY,
                n BIGINT NOT NULL
            );"#
-    )]
+        ),
+        format!(
+            r#"CREATE TABLE IF NOT EXISTS "{t}_rollups" (
+               gateway TEXT NOT NULL,
+               grain_ms BIGINT NOT NULL,
+               dim TEXT NOT NULL,
+               bucket_ms BIGINT NOT NULL,
+               dim_value TEXT NOT NULL,
+               requests BIGINT NOT NULL,
+               errors BIGINT NOT NULL,
+               cache_hits BIGINT NOT NULL,
+               shadow_hits BIGINT NOT NULL,
+               tokens_in BIGINT NOT NULL,
+               tokens_out BIGINT NOT NULL,
+               cached_tokens_in BIGINT NOT NULL,
+               reasoning_tokens BIGINT NOT NULL,
+               cost_unknown BIGINT NOT NULL,
+               cost_usd DOUBLE PRECISION NOT NULL,
+               saved_usd DOUBLE PRECISION NOT NULL,
+               shadow_saved_usd DOUBLE PRECISION NOT NULL,
+               duration_sum_ms DOUBLE PRECISION NOT NULL,
+               hist JSONB NOT NULL,
+               PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
+           );"#
+        ),
+    ]
 }
 
 /// Statements whose text depends only on the table name.
 struct Queries {
     insert: String,
+    existing_ids: String,
+    upsert_rollups: String,
+    select_rollups: String,
+    prune_rollups: String,
     lock_count: String,
     set_count: String,
     get_count: String,
@@ -133,7 +174,34 @@ impl Queries {
                    $14::float8[], $15::float8[], $16::float8[], $17::int8[], $18::int8[], $19::int8[], $20::int8[],
                    $21::float8[], $22::float8[], $23::bool[], $24::jsonb[], $25::text[], $26::text[], $27::int2[],
                    $28::float8[], $29::bytea[], $30::bytea[]) AS u
-                   ON CONFLICT (gateway, id) DO NOTHING"#
+                   ON CONFLICT (gateway, id) DO NOTHING RETURNING id"#
+            ),
+            existing_ids: format!(r#"SELECT id FROM "{t}" WHERE gateway = $1 AND id = ANY($2::text[])"#),
+            upsert_rollups: format!(
+                r#"INSERT INTO "{t}_rollups" AS r (gateway, grain_ms, dim, bucket_ms, dim_value, {ints}, {floats}, hist)
+                   SELECT $1::text, u.grain_ms, u.dim, u.bucket_ms, u.dim_value, {u_ints}, {u_floats}, u.hist::jsonb
+                   FROM UNNEST($2::int8[], $3::text[], $4::int8[], $5::text[], $6::int8[], $7::int8[], $8::int8[],
+                   $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::float8[],
+                   $16::float8[], $17::float8[], $18::float8[], $19::text[])
+                   AS u(grain_ms, dim, bucket_ms, dim_value, {ints}, {floats}, hist)
+                   ON CONFLICT (gateway, grain_ms, dim, bucket_ms, dim_value) DO UPDATE SET {set}"#,
+                ints = INT_COLUMNS.join(", "),
+                floats = FLOAT_COLUMNS.join(", "),
+                u_ints = INT_COLUMNS.map(|c| format!("u.{c}")).join(", "),
+                u_floats = FLOAT_COLUMNS.map(|c| format!("u.{c}")).join(", "),
+                set = upsert_set_sql(true, "r"),
+            ),
+            select_rollups: format!(
+                r#"SELECT bucket_ms, dim, dim_value, {}, {}, hist::text FROM "{t}_rollups"
+                   WHERE gateway = $1 AND grain_ms = $2 AND dim = ANY($3::text[]) AND bucket_ms >= $4
+                   AND bucket_ms < $5"#,
+                INT_COLUMNS.join(", "),
+                FLOAT_COLUMNS.join(", ")
+            ),
+            prune_rollups: format!(
+                r#"DELETE FROM "{t}_rollups" WHERE ctid = ANY(ARRAY(SELECT ctid FROM "{t}_rollups"
+                   WHERE gateway = $1 AND ((grain_ms = $2 AND bucket_ms < $3) OR (grain_ms = $4 AND bucket_ms < $5))
+                   LIMIT $6))"#
             ),
             // Creates the row if needed and locks it for the transaction.
             lock_count: format!(
@@ -217,7 +285,8 @@ impl PostgresLogStore {
         PostgresLogStore::connect_with_table(url, DEFAULT_LOG_TABLE)
     }
 
-    /// As [`PostgresLogStore::connect`], on `table` (and `<table>_counts`, `<table>_schema`):
+    /// As [`PostgresLogStore::connect`], on `table` (and `<table>_counts`, `<table>_rollups`,
+    /// `<table>_schema`):
     /// lowercase ASCII letters, digits and `_`, not starting with a digit, at most 40 bytes.
     pub fn connect_with_table(url: &str, table: &str) -> Result<PostgresLogStore, StoreError> {
         let valid = !table.is_empty()
@@ -339,6 +408,8 @@ impl PostgresLogStore {
         };
         let insert = tx.prepare_cached(&q.insert).await.map_err(pg_err)?;
         let mut inserted = 0u64;
+        // What the rollups count: every record but duplicate ids.
+        let mut counted: Vec<&LogRecord> = Vec::with_capacity(records.len());
         let mut rest = records;
         while !rest.is_empty() {
             let mut take = chunk_len(rest);
@@ -352,10 +423,24 @@ impl PostgresLogStore {
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
             let cols = Columns::new(chunk);
-            let added = tx.execute(&insert, &cols.params(&gateway)).await.map_err(pg_err)?;
+            let rows = tx.query(&insert, &cols.params(&gateway)).await.map_err(pg_err)?;
+            let mut new_ids =
+                rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<HashSet<_>, _>>().map_err(pg_err)?;
+            // Within a statement the first of equal ids is inserted, the others skipped.
+            counted.extend(chunk.iter().filter(|r| new_ids.remove(&r.id)));
+            let added = rows.len() as u64;
             n += added;
             inserted += added;
         }
+        if !rest.is_empty() {
+            // Dropped at the cap: still traffic, unless a duplicate id.
+            let ids: Vec<&str> = rest.iter().map(|r| r.id.as_str()).collect();
+            let rows = tx.query(&q.existing_ids, &[&gateway, &ids]).await.map_err(pg_err)?;
+            let mut seen =
+                rows.iter().map(|r| r.try_get::<_, String>(0)).collect::<Result<HashSet<_>, _>>().map_err(pg_err)?;
+            counted.extend(rest.iter().filter(|r| seen.insert(r.id.clone())));
+        }
+        upsert_rollups(&tx, q, gateway, &aggregate(counted)).await?;
         if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
             let k = to_i64((n - r.max_records).min(DELETE_CHUNK_ROWS.max(records.len() as u64)));
             n = n.saturating_sub(tx.execute(&q.delete_oldest, &[&gateway, &k]).await.map_err(pg_err)?);
@@ -363,6 +448,43 @@ impl PostgresLogStore {
         tx.execute(&q.set_count, &[&gateway, &to_i64(n)]).await.map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
         Ok(inserted)
+    }
+
+    async fn add_to_rollups_now(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError> {
+        let rows = aggregate(records);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        upsert_rollups(&tx, &self.inner.q, gateway, &rows).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn analytics_now(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError> {
+        let p = plan(q)?;
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.inner.q.select_rollups).await.map_err(pg_err)?;
+        let (grain, from, to) = (to_i64(p.grain_ms), to_i64(p.from_bucket_ms), to_i64(p.to_bucket_ms));
+        let rows = client.query(&stmt, &[&gateway, &grain, &p.dims, &from, &to]).await.map_err(pg_err)?;
+        let rows = rows.iter().map(decode_rollup).collect::<Result<Vec<_>, _>>()?;
+        Ok(assemble(q, rows))
+    }
+
+    /// Deletes the gateway's expired rollup rows, [`DELETE_CHUNK_ROWS`] per statement.
+    async fn prune_rollups(&self, gateway: &str) -> Result<(), StoreError> {
+        let now = now_ms();
+        let minute_cutoff = to_i64(now.saturating_sub(MINUTE_ROLLUP_RETENTION_MS));
+        let hour_cutoff = to_i64(now.saturating_sub(HOUR_ROLLUP_RETENTION_MS));
+        let (minute, hour, limit) = (to_i64(MINUTE_MS), to_i64(HOUR_MS), to_i64(DELETE_CHUNK_ROWS));
+        loop {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(&self.inner.q.prune_rollups).await.map_err(pg_err)?;
+            let d = client
+                .execute(&stmt, &[&gateway, &minute, &minute_cutoff, &hour, &hour_cutoff, &limit])
+                .await
+                .map_err(pg_err)?;
+            if d < DELETE_CHUNK_ROWS {
+                return Ok(());
+            }
+        }
     }
 
     async fn list_now(&self, gateway: &str, filter: &LogFilter) -> Result<LogPage, StoreError> {
@@ -459,6 +581,55 @@ async fn lock_count(tx: &deadpool_postgres::Transaction<'_>, q: &Queries, gatewa
     let stmt = tx.prepare_cached(&q.lock_count).await.map_err(pg_err)?;
     let n: i64 = tx.query_one(&stmt, &[&gateway]).await.map_err(pg_err)?.try_get(0).map_err(pg_err)?;
     Ok(to_u64(n))
+}
+
+/// Adds aggregated rollups to the gateway's rows: one statement, rows in key order (so concurrent
+/// writers lock them in one order and cannot deadlock on them).
+async fn upsert_rollups(
+    tx: &deadpool_postgres::Transaction<'_>,
+    q: &Queries,
+    gateway: &str,
+    rows: &[(RollupKey, Rollup)],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let grain: Vec<i64> = rows.iter().map(|(k, _)| to_i64(k.grain_ms)).collect();
+    let dim: Vec<&str> = rows.iter().map(|(k, _)| k.dim.as_str()).collect();
+    let bucket: Vec<i64> = rows.iter().map(|(k, _)| to_i64(k.bucket_ms)).collect();
+    let value: Vec<&str> = rows.iter().map(|(k, _)| k.value.as_str()).collect();
+    let ints: Vec<Vec<i64>> =
+        (0..INT_COLUMNS.len()).map(|i| rows.iter().map(|(_, r)| to_i64(r.ints()[i])).collect()).collect();
+    let floats: Vec<Vec<f64>> =
+        (0..FLOAT_COLUMNS.len()).map(|i| rows.iter().map(|(_, r)| r.floats()[i]).collect()).collect();
+    let hist: Vec<String> = rows.iter().map(|(_, r)| r.hist.to_json()).collect();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&gateway, &grain, &dim, &bucket, &value];
+    params.extend(ints.iter().map(|v| v as &(dyn ToSql + Sync)));
+    params.extend(floats.iter().map(|v| v as &(dyn ToSql + Sync)));
+    params.push(&hist);
+    let stmt = tx.prepare_cached(&q.upsert_rollups).await.map_err(pg_err)?;
+    tx.execute(&stmt, &params).await.map_err(pg_err)?;
+    Ok(())
+}
+
+/// Decodes a rollup row: `bucket_ms, dim, dim_value`, the counters, the sums, `hist` as text.
+fn decode_rollup(row: &Row) -> Result<RollupRow, StoreError> {
+    let bad = |e: tokio_postgres::Error| StoreError::Corrupt(format!("rollup row: {e}"));
+    let mut ints = [0u64; 9];
+    for (i, v) in ints.iter_mut().enumerate() {
+        *v = to_u64(row.try_get(3 + i).map_err(bad)?);
+    }
+    let mut floats = [0f64; 4];
+    for (i, v) in floats.iter_mut().enumerate() {
+        *v = row.try_get(12 + i).map_err(bad)?;
+    }
+    let hist: &str = row.try_get(16).map_err(bad)?;
+    Ok(RollupRow {
+        bucket_ms: to_u64(row.try_get(0).map_err(bad)?),
+        dim: row.try_get(1).map_err(bad)?,
+        value: row.try_get(2).map_err(bad)?,
+        rollup: Rollup::from_columns(ints, floats, Histogram::from_json(hist)?),
+    })
 }
 
 /// How many of `records` go in the next insert statement.
@@ -699,6 +870,17 @@ impl LogStore for PostgresLogStore {
         timed(self.insert_now(gateway, records)).await
     }
 
+    async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        timed(self.add_to_rollups_now(gateway, records)).await
+    }
+
+    async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError> {
+        timed(self.analytics_now(gateway, q)).await
+    }
+
     async fn list(&self, gateway: &str, filter: &LogFilter) -> Result<LogPage, StoreError> {
         timed(self.list_now(gateway, filter)).await
     }
@@ -749,6 +931,7 @@ impl LogStore for PostgresLogStore {
     }
 
     async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
+        timed(self.prune_rollups(gateway)).await?;
         let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
         let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
         let mut total = 0;

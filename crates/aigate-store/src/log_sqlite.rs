@@ -6,11 +6,14 @@
 //! `(gateway, created_at_ms, id)` (listing, cursors, retention) and `(gateway, event_id,
 //! created_at_ms, id)` (event lookups, newest first). Table `log_counts(gateway, n)` holds each
 //! gateway's row count, kept in the same transaction as every insert and delete, so the retention
-//! check of a batch never counts rows. The schema version is `PRAGMA user_version`. The database
+//! check of a batch never counts rows. Table `log_rollups` holds the analytics rollups
+//! ([`crate::analytics`]), primary key `(gateway, grain_ms, dim, bucket_ms, dim_value)` (a query
+//! reads one contiguous range per dimension), updated by upserts in the transaction of every insert. The schema version is `PRAGMA user_version`. The database
 //! runs in WAL mode with `synchronous=NORMAL` (a crash may lose the last batches, never corrupt the
 //! file) and `auto_vacuum=INCREMENTAL` (space freed by retention is given back to the file system).
 //!
-//! Bounds: as [`crate::log`]; one statement per record inside one transaction per batch.
+//! Bounds: as [`crate::log`]; one statement per record inside one transaction per batch, plus one
+//! upsert per rollup row the batch touches (grains × dimensions × buckets, not records).
 //!
 //! Failure behaviour: every SQLite call runs on Tokio's blocking pool behind one mutex, never on the
 //! async runtime; writes take the write lock up front (`BEGIN IMMEDIATE`) and wait up to 5 s for
@@ -19,6 +22,7 @@
 //! nothing panics. A failed batch is rolled back whole. A file should be used by one process at a
 //! time (the counts are transactional, so a second one stays correct, only slower).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -26,18 +30,25 @@ use bytes::Bytes;
 use rusqlite::types::{ToSqlOutput, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
 
+use crate::analytics::{
+    aggregate, assemble, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS, HOUR_MS,
+    INT_COLUMNS, MINUTE_MS,
+};
 use crate::log::{
     check_patch, filter_sql, finite, metadata_from_object_json, metadata_object_json, to_i64, to_u64, AtCap, Dialect,
     Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
 use crate::memory::now_ms;
-use crate::{LogFilter, LogPage, LogRecord, LogStore, StoreError};
+use crate::{
+    Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
+    MINUTE_ROLLUP_RETENTION_MS,
+};
 
 /// File name of the database inside the data directory ([`crate::LogBackend::parse`]).
 pub const LOG_SQLITE_FILE: &str = "logs.sqlite3";
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Rows deleted before the file is asked to give pages back.
 const VACUUM_AFTER_ROWS: u64 = 1_000;
@@ -148,6 +159,28 @@ impl SqliteLogStore {
                  gateway TEXT PRIMARY KEY NOT NULL,
                  n INTEGER NOT NULL
              ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS log_rollups (
+                 gateway TEXT NOT NULL,
+                 grain_ms INTEGER NOT NULL,
+                 dim TEXT NOT NULL,
+                 bucket_ms INTEGER NOT NULL,
+                 dim_value TEXT NOT NULL,
+                 requests INTEGER NOT NULL,
+                 errors INTEGER NOT NULL,
+                 cache_hits INTEGER NOT NULL,
+                 shadow_hits INTEGER NOT NULL,
+                 tokens_in INTEGER NOT NULL,
+                 tokens_out INTEGER NOT NULL,
+                 cached_tokens_in INTEGER NOT NULL,
+                 reasoning_tokens INTEGER NOT NULL,
+                 cost_unknown INTEGER NOT NULL,
+                 cost_usd REAL NOT NULL,
+                 saved_usd REAL NOT NULL,
+                 shadow_saved_usd REAL NOT NULL,
+                 duration_sum_ms REAL NOT NULL,
+                 hist TEXT NOT NULL,
+                 PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
+             ) WITHOUT ROWID;
              PRAGMA user_version = {SCHEMA_VERSION};
              COMMIT;"
         ))
@@ -164,6 +197,40 @@ impl SqliteLogStore {
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Deletes the gateway's expired rollup rows, [`DELETE_CHUNK_ROWS`] per transaction.
+    async fn prune_rollups(&self, gateway: &str) -> Result<(), StoreError> {
+        let now = now_ms();
+        let minute_cutoff = to_i64(now.saturating_sub(MINUTE_ROLLUP_RETENTION_MS));
+        let hour_cutoff = to_i64(now.saturating_sub(HOUR_ROLLUP_RETENTION_MS));
+        loop {
+            let gateway = gateway.to_owned();
+            let d = self
+                .write(move |tx| {
+                    let d = tx
+                        .execute(
+                            "DELETE FROM log_rollups WHERE (gateway, grain_ms, dim, bucket_ms, dim_value) IN \
+                             (SELECT gateway, grain_ms, dim, bucket_ms, dim_value FROM log_rollups \
+                             WHERE gateway = ?1 AND ((grain_ms = ?2 AND bucket_ms < ?3) OR \
+                             (grain_ms = ?4 AND bucket_ms < ?5)) LIMIT ?6)",
+                            params![
+                                gateway,
+                                to_i64(MINUTE_MS),
+                                minute_cutoff,
+                                to_i64(HOUR_MS),
+                                hour_cutoff,
+                                to_i64(DELETE_CHUNK_ROWS)
+                            ],
+                        )
+                        .map_err(sql_err)? as u64;
+                    Ok((d, d))
+                })
+                .await?;
+            if d < DELETE_CHUNK_ROWS {
+                return Ok(());
+            }
+        }
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -312,6 +379,59 @@ fn insert_one(stmt: &mut rusqlite::CachedStatement<'_>, gateway: &str, r: &LogRe
     Ok(n > 0)
 }
 
+/// Adds aggregated rollups to the gateway's rows (one upsert per row, in key order).
+fn upsert_rollups(tx: &Transaction<'_>, gateway: &str, rows: &[(RollupKey, Rollup)]) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO log_rollups (gateway, grain_ms, dim, bucket_ms, dim_value, {}, {}, hist) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19) \
+         ON CONFLICT (gateway, grain_ms, dim, bucket_ms, dim_value) DO UPDATE SET {}",
+        INT_COLUMNS.join(", "),
+        FLOAT_COLUMNS.join(", "),
+        upsert_set_sql(false, "log_rollups")
+    );
+    let mut stmt = tx.prepare_cached(&sql).map_err(sql_err)?;
+    for (k, r) in rows {
+        let mut values: Vec<Value> = vec![
+            Value::Text(gateway.to_owned()),
+            Value::Integer(to_i64(k.grain_ms)),
+            Value::Text(k.dim.clone()),
+            Value::Integer(to_i64(k.bucket_ms)),
+            Value::Text(k.value.clone()),
+        ];
+        values.extend(r.ints().into_iter().map(|v| Value::Integer(to_i64(v))));
+        values.extend(r.floats().into_iter().map(Value::Real));
+        values.push(Value::Text(r.hist.to_json()));
+        stmt.execute(rusqlite::params_from_iter(values)).map_err(sql_err)?;
+    }
+    Ok(())
+}
+
+/// Decodes a rollup row: `bucket_ms, dim, dim_value`, the counters, the sums, `hist`.
+fn decode_rollup(row: &Row<'_>) -> rusqlite::Result<Result<RollupRow, StoreError>> {
+    let mut ints = [0u64; 9];
+    for (i, v) in ints.iter_mut().enumerate() {
+        *v = to_u64(row.get(3 + i)?);
+    }
+    let mut floats = [0f64; 4];
+    for (i, v) in floats.iter_mut().enumerate() {
+        *v = row.get(12 + i)?;
+    }
+    let hist: String = row.get(16)?;
+    let hist = match Histogram::from_json(&hist) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(RollupRow {
+        bucket_ms: to_u64(row.get(0)?),
+        dim: row.get(1)?,
+        value: row.get(2)?,
+        rollup: Rollup::from_columns(ints, floats, hist),
+    }))
+}
+
 /// Decodes a row of [`LIST_COLUMNS`] (followed by the bodies when `bodies`).
 fn decode(row: &Row<'_>, bodies: bool) -> rusqlite::Result<Result<LogRecord, StoreError>> {
     let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(row.get::<_, Option<i64>>(i)?.map(to_u64)) };
@@ -390,18 +510,35 @@ impl LogStore for SqliteLogStore {
                 _ => None,
             };
             let mut inserted = 0u64;
+            // What the rollups count: every record but duplicate ids.
+            let mut counted: Vec<&LogRecord> = Vec::with_capacity(records.len());
+            let mut stopped_at = records.len();
             {
                 let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(sql_err)?;
-                for r in &records {
+                for (i, r) in records.iter().enumerate() {
                     if cap.is_some_and(|cap| n >= cap) {
+                        stopped_at = i;
                         break;
                     }
                     if insert_one(&mut stmt, &gateway, r)? {
                         n += 1;
                         inserted += 1;
+                        counted.push(r);
                     }
                 }
             }
+            if stopped_at < records.len() {
+                // Dropped at the cap: still traffic, unless a duplicate id.
+                let mut exists =
+                    tx.prepare_cached("SELECT 1 FROM logs WHERE gateway = ?1 AND id = ?2").map_err(sql_err)?;
+                let mut seen = HashSet::new();
+                for r in &records[stopped_at..] {
+                    if seen.insert(r.id.as_str()) && !exists.exists(params![gateway, r.id]).map_err(sql_err)? {
+                        counted.push(r);
+                    }
+                }
+            }
+            upsert_rollups(tx, &gateway, &aggregate(counted))?;
             if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
                 let excess = n - r.max_records;
                 let d = delete_oldest(tx, &gateway, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
@@ -410,6 +547,39 @@ impl LogStore for SqliteLogStore {
             }
             set_count(tx, &gateway, n)?;
             Ok((inserted, removed))
+        })
+        .await
+    }
+
+    async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let rows = aggregate(records);
+        let gateway = gateway.to_owned();
+        self.write(move |tx| Ok((upsert_rollups(tx, &gateway, &rows)?, 0))).await
+    }
+
+    async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError> {
+        let p = plan(q)?;
+        let (gateway, q) = (gateway.to_owned(), q.clone());
+        let sql = format!(
+            "SELECT bucket_ms, dim, dim_value, {}, {}, hist FROM log_rollups WHERE gateway = ?1 AND grain_ms = ?2 \
+             AND dim IN (?3, ?4) AND bucket_ms >= ?5 AND bucket_ms < ?6",
+            INT_COLUMNS.join(", "),
+            FLOAT_COLUMNS.join(", ")
+        );
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+            let group_dim = p.dims.last().cloned().unwrap_or_default();
+            let args =
+                params![gateway, to_i64(p.grain_ms), "", group_dim, to_i64(p.from_bucket_ms), to_i64(p.to_bucket_ms)];
+            let rows = stmt.query_map(args, decode_rollup).map_err(sql_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(sql_err)??);
+            }
+            Ok(assemble(&q, out))
         })
         .await
     }
@@ -515,6 +685,7 @@ impl LogStore for SqliteLogStore {
     }
 
     async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
+        self.prune_rollups(gateway).await?;
         let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
         let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
         let mut total = 0;

@@ -14,9 +14,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aigate_store::analytics::{nearest_rank, DAY_MS, MINUTE_MS};
 use aigate_store::{
-    build_log_store, AtCap, LogBackend, LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore, Retention,
-    SqliteLogStore, StoreError, DELETE_CHUNK_ROWS, LOG_SQLITE_FILE,
+    build_log_store, Analytics, AnalyticsQuery, AnalyticsStats, AtCap, Granularity, GroupBy, LogBackend, LogFilter,
+    LogRecord, LogStore, MetaValue, PostgresLogStore, Retention, SqliteLogStore, StoreError, DELETE_CHUNK_ROWS,
+    LOG_SQLITE_FILE,
 };
 use bytes::Bytes;
 
@@ -53,8 +55,9 @@ impl Drop for PgTables {
                     return;
                 };
                 tokio::spawn(conn);
-                let _ =
-                    client.batch_execute(&format!(r#"DROP TABLE IF EXISTS "{t}", "{t}_counts", "{t}_schema""#)).await;
+                let _ = client
+                    .batch_execute(&format!(r#"DROP TABLE IF EXISTS "{t}", "{t}_counts", "{t}_rollups", "{t}_schema""#))
+                    .await;
             });
         })
         .join();
@@ -198,6 +201,95 @@ async fn all_ids(s: &dyn LogStore, gw: &str, f: &LogFilter) -> Vec<String> {
 }
 
 const HOUR: u64 = 3_600_000;
+
+/// The analytics of `gw` over `[from, to)`.
+async fn analytics(s: &dyn LogStore, gw: &str, from: u64, to: u64, g: Granularity, by: GroupBy) -> Analytics {
+    let q = AnalyticsQuery { from_ms: from, to_ms: to, granularity: g, group_by: by };
+    s.analytics(gw, &q).await.unwrap()
+}
+
+fn approx(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// The exact nearest-rank percentile of `v`.
+fn exact_percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[nearest_rank(p, v.len() as u64) as usize - 1]
+}
+
+/// Checks `got` against the aggregates computed here from `records` (percentiles within 10 %).
+fn check_stats(got: &AnalyticsStats, records: &[&LogRecord], what: &str) {
+    let n = records.len() as u64;
+    let count = |f: &dyn Fn(&LogRecord) -> bool| records.iter().filter(|r| f(r)).count() as u64;
+    let sum_u = |f: &dyn Fn(&LogRecord) -> Option<u64>| records.iter().filter_map(|r| f(r)).sum::<u64>();
+    let sum_f = |f: &dyn Fn(&LogRecord) -> Option<f64>| records.iter().filter_map(|r| f(r)).sum::<f64>();
+    let hits = count(&|r| r.cache_status == "HIT");
+    let errors = count(&|r| !r.success);
+    assert_eq!(got.requests, n, "{what}: requests");
+    assert_eq!(got.errors, errors, "{what}: errors");
+    assert_eq!(got.cache_hits, hits, "{what}: cache_hits");
+    assert_eq!(got.shadow_hits, count(&|r| r.cache_status == "SHADOW-HIT"), "{what}: shadow_hits");
+    assert!(approx(got.hit_rate, hits as f64 / n as f64), "{what}: hit_rate {}", got.hit_rate);
+    assert!(approx(got.error_rate, errors as f64 / n as f64), "{what}: error_rate {}", got.error_rate);
+    assert_eq!(got.tokens_in, sum_u(&|r| r.tokens_in), "{what}: tokens_in");
+    assert_eq!(got.tokens_out, sum_u(&|r| r.tokens_out), "{what}: tokens_out");
+    assert_eq!(got.cached_tokens_in, sum_u(&|r| r.cached_tokens_in), "{what}: cached_tokens_in");
+    assert_eq!(got.reasoning_tokens, sum_u(&|r| r.reasoning_tokens), "{what}: reasoning_tokens");
+    assert!(approx(got.cost_usd, sum_f(&|r| r.cost_usd)), "{what}: cost_usd {}", got.cost_usd);
+    assert_eq!(got.cost_unknown, count(&|r| r.cost_usd.is_none() && r.cache_status != "HIT"), "{what}: unknown");
+    assert!(approx(got.saved_usd, sum_f(&|r| r.saved_usd)), "{what}: saved_usd {}", got.saved_usd);
+    let shadow = sum_f(&|r| r.cost_usd.filter(|_| r.cache_status == "SHADOW-HIT"));
+    assert!(approx(got.shadow_saved_usd, shadow), "{what}: shadow_saved_usd {}", got.shadow_saved_usd);
+    let durations: Vec<f64> = records.iter().map(|r| r.duration_ms).collect();
+    let mean = durations.iter().sum::<f64>() / n as f64;
+    assert!(approx(got.mean_ms.unwrap(), mean), "{what}: mean {:?} vs {mean}", got.mean_ms);
+    for (p, est) in [(0.5, got.p50_ms), (0.95, got.p95_ms), (0.99, got.p99_ms)] {
+        let exact = exact_percentile(&durations, p);
+        let est = est.unwrap();
+        assert!((est - exact).abs() <= 0.1 * exact, "{what}: p{p} {est} vs exact {exact}");
+    }
+}
+
+/// 60 records over 3 hours (22:00 to 01:00 UTC, so across two days), 4 minutes per hour, 2 models,
+/// 2 providers, metadata `user` = a / b (or absent), hits, shadow hits, errors and unknown costs.
+fn analytics_fixture(base: u64) -> Vec<LogRecord> {
+    (0..60u64)
+        .map(|i| {
+            let ms = base + (i % 3) * HOUR + ((i / 3) % 4) * MINUTE_MS + i;
+            let mut r = rec(&format!("an-{i:02}"), ms);
+            if i % 2 == 0 {
+                r.served_model = Some("gpt-4o".into());
+                r.requested_model = Some("alias".into());
+            } else {
+                r.requested_model = Some("claude".into());
+            }
+            r.provider = if i % 5 == 0 { "anthropic".into() } else { "openai".into() };
+            if i % 10 != 9 {
+                let user = if i % 7 < 3 { "a" } else { "b" };
+                r.metadata =
+                    vec![("user".into(), MetaValue::String(user.into())), ("n".into(), MetaValue::Number(1.0))];
+            }
+            r.cache_status = match i % 6 {
+                0 => "HIT".into(),
+                1 => "SHADOW-HIT".into(),
+                _ => "MISS".into(),
+            };
+            if i % 8 == 3 {
+                (r.status, r.success) = (502, false);
+            }
+            r.cost_usd = (i % 9 != 4).then(|| 0.001 * (i + 1) as f64);
+            r.saved_usd = (i % 6 == 0).then_some(0.002);
+            r.tokens_in = Some(i * 10);
+            r.tokens_out = (i % 2 == 0).then_some(5);
+            r.cached_tokens_in = (i % 4 == 0).then_some(3);
+            r.reasoning_tokens = (i % 3 == 0).then_some(7);
+            r.duration_ms = 1.0 + ((i * i) % 997) as f64 * 1.7;
+            r
+        })
+        .collect()
+}
 
 // ---------------------------------------------------------------------------------------------
 // The conformance cases
@@ -560,6 +652,187 @@ mod cases {
         assert_eq!(s.count(gw).await.unwrap(), 5);
     }
 
+    pub async fn analytics_totals_groups_and_buckets(s: &dyn LogStore, gw: &str) {
+        let day = now_ms() / DAY_MS * DAY_MS - 2 * DAY_MS;
+        let base = day + 22 * HOUR;
+        let records = analytics_fixture(base);
+        let (first, second) = records.split_at(25);
+        s.insert_batch(gw, second).await.unwrap();
+        s.insert_batch(gw, first).await.unwrap();
+        let all: Vec<&LogRecord> = records.iter().collect();
+        let (from, to) = (base, base + 3 * HOUR);
+        let by = |f: &dyn Fn(&LogRecord) -> bool| records.iter().filter(|r| f(r)).collect::<Vec<_>>();
+
+        let a = analytics(s, gw, from, to, Granularity::Hour, GroupBy::None).await;
+        assert_eq!((a.from_ms, a.to_ms, a.granularity, a.group_by.clone()), (from, to, Granularity::Hour, None));
+        check_stats(&a.totals, &all, "totals");
+        assert!(a.groups.is_empty());
+        let starts: Vec<(u64, Option<String>)> = a.buckets.iter().map(|b| (b.start_ms, b.group.clone())).collect();
+        assert_eq!(starts, [(base, None), (base + HOUR, None), (base + 2 * HOUR, None)]);
+        for (h, b) in a.buckets.iter().enumerate() {
+            let h = h as u64;
+            check_stats(&b.stats, &by(&|r| r.created_at_ms / HOUR == base / HOUR + h), "hour bucket");
+        }
+
+        let a = analytics(s, gw, from, to, Granularity::Minute, GroupBy::None).await;
+        assert_eq!(a.buckets.len(), 12);
+        assert_eq!(a.buckets[1].start_ms, base + MINUTE_MS);
+        assert_eq!(a.buckets[4].start_ms, base + HOUR);
+        assert!(a.buckets.iter().all(|b| b.stats.requests == 5));
+        check_stats(&a.totals, &all, "minute totals");
+
+        let a = analytics(s, gw, day, day + 2 * DAY_MS, Granularity::Day, GroupBy::None).await;
+        let days: Vec<(u64, u64)> = a.buckets.iter().map(|b| (b.start_ms, b.stats.requests)).collect();
+        assert_eq!(days, [(day, 40), (day + DAY_MS, 20)]);
+        check_stats(&a.buckets[0].stats, &by(&|r| r.created_at_ms < day + DAY_MS), "day 1");
+        check_stats(&a.totals, &all, "day totals");
+        // Day buckets whose start is in the range: the second day only.
+        let a = analytics(s, gw, day + 1, day + 2 * DAY_MS, Granularity::Day, GroupBy::None).await;
+        assert_eq!(a.totals.requests, 20);
+
+        let a = analytics(s, gw, from, to, Granularity::Hour, GroupBy::Model).await;
+        assert_eq!(a.group_by.as_deref(), Some("model"));
+        check_stats(&a.totals, &all, "totals by model");
+        let groups: Vec<(Option<&str>, u64)> =
+            a.groups.iter().map(|g| (g.group.as_deref(), g.stats.requests)).collect();
+        assert_eq!(groups, [(Some("claude"), 30), (Some("gpt-4o"), 30)]);
+        check_stats(&a.groups[1].stats, &by(&|r| r.served_model.is_some()), "gpt-4o");
+        assert_eq!(a.buckets.len(), 6);
+        assert_eq!((a.buckets[0].start_ms, a.buckets[0].group.as_deref()), (base, Some("claude")));
+        assert_eq!((a.buckets[1].start_ms, a.buckets[1].group.as_deref()), (base, Some("gpt-4o")));
+
+        let a = analytics(s, gw, day, day + 2 * DAY_MS, Granularity::Day, GroupBy::Provider).await;
+        let groups: Vec<(Option<&str>, u64)> =
+            a.groups.iter().map(|g| (g.group.as_deref(), g.stats.requests)).collect();
+        assert_eq!(groups, [(Some("openai"), 48), (Some("anthropic"), 12)]);
+        check_stats(&a.groups[1].stats, &by(&|r| r.provider == "anthropic"), "anthropic");
+        let starts: Vec<(u64, Option<&str>)> = a.buckets.iter().map(|b| (b.start_ms, b.group.as_deref())).collect();
+        let want = [(day, "anthropic"), (day, "openai"), (day + DAY_MS, "anthropic"), (day + DAY_MS, "openai")];
+        assert_eq!(starts, want.map(|(d, g)| (d, Some(g))));
+        // from..to holds one day start (the second day's).
+        let a = analytics(s, gw, from, to, Granularity::Day, GroupBy::Provider).await;
+        assert_eq!(a.totals.requests, 20);
+        assert_eq!(a.buckets.iter().map(|b| b.start_ms).collect::<Vec<_>>(), [day + DAY_MS, day + DAY_MS]);
+
+        let a = analytics(s, gw, from, to, Granularity::Hour, "metadata.user".parse().unwrap()).await;
+        assert_eq!(a.group_by.as_deref(), Some("metadata.user"));
+        check_stats(&a.totals, &all, "totals by user (records without the key included)");
+        let user = |u: &'static str| {
+            move |r: &LogRecord| r.metadata.first().is_some_and(|(_, v)| *v == MetaValue::String(u.into()))
+        };
+        let (ua, ub) = (by(&user("a")), by(&user("b")));
+        let groups: Vec<(Option<&str>, u64)> =
+            a.groups.iter().map(|g| (g.group.as_deref(), g.stats.requests)).collect();
+        assert_eq!(groups, [(Some("b"), ub.len() as u64), (Some("a"), ua.len() as u64)]);
+        check_stats(&a.groups[1].stats, &ua, "user a");
+        check_stats(&a.groups[0].stats, &ub, "user b");
+        let n = analytics(s, gw, from, to, Granularity::Hour, GroupBy::Metadata("n".into())).await;
+        assert_eq!(n.groups.iter().map(|g| g.group.as_deref()).collect::<Vec<_>>(), [Some("1")]);
+
+        // A narrower range, another gateway, an empty range.
+        let a = analytics(s, gw, base + HOUR, base + 2 * HOUR, Granularity::Hour, GroupBy::None).await;
+        check_stats(&a.totals, &by(&|r| r.created_at_ms / HOUR == base / HOUR + 1), "one hour");
+        let other = analytics(s, &format!("{gw}-other"), from, to, Granularity::Hour, GroupBy::Model).await;
+        assert_eq!((other.totals.clone(), other.groups.len(), other.buckets.len()), (AnalyticsStats::default(), 0, 0));
+        assert_eq!(analytics(s, gw, from, from, Granularity::Minute, GroupBy::None).await.totals.requests, 0);
+
+        // Invalid queries.
+        for (f, t, g) in [(to, from, Granularity::Hour), (0, 50_001 * MINUTE_MS, Granularity::Minute)] {
+            let q = AnalyticsQuery { from_ms: f, to_ms: t, granularity: g, group_by: GroupBy::None };
+            assert!(q.validate().is_err());
+            match s.analytics(gw, &q).await {
+                Err(StoreError::Corrupt(m)) => assert!(m.starts_with("invalid"), "{m}"),
+                other => panic!("{q:?}: {other:?}"),
+            }
+        }
+    }
+
+    pub async fn analytics_count_traffic_not_retention(s: &dyn LogStore, gw: &str) {
+        let t = now_ms() / HOUR * HOUR - HOUR;
+        let q =
+            |g| AnalyticsQuery { from_ms: t - 10 * DAY_MS, to_ms: t + HOUR, granularity: g, group_by: GroupBy::None };
+        let requests = || async { s.analytics(gw, &q(Granularity::Hour)).await.unwrap().totals.requests };
+        assert_eq!(s.insert_batch(gw, &[rec("a", t), rec("b", t + 1)]).await.unwrap(), 2);
+        // A duplicate id, in the store or in the batch, is not counted twice.
+        let mut b2 = rec("b", t + 2);
+        b2.tokens_in = Some(1_000);
+        assert_eq!(s.insert_batch(gw, &[b2, rec("c", t + 3), rec("c", t + 4)]).await.unwrap(), 1);
+        assert_eq!(requests().await, 3);
+        assert_eq!(s.analytics(gw, &q(Granularity::Hour)).await.unwrap().totals.tokens_in, 0);
+        // Rollups only: counted, not stored.
+        let mut extra = rec("not-kept", t + 5);
+        extra.cost_usd = Some(0.25);
+        s.add_to_rollups(gw, &[extra.clone(), rec("not-kept-2", t + 6)]).await.unwrap();
+        s.add_to_rollups(gw, &[]).await.unwrap();
+        assert_eq!(s.count(gw).await.unwrap(), 3);
+        assert_eq!(s.get(gw, "not-kept").await.unwrap(), None);
+        let before = s.analytics(gw, &q(Granularity::Minute)).await.unwrap();
+        assert_eq!(before.totals.requests, 5);
+        assert!(approx(before.totals.cost_usd, 0.25));
+        assert_eq!(before.totals.cost_unknown, 4);
+        // Records dropped at the cap are traffic too (a duplicate among them is not).
+        s.set_retention(gw, Retention { max_records: 4, at_cap: AtCap::StopInserting, max_age_ms: None });
+        assert_eq!(
+            s.insert_batch(gw, &[rec("d", t + 7), rec("e", t + 8), rec("a", t + 9), rec("e", t)]).await.unwrap(),
+            1
+        );
+        assert_eq!(requests().await, 7);
+        // Deleting records and enforcing retention leave recent analytics alone.
+        s.set_retention(gw, Retention { max_records: 1, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 3);
+        assert_eq!(s.delete(gw, &LogFilter::default()).await.unwrap(), 1);
+        assert_eq!(s.count(gw).await.unwrap(), 0);
+        assert_eq!(requests().await, 7);
+        assert_eq!(s.analytics(gw, &q(Granularity::Minute)).await.unwrap().totals.requests, 7);
+
+        // Old minute rows are pruned by enforce_retention; hour rows stay.
+        let old = t - 9 * DAY_MS;
+        s.add_to_rollups(gw, &[rec("old", old)]).await.unwrap();
+        assert_eq!(s.analytics(gw, &q(Granularity::Minute)).await.unwrap().totals.requests, 8);
+        s.set_retention(gw, Retention::default());
+        assert_eq!(s.enforce_retention(gw).await.unwrap(), 0);
+        assert_eq!(s.analytics(gw, &q(Granularity::Minute)).await.unwrap().totals.requests, 7);
+        assert_eq!(requests().await, 8);
+        let days = s.analytics(gw, &q(Granularity::Day)).await.unwrap();
+        assert_eq!(days.buckets.first().map(|b| (b.start_ms, b.stats.requests)), Some((old / DAY_MS * DAY_MS, 1)));
+    }
+
+    pub async fn analytics_concurrent_writers_sum_exactly(s: &dyn LogStore, gw: &str) {
+        let t = now_ms() / MINUTE_MS * MINUTE_MS;
+        let writer = |w: u64| async move {
+            for b in 0..8u64 {
+                let batch: Vec<LogRecord> = (0..25u64)
+                    .map(|i| {
+                        let mut r = rec(&format!("w{w}-{b}-{i}"), t + i);
+                        r.tokens_in = Some(w * 100 + i);
+                        r.duration_ms = (1 + i) as f64;
+                        r
+                    })
+                    .collect();
+                s.insert_batch(gw, &batch).await.unwrap();
+                s.add_to_rollups(gw, &batch[..5]).await.unwrap();
+            }
+        };
+        tokio::join!(writer(1), writer(2), writer(3));
+        let q = |g| AnalyticsQuery { from_ms: t - HOUR, to_ms: t + HOUR, granularity: g, group_by: GroupBy::Model };
+        for g in [Granularity::Minute, Granularity::Hour] {
+            let a = s.analytics(gw, &q(g)).await.unwrap();
+            assert_eq!(a.totals.requests, 3 * 8 * 30, "{g}");
+            let tokens: u64 = [1u64, 2, 3]
+                .iter()
+                .map(|w| 8 * ((0..25).map(|i| w * 100 + i).sum::<u64>() + (0..5).map(|i| w * 100 + i).sum::<u64>()))
+                .sum();
+            assert_eq!(a.totals.tokens_in, tokens, "{g}");
+            assert_eq!(a.groups.len(), 1);
+            assert_eq!(a.groups[0].stats.requests, 3 * 8 * 30);
+            assert_eq!(a.buckets.len(), 1);
+            // Durations 1..=25 each 3*8 times, plus 1..=5 another 3*8 times: exact median 10.
+            let p50 = a.totals.p50_ms.unwrap();
+            assert!((p50 - 10.0).abs() <= 1.0, "{p50}");
+        }
+        assert_eq!(s.count(gw).await.unwrap(), 3 * 8 * 25);
+    }
+
     pub async fn invalid_cursor_is_rejected(s: &dyn LogStore, gw: &str) {
         s.insert_batch(gw, &[rec("a", now_ms())]).await.unwrap();
         for bad in ["garbage", "", "MTIz"] {
@@ -594,6 +867,9 @@ macro_rules! conformance {
             conformance!(@case $fixture, gateways_are_isolated);
             conformance!(@case $fixture, large_deletions_run_in_chunks);
             conformance!(@case $fixture, invalid_cursor_is_rejected);
+            conformance!(@case $fixture, analytics_totals_groups_and_buckets);
+            conformance!(@case $fixture, analytics_count_traffic_not_retention);
+            conformance!(@case $fixture, analytics_concurrent_writers_sum_exactly);
         }
     };
     (@case $fixture:path, $case:ident) => {
@@ -695,6 +971,51 @@ async fn postgres_replicas_migrate_at_once_and_share_rows() {
     assert_eq!(total, 25);
     assert_eq!(again.count("capped").await.unwrap(), 25);
     assert_eq!(all_ids(&again, "capped", &LogFilter { limit: Some(1000), ..LogFilter::default() }).await.len(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_rollups_sum_exactly() {
+    if !pg_enabled() {
+        return;
+    }
+    let table = unique("roll");
+    let _tables = PgTables(table.clone());
+    let first = pg_store(&table).await;
+    let t = now_ms() / MINUTE_MS * MINUTE_MS;
+    let writers = (0..4u64).map(|w| {
+        let s = PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap();
+        tokio::spawn(async move {
+            for b in 0..10u64 {
+                let batch: Vec<LogRecord> = (0..20u64)
+                    .map(|i| {
+                        let mut r = rec(&format!("{w}-{b}-{i}"), t + i);
+                        r.cost_usd = Some(0.5);
+                        r.metadata = vec![("replica".into(), MetaValue::Number(w as f64))];
+                        r
+                    })
+                    .collect();
+                if b % 2 == 0 {
+                    s.insert_batch("gw", &batch).await.unwrap();
+                } else {
+                    s.add_to_rollups("gw", &batch).await.unwrap();
+                }
+            }
+        })
+    });
+    for w in writers.collect::<Vec<_>>() {
+        w.await.unwrap();
+    }
+    let q = AnalyticsQuery {
+        from_ms: t,
+        to_ms: t + MINUTE_MS,
+        granularity: Granularity::Minute,
+        group_by: GroupBy::Metadata("replica".into()),
+    };
+    let a = first.analytics("gw", &q).await.unwrap();
+    assert_eq!(a.totals.requests, 800);
+    assert_eq!(a.totals.cost_usd, 400.0);
+    assert_eq!(a.groups.iter().map(|g| g.stats.requests).collect::<Vec<_>>(), [200; 4]);
+    assert_eq!(first.count("gw").await.unwrap(), 400);
 }
 
 #[tokio::test]
