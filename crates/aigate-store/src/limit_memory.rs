@@ -7,7 +7,9 @@
 //! shards. The hot path allocates only when a key is first seen (the key itself, and the ring for
 //! sliding); a [`Reservation`] shares the stored key.
 //!
-//! Bounds: at most `max_keys` keys. When a shard is full, keys whose counters no longer count anything
+//! Bounds: at most `max_keys` keys, split evenly over the shards (each holds `max_keys / shards`, so
+//! with uneven hashing a shard may start evicting slightly before the total is reached). When a shard
+//! is full, keys whose counters no longer count anything
 //! (fixed window over, every sliding sub-window out of the period) are dropped first: that loses no
 //! information. If the shard is still full, the least recently used sixteenth of its keys is evicted:
 //! their usage is forgotten and they start again from zero (fail open for keys idle the longest).
@@ -17,7 +19,8 @@
 //! counted ([`MemoryLimitStore::evictions`]).
 //!
 //! Time comes from a clock returning Unix ms ([`MemoryLimitStore::with_clock`], system time by
-//! default), so tests drive it by hand. A clock stepping backwards never panics: counts of windows
+//! default), so tests drive it by hand. Cost (criterion, `benches/limits.rs`): ~0.15 µs per fixed and
+//! ~0.7 µs per sliding acquire at p50 (the sliding sum reads up to 61 counters). A clock stepping backwards never panics: counts of windows
 //! "in the future" are ignored or reset.
 //!
 //! Failure behaviour: none; every operation is infallible and the async methods always return `Ok`.
@@ -31,7 +34,8 @@ use crate::limit::{decision, leave_at, oldest_sub_window};
 use crate::memory::now_ms;
 use crate::{Decision, LimitSpec, RateLimitStore, Reservation, StoreError, Technique};
 
-/// Default key bound of [`crate::build_limit_store`]'s memory store (at most ~60 MB of sliding state).
+/// Default key bound of [`crate::build_limit_store`]'s memory store (about 65 MB of sliding state when
+/// full: ~650 bytes per key with its ring).
 pub const DEFAULT_LIMIT_MAX_KEYS: usize = 100_000;
 
 /// Most shards of a store (fewer for small bounds, at least 256 keys per shard).
