@@ -24,6 +24,9 @@ use std::time::Duration;
 pub mod analytics;
 pub mod cache;
 pub mod disk;
+pub mod limit;
+pub mod limit_memory;
+pub mod limit_redis;
 pub mod log;
 pub mod log_postgres;
 pub mod log_sqlite;
@@ -38,6 +41,9 @@ pub use self::analytics::{
 };
 pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
 pub use self::disk::DiskCacheStore;
+pub use self::limit::{Decision, LimitSpec, RateLimitStore, Reservation, Technique, MAX_SUB_WINDOWS};
+pub use self::limit_memory::{LimitClock, MemoryLimitStore, DEFAULT_LIMIT_MAX_KEYS};
+pub use self::limit_redis::{RedisLimitStore, LIMIT_REDIS_OP_TIMEOUT};
 pub use self::log::{
     AtCap, LogFilter, LogPage, LogRecord, LogStore, MetaValue, Retention, DEFAULT_LIST_LIMIT, DELETE_CHUNK_ROWS,
     MAX_LIST_LIMIT, MAX_METADATA,
@@ -108,6 +114,22 @@ pub fn build_cache(backend: &CacheBackend, memory_bytes: u64) -> Result<TieredCa
             TieredCache::new(memory.with_ttl_cap(REDIS_MEMORY_TTL_CAP), Some(redis))
         }
     })
+}
+
+/// Builds the rate-limit store for a backend spec: `memory` (per process, at most
+/// [`DEFAULT_LIMIT_MAX_KEYS`] keys) or a `redis://` / `rediss://` URL (shared by replicas, each
+/// operation bounded by [`LIMIT_REDIS_OP_TIMEOUT`]): the one place a backend is chosen. Never connects
+/// to Redis, so it succeeds while Redis is down; fails on an unknown spec or a malformed URL.
+pub fn build_limit_store(spec: &str) -> Result<Arc<dyn RateLimitStore>, String> {
+    let spec = spec.trim();
+    if spec.eq_ignore_ascii_case("memory") {
+        Ok(Arc::new(MemoryLimitStore::new(DEFAULT_LIMIT_MAX_KEYS)))
+    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        let store = RedisLimitStore::new(spec, LIMIT_REDIS_OP_TIMEOUT).map_err(|e| e.to_string())?;
+        Ok(Arc::new(store))
+    } else {
+        Err(format!("unknown rate-limit backend {spec:?}: expected \"memory\" or a redis:// or rediss:// URL"))
+    }
 }
 
 /// Where request logs are kept.

@@ -164,7 +164,7 @@ impl RedisCacheStore {
 
     /// The connection, creating it (in the background) if needed. Not bounded by itself: callers
     /// run it under the operation timeout.
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    pub(crate) async fn conn(&self) -> Result<ConnectionManager, StoreError> {
         loop {
             let mut rx = {
                 let mut st = self.inner.state.lock().unwrap_or_else(PoisonError::into_inner);
