@@ -13,6 +13,12 @@
 //!   or else a string), `limit`, `cursor`.
 //! - `GET /admin/gateways/{id}/logs/{log_id}`: one record with its bodies (base64);
 //!   `PATCH` with `{"feedback": 1 | -1, "score": n}` annotates it.
+//! - `GET /admin/gateways/{id}/analytics?from=&to=&granularity=minute|hour|day&group_by=model|provider|metadata.KEY`:
+//!   time buckets of requests, errors, hits, tokens, cost, savings and latency percentiles (default:
+//!   the last 24 hours by hour; `since=7d` instead of `from`).
+//! - `GET /admin/gateways/{id}/report?since=7d&min_hit_rate=&max_error_rate=&max_p95_ms=&min_requests=`:
+//!   the rollout report with its go / no-go verdict (thresholds from the query, else the gateway's
+//!   `[report]` section).
 //! - `GET /admin/tail?gateway=G&errors=true`: a live stream of records as JSON lines (what
 //!   `aigate tail` reads); a line `{"lagged": n}` says n records were skipped for a slow reader.
 
@@ -30,7 +36,9 @@ use crate::body::GatewayBody;
 use crate::cache::key;
 use crate::error::error_response;
 use crate::proxy::AppState;
-use aigate_store::{CacheKey, LogFilter, LogRecord, MetaValue};
+use aigate_store::{AnalyticsQuery, CacheKey, Granularity, GroupBy, LogFilter, LogRecord, MetaValue};
+
+use crate::report::{Report, Thresholds};
 
 /// Largest admin request body (a PATCH document).
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -104,6 +112,22 @@ pub async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Gatewa
             }
         }
         (&Method::GET, ["admin", "tail"]) => tail(state, req.uri().query().unwrap_or("")),
+        (&Method::GET, ["admin", "gateways", gw, what @ ("analytics" | "report")]) => {
+            let Some(gateway) = settings.gateways.get(*gw) else { return gateway_not_found(gw) };
+            let now = state.clock.now_ms();
+            let (q, thresholds) = match parse_analytics_query(req.uri().query().unwrap_or(""), now) {
+                Ok(v) => v,
+                Err(e) => return bad_request(&e),
+            };
+            if *what == "analytics" {
+                return store_result(state.logs.store.analytics(gw, &q).await, serde_json::to_value);
+            }
+            let totals_only = AnalyticsQuery { granularity: Granularity::Hour, group_by: GroupBy::None, ..q };
+            store_result(state.logs.store.analytics(gw, &totals_only).await, |a| {
+                let t = gateway.report.overridden_by(thresholds);
+                serde_json::to_value(Report::build(gw, q.from_ms, q.to_ms, gateway.cache.mode, &a.totals, t))
+            })
+        }
         (m, ["admin", "gateways", gw, "logs", rest @ ..]) if rest.len() <= 1 => {
             if !settings.gateways.contains_key(*gw) {
                 return gateway_not_found(gw);
@@ -260,6 +284,48 @@ pub fn parse_filter(query: &str) -> Result<LogFilter, String> {
     }
     f.validate()?;
     Ok(f)
+}
+
+/// The query of the analytics and report endpoints, and the report thresholds it sets.
+pub fn parse_analytics_query(query: &str, now_ms: u64) -> Result<(AnalyticsQuery, Thresholds), String> {
+    let mut from = None;
+    let mut to = None;
+    let mut since = None;
+    let mut granularity = Granularity::Hour;
+    let mut group_by = GroupBy::None;
+    let mut t = Thresholds::default();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let num = |name: &str| v.trim().parse::<f64>().map_err(|_| format!("{name}: {v:?} is not a number"));
+        match k.as_ref() {
+            "from" => from = Some(parse_time_ms(&v)?),
+            "to" => to = Some(parse_time_ms(&v)?),
+            "since" => {
+                let d = humantime::parse_duration(v.trim())
+                    .map_err(|_| format!("since: {v:?} is not a duration like \"7d\" or \"24h\""))?;
+                since = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            }
+            "granularity" => granularity = v.parse().map_err(|e| format!("granularity: {e}"))?,
+            "group_by" => group_by = v.parse().map_err(|e| format!("group_by: {e}"))?,
+            "min_hit_rate" => t.min_hit_rate = Some(num("min_hit_rate")?),
+            "max_error_rate" => t.max_error_rate = Some(num("max_error_rate")?),
+            "max_p95_ms" => t.max_p95_ms = Some(num("max_p95_ms")?),
+            "min_requests" => {
+                t.min_requests =
+                    Some(v.trim().parse().map_err(|_| format!("min_requests: {v:?} is not a whole number"))?)
+            }
+            other => return Err(format!("unknown parameter {other:?}")),
+        }
+    }
+    let to_ms = to.unwrap_or(now_ms);
+    let from_ms = match (from, since) {
+        (Some(_), Some(_)) => return Err("give from or since, not both".into()),
+        (Some(f), None) => f,
+        (None, Some(s)) => to_ms.saturating_sub(s),
+        (None, None) => to_ms.saturating_sub(86_400_000),
+    };
+    let q = AnalyticsQuery { from_ms, to_ms, granularity, group_by };
+    q.validate()?;
+    Ok((q, t))
 }
 
 /// `GET /admin/tail`: records as JSON lines while the client stays.

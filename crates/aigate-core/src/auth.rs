@@ -49,6 +49,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             cache: crate::config::validate_cache_for_tests(),
             logs: crate::config::validate_logs_for_tests(),
+            report: Default::default(),
         }
     }
 

@@ -243,6 +243,9 @@ pub struct GatewayConfig {
     /// Request logs.
     #[serde(default)]
     pub logs: LogsConfig,
+    /// Go / no-go thresholds of `aigate report`.
+    #[serde(default)]
+    pub report: crate::report::Thresholds,
 }
 
 /// `at_cap` of `[gateways.NAME.logs]`.
@@ -469,6 +472,8 @@ pub struct Gateway {
     pub cache: CacheSettings,
     /// Request logs.
     pub logs: LogSettings,
+    /// Thresholds of the rollout report.
+    pub report: crate::report::Thresholds,
 }
 
 impl Settings {
@@ -575,6 +580,7 @@ impl FileConfig {
                 request_timeout,
                 cache: validate_cache(&gc.cache, &key("cache"))?,
                 logs: validate_logs(&gc.logs, &key("logs"))?,
+                report: validate_thresholds(gc.report, &key("report"))?,
             };
             gateways.insert(name, Arc::new(gw));
         }
@@ -681,6 +687,19 @@ fn validate_cache(c: &CacheConfig, key: &str) -> Result<CacheSettings, ConfigErr
         coalesce: c.coalesce.unwrap_or(true),
         coalesce_wait: c.coalesce_wait.map_or(Duration::from_secs(60), |d| d.0),
     })
+}
+
+/// Validates `[gateways.NAME.report]`.
+fn validate_thresholds(t: crate::report::Thresholds, key: &str) -> Result<crate::report::Thresholds, ConfigError> {
+    for (name, v) in [("min_hit_rate", t.min_hit_rate), ("max_error_rate", t.max_error_rate)] {
+        if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            return Err(ConfigError::Invalid(format!("{key}.{name}: must be between 0 and 1")));
+        }
+    }
+    if t.max_p95_ms.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+        return Err(ConfigError::Invalid(format!("{key}.max_p95_ms: must be a positive number of milliseconds")));
+    }
+    Ok(t)
 }
 
 /// Validates `[gateways.NAME.logs]`.

@@ -19,6 +19,7 @@ pub mod meter;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;
+pub mod report;
 pub mod routing;
 pub mod server;
 pub mod upstream;

@@ -300,9 +300,13 @@ impl LogPipeline {
             }
         }
         let mut inserted = 0;
-        for (gw, (kept, _counted)) in by_gateway {
+        for (gw, (kept, counted)) in by_gateway {
             if !kept.is_empty() {
                 inserted += self.store.insert_batch(gw, &kept).await?;
+            }
+            // Records not kept still count in analytics.
+            if !counted.is_empty() {
+                self.store.add_to_rollups(gw, &counted).await?;
             }
         }
         Ok(inserted)

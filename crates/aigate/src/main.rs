@@ -61,6 +61,33 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// The rollout report of a gateway: traffic, hit rate, errors, latency, cost and savings, and a
+    /// go / no-go verdict. Exits 0 on go, 1 on no-go, 2 when the report cannot be made.
+    Report {
+        /// The gateway.
+        #[arg(long)]
+        gateway: String,
+        /// The period, ending now: `7d`, `24h`, ...
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+        /// No-go below this cache hit rate, 0..1 (the would-be rate of a shadow-mode gateway).
+        #[arg(long)]
+        min_hit_rate: Option<f64>,
+        /// No-go above this error rate, 0..1.
+        #[arg(long)]
+        max_error_rate: Option<f64>,
+        /// No-go above this p95 latency, ms.
+        #[arg(long)]
+        max_p95_ms: Option<f64>,
+        /// No-go below this many requests.
+        #[arg(long)]
+        min_requests: Option<u64>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Query a gateway's request logs, newest first.
     Logs {
         /// The gateway.
@@ -101,6 +128,13 @@ enum CacheCommand {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReportFormat {
+    Text,
+    Markdown,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -110,17 +144,48 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    let report = matches!(cli.command, Command::Report { .. });
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // `report` keeps 1 for no-go, so a deployment script can tell the two apart.
+            if report {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Report { gateway, since, format, min_hit_rate, max_error_rate, max_p95_ms, min_requests, remote } =
+        cli.command
+    {
+        let server = remote.resolve()?;
+        let mut query = vec![("since".to_string(), since)];
+        for (k, v) in [("min_hit_rate", min_hit_rate), ("max_error_rate", max_error_rate), ("max_p95_ms", max_p95_ms)] {
+            if let Some(v) = v {
+                query.push((k.to_string(), v.to_string()));
+            }
+        }
+        if let Some(v) = min_requests {
+            query.push(("min_requests".to_string(), v.to_string()));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let report = rt.block_on(remote::report(&server, &gateway, &query))?;
+        match format {
+            ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            f => print!("{}", report.render(f == ReportFormat::Markdown)),
+        }
+        return Ok(if report.is_go() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    run_other(cli.command).map(|()| ExitCode::SUCCESS)
+}
+
+fn run_other(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Check { config } => {
             let settings = load(config.as_deref())?;
             print!("{}", describe(&settings, config.as_deref()));
@@ -151,6 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(remote::logs(&server, &gateway, &filters, json))
         }
+        Command::Report { .. } => unreachable!("handled in run"),
         Command::Serve { config, listen, worker_threads } => {
             let mut settings = load(config.as_deref())?;
             if let Some(l) = listen {

@@ -154,6 +154,16 @@ pub fn time_arg(v: &str) -> anyhow::Result<String> {
     Ok(v.to_string())
 }
 
+/// `aigate report`: the server computes the report (thresholds from `query`, else its config).
+pub async fn report(
+    server: &Server,
+    gateway: &str,
+    query: &[(String, String)],
+) -> anyhow::Result<aigate_core::report::Report> {
+    let v = server.get_json(&format!("/admin/gateways/{gateway}/report"), query).await?;
+    serde_json::from_value(v).context("unexpected report from the server")
+}
+
 /// `aigate logs`: prints matching records, newest first.
 pub async fn logs(server: &Server, gateway: &str, f: &LogFilters, json: bool) -> anyhow::Result<()> {
     let mut q: Vec<(String, String)> = Vec::new();

@@ -464,3 +464,99 @@ async fn cli_tail_and_logs() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["status"], 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_and_report_on_real_traffic() {
+    let env = env_with(
+        &format!("{ADMIN}[gateways.default]\n[gateways.default.cache]\nenabled = true\n"),
+        MockConfig::default(),
+    )
+    .await;
+    let chat = |i: usize| format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"q{i}"}}]}}"#);
+    for i in 0..4 {
+        post(&env, "/v1/chat/completions", &chat(i), &[]).await.bytes().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..6 {
+        let r = post(&env, "/v1/chat/completions", &chat(i % 4), &[]).await;
+        assert_eq!(r.headers()["cf-aig-cache-status"], "HIT");
+        r.bytes().await.unwrap();
+    }
+    post(&env, "/v1/chat/completions", &chat(99), &[("x-mock-status", "503")]).await.bytes().await.unwrap();
+    // Not kept as a record, still counted in analytics.
+    post(&env, "/v1/chat/completions", &chat(0), &[("cf-aig-collect-log", "false")]).await.bytes().await.unwrap();
+    records(&env, "default", 11).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let a = admin_get(&env, "/admin/gateways/default/analytics?since=2h&granularity=minute&group_by=model").await;
+    let t = &a["totals"];
+    assert_eq!(t["requests"], 12, "{a:#}");
+    assert_eq!(t["cache_hits"], 7);
+    assert_eq!(t["errors"], 1);
+    assert!(close(t["cost_usd"].as_f64().unwrap(), 4.0 * PLAIN_CHAT_COST), "{t}");
+    assert!(close(t["saved_usd"].as_f64().unwrap(), 7.0 * PLAIN_CHAT_COST), "{t}");
+    assert!(t["p50_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(a["groups"][0]["group"], "gpt-4o-mini");
+    assert!(!a["buckets"].as_array().unwrap().is_empty());
+    let r = env.http.get(env.url("/admin/gateways/default/analytics?granularity=week")).bearer_auth(ADMIN_TOKEN);
+    assert_eq!(r.send().await.unwrap().status(), 400);
+
+    let base = format!("http://{}", env.gw.addr);
+    let report = |extra: &[&str]| {
+        let mut args = vec!["report", "--gateway", "default", "--since", "2h", "--url", &base, "--token", ADMIN_TOKEN];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_aigate")).args(args).output().unwrap()
+    };
+    let out = report(&["--format", "json", "--min-hit-rate", "0.5"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 12);
+    assert_eq!(v["upstream_calls"], 5);
+    assert!(close(v["hit_rate"].as_f64().unwrap(), 7.0 / 12.0));
+    assert!(close(v["cost_without_gateway_usd"].as_f64().unwrap(), 11.0 * PLAIN_CHAT_COST), "{v}");
+    assert!(close(v["saved_pct"].as_f64().unwrap(), 7.0 / 11.0), "{v}");
+    assert_eq!(v["verdict"], "go");
+    let out = report(&["--max-error-rate", "0.01"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("Verdict: NO-GO") && text.contains("FAIL error_rate"), "{text}");
+    assert!(text.contains("Cache hit rate") && text.contains("58.3 %"), "{text}");
+    let out = report(&["--format", "markdown"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8(out.stdout).unwrap().contains("| Requests | 12 |"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
+        .args(["report", "--gateway", "nope", "--url", &base, "--token", ADMIN_TOKEN])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Two gateway processes (replicas) sharing the local PostgreSQL: records of both land in one
+/// store and analytics count them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_postgres_log_store() {
+    if std::env::var("AIGATE_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
+        eprintln!("AIGATE_SKIP_POSTGRES=1: skipping");
+        return;
+    }
+    let url =
+        std::env::var("AIGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    // A gateway name of its own: other runs share the table.
+    let gw: String = format!("pg{}", temp_dir("pg").file_name().unwrap().to_string_lossy().replace(['-', '.'], ""))
+        .chars()
+        .take(60)
+        .collect();
+    let extra = format!("{ADMIN}[storage]\nlogs = \"{url}\"\n[gateways.{gw}]\n[gateways.default]\n");
+    let a = env_with(&extra, MockConfig::default()).await;
+    let b = env_with(&extra, MockConfig::default()).await;
+    for env in [&a, &b] {
+        for _ in 0..3 {
+            let r = post(env, &format!("/{gw}/openai/chat/completions"), CHAT, &[]).await;
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    }
+    records(&a, &gw, 6).await;
+    let v = admin_get(&b, &format!("/admin/gateways/{gw}/analytics?since=2h")).await;
+    assert_eq!(v["totals"]["requests"], 6, "{v}");
+}
