@@ -50,6 +50,7 @@ mod tests {
             cache: crate::config::validate_cache_for_tests(),
             logs: crate::config::validate_logs_for_tests(),
             report: Default::default(),
+            rules: Vec::new(),
         }
     }
 

@@ -109,6 +109,73 @@ pub struct FileConfig {
     /// Model prices used for cost (overrides and additions to the built-in table).
     #[serde(default)]
     pub pricing: PricingConfig,
+    /// Options of rate limits and budgets.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: options shared by every gateway's rate limits and budgets.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// When the limit store fails: `allow` (default) or `deny` (503).
+    pub on_store_error: Option<crate::limits::OnStoreError>,
+    /// Whether cache hits count against request limits. Default false.
+    pub count_cache_hits: Option<bool>,
+    /// URL budget alerts are POSTed to (JSON).
+    pub alert_webhook: Option<String>,
+    /// Output tokens assumed for a request without `max_tokens` when reserving. Default 1024.
+    pub default_max_tokens: Option<u64>,
+}
+
+/// `[gateways.NAME.rate_limit]`: Cloudflare's gateway rate limit (requests per period).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per period.
+    pub limit: u64,
+    /// The period, e.g. `"60s"`.
+    pub period: DurationValue,
+    /// `fixed` or `sliding` (default).
+    pub technique: Option<aigate_store::Technique>,
+}
+
+/// `[[gateways.NAME.limits]]`: a finer rate limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRuleConfig {
+    /// Name, unique in the gateway.
+    pub name: String,
+    /// `gateway` (default), `credential`, `model` or `metadata.NAME`.
+    pub key: Option<String>,
+    /// `requests` (default), `tokens` or `cost_usd`.
+    pub measure: Option<crate::limits::Measure>,
+    /// Units per period (USD for `cost_usd`).
+    pub limit: f64,
+    /// The period, e.g. `"1h"`.
+    pub period: DurationValue,
+    /// `fixed` or `sliding` (default).
+    pub technique: Option<aigate_store::Technique>,
+    /// Only requests for this model.
+    pub model: Option<String>,
+}
+
+/// `[[gateways.NAME.budgets]]`: a spend limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Name, unique in the gateway. Default `budget-N`.
+    pub name: Option<String>,
+    /// USD per period.
+    pub limit_usd: f64,
+    /// `hour`, `day`, `week`, `month` (UTC calendar) or a rolling duration like `"24h"`.
+    pub period: String,
+    /// Only requests for this model.
+    pub model: Option<String>,
+    /// Per `metadata.NAME` value (or `credential`, `model`); default the whole gateway.
+    pub key: Option<String>,
+    /// Alert thresholds as fractions of the limit. Default `[0.5, 0.8, 1.0]`.
+    pub alerts: Option<Vec<f64>>,
 }
 
 /// `[pricing]`: where model prices come from besides the built-in table.
@@ -136,6 +203,8 @@ pub struct StorageConfig {
     pub cache_disk: Option<ByteSizeValue>,
     /// Log store: `sqlite` (default; a file under `data_dir`) or `postgres://user@host/db`.
     pub logs: Option<String>,
+    /// Rate-limit store: `memory` (default) or `redis://host:port` (shared by replicas).
+    pub limits: Option<String>,
     /// Records waiting for the log writer; when full, records spill to a file. Default 10000.
     pub log_queue: Option<usize>,
     /// Most bytes of spill files kept under `data_dir/log-spill`; beyond it records are dropped and
@@ -246,6 +315,15 @@ pub struct GatewayConfig {
     /// Go / no-go thresholds of `aigate report`.
     #[serde(default)]
     pub report: crate::report::Thresholds,
+    /// Cloudflare's gateway rate limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Finer rate limits.
+    #[serde(default)]
+    pub limits: Vec<LimitRuleConfig>,
+    /// Spend limits.
+    #[serde(default)]
+    pub budgets: Vec<BudgetConfig>,
 }
 
 /// `at_cap` of `[gateways.NAME.logs]`.
@@ -397,10 +475,12 @@ pub struct Settings {
     pub admin_token: Option<Secret>,
     /// Model prices (built-in table with the configured file and overrides applied).
     pub prices: Arc<crate::cost::PriceTable>,
+    /// Options of rate limits and budgets.
+    pub limits: crate::limits::LimitOptions,
 }
 
 /// Storage backends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StorageSettings {
     /// Cache backend.
     pub cache: aigate_store::CacheBackend,
@@ -412,6 +492,8 @@ pub struct StorageSettings {
     pub log_queue: usize,
     /// Spill files cap, bytes.
     pub log_spill_max: u64,
+    /// Rate-limit store spec (`memory` or a Redis URL).
+    pub limits: String,
 }
 
 /// A gateway's log settings.
@@ -445,7 +527,7 @@ pub struct CacheSettings {
 }
 
 /// Upstream connection settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     /// Connect timeout.
     pub connect_timeout: Duration,
@@ -474,6 +556,8 @@ pub struct Gateway {
     pub logs: LogSettings,
     /// Thresholds of the rollout report.
     pub report: crate::report::Thresholds,
+    /// Rate limits and budgets, in the order they are checked.
+    pub rules: Vec<crate::limits::Rule>,
 }
 
 impl Settings {
@@ -581,6 +665,7 @@ impl FileConfig {
                 cache: validate_cache(&gc.cache, &key("cache"))?,
                 logs: validate_logs(&gc.logs, &key("logs"))?,
                 report: validate_thresholds(gc.report, &key("report"))?,
+                rules: validate_rules(&gc, &key(""))?,
             };
             gateways.insert(name, Arc::new(gw));
         }
@@ -618,6 +703,29 @@ impl FileConfig {
                 None => 10_000,
             },
             log_spill_max: self.storage.log_spill_max.map_or(1_000_000_000, |b| b.0),
+            limits: {
+                let spec = self.storage.limits.as_deref().unwrap_or("memory").trim().to_owned();
+                if !(spec == "memory" || spec.starts_with("redis://") || spec.starts_with("rediss://")) {
+                    return Err(invalid(format!(
+                        "storage.limits: unknown backend {spec:?}: expected \"memory\" or a redis:// URL"
+                    )));
+                }
+                spec
+            },
+        };
+        let limits = crate::limits::LimitOptions {
+            on_store_error: self.limits.on_store_error.unwrap_or_default(),
+            count_cache_hits: self.limits.count_cache_hits.unwrap_or(false),
+            alert_webhook: match &self.limits.alert_webhook {
+                Some(u) => Some(
+                    u.parse::<http::Uri>()
+                        .ok()
+                        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+                        .ok_or_else(|| invalid(format!("limits.alert_webhook: {u:?} is not an http(s) URL")))?,
+                ),
+                None => None,
+            },
+            default_max_tokens: self.limits.default_max_tokens.unwrap_or(1024),
         };
         let mut prices = crate::cost::PriceTable::builtin();
         if let Some(path) = &self.pricing.litellm_file {
@@ -664,6 +772,7 @@ impl FileConfig {
             storage,
             admin_token,
             prices: Arc::new(prices),
+            limits,
         })
     }
 }
@@ -687,6 +796,90 @@ fn validate_cache(c: &CacheConfig, key: &str) -> Result<CacheSettings, ConfigErr
         coalesce: c.coalesce.unwrap_or(true),
         coalesce_wait: c.coalesce_wait.map_or(Duration::from_secs(60), |d| d.0),
     })
+}
+
+/// Validates a gateway's `rate_limit`, `limits` and `budgets` into rules (`prefix` is `gateways.NAME.`).
+fn validate_rules(gc: &GatewayConfig, prefix: &str) -> Result<Vec<crate::limits::Rule>, ConfigError> {
+    use crate::limits::{Budget, BudgetPeriod, LimitKey, Measure, Rule};
+    use aigate_store::Technique;
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut rules: Vec<Rule> = Vec::new();
+    if let Some(rl) = &gc.rate_limit {
+        if rl.limit == 0 || rl.period.0.is_zero() {
+            return Err(invalid(format!("{prefix}rate_limit: limit and period must be greater than zero")));
+        }
+        rules.push(Rule {
+            name: Arc::from("rate_limit"),
+            key: LimitKey::Gateway,
+            measure: Measure::Requests,
+            limit: rl.limit,
+            period_ms: ms(rl.period.0),
+            technique: rl.technique.unwrap_or(Technique::Sliding),
+            model: None,
+            budget: None,
+        });
+    }
+    for (i, l) in gc.limits.iter().enumerate() {
+        let k = format!("{prefix}limits[{i}]");
+        validate_name(&format!("{k}.name"), &l.name)?;
+        let measure = l.measure.unwrap_or(Measure::Requests);
+        if !l.limit.is_finite() || l.limit <= 0.0 || l.period.0.is_zero() {
+            return Err(invalid(format!("{k}: limit and period must be greater than zero")));
+        }
+        let limit = match measure {
+            Measure::CostUsd => crate::limits::usd_to_micros(l.limit),
+            _ if l.limit.fract() != 0.0 => return Err(invalid(format!("{k}.limit: must be a whole number"))),
+            _ => l.limit as u64,
+        };
+        rules.push(Rule {
+            name: Arc::from(l.name.as_str()),
+            key: l.key.as_deref().unwrap_or("gateway").parse().map_err(|e| invalid(format!("{k}.key: {e}")))?,
+            measure,
+            limit,
+            period_ms: ms(l.period.0),
+            technique: l.technique.unwrap_or(Technique::Sliding),
+            model: l.model.clone(),
+            budget: None,
+        });
+    }
+    for (i, b) in gc.budgets.iter().enumerate() {
+        let k = format!("{prefix}budgets[{i}]");
+        let name = b.name.clone().unwrap_or_else(|| format!("budget-{}", i + 1));
+        validate_name(&format!("{k}.name"), &name)?;
+        if !b.limit_usd.is_finite() || b.limit_usd <= 0.0 {
+            return Err(invalid(format!("{k}.limit_usd: must be greater than zero")));
+        }
+        let period: BudgetPeriod = b.period.parse().map_err(|e| invalid(format!("{k}.period: {e}")))?;
+        let alerts = b.alerts.clone().unwrap_or_else(|| vec![0.5, 0.8, 1.0]);
+        if alerts.iter().any(|a| !a.is_finite() || *a <= 0.0 || *a > 10.0) {
+            return Err(invalid(format!("{k}.alerts: fractions of the limit between 0 and 10, e.g. [0.5, 0.8, 1.0]")));
+        }
+        let period_ms = match period {
+            BudgetPeriod::Hour => 3_600_000,
+            BudgetPeriod::Day => 86_400_000,
+            BudgetPeriod::Week => 7 * 86_400_000,
+            BudgetPeriod::Month => 31 * 86_400_000,
+            BudgetPeriod::Rolling(ms) => ms,
+        };
+        rules.push(Rule {
+            name: Arc::from(name.as_str()),
+            key: b.key.as_deref().unwrap_or("gateway").parse().map_err(|e| invalid(format!("{k}.key: {e}")))?,
+            measure: Measure::CostUsd,
+            limit: crate::limits::usd_to_micros(b.limit_usd),
+            period_ms,
+            technique: Technique::Sliding,
+            model: b.model.clone(),
+            budget: Some(Budget { period, alerts, limit_usd: b.limit_usd }),
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in &rules {
+        if !seen.insert(r.name.clone()) {
+            return Err(invalid(format!("{prefix}: the rule name {:?} is used twice", &*r.name)));
+        }
+    }
+    Ok(rules)
 }
 
 /// Validates `[gateways.NAME.report]`.

@@ -79,6 +79,27 @@ pub enum GatewayError {
         /// The timeout that applied.
         timeout_ms: u64,
     },
+    /// A rate limit or budget refused the request.
+    #[error("{message}")]
+    RateLimited {
+        /// Names the rule, the limit, what was used and when it resets.
+        message: String,
+        /// `rate_limit_exceeded` or `budget_exceeded`.
+        code: &'static str,
+        /// Ms until the request could pass.
+        retry_after_ms: u64,
+        /// The rule's limit.
+        limit: u64,
+        /// What is left of it.
+        remaining: u64,
+        /// Ms until it frees capacity.
+        reset_ms: u64,
+        /// A token rule (`x-ratelimit-*-tokens`) rather than a request rule.
+        tokens: bool,
+    },
+    /// The rate-limit store failed and the gateway is set to deny then.
+    #[error("the rate-limit store is unavailable; this gateway refuses requests until it is back (on_store_error = \"deny\")")]
+    LimitStoreUnavailable,
     /// Anything else.
     #[error("internal gateway error")]
     Internal,
@@ -99,6 +120,8 @@ impl GatewayError {
             BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout"),
             UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "api_error", "upstream_unreachable"),
             UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout"),
+            RateLimited { code, .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code),
+            LimitStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "limit_store_unavailable"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal_error"),
         }
     }
@@ -115,7 +138,23 @@ impl GatewayError {
     /// The HTTP response.
     pub fn into_response(self) -> Response<GatewayBody> {
         let (status, kind, code) = self.parts();
-        error_response(status, &self.to_string(), kind, code)
+        let mut resp = error_response(status, &self.to_string(), kind, code);
+        if let GatewayError::RateLimited { retry_after_ms, limit, remaining, reset_ms, tokens, .. } = self {
+            use crate::limits::headers::*;
+            let h = resp.headers_mut();
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)));
+            let [l, r, t] = if tokens {
+                [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
+            } else {
+                [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]
+            };
+            h.insert(l, HeaderValue::from(limit));
+            h.insert(r, HeaderValue::from(remaining));
+            if let Ok(v) = HeaderValue::from_str(&crate::limits::format_reset(reset_ms)) {
+                h.insert(t, v);
+            }
+        }
+        resp
     }
 }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod cost;
 pub mod error;
 pub mod headers;
+pub mod limits;
 pub mod logs;
 pub mod meter;
 pub mod metrics;

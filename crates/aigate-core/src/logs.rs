@@ -111,6 +111,7 @@ enum SpillItem {
 pub struct Finalizer {
     prices: ArcSwap<PriceTable>,
     metrics: Arc<Metrics>,
+    limits: Arc<crate::limits::LimitLayer>,
     tail: broadcast::Sender<Arc<LogRecord>>,
     stats: Arc<LogStats>,
 }
@@ -144,11 +145,17 @@ impl LogPipeline {
         store: Arc<dyn LogStore>,
         stats: Arc<LogStats>,
         metrics: Arc<Metrics>,
+        limits: Arc<crate::limits::LimitLayer>,
     ) -> std::io::Result<Arc<LogPipeline>> {
         let (tx, rx) = mpsc::channel(settings.storage.log_queue);
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
-        let finalizer =
-            Arc::new(Finalizer { prices: ArcSwap::new(settings.prices.clone()), metrics, tail, stats: stats.clone() });
+        let finalizer = Arc::new(Finalizer {
+            prices: ArcSwap::new(settings.prices.clone()),
+            metrics,
+            tail,
+            stats: stats.clone(),
+            limits,
+        });
         let spill_dir = settings.data_dir.join(SPILL_DIR);
         std::fs::create_dir_all(&spill_dir)?;
         stats.spill_bytes.store(recover_spill_files(&spill_dir)?, Ordering::Relaxed);
@@ -492,6 +499,27 @@ impl Finalizer {
             score: None,
         };
         self.metrics.record(&record);
+        if !m.held.is_empty() {
+            let count_hits = self.limits.options().count_cache_hits;
+            let tokens = usage.as_ref().map(Usage::total_tokens);
+            let settlements = m
+                .held
+                .into_iter()
+                .map(|h| {
+                    let actual = crate::limits::actual_amount(
+                        h.rule.measure,
+                        h.reservation.amount(),
+                        hit,
+                        success,
+                        tokens,
+                        cost_usd,
+                        count_hits,
+                    );
+                    (h, actual)
+                })
+                .collect();
+            self.limits.settle(settlements);
+        }
         if self.tail.receiver_count() > 0 {
             let _ = self.tail.send(Arc::new(record.clone()));
         }

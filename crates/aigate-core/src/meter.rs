@@ -100,6 +100,10 @@ pub struct Meter {
     pub filter: Option<InjectedUsageFilter>,
     /// The cached entry a hit was served from (its usage is what the hit saved).
     pub hit_entry: Option<Arc<CachedResponse>>,
+    /// Rate-limit and budget reservations, settled when the response ends.
+    pub held: Vec<crate::limits::Held>,
+    /// `x-ratelimit-*` headers for the response.
+    pub rate_headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 impl Meter {
@@ -138,6 +142,14 @@ impl Meter {
         self.hit_entry = entry;
         if filtered {
             self.filter = Some(InjectedUsageFilter::new());
+        }
+    }
+
+    /// What the limit stage let through.
+    pub fn admitted(&mut self, a: crate::limits::Admission) {
+        self.held.extend(a.held);
+        if !a.headers.is_empty() {
+            self.rate_headers = a.headers;
         }
     }
 

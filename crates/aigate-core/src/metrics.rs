@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 use aigate_store::{CacheStore, LogRecord};
 
 use crate::cache::CacheLayer;
+use crate::limits::LimitStats;
 use crate::logs::LogStats;
 
 /// Distinct model label values kept before new ones are folded into `other`.
@@ -52,6 +53,19 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    gateway: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    gateway: String,
+    budget: String,
+    threshold: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GatewayLabels {
     gateway: String,
     provider: String,
@@ -79,6 +93,8 @@ pub struct Metrics {
     duration: HistogramFamily,
     ttfb: HistogramFamily,
     overhead: HistogramFamily,
+    limited: Family<RuleLabels, Counter>,
+    alerts: Family<AlertLabels, Counter>,
     models: Mutex<HashSet<String>>,
 }
 
@@ -90,7 +106,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// A registry with aigate's metrics; `cache` and `logs` are read at scrape time.
-    pub fn new(cache: Arc<CacheLayer>, logs: Arc<LogStats>) -> Arc<Metrics> {
+    pub fn new(cache: Arc<CacheLayer>, logs: Arc<LogStats>, limits: Arc<LimitStats>) -> Arc<Metrics> {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("aigate_requests", "Requests through a gateway", requests.clone());
@@ -118,7 +134,15 @@ impl Metrics {
             "Time spent in aigate itself (before the upstream call and relaying its head)",
             overhead.clone(),
         );
-        registry.register_collector(Box::new(StateCollector { cache, logs }));
+        let limited = Family::<RuleLabels, Counter>::default();
+        registry.register("aigate_rate_limited", "Requests refused by a rate limit or budget", limited.clone());
+        let alerts = Family::<AlertLabels, Counter>::default();
+        registry.register(
+            "aigate_budget_alerts",
+            "Budget alerts fired (threshold: fraction of the limit)",
+            alerts.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector { cache, logs, limits }));
         Arc::new(Metrics {
             registry,
             requests,
@@ -128,6 +152,8 @@ impl Metrics {
             duration,
             ttfb,
             overhead,
+            limited,
+            alerts,
             models: Mutex::new(HashSet::new()),
         })
     }
@@ -187,6 +213,18 @@ impl Metrics {
         }
     }
 
+    /// A request refused by `rule`.
+    pub fn record_limited(&self, gateway: &str, rule: &str) {
+        self.limited.get_or_create(&RuleLabels { gateway: gateway.to_owned(), rule: rule.to_owned() }).inc();
+    }
+
+    /// A budget alert.
+    pub fn record_alert(&self, gateway: &str, budget: &str, threshold: f64) {
+        let l =
+            AlertLabels { gateway: gateway.to_owned(), budget: budget.to_owned(), threshold: threshold.to_string() };
+        self.alerts.get_or_create(&l).inc();
+    }
+
     fn model_label(&self, model: &str) -> String {
         let mut seen = self.models.lock().unwrap_or_else(PoisonError::into_inner);
         if seen.contains(model) {
@@ -213,6 +251,7 @@ impl Metrics {
 struct StateCollector {
     cache: Arc<CacheLayer>,
     logs: Arc<LogStats>,
+    limits: Arc<LimitStats>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -283,6 +322,20 @@ impl Collector for StateCollector {
             "aigate_log_invalid_metadata",
             "Requests whose cf-aig-metadata was ignored",
             load(&l.invalid_metadata),
+        )?;
+        let r = &self.limits;
+        counter(
+            &mut enc,
+            "aigate_limit_store_errors",
+            "Rate-limit store errors (requests follow on_store_error)",
+            load(&r.store_errors),
+        )?;
+        counter(&mut enc, "aigate_limit_refused", "Requests refused by a rate limit or budget", load(&r.limited))?;
+        counter(
+            &mut enc,
+            "aigate_alert_webhook_failures",
+            "Budget alert webhook deliveries that failed",
+            load(&r.webhook_failures),
         )?;
         Ok(())
     }

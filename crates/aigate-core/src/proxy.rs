@@ -35,6 +35,7 @@ use crate::headers::{
     CF_AIG_AUTHORIZATION, CF_AIG_COLLECT_LOG, CF_AIG_COLLECT_LOG_PAYLOAD, CF_AIG_CUSTOM_COST, CF_AIG_EVENT_ID,
     CF_AIG_LOG_ID, CF_AIG_METADATA, CF_AIG_REQUEST_TIMEOUT,
 };
+use crate::limits::{self, LimitLayer, LimitStats};
 use crate::logs::{LogPipeline, LogStats};
 use crate::meter::{Meter, ResponseBody};
 use crate::metrics::Metrics;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub logs: Arc<LogPipeline>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Rate limits and budgets.
+    pub limits: Arc<LimitLayer>,
     /// Set to true when shutdown begins (ends live tails so connections can drain).
     pub stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -76,6 +79,9 @@ pub enum StartError {
     /// The log store or its spill directory could not be opened.
     #[error("cannot open the log store: {0}")]
     Logs(String),
+    /// The rate-limit store could not be set up.
+    #[error("cannot set up the rate-limit store: {0}")]
+    Limits(String),
 }
 
 impl AppState {
@@ -87,8 +93,26 @@ impl AppState {
         let cache = CacheLayer::new(store, clock.clone());
         let log_store = crate::logs::open_store(&settings.storage.logs).map_err(|e| StartError::Logs(e.to_string()))?;
         let log_stats = Arc::new(LogStats::default());
-        let metrics = Metrics::new(cache.clone(), log_stats.clone());
-        let logs = LogPipeline::new(&settings, log_store, log_stats, metrics.clone())
+        let limit_stats = Arc::new(LimitStats::default());
+        let metrics = Metrics::new(cache.clone(), log_stats.clone(), limit_stats.clone());
+        let limit_store: Arc<dyn aigate_store::RateLimitStore> = if settings.storage.limits == "memory" {
+            let c = clock.clone();
+            Arc::new(
+                aigate_store::MemoryLimitStore::new(aigate_store::DEFAULT_LIMIT_MAX_KEYS)
+                    .with_clock(Arc::new(move || c.now_ms())),
+            )
+        } else {
+            aigate_store::build_limit_store(&settings.storage.limits).map_err(StartError::Limits)?
+        };
+        let limits = Arc::new(LimitLayer::new(
+            limit_store,
+            settings.limits.clone(),
+            limit_stats,
+            clock.clone(),
+            client.clone(),
+            metrics.clone(),
+        ));
+        let logs = LogPipeline::new(&settings, log_store, log_stats, metrics.clone(), limits.clone())
             .map_err(|e| StartError::Logs(format!("spill directory: {e}")))?;
         Ok(Arc::new(AppState {
             settings: ArcSwap::from_pointee(settings),
@@ -98,8 +122,41 @@ impl AppState {
             ready: AtomicBool::new(true),
             logs,
             metrics,
+            limits,
             stopping: tokio::sync::watch::Sender::new(false),
         }))
+    }
+}
+
+impl AppState {
+    /// Applies a new configuration atomically: the next request sees all of it (gateways, tokens,
+    /// provider keys, cache, logs and limit settings, prices). What is fixed at start (listen
+    /// address, storage backends, connection limits, upstream pool) keeps its running value; each
+    /// such difference is returned as a warning.
+    pub fn reload(&self, mut new: Settings) -> Vec<String> {
+        let old = self.settings.load_full();
+        let mut warnings = Vec::new();
+        let mut fixed = |what: &str, changed: bool| {
+            if changed {
+                warnings.push(format!("{what} changed: it applies after a restart; the running value stays"));
+            }
+        };
+        fixed("listen", new.listen != old.listen);
+        fixed("data_dir", new.data_dir != old.data_dir);
+        fixed("[storage]", new.storage != old.storage);
+        fixed("[upstream]", new.upstream != old.upstream);
+        fixed("max_connections", new.max_connections != old.max_connections);
+        fixed("header_read_timeout", new.header_read_timeout != old.header_read_timeout);
+        new.listen = old.listen;
+        new.data_dir = old.data_dir.clone();
+        new.storage = old.storage.clone();
+        new.upstream = old.upstream.clone();
+        new.max_connections = old.max_connections;
+        new.header_read_timeout = old.header_read_timeout;
+        self.logs.configure(&new);
+        self.limits.configure(new.limits.clone());
+        self.settings.store(Arc::new(new));
+        warnings
     }
 }
 
@@ -152,6 +209,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
     }
     Ok(match meter {
         Some(mut m) => {
+            for (k, v) in std::mem::take(&mut m.rate_headers) {
+                resp.headers_mut().insert(k, v);
+            }
             m.on_head(resp.status().as_u16(), resp.headers().get(http::header::CONTENT_TYPE));
             let logs = state.logs.clone();
             resp.map(|b| ResponseBody::metered(b, m, logs))
@@ -229,6 +289,8 @@ async fn proxy(
         sse: None,
         filter: None,
         hit_entry: None,
+        held: Vec::new(),
+        rate_headers: Vec::new(),
     }));
     // Stage 2: gateway authentication.
     auth::check(&route.gateway, &parts.headers)?;
@@ -259,27 +321,31 @@ async fn proxy(
     meter.request_body = body.clone();
 
     // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
+    // The client's credentials: part of the cache key and of `credential` limit keys.
+    let mut creds: [&[u8]; 5] = [&[]; 5];
+    let mut n = 0;
+    if let Some(k) = &stored_key {
+        creds[n] = k.expose().as_bytes();
+        n += 1;
+    } else {
+        for style in [AuthStyle::Bearer, AuthStyle::XApiKey, AuthStyle::ApiKey, AuthStyle::XGoogApiKey] {
+            if let Some(v) = parts.headers.get(style.header()) {
+                creds[n] = v.as_bytes();
+                n += 1;
+            }
+        }
+    }
+    if let Some(v) = parts.headers.get(CF_AIG_AUTHORIZATION) {
+        creds[n] = v.as_bytes();
+        n += 1;
+    }
+    let creds = &creds[..n];
+
+    // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
     let cache_off = route.gateway.cache.mode == crate::config::CacheMode::Off && cache_options.custom_key.is_none();
     let cache_plan = if cache_off {
         Plan::Skip(CacheStatus::Off)
     } else {
-        let mut creds: [&[u8]; 5] = [&[]; 5];
-        let mut n = 0;
-        if let Some(k) = &stored_key {
-            creds[n] = k.expose().as_bytes();
-            n += 1;
-        } else {
-            for style in [AuthStyle::Bearer, AuthStyle::XApiKey, AuthStyle::ApiKey, AuthStyle::XGoogApiKey] {
-                if let Some(v) = parts.headers.get(style.header()) {
-                    creds[n] = v.as_bytes();
-                    n += 1;
-                }
-            }
-        }
-        if let Some(v) = parts.headers.get(CF_AIG_AUTHORIZATION) {
-            creds[n] = v.as_bytes();
-            n += 1;
-        }
         cache::plan(&cache::PlanInput {
             settings: &route.gateway.cache,
             options: &cache_options,
@@ -290,16 +356,16 @@ async fn proxy(
                 path: route.rest,
                 query: parts.uri.query().unwrap_or(""),
                 body: &body,
-                credentials: &creds[..n],
+                credentials: creds,
             },
         })
     };
     let ns = route.gateway.name.clone();
+    let rules = &route.gateway.rules;
+    let mut facts = limits::Facts::new(&provider.name, &body, &parts.headers, creds, &settings.prices);
     let mut status = CacheStatus::Off;
-    let mut flight: Option<FlightGuard> = None;
     if let Plan::Skip(s) = &cache_plan {
         status = *s;
-        meter.cache_status = *s;
     }
     if let Plan::Use(u) = &cache_plan {
         status = CacheStatus::Miss;
@@ -314,10 +380,21 @@ async fn proxy(
         } else if let Some(entry) = found {
             state.cache.stats.hits.fetch_add(1, Ordering::Relaxed);
             meter.on_hit(Some(entry.clone()), injected_usage_body(&provider.name, endpoint, &body).is_some());
+            // Stage 4b: limits (a hit counts only against request rules, and only if configured).
+            meter.admitted(state.limits.admit(&ns, rules, &mut facts, true).await?);
             return Ok(cache::hit_response(entry, &u.key, state.clock.now_ms()));
         } else {
             state.cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         }
+    }
+    meter.cache_status = status;
+
+    // Stage 4b: limits, before anything goes upstream (or waits for an identical request).
+    meter.admitted(state.limits.admit(&ns, rules, &mut facts, false).await?);
+    drop(facts);
+
+    let mut flight: Option<FlightGuard> = None;
+    if let Plan::Use(u) = &cache_plan {
         let max = usize::try_from(u.max_entry_size).unwrap_or(usize::MAX);
         if u.coalesce {
             match state.cache.inflight.join(u.key, max) {
@@ -340,8 +417,6 @@ async fn proxy(
             flight = Some(FlightGuard::private(u.key, max, state.cache.clone()));
         }
     }
-
-    meter.cache_status = status;
 
     // Stage 5: upstream.
     upstream::strip_request_headers(&mut parts.headers);

@@ -219,6 +219,7 @@ fn run_other(command: Command) -> anyhow::Result<()> {
         Command::Report { .. } => unreachable!("handled in run"),
         Command::Serve { config, listen, worker_threads } => {
             let mut settings = load(config.as_deref())?;
+            let listen_override = listen.is_some();
             if let Some(l) = listen {
                 settings.listen =
                     l.parse().with_context(|| format!("--listen {l:?} is not an address like 127.0.0.1:8787"))?;
@@ -231,7 +232,7 @@ fn run_other(command: Command) -> anyhow::Result<()> {
             } else {
                 tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?
             };
-            rt.block_on(serve(settings))
+            rt.block_on(serve(settings, config, listen_override))
         }
     }
 }
@@ -275,16 +276,57 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
     })
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<()> {
+async fn serve(settings: Settings, config: Option<PathBuf>, listen_override: bool) -> anyhow::Result<()> {
     let gateways = settings.gateways.len();
     let handle = aigate_core::start(settings).await.context("cannot start the server")?;
     tracing::info!(addr = %handle.addr, gateways, "aigate listening on http://{}", handle.addr);
-    shutdown_signal().await;
+    let state = handle.state.clone();
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = reload_on_sighup(state, config, listen_override) => {}
+    }
     tracing::info!("shutdown signal received");
     handle.shutdown();
     handle.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the configuration file on every SIGHUP. An invalid file is refused with its error and
+/// the running configuration stays.
+async fn reload_on_sighup(
+    state: std::sync::Arc<aigate_core::proxy::AppState>,
+    config: Option<PathBuf>,
+    listen_override: bool,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return std::future::pending().await;
+        };
+        while hup.recv().await.is_some() {
+            let Some(path) = config.clone() else {
+                tracing::warn!("SIGHUP: no configuration file to reload (running the embedded default)");
+                continue;
+            };
+            let loaded = tokio::task::spawn_blocking(move || Settings::from_file(&path)).await;
+            match loaded {
+                Ok(Ok(mut new)) => {
+                    if listen_override {
+                        new.listen = state.settings.load().listen;
+                    }
+                    for w in state.reload(new) {
+                        tracing::warn!("configuration reload: {w}");
+                    }
+                    tracing::info!("configuration reloaded");
+                }
+                Ok(Err(e)) => tracing::error!("configuration reload refused, the running configuration stays: {e}"),
+                Err(e) => tracing::error!("configuration reload failed: {e}"),
+            }
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 async fn shutdown_signal() {

@@ -1155,3 +1155,6 @@ async fn slow_request_head_is_cut_off() {
 
 #[path = "gateway/logs.rs"]
 mod logs;
+
+#[path = "gateway/limits.rs"]
+mod limits;

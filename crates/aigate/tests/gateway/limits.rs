@@ -1,0 +1,317 @@
+//! Rate limits, budgets, alerts and config reload, end to end.
+
+use super::*;
+
+async fn post(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut rb = env.http.post(env.url(path)).header("content-type", "application/json").body(body.to_string());
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
+async fn status_of(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> u16 {
+    let r = post(env, path, body, headers).await;
+    let s = r.status().as_u16();
+    r.bytes().await.unwrap();
+    s
+}
+
+/// A gateway name of its own (Redis keys are shared with other runs).
+fn unique_name(tag: &str) -> String {
+    format!("{tag}{}", temp_dir(tag).file_name().unwrap().to_string_lossy().replace(['-', '.'], ""))
+        .chars()
+        .take(60)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudflare_example_fixed_passes_sliding_refuses() {
+    let extra = "[gateways.default]\n\
+                 [gateways.fixed]\n[gateways.fixed.rate_limit]\nlimit = 10\nperiod = \"10m\"\ntechnique = \"fixed\"\n\
+                 [gateways.sliding]\n[gateways.sliding.rate_limit]\nlimit = 10\nperiod = \"10m\"\ntechnique = \"sliding\"\n";
+    let env = env_with(extra, MockConfig::default()).await;
+    // Move the gateway's clock to hh:m9:00 of a 10-minute window ("12:09").
+    let clock = &env.gw.state.clock;
+    let now = clock.now_ms();
+    let ten = 600_000;
+    clock.advance(Duration::from_millis(ten - now % ten + 9 * 60_000));
+    for gw in ["fixed", "sliding"] {
+        for i in 0..10 {
+            assert_eq!(status_of(&env, &format!("/{gw}/openai/chat/completions"), CHAT, &[]).await, 200, "{gw} #{i}");
+        }
+    }
+    // "12:11": a new fixed window; the sliding window still holds the ten of 12:09.
+    clock.advance(Duration::from_secs(120));
+    for i in 0..10 {
+        assert_eq!(status_of(&env, "/fixed/openai/chat/completions", CHAT, &[]).await, 200, "fixed #{i}");
+    }
+    let r = post(&env, "/sliding/openai/chat/completions", CHAT, &[]).await;
+    assert_eq!(r.status(), 429);
+    let h = r.headers().clone();
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    // The ten of 12:09 leave the window at 12:19 (plus at most one sub-window of 10 s).
+    assert!((470..=490).contains(&retry), "retry-after {retry}");
+    assert_eq!(h["x-ratelimit-limit-requests"], "10");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    let v = error_body(r).await;
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("\"rate_limit\"") && msg.contains("10 requests per 10m") && msg.contains("10 used"), "{msg}");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    // 12:19:10: the first ten are out of the window.
+    clock.advance(Duration::from_secs(8 * 60 + 10));
+    assert_eq!(status_of(&env, "/sliding/openai/chat/completions", CHAT, &[]).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successful_responses_carry_the_tightest_rule() {
+    let extra = "[gateways.default.rate_limit]\nlimit = 100\nperiod = \"1h\"\n\
+                 [[gateways.default.limits]]\nname = \"per-user\"\nkey = \"metadata.user\"\nlimit = 3\nperiod = \"1h\"\n\
+                 [gateways.default]\n";
+    let env = env_with(extra, MockConfig::default()).await;
+    let r = post(&env, "/v1/chat/completions", CHAT, &[("cf-aig-metadata", r#"{"user":"alice"}"#)]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "3");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "2");
+    // Without the metadata the per-user rule does not apply.
+    let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "100");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "98");
+    for _ in 0..2 {
+        assert_eq!(
+            status_of(&env, "/v1/chat/completions", CHAT, &[("cf-aig-metadata", r#"{"user":"alice"}"#)]).await,
+            200
+        );
+    }
+    let r = post(&env, "/v1/chat/completions", CHAT, &[("cf-aig-metadata", r#"{"user":"alice"}"#)]).await;
+    assert_eq!(r.status(), 429);
+    assert!(error_body(r).await["error"]["message"].as_str().unwrap().contains("\"per-user\""));
+    assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[("cf-aig-metadata", r#"{"user":"bob"}"#)]).await, 200);
+    // The refused request did not consume the gateway-wide limit: 100 - 5 passed.
+    let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "94");
+}
+
+async fn concurrent_statuses(envs: &[&Env], path: &str, n: usize) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let env = envs[i % envs.len()];
+        let http = env.http.clone();
+        let url = env.url(path);
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).header("content-type", "application/json").body(CHAT).send().await.unwrap();
+            let s = r.status().as_u16();
+            r.bytes().await.unwrap();
+            s
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => limited += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    (ok, limited)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_limit_under_concurrency_in_memory() {
+    let env = env_with(
+        "[gateways.default.rate_limit]\nlimit = 50\nperiod = \"1h\"\n[gateways.default]\n",
+        MockConfig::default(),
+    )
+    .await;
+    assert_eq!(concurrent_statuses(&[&env], "/v1/chat/completions", 200).await, (50, 150));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_limit_across_two_replicas_on_redis() {
+    if std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1") {
+        eprintln!("AIGATE_SKIP_REDIS=1: skipping");
+        return;
+    }
+    let gw = unique_name("rl");
+    let extra = format!(
+        "[storage]\nlimits = \"redis://127.0.0.1:6379\"\n[gateways.default]\n[gateways.{gw}]\n\
+         [gateways.{gw}.rate_limit]\nlimit = 50\nperiod = \"1h\"\n"
+    );
+    let a = env_with(&extra, MockConfig::default()).await;
+    let b = env_with(&extra, MockConfig::default()).await;
+    let path = format!("/{gw}/openai/chat/completions");
+    // Unshared counters would admit 50 per replica.
+    assert_eq!(concurrent_statuses(&[&a, &b], &path, 200).await, (50, 150));
+    assert_eq!(a.mock.requests() + b.mock.requests(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rules_reserve_then_settle_to_actual_usage() {
+    // Each request reserves about 20 (prompt) + 500 (max_tokens) tokens; the mock's answer uses 33.
+    let extra = "[[gateways.default.limits]]\nname = \"tokens\"\nmeasure = \"tokens\"\nlimit = 1000\nperiod = \"1h\"\n\
+                 [gateways.default]\n";
+    let env = env_with(extra, MockConfig::default()).await;
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+    for i in 0..8 {
+        let r = post(&env, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(r.status(), 200, "request {i}: settled reservations must free the estimate");
+        r.bytes().await.unwrap();
+        // Settlement happens when the record is finalised, just after the response.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Concurrent requests can overshoot only by what is in flight: ten at once against what is
+    // left admit at most what fits their estimates.
+    let used_before = {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r =
+            post(&env, "/v1/chat/completions", r#"{"model":"gpt-4o-mini","max_tokens":1,"messages":[]}"#, &[]).await;
+        let rem: u64 = r.headers()["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
+        r.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        1000 - rem
+    };
+    let left = 1000 - used_before;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let http = env.http.clone();
+        let url = env.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            let s = r.status().as_u16();
+            r.bytes().await.unwrap();
+            s
+        }));
+    }
+    let mut ok = 0u64;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    let estimate = (body.len() as u64).div_ceil(4) + 500;
+    assert!(ok >= 1 && ok <= left / estimate, "{ok} admitted with {left} left and an estimate of {estimate}");
+}
+
+/// A webhook receiver: collects the JSON bodies POSTed to it.
+async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    g.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                    buf.drain(..end + 4 + len);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_alerts_fire_once_per_threshold_and_the_budget_holds() {
+    let (hook, got) = webhook_receiver().await;
+    // A plain chat costs $0.00001125, counted as 12 micro-dollars; the budget is 48.
+    let extra = format!(
+        "[limits]\nalert_webhook = \"{hook}\"\n\
+         [[gateways.default.budgets]]\nname = \"daily\"\nlimit_usd = 0.000048\nperiod = \"day\"\n\
+         [gateways.default]\n"
+    );
+    let env = env_with(&extra, MockConfig::default()).await;
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":14,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(status_of(&env, "/v1/chat/completions", body, &[]).await);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    let r = post(&env, "/v1/chat/completions", body, &[]).await;
+    let v = error_body(r).await;
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("budget \"daily\"") && msg.contains("per day"), "{msg}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alerts = got.lock().unwrap().clone();
+    let thresholds: Vec<f64> = alerts.iter().map(|a| a["threshold"].as_f64().unwrap()).collect();
+    assert_eq!(thresholds, [0.5, 0.8, 1.0], "{alerts:#?}");
+    assert_eq!(alerts[0]["budget"], "daily");
+    assert_eq!(alerts[0]["gateway"], "default");
+    let metrics = env.http.get(env.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"aigate_budget_alerts_total{gateway="default",budget="daily",threshold="0.8"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hits_do_not_count_unless_configured() {
+    let base = "[gateways.default.rate_limit]\nlimit = 2\nperiod = \"1h\"\n\
+                [gateways.default.cache]\nenabled = true\n[gateways.default]\n";
+    let env = env_with(base, MockConfig::default()).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(status_of(&env, "/v1/chat/completions", CHAT, &[]).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        v
+    };
+    assert_eq!(statuses, [200; 5], "hits must pass a spent limit");
+    let env = env_with(&format!("[limits]\ncount_cache_hits = true\n{base}"), MockConfig::default()).await;
+    let mut v = Vec::new();
+    for _ in 0..4 {
+        v.push(status_of(&env, "/v1/chat/completions", CHAT, &[]).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(v, [200, 200, 429, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_store_follows_on_store_error() {
+    for (policy, expected) in [("allow", 200), ("deny", 503)] {
+        let extra = format!(
+            "[storage]\nlimits = \"redis://127.0.0.1:1\"\n[limits]\non_store_error = \"{policy}\"\n\
+             [gateways.default.rate_limit]\nlimit = 1\nperiod = \"1h\"\n[gateways.default]\n"
+        );
+        let env = env_with(&extra, MockConfig::default()).await;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+            assert_eq!(r.status().as_u16(), expected, "{policy}");
+            assert!(t0.elapsed() < Duration::from_secs(2));
+            if expected == 503 {
+                let v = error_body(r).await;
+                assert_eq!(v["error"]["code"], "limit_store_unavailable");
+            }
+        }
+        let metrics = env.http.get(env.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("aigate_limit_store_errors_total 3"), "{metrics}");
+    }
+}
