@@ -24,6 +24,10 @@ cache = "memory"
 [gateways.default]
 [gateways.default.cache]
 enabled = true
+[gateways.limited]
+[gateways.limited.rate_limit]
+limit = 2
+period = "1h"
 TOML
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }

@@ -116,5 +116,19 @@ try:
 except openai.NotFoundError as e:
     check("unknown gateway raises NotFoundError", "no-such-gateway" in str(e), str(e))
 
+# A rate limit reaches the SDK as RateLimitError, with the rule, the limit and the reset in the
+# message; successful responses carry the x-ratelimit headers the SDK reads.
+limited = OpenAI(base_url=f"{GW}/limited/openai", api_key="sk-test", max_retries=0)
+ok = limited.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=msgs)
+check("rate limit: x-ratelimit-remaining-requests on success", ok.headers.get("x-ratelimit-remaining-requests") == "1", dict(ok.headers))
+limited.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+try:
+    limited.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+    check("rate limit: third request raises RateLimitError", False)
+except openai.RateLimitError as e:
+    msg = str(e)
+    check("rate limit: third request raises RateLimitError", "rate_limit" in msg and "2 requests per 1h" in msg, msg)
+    check("rate limit: Retry-After header", int(e.response.headers.get("retry-after", "0")) > 0, dict(e.response.headers))
+
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

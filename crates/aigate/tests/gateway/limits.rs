@@ -315,3 +315,94 @@ async fn failing_store_follows_on_store_error() {
         assert!(metrics.contains("aigate_limit_store_errors_total 3"), "{metrics}");
     }
 }
+
+/// SIGHUP applies an edited config to the next request; an invalid edit is refused and the running
+/// config stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_applies_limits_and_refuses_invalid_files() {
+    use std::io::BufRead as _;
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let dir = temp_dir("reload");
+    let path = dir.join("aigate.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let write = |limit: &str, extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{extra}\n[providers.openai]\nbase_url = \"{}/v1\"\n\
+                 [gateways.default]\n[gateways.default.rate_limit]\nlimit = {limit}\nperiod = \"1h\"\n",
+                dir.display().to_string(),
+                mock.url()
+            ),
+        )
+        .unwrap();
+    };
+    write("100", "");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .env_remove("AIGATE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let limit_header = |r: &reqwest::Response| r.headers()["x-ratelimit-limit-requests"].to_str().unwrap().to_string();
+    let r = http.post(&url).body(CHAT).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(limit_header(&r), "100");
+    let hup = || {
+        assert!(std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success())
+    };
+    let wait_for = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &'static str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match rx.try_recv() {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "no log line with {needle:?}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    };
+
+    // Tighten the limit: the next request sees it.
+    write("1", "");
+    hup();
+    wait_for(&mut rx, "configuration reloaded");
+    let r = http.post(&url).body(CHAT).send().await.unwrap();
+    assert_eq!(limit_header(&r), "1");
+    // The new rule counts afresh (its own key per period): one passes, the next is refused.
+    let statuses = [
+        r.status().as_u16(),
+        http.post(&url).body(CHAT).send().await.unwrap().status().as_u16(),
+    ];
+    assert!(statuses.contains(&429), "{statuses:?}");
+
+    // An invalid file is refused; the running config (limit 1) stays.
+    write("1", "bogus_key = true");
+    hup();
+    let line = wait_for(&mut rx, "reload refused");
+    assert!(line.contains("line 3"), "{line}");
+    assert_eq!(http.post(&url).body(CHAT).send().await.unwrap().status(), 429);
+
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
