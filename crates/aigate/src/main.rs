@@ -380,6 +380,20 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
         aigate_store::CacheBackend::Redis { .. } => "redis".to_string(),
     };
     let _ = writeln!(out, "cache store: {cache_store}; memory tier {} bytes", s.storage.cache_memory);
+    // Store URLs can hold passwords: only their kind is printed.
+    let log_store = match &s.storage.logs {
+        aigate_store::LogBackend::Sqlite { path } => format!("sqlite ({})", path.display()),
+        aigate_store::LogBackend::Postgres { .. } => "postgres".to_string(),
+    };
+    let _ = writeln!(out, "log store: {log_store}; queue {} records", s.storage.log_queue);
+    let limit_store = if s.storage.limits == "memory" { "memory" } else { "redis" };
+    let _ = writeln!(
+        out,
+        "limit store: {limit_store}; on_store_error: {:?}; cache hits count: {}; alert webhook: {}",
+        s.limits.on_store_error,
+        s.limits.count_cache_hits,
+        if s.limits.alert_webhook.is_some() { "set" } else { "none" }
+    );
     let _ = writeln!(out, "admin API: {}", if s.admin_token.is_some() { "on" } else { "off (no [admin] token)" });
     let mut gws: Vec<_> = s.gateways.values().collect();
     gws.sort_by(|a, b| a.name.cmp(&b.name));
@@ -398,12 +412,29 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
                 g.cache.scope
             ),
         };
+        let logs = if g.logs.enabled {
+            format!("on (bodies {}, max {} records)", if g.logs.bodies { "on" } else { "off" }, g.logs.retention.max_records)
+        } else {
+            "off".to_string()
+        };
         let _ = writeln!(
             out,
-            "  {:<16} authentication: {auth}; stored provider keys: {keys}; request_timeout: {}; cache: {cache}",
+            "  {:<16} authentication: {auth}; stored provider keys: {keys}; request_timeout: {}; cache: {cache}; logs: {logs}",
             g.name,
             humantime::format_duration(g.request_timeout)
         );
+        for r in &g.rules {
+            let what = match (&r.budget, r.measure) {
+                (Some(b), _) => format!("budget ${} per {:?}", b.limit_usd, b.period),
+                (None, m) => format!(
+                    "{} {m:?} per {} ({})",
+                    r.limit,
+                    humantime::format_duration(std::time::Duration::from_millis(r.period_ms)),
+                    r.technique
+                ),
+            };
+            let _ = writeln!(out, "    limit {:<12} {what}, key {:?}", &*r.name, r.key);
+        }
     }
     let mut ps: Vec<_> = s.providers.values().collect();
     ps.sort_by(|a, b| a.name.cmp(&b.name));
