@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # bench/run.sh: aigate against nginx against no proxy at all, in one run, on the same mock upstream.
 #
-#   bench/run.sh                      # full run: about 2 minutes after the build
+#   bench/run.sh                      # full run: about 6 minutes after the build (1.5 of them analytics)
 #   BENCH_DURATION=5 bench/run.sh     # shorter points
 #
 # Targets, each in front of the same `aigate-mock` (non-streaming chat completions):
-#   direct  client -> mock
-#   nginx   client -> nginx (1 worker, upstream keepalive 64) -> mock
-#   aigate  client -> aigate serve -> mock
-# The servers (mock, nginx, aigate) are pinned to CPU 0, the load generators to CPU 1.
+#   direct         client -> mock
+#   nginx          client -> nginx (1 worker, upstream keepalive 64) -> mock
+#   aigate         client -> aigate serve -> mock (default config: request logs on, no bodies)
+#   aigate-hit     the same aigate process, a gateway with the cache on (every request a hit)
+#   aigate-nolog   client -> a second aigate process, `[gateways.default.logs] enabled = false`
+#   aigate-bodies  client -> a third aigate process, `[gateways.default.logs] bodies = true`
+# The three aigate processes have their own port and data_dir (SQLite log file) in the temporary
+# directory. The servers (mock, nginx, aigate x 3) are pinned to CPU 0, the load generators to CPU 1;
+# only one target is loaded at a time, the others idle.
 #
 # Measured:
 #   1. throughput and latency (req/s, p50, p99) at concurrency 32 and 128, with wrk;
 #   2. latency added at 50 req/s with the mock answering after 200 ms: p50/p99 of each target and
 #      proxy p50 - direct p50, with a 95% bootstrap interval (bench/rate.py by default, see below);
-#   3. aigate's idle RSS (after start, before any request) and peak RSS (VmHWM after the load).
+#   3. aigate's idle RSS (after start, before any request) and peak RSS (VmHWM after the load);
+#   4. the cost of request logging: aigate (logs on) and aigate-bodies (logs and bodies on) against
+#      aigate-nolog in the throughput points of 1., and the rows each logging instance's SQLite
+#      `logs` table holds after the load against the requests wrk completed;
+#   5. analytics query time over 1M log records: the `analytics_bench` example of aigate-store
+#      (SQLite, and PostgreSQL when reachable at AIGATE_TEST_POSTGRES_URL, default 127.0.0.1:5432).
 # Prints a markdown report with PASS/FAIL lines for the targets and writes it to
 # bench/results/latest.md (raw load-generator output goes to bench/results/latest-raw.log).
 #
@@ -32,6 +42,8 @@
 #                            medians move by ~0.1 ms from run to run with the phase of its period
 #                            against the mock's 1 ms timer tick: see docs/benchmarks.md.
 #   BENCH_SKIP_BUILD=1   use the release binaries already built
+#   BENCH_SKIP_ANALYTICS=1  skip the analytics benchmark (5.; about 15-40 s per backend)
+#   AIGATE_SKIP_POSTGRES=1  run the analytics benchmark on SQLite only
 #   BENCH_STRICT=1       exit 1 when a target is missed (default: report and exit 0)
 #   BENCH_SERVER_CPU / BENCH_CLIENT_CPU   CPUs to pin to (default 0 and 1)
 #   BENCH_KEEP_TMP=1     keep the temporary directory (configs and server logs)
@@ -53,9 +65,13 @@ RATE_CLIENT=${BENCH_RATE_CLIENT:-python}
 MOCK_LATENCY_MS=200
 CONCURRENCIES=(32 128)
 TARGETS=(direct nginx aigate)
-# Throughput also measures aigate's cache-hit path: a gateway with the cache on, every request after
-# the first one answered from the memory tier.
-TP_TARGETS=(direct nginx aigate aigate-hit)
+# Throughput also measures aigate's cache-hit path (a gateway with the cache on, every request after
+# the first one answered from the memory tier) and the cost of request logging: aigate-nolog and
+# aigate-bodies next to aigate, so that the three are measured back to back.
+TP_TARGETS=(direct nginx aigate-nolog aigate aigate-bodies aigate-hit)
+# The aigate processes (one per logging configuration) and the process behind each aigate target.
+INSTANCES=(aigate aigate-nolog aigate-bodies)
+declare -A INSTANCE=([aigate]=aigate [aigate-hit]=aigate [aigate-nolog]=aigate-nolog [aigate-bodies]=aigate-bodies)
 TTFE_N=${BENCH_TTFE_N:-200}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
@@ -68,6 +84,9 @@ TARGET_ADDED_P50_SLACK_MS=0.05  # aigate added p50 <= nginx added p50 + 0.05 ms 
 TARGET_IDLE_RSS_KIB=20480       # aigate idle RSS <= 20 MiB
 TARGET_HIT_RATIO=0.8            # aigate cache-hit req/s >= 0.8 x direct req/s at concurrency 32,
                                 # and aigate cache-hit p99 <= nginx p99 at concurrency 32
+TARGET_LOG_COST=0.10            # 1 - (aigate-bodies req/s / aigate-nolog req/s) <= 10%, and the same
+                                # for aigate (logs on, no bodies), at each concurrency
+TARGET_ANALYTICS_MS=200         # every analytics query over 1M records (median of 7) < 200 ms
 
 NGINX=/usr/sbin/nginx
 OHA=""
@@ -75,12 +94,21 @@ OHA_OPTS=()
 WORK=""
 PIDS=()
 declare -A URL RPS P50 P99 ERRS RATE_P50 RATE_P99 RATE_N RATE_ERRS
+# Per aigate process: port, data_dir, pid, RSS. Per aigate target: requests wrk completed (warm-ups
+# included), and the log rows and log writer counters read after the throughput points.
+declare -A GW_PORT GW_DATA GW_PID GW_IDLE_RSS GW_PEAK_RSS SENT ROWS LOG_STATS
+# CPU time (user + system, all threads) an aigate process spent per request in a throughput point.
+declare -A CPU_US
+CLK_TCK=$(getconf CLK_TCK)
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 calc() { awk "BEGIN { printf \"%.3f\", $* }"; }
 is_true() { awk "BEGIN { exit !($*) }"; }
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
+# utime + stime of process $1 in clock ticks (fields 14 and 15 of /proc/PID/stat, after the
+# parenthesised command name).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 # A field of a "BENCH k=v k=v" line (wrk) or of a JSON object (rate points).
 field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
 jfield() {
@@ -178,15 +206,22 @@ build() {
     else
         log "cargo build --release -p aigate -p aigate-testkit"
         (cd "$ROOT" && cargo build --release -p aigate -p aigate-testkit)
+        if [[ ${BENCH_SKIP_ANALYTICS:-0} != 1 ]]; then
+            log "cargo build --release -p aigate-store --example analytics_bench"
+            (cd "$ROOT" && cargo build --release -p aigate-store --example analytics_bench)
+        fi
     fi
     [[ -x $BIN/aigate && -x $BIN/aigate-mock ]] || die "release binaries missing in $BIN"
+    if [[ ${BENCH_SKIP_ANALYTICS:-0} != 1 && ! -x $BIN/examples/analytics_bench ]]; then
+        die "$BIN/examples/analytics_bench missing: cargo build --release -p aigate-store --example analytics_bench (or BENCH_SKIP_ANALYTICS=1)"
+    fi
 }
 
-# Three free TCP ports on 127.0.0.1, asked of the kernel at once so they differ.
+# $1 free TCP ports on 127.0.0.1, asked of the kernel at once so they differ.
 free_ports() {
-    python3 - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(3)]
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
@@ -237,10 +272,38 @@ nginx_rss() {
     echo "$total"
 }
 
+# Writes $WORK/$1.toml: an aigate listening on port $2 with its own data_dir, in front of the mock
+# on port $3; the rest of stdin is appended (the gateways).
+aigate_config() {
+    local name=$1 port=$2 mock_port=$3
+    GW_PORT[$name]=$port
+    GW_DATA[$name]=$WORK/$name-data
+    {
+        cat <<EOF
+listen = "127.0.0.1:$port"
+data_dir = "${GW_DATA[$name]}"
+
+[providers.openai]
+base_url = "http://127.0.0.1:$mock_port/v1"
+
+EOF
+        cat
+    } >"$WORK/$name.toml"
+}
+
+# Starts the aigate process $1 (config written by aigate_config) and waits until it listens.
+start_aigate() {
+    local name=$1
+    start_server "$name" "$BIN/aigate" serve --config "$WORK/$name.toml"
+    GW_PID[$name]=$STARTED_PID
+    wait_listening "$STARTED_PID" "${GW_PORT[$name]}"
+}
+
 start_servers() {
-    local mock_port nginx_port gw_port
-    read -r mock_port nginx_port gw_port < <(free_ports)
-    log "ports: mock $mock_port, nginx $nginx_port, aigate $gw_port; work dir $WORK"
+    local mock_port nginx_port gw_port nolog_port bodies_port
+    read -r mock_port nginx_port gw_port nolog_port bodies_port < <(free_ports 5)
+    log "ports: mock $mock_port, nginx $nginx_port, aigate $gw_port, aigate-nolog $nolog_port," \
+        "aigate-bodies $bodies_port; work dir $WORK"
 
     start_server mock "$BIN/aigate-mock" --listen "127.0.0.1:$mock_port" --chunk-delay-ms 0
     wait_listening "$STARTED_PID" "$mock_port"
@@ -256,24 +319,70 @@ start_servers() {
     wait_listening "$NGINX_PID" "$nginx_port"
     URL[nginx]="http://127.0.0.1:$nginx_port/v1/chat/completions"
 
-    cat >"$WORK/aigate.toml" <<EOF
-listen = "127.0.0.1:$gw_port"
-data_dir = "$WORK/aigate-data"
-
-[providers.openai]
-base_url = "http://127.0.0.1:$mock_port/v1"
-
+    # aigate with the default configuration (request logs on, bodies off, the cache off) and a
+    # second gateway with the cache on for the cache-hit path.
+    aigate_config aigate "$gw_port" "$mock_port" <<EOF
 [gateways.default]
 
 [gateways.cached]
 [gateways.cached.cache]
 enabled = true
 EOF
-    start_server aigate "$BIN/aigate" serve --config "$WORK/aigate.toml"
-    AIGATE_PID=$STARTED_PID
-    wait_listening "$AIGATE_PID" "$gw_port"
+    # The same default gateway with request logs off: the baseline of the logging cost. (The
+    # request is still metered and its record finalised, for metrics and analytics; it is not
+    # stored.)
+    aigate_config aigate-nolog "$nolog_port" "$mock_port" <<EOF
+[gateways.default]
+
+[gateways.default.logs]
+enabled = false
+EOF
+    # The same default gateway with request and response bodies stored in the log records.
+    aigate_config aigate-bodies "$bodies_port" "$mock_port" <<EOF
+[gateways.default]
+
+[gateways.default.logs]
+enabled = true
+bodies = true
+EOF
+    local name
+    for name in "${INSTANCES[@]}"; do start_aigate "$name"; done
+    AIGATE_PID=${GW_PID[aigate]}
     URL[aigate]="http://127.0.0.1:$gw_port/v1/chat/completions"
     URL[aigate-hit]="http://127.0.0.1:$gw_port/cached/openai/chat/completions"
+    URL[aigate-nolog]="http://127.0.0.1:$nolog_port/v1/chat/completions"
+    URL[aigate-bodies]="http://127.0.0.1:$bodies_port/v1/chat/completions"
+}
+
+# A sample of the Prometheus text of aigate process $1 (0 when absent); $2 is the metric name
+# without the `_total` suffix of counters.
+gw_metric() {
+    curl -sS "http://127.0.0.1:${GW_PORT[$1]}/metrics" |
+        awk -v m="$2" '$1 == m || $1 == m"_total" { print $2; found = 1; exit } END { if (!found) print 0 }'
+}
+
+# Waits (up to 30 s) until the log writer of aigate process $1 has nothing queued or spilled, then
+# 1 s more for the last batch to commit: the records of one point are stored before the next point
+# loads another process, so no point pays for an earlier one's log writes.
+log_settle() {
+    local name=$1 _
+    for _ in $(seq 60); do
+        if [[ $(gw_metric "$name" aigate_log_queue_depth) == 0 && $(gw_metric "$name" aigate_log_spill_bytes) == 0 ]]; then
+            break
+        fi
+        sleep 0.5
+    done
+    sleep 1
+}
+
+# Rows of gateway $2 in the `logs` table of the SQLite file of aigate process $1 (python3's sqlite3
+# module; the sqlite3 CLI may be missing). Read-only; WAL mode lets it read while the gateway writes.
+log_rows() {
+    python3 - "${GW_DATA[$1]}/logs.sqlite3" "$2" <<'EOF'
+import sqlite3, sys
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+print(db.execute("SELECT count(*) FROM logs WHERE gateway = ?", (sys.argv[2],)).fetchone()[0])
+EOF
 }
 
 # Time to first event of a streamed cache hit: the same streaming request $TTFE_N times after one
@@ -300,20 +409,34 @@ measure_ttfe() {
 # Measurements
 # ------------------------------------------------------------------------------------------------
 
-# wrk -t1 -cN on the client CPU, after a warm-up; fills RPS/P50/P99/ERRS[target,conc].
+# wrk -t1 -cN on the client CPU, after a warm-up; fills RPS/P50/P99/ERRS[target,conc]. For an aigate
+# target, adds the requests wrk completed (warm-up included) to SENT[target] and waits for its
+# process's log writer to settle before the next point.
 measure_throughput() {
-    local target=$1 conc=$2 url=${URL[$1]} out line
+    local target=$1 conc=$2 url=${URL[$1]} out line warm inst=${INSTANCE[$1]:-}
     local -a wrk=(taskset -c "$CLIENT_CPU" wrk -t1 -c"$conc" --timeout 5s -s "$BENCH/chat.lua")
-    BENCH_BODY_FILE=$BODY_FILE "${wrk[@]}" -d"${WARMUP}s" "$url" >/dev/null
+    warm=$(BENCH_BODY_FILE=$BODY_FILE "${wrk[@]}" -d"${WARMUP}s" "$url" | grep '^BENCH ') ||
+        die "no summary line in the warm-up wrk output for $target"
+    # CPU time of an aigate process from the start of the measured load until its log writer has
+    # settled (so it includes the writer's work for these requests, less what it still had from the
+    # warm-up), per request: unlike req/s, hardly moved by other work on the machine.
+    local ticks0=""
+    if [[ -n $inst ]]; then ticks0=$(cpu_ticks "${GW_PID[$inst]}"); fi
     out=$(BENCH_BODY_FILE=$BODY_FILE "${wrk[@]}" -d"${DURATION}s" --latency "$url")
     printf '### wrk %s c=%s\n%s\n\n' "$target" "$conc" "$out" >>"$RAW"
     line=$(grep '^BENCH ' <<<"$out") || die "no summary line in the wrk output for $target"
+    if [[ -n $inst ]]; then
+        SENT[$target]=$((${SENT[$target]:-0} + $(field "$warm" requests) + $(field "$line" requests)))
+        log_settle "$inst"
+        CPU_US[$target,$conc]=$(calc "($(cpu_ticks "${GW_PID[$inst]}") - $ticks0) * 1000000 / $CLK_TCK / $(field "$line" requests)")
+    fi
     RPS[$target,$conc]=$(field "$line" rps)
     P50[$target,$conc]=$(awk -v u="$(field "$line" p50_us)" 'BEGIN { printf "%.3f", u / 1000 }')
     P99[$target,$conc]=$(awk -v u="$(field "$line" p99_us)" 'BEGIN { printf "%.3f", u / 1000 }')
     ERRS[$target,$conc]=$(($(field "$line" socket_errors) + $(field "$line" non2xx)))
-    log "$(printf '%-6s c=%-3s %10s req/s  p50 %7s ms  p99 %7s ms  errors %s' "$target" "$conc" \
-        "${RPS[$target,$conc]}" "${P50[$target,$conc]}" "${P99[$target,$conc]}" "${ERRS[$target,$conc]}")"
+    log "$(printf '%-13s c=%-3s %10s req/s  p50 %7s ms  p99 %7s ms  errors %s%s' "$target" "$conc" \
+        "${RPS[$target,$conc]}" "${P50[$target,$conc]}" "${P99[$target,$conc]}" "${ERRS[$target,$conc]}" \
+        "${inst:+  aigate CPU ${CPU_US[$target,$conc]} us/request}")"
 }
 
 # One added-latency load on one target: $RATE req/s for $RATE_DURATION s after a warm-up, the
@@ -366,11 +489,64 @@ measure_rate() {
         RATE_P99[$t]=$(jfield "$json" p99_ms)
         RATE_N[$t]=$(jfield "$json" requests)
         RATE_ERRS[$t]=$(($(jfield "$json" errors) + $(jfield "$json" non2xx)))
-        log "$(printf '%-6s %s req/s: %6s requests  p50 %8s ms  p99 %8s ms  errors %s' "$t" "$RATE" \
+        log "$(printf '%-13s %s req/s: %6s requests  p50 %8s ms  p99 %8s ms  errors %s' "$t" "$RATE" \
             "${RATE_N[$t]}" "${RATE_P50[$t]}" "${RATE_P99[$t]}" "${RATE_ERRS[$t]}")"
     done
     RATE_CI=$(python3 "$BENCH/stats.py" added "$WORK")
     printf '### %s req/s, 95%% bootstrap intervals\n%s\n\n' "$RATE" "$RATE_CI" >>"$RAW"
+}
+
+# After the throughput points: the rows of the `default` gateway in the SQLite `logs` table of the
+# aigate and aigate-bodies processes against the requests wrk completed on them (each point
+# already waited for the writer to settle). They differ by the requests in flight when a wrk run
+# stops (sent, answered and logged, but not counted by wrk: at most the concurrency per wrk run)
+# and by records dropped. (The aigate process's `cached` gateway, loaded as aigate-hit, has rows of
+# its own, not counted; the process's writer counters include them.) Fills ROWS and LOG_STATS.
+count_log_rows() {
+    local t inst written spilled dropped
+    for t in aigate aigate-bodies; do
+        inst=${INSTANCE[$t]}
+        ROWS[$t]=$(log_rows "$inst" default)
+        written=$(gw_metric "$inst" aigate_log_records_written)
+        spilled=$(gw_metric "$inst" aigate_log_records_spilled)
+        dropped=$(gw_metric "$inst" aigate_log_records_dropped)
+        LOG_STATS[$t]="written $written, spilled $spilled, dropped $dropped"
+        log "$t: ${ROWS[$t]} rows of gateway default, ${SENT[$t]} requests completed (wrk + probe);" \
+            "process log writer: ${LOG_STATS[$t]}"
+    done
+}
+
+# The analytics benchmark of aigate-store (crates/aigate-store/examples/analytics_bench.rs): seeds
+# 1M records over 30 days and times five 30-day analytics queries (median of 7 runs each), on
+# SQLite and, when the example reaches it, on PostgreSQL. Unpinned: it runs alone, the servers are
+# idle. Its output goes to $WORK/analytics.txt and the raw log; ANALYTICS_ROWS gets one
+# "backend granularity group-by median min max" line per query and ANALYTICS_NOTES the seeding
+# and PostgreSQL lines.
+measure_analytics() {
+    ANALYTICS_ROWS="" ANALYTICS_NOTES=""
+    if [[ ${BENCH_SKIP_ANALYTICS:-0} == 1 ]]; then
+        log "BENCH_SKIP_ANALYTICS=1: analytics benchmark skipped"
+        return
+    fi
+    log "analytics: $BIN/examples/analytics_bench (1M records; SQLite, then PostgreSQL if reachable)"
+    (cd "$WORK" && "$BIN/examples/analytics_bench") >"$WORK/analytics.txt" 2>&1 ||
+        die "analytics_bench failed: $(tail -n 5 "$WORK/analytics.txt")"
+    printf '### analytics_bench\n%s\n\n' "$(<"$WORK/analytics.txt")" >>"$RAW"
+    ANALYTICS_ROWS=$(python3 - "$WORK/analytics.txt" <<'EOF'
+import re, sys
+backend = None
+for line in open(sys.argv[1]):
+    m = re.match(r"(\w+): seeding", line)
+    if m:
+        backend = m.group(1)
+    m = re.search(r"30 days,\s*(\S+), group by (\S+)\s+([\d.]+) ms median \(\s*([\d.]+) min,\s*([\d.]+) max\)", line)
+    if m and backend:
+        print(backend, *m.groups())
+EOF
+)
+    ANALYTICS_NOTES=$(grep -E '^(sqlite|postgres)(: seeded|: [0-9]+ rollup| at .* unreachable)' "$WORK/analytics.txt" || true)
+    [[ -n $ANALYTICS_ROWS ]] || die "no query times in the analytics_bench output (see $RAW)"
+    log "analytics: $(wc -l <<<"$ANALYTICS_ROWS") queries timed"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -415,6 +591,27 @@ report() {
     hit_ratio=$(calc "${RPS[aigate-hit,32]} / ${RPS[direct,32]}")
     if is_true "$hit_ratio >= $TARGET_HIT_RATIO"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
     if is_true "${P99[aigate-hit,32]} <= ${P99[nginx,32]}"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
+    # Logging cost: 1 - (req/s with logs / req/s without), for aigate (logs on) and aigate-bodies,
+    # at each concurrency; verdicts 5 onwards, in the order of log_lines.
+    local -A cost
+    local -a log_lines=()
+    for c in "${CONCURRENCIES[@]}"; do
+        for t in aigate aigate-bodies; do
+            cost[$t,$c]=$(calc "100 * (1 - ${RPS[$t,$c]} / ${RPS[aigate-nolog,$c]})")
+            if is_true "${cost[$t,$c]} <= 100 * $TARGET_LOG_COST"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
+            log_lines+=("$t,$c")
+        done
+    done
+    # Analytics: the slowest median per backend against the target.
+    local -a an_lines=()
+    local b slowest
+    if [[ -n $ANALYTICS_ROWS ]]; then
+        for b in $(awk '{ print $1 }' <<<"$ANALYTICS_ROWS" | uniq); do
+            slowest=$(awk -v b="$b" '$1 == b && $4 > m { m = $4 } END { printf "%.2f", m }' <<<"$ANALYTICS_ROWS")
+            if is_true "$slowest < $TARGET_ANALYTICS_MS"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
+            an_lines+=("$b $slowest $(awk -v b="$b" '$1 == b && $6 > m { m = $6 } END { printf "%.2f", m }' <<<"$ANALYTICS_ROWS")")
+        done
+    fi
     for v in "${verdicts[@]}"; do [[ $v == PASS ]] || fails=$((fails + 1)); done
     FAILS=$fails
 
@@ -422,7 +619,8 @@ report() {
     echo
     echo "- machine: $(machine)"
     echo "- aigate $(source_version); nginx $ng_v; wrk $wrk_v"
-    echo "- servers (mock, nginx, aigate) pinned to CPU $SERVER_CPU, load generators to CPU $CLIENT_CPU;" \
+    echo "- servers (mock, nginx, the aigate, aigate-nolog and aigate-bodies processes) pinned to CPU $SERVER_CPU," \
+        "load generators to CPU $CLIENT_CPU;" \
         "${DURATION} s per throughput point, ${RATE_DURATION} s per added-latency point, ${WARMUP} s warm-up before each"
     echo "- request: POST /v1/chat/completions, $(wc -c <"$BODY_FILE")-byte JSON body, non-streaming;" \
         "response body ${RESPONSE_BYTES} bytes"
@@ -470,6 +668,65 @@ report() {
     printf '| aigate | %.1f MiB | %.1f MiB |\n' "$(calc "$IDLE_RSS / 1024")" "$(calc "$PEAK_RSS / 1024")"
     printf '| nginx (master + worker) | %.1f MiB | %.1f MiB |\n' "$(calc "$NGINX_IDLE_RSS / 1024")" \
         "$(calc "$NGINX_PEAK_RSS / 1024")"
+    for t in aigate-nolog aigate-bodies; do
+        printf '| %s (throughput points only) | %.1f MiB | %.1f MiB |\n' "$t" "$(calc "${GW_IDLE_RSS[$t]} / 1024")" \
+            "$(calc "${GW_PEAK_RSS[$t]} / 1024")"
+    done
+    echo
+    echo "## Logging cost"
+    echo
+    echo "The throughput points of aigate-nolog (\`[gateways.default.logs] enabled = false\`), aigate (the" \
+        "default: logs on, bodies off) and aigate-bodies (\`bodies = true\`): three aigate processes with" \
+        "their own data_dir (SQLite log file), measured back to back, each point after the previous" \
+        "process's log writer had stored everything. Cost = 1 - req/s / aigate-nolog req/s. CPU: user +" \
+        "system time of the aigate process (all threads, the log writer's included) from the start of the" \
+        "measured load until its writer settled, per request; other work on the machine moves it much less" \
+        "than req/s."
+    echo
+    echo "| target | concurrency | req/s | p50 ms | p99 ms | cost vs aigate-nolog | p99 vs aigate-nolog | aigate CPU µs/request | CPU vs aigate-nolog |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for c in "${CONCURRENCIES[@]}"; do
+        for t in aigate-nolog aigate aigate-bodies; do
+            local cst="-" dp99="-" dcpu="-"
+            if [[ $t != aigate-nolog ]]; then
+                cst="$(printf '%.1f' "${cost[$t,$c]}") %"
+                dp99="$(printf '%+.3f' "$(calc "${P99[$t,$c]} - ${P99[aigate-nolog,$c]}")") ms"
+                dcpu="$(printf '%+.1f' "$(calc "${CPU_US[$t,$c]} - ${CPU_US[aigate-nolog,$c]}")") µs"
+                dcpu+=" ($(printf '%+.0f' "$(calc "100 * (${CPU_US[$t,$c]} / ${CPU_US[aigate-nolog,$c]} - 1)")") %)"
+            fi
+            printf '| %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s |\n' "$t" "$c" "${RPS[$t,$c]}" \
+                "${P50[$t,$c]}" "${P99[$t,$c]}" "$cst" "$dp99" "${CPU_US[$t,$c]}" "$dcpu"
+        done
+    done
+    echo
+    echo "Records stored: rows of the \`default\` gateway in the process's SQLite \`logs\` table after the" \
+        "throughput points, against the requests wrk completed on it (warm-ups and the probe request" \
+        "included; requests still in flight when a wrk run stops are answered and logged but not counted" \
+        "by wrk). The writer counters are the process's (\`/metrics\`); aigate's include its \`cached\`" \
+        "gateway (aigate-hit)."
+    echo
+    echo "| target | rows in \`logs\` | requests completed (wrk + probe) | rows - requests | process log writer |"
+    echo "| --- | ---: | ---: | ---: | --- |"
+    for t in aigate aigate-bodies; do
+        printf '| %s | %s | %s | %+d | %s |\n' "$t" "${ROWS[$t]}" "${SENT[$t]}" "$((ROWS[$t] - SENT[$t]))" \
+            "${LOG_STATS[$t]}"
+    done
+    echo
+    echo "## Analytics queries over 1M log records"
+    echo
+    if [[ -z $ANALYTICS_ROWS ]]; then
+        echo "Skipped (BENCH_SKIP_ANALYTICS=1)."
+    else
+        echo "\`target/release/examples/analytics_bench\` (\`crates/aigate-store/examples/analytics_bench.rs\`):" \
+            "1,000,000 records over 30 days inserted in batches of 1000, then each 30-day query run 7 times;" \
+            "median, fastest and slowest of the 7."
+        echo
+        echo "| backend | granularity | group by | median ms | min ms | max ms |"
+        echo "| --- | --- | --- | ---: | ---: | ---: |"
+        awk '{ printf "| %s | %s | %s | %.2f | %.2f | %.2f |\n", $1, $2, $3, $4, $5, $6 }' <<<"$ANALYTICS_ROWS"
+        echo
+        sed 's/^/- /' <<<"$ANALYTICS_NOTES"
+    fi
     echo
     echo "## Targets"
     echo
@@ -483,6 +740,21 @@ report() {
         "(target >= ${TARGET_HIT_RATIO}x)"
     echo "- ${verdicts[4]}: aigate cache-hit p99 at concurrency 32 is ${P99[aigate-hit,32]} ms, nginx" \
         "${P99[nginx,32]} ms (target: no worse than nginx)"
+    local i=5 key what
+    for key in "${log_lines[@]}"; do
+        t=${key%,*} c=${key#*,}
+        if [[ $t == aigate ]]; then what="logs on (aigate)"; else what="logs with bodies (aigate-bodies)"; fi
+        echo "- ${verdicts[$i]}: logging cost at concurrency $c, $what: $(printf '%.1f' "${cost[$t,$c]}") % =" \
+            "1 - $(printf '%.0f' "${RPS[$t,$c]}") / $(printf '%.0f' "${RPS[aigate-nolog,$c]}") req/s of aigate-nolog" \
+            "(target <= $(calc "100 * $TARGET_LOG_COST" | sed 's/\.000$//') %)"
+        i=$((i + 1))
+    done
+    for key in "${an_lines[@]}"; do
+        read -r b slowest v <<<"$key"
+        echo "- ${verdicts[$i]}: analytics over 1M records on $b: slowest query median $slowest ms, slowest single" \
+            "run $v ms (target < ${TARGET_ANALYTICS_MS} ms per query, on the median)"
+        i=$((i + 1))
+    done
     echo
     echo "Streamed cache hit, time to first event over ${TTFE_N} sequential requests (curl): p50 ${TTFE_P50} ms," \
         "p99 ${TTFE_P99} ms; a fresh stream straight from the mock: p50 ${TTFE_DIRECT_P50} ms."
@@ -503,7 +775,7 @@ report() {
 # ------------------------------------------------------------------------------------------------
 
 main() {
-    COMMAND_LINE="$(env | { grep -E '^BENCH_' || true; } | sort | tr '\n' ' ')bench/run.sh"
+    COMMAND_LINE="$(env | { grep -E '^(BENCH_|AIGATE_SKIP_POSTGRES=)' || true; } | sort | tr '\n' ' ')bench/run.sh"
     LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/aigate-bench.XXXXXX")
     chmod 755 "$WORK"  # the nginx worker may run as another user
@@ -523,23 +795,31 @@ main() {
     start_servers
     sleep 1  # let start-up settle before reading the idle RSS
     IDLE_RSS=$(kib "$AIGATE_PID" VmRSS)
+    for t in aigate-nolog aigate-bodies; do GW_IDLE_RSS[$t]=$(kib "${GW_PID[$t]}" VmRSS); done
     NGINX_IDLE_RSS=$(nginx_rss "$NGINX_PID" VmRSS)
     log "aigate idle RSS ${IDLE_RSS} KiB, nginx (master + worker) ${NGINX_IDLE_RSS} KiB"
 
     local t c
-    for t in "${TP_TARGETS[@]}"; do probe "$t" "${URL[$t]}"; done
+    for t in "${TP_TARGETS[@]}"; do
+        probe "$t" "${URL[$t]}"
+        SENT[$t]=1  # the probe: a request completed (and logged) like wrk's
+    done
     RESPONSE_BYTES=$(curl -s -X POST -H 'content-type: application/json' --data-binary @"$BODY_FILE" \
         "${URL[direct]}" | wc -c)
 
     for c in "${CONCURRENCIES[@]}"; do
         for t in "${TP_TARGETS[@]}"; do measure_throughput "$t" "$c"; done
     done
+    count_log_rows
+    # aigate-nolog and aigate-bodies only take part in the throughput points: their peak RSS now.
+    for t in aigate-nolog aigate-bodies; do GW_PEAK_RSS[$t]=$(kib "${GW_PID[$t]}" VmHWM); done
     measure_rate
     measure_ttfe
 
     PEAK_RSS=$(kib "$AIGATE_PID" VmHWM)
     NGINX_PEAK_RSS=$(nginx_rss "$NGINX_PID" VmHWM)
     log "aigate peak RSS (VmHWM) ${PEAK_RSS} KiB"
+    measure_analytics
 
     report >"$RESULTS/latest.md"  # not in a pipe: report sets FAILS
     cat "$RESULTS/latest.md"
