@@ -401,6 +401,8 @@ pub struct LimitLayer {
     clock: Arc<Clock>,
     client: HttpClient,
     metrics: Arc<Metrics>,
+    /// Settlements may be requested from the log spill thread, outside the runtime.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for LimitLayer {
@@ -447,7 +449,8 @@ impl LimitLayer {
         client: HttpClient,
         metrics: Arc<Metrics>,
     ) -> LimitLayer {
-        LimitLayer { store, stats, opts: ArcSwap::from_pointee(opts), clock, client, metrics }
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        LimitLayer { store, stats, opts: ArcSwap::from_pointee(opts), clock, client, metrics, runtime }
     }
 
     /// Applies reloaded options.
@@ -566,7 +569,7 @@ impl LimitLayer {
             return;
         }
         let this = self.clone();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let Some(rt) = tokio::runtime::Handle::try_current().ok().or_else(|| self.runtime.clone()) else { return };
         rt.spawn(async move {
             for (h, actual) in settlements {
                 if let Err(e) = this.store.settle(&h.reservation, actual).await {

@@ -560,3 +560,35 @@ async fn replicas_share_the_postgres_log_store() {
     let v = admin_get(&b, &format!("/admin/gateways/{gw}/analytics?since=2h")).await;
     assert_eq!(v["totals"]["requests"], 6, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_and_deletion() {
+    let env = env_with(ADMIN, MockConfig::default()).await;
+    for model in ["gpt-4o-mini", "gpt-4o"] {
+        let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+        post(&env, "/v1/chat/completions", &body, &[]).await.bytes().await.unwrap();
+    }
+    let recs = records(&env, "default", 2).await;
+    let id = recs[0]["id"].as_str().unwrap().to_string();
+    let url = env.url(&format!("/admin/gateways/default/logs/{id}"));
+    let r = env.http.patch(&url).bearer_auth(ADMIN_TOKEN).body(r#"{"feedback":1,"score":0.75}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = record(&env, "default", &id).await;
+    assert_eq!(rec["feedback"], 1);
+    assert_eq!(rec["score"], 0.75);
+    let r = env.http.patch(&url).bearer_auth(ADMIN_TOKEN).body(r#"{"feedback":3}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = env
+        .http
+        .delete(env.url("/admin/gateways/default/logs?model=gpt-4o"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["deleted"], 1, "{v}");
+    let left = records(&env, "default", 1).await;
+    assert_eq!(left[0]["requested_model"], "gpt-4o-mini");
+    let r = env.http.get(env.url("/admin/gateways/default/logs/nope")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
