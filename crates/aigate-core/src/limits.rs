@@ -399,10 +399,36 @@ pub struct LimitLayer {
     pub stats: Arc<LimitStats>,
     opts: ArcSwap<LimitOptions>,
     clock: Arc<Clock>,
-    client: HttpClient,
     metrics: Arc<Metrics>,
     /// Settlements may be requested from the log spill thread, outside the runtime.
     runtime: Option<tokio::runtime::Handle>,
+    /// Alert deliveries, POSTed in order by one task.
+    webhook_tx: Option<tokio::sync::mpsc::Sender<(http::Uri, Bytes)>>,
+}
+
+/// Alerts waiting for webhook delivery; beyond, an alert's POST is dropped (and counted).
+pub const WEBHOOK_QUEUE: usize = 256;
+
+/// Delivers alerts one after the other, so a receiver sees them in the order they fired.
+async fn deliver_webhooks(
+    mut rx: tokio::sync::mpsc::Receiver<(http::Uri, Bytes)>,
+    client: HttpClient,
+    stats: Arc<LimitStats>,
+) {
+    while let Some((url, body)) = rx.recv().await {
+        let mut req = http::Request::new(http_body_util::Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = url;
+        req.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(10), client.request(req)).await,
+            Ok(Ok(r)) if r.status().is_success()
+        );
+        if !ok {
+            stats.webhook_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("budget alert webhook delivery failed");
+        }
+    }
 }
 
 impl std::fmt::Debug for LimitLayer {
@@ -450,7 +476,12 @@ impl LimitLayer {
         metrics: Arc<Metrics>,
     ) -> LimitLayer {
         let runtime = tokio::runtime::Handle::try_current().ok();
-        LimitLayer { store, stats, opts: ArcSwap::from_pointee(opts), clock, client, metrics, runtime }
+        let webhook_tx = runtime.as_ref().map(|rt| {
+            let (tx, rx) = tokio::sync::mpsc::channel(WEBHOOK_QUEUE);
+            rt.spawn(deliver_webhooks(rx, client.clone(), stats.clone()));
+            tx
+        });
+        LimitLayer { store, stats, opts: ArcSwap::from_pointee(opts), clock, metrics, runtime, webhook_tx }
     }
 
     /// Applies reloaded options.
@@ -633,22 +664,12 @@ impl LimitLayer {
             "window_end_ms": h.window.map(|w| w.1),
             "at_ms": self.clock.now_ms(),
         });
-        let client = self.client.clone();
-        let stats = self.stats.clone();
-        tokio::spawn(async move {
-            let mut req = http::Request::new(http_body_util::Full::new(Bytes::from(payload.to_string())));
-            *req.method_mut() = http::Method::POST;
-            *req.uri_mut() = url;
-            req.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(10), client.request(req)).await,
-                Ok(Ok(r)) if r.status().is_success()
-            );
-            if !ok {
-                stats.webhook_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("budget alert webhook delivery failed");
-            }
-        });
+        let queued =
+            self.webhook_tx.as_ref().is_some_and(|tx| tx.try_send((url, Bytes::from(payload.to_string()))).is_ok());
+        if !queued {
+            self.stats.webhook_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("budget alert webhook queue full: alert not delivered");
+        }
     }
 
     fn webhook_url(&self) -> Option<http::Uri> {

@@ -39,7 +39,13 @@ use crate::metrics::Metrics;
 use crate::usage::{self, Endpoint, SseUsage, Usage};
 
 /// Most records the writer stores in one transaction.
-pub const BATCH: usize = 512;
+pub const BATCH: usize = 1024;
+
+/// How long the writer waits for a batch to fill once it has a first record. SQLite's cost per
+/// record falls from ~24 µs in batches of 32 to ~8 µs in batches of 1024 (commit and WAL work is
+/// per transaction), so under load waiting a little is much cheaper than writing at once; at low
+/// traffic it only delays when a record becomes visible.
+pub const LINGER: Duration = Duration::from_millis(100);
 
 /// Capacity of the channel to the spill thread.
 pub const SPILL_CHANNEL: usize = 65_536;
@@ -228,6 +234,17 @@ impl LogPipeline {
                 n = rx.recv_many(&mut buf, BATCH) => {
                     if n == 0 {
                         break;
+                    }
+                    if buf.len() < BATCH {
+                        let linger = tokio::time::sleep(LINGER);
+                        tokio::pin!(linger);
+                        while buf.len() < BATCH {
+                            let room = BATCH - buf.len();
+                            tokio::select! {
+                                n = rx.recv_many(&mut buf, room) => if n == 0 { break },
+                                _ = &mut linger => break,
+                            }
+                        }
                     }
                     healthy = self.write(&mut buf).await;
                 }

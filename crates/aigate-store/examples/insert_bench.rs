@@ -31,7 +31,11 @@ fn record(i: u64, ms: u64) -> LogRecord {
         cost_usd: Some(0.00001125),
         saved_usd: None,
         custom_cost: false,
-        metadata: if i.is_multiple_of(2) { vec![("user".into(), MetaValue::String(format!("u{}", i % 20)))] } else { vec![] },
+        metadata: if i.is_multiple_of(2) {
+            vec![("user".into(), MetaValue::String(format!("u{}", i % 20)))]
+        } else {
+            vec![]
+        },
         user_agent: Some("OpenAI/Python 1.50.0".into()),
         error: None,
         request_body: None,

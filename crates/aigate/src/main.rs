@@ -413,7 +413,11 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
             ),
         };
         let logs = if g.logs.enabled {
-            format!("on (bodies {}, max {} records)", if g.logs.bodies { "on" } else { "off" }, g.logs.retention.max_records)
+            format!(
+                "on (bodies {}, max {} records)",
+                if g.logs.bodies { "on" } else { "off" },
+                g.logs.retention.max_records
+            )
         } else {
             "off".to_string()
         };

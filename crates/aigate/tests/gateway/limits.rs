@@ -260,7 +260,7 @@ async fn budget_alerts_fire_once_per_threshold_and_the_budget_holds() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let alerts = got.lock().unwrap().clone();
     let thresholds: Vec<f64> = alerts.iter().map(|a| a["threshold"].as_f64().unwrap()).collect();
-    assert_eq!(thresholds, [0.5, 0.8, 1.0], "{alerts:#?}");
+    assert_eq!(thresholds, [0.5, 0.8, 1.0], "{thresholds:?}");
     assert_eq!(alerts[0]["budget"], "daily");
     assert_eq!(alerts[0]["gateway"], "default");
     let metrics = env.http.get(env.url("/metrics")).send().await.unwrap().text().await.unwrap();
@@ -390,10 +390,7 @@ async fn sighup_reload_applies_limits_and_refuses_invalid_files() {
     let r = http.post(&url).body(CHAT).send().await.unwrap();
     assert_eq!(limit_header(&r), "1");
     // The new rule counts afresh (its own key per period): one passes, the next is refused.
-    let statuses = [
-        r.status().as_u16(),
-        http.post(&url).body(CHAT).send().await.unwrap().status().as_u16(),
-    ];
+    let statuses = [r.status().as_u16(), http.post(&url).body(CHAT).send().await.unwrap().status().as_u16()];
     assert!(statuses.contains(&429), "{statuses:?}");
 
     // An invalid file is refused; the running config (limit 1) stays.

@@ -387,13 +387,18 @@ async fn stalled_store_spills_to_disk_and_replays_later() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let started = Instant::now();
-    for _ in 0..40 {
+    for i in 0..40 {
+        if i == 20 {
+            // By now the writer has taken a batch and waits on the lock: the queue fills.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
     }
     // Requests were not held up by the stalled store.
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let metrics = env.http.get(env.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let spilled: u64 = metrics
         .lines()
