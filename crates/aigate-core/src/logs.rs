@@ -18,7 +18,6 @@
 //!   file, and the writer makes one bounded attempt to replay spill files. Whatever is left stays
 //!   on disk and is replayed at the next start.
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -297,40 +296,70 @@ impl LogPipeline {
         }
         self.stats.depth.fetch_sub(buf.len() as u64, Ordering::Relaxed);
         let finished: Vec<Finished> = buf.drain(..).map(|m| self.finalizer.finalize(*m)).collect();
-        match self.store_finished(&finished).await {
+        match self.store_finished(finished).await {
             Ok(n) => {
                 self.stats.written.fetch_add(n, Ordering::Relaxed);
                 true
             }
-            Err(e) => {
+            Err((e, unstored)) => {
                 self.store_failed(&e);
-                if self.spill_tx.try_send(SpillItem::Records(finished)).is_err() {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                let n = unstored.len() as u64;
+                if self.spill_tx.try_send(SpillItem::Records(unstored)).is_err() {
+                    self.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 }
                 false
             }
         }
     }
 
-    /// Stores records grouped by gateway; returns how many rows were inserted.
-    async fn store_finished(&self, finished: &[Finished]) -> Result<u64, StoreError> {
-        let mut by_gateway: HashMap<&str, (Vec<LogRecord>, Vec<LogRecord>)> = HashMap::new();
+    /// Stores records grouped by gateway (records not kept go to the analytics rollups only);
+    /// returns how many rows were inserted, or the error with what was not stored.
+    async fn store_finished(&self, finished: Vec<Finished>) -> Result<u64, (StoreError, Vec<Finished>)> {
+        // Batches hold one or a few gateways: a short list beats a map.
+        let mut groups: Vec<(String, Vec<LogRecord>, Vec<LogRecord>)> = Vec::new();
         for f in finished {
-            let e = by_gateway.entry(f.gateway.as_str()).or_default();
+            let i = match groups.iter().position(|g| g.0 == f.gateway) {
+                Some(i) => i,
+                None => {
+                    groups.push((f.gateway, Vec::new(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
             if f.keep {
-                e.0.push(f.record.clone());
+                groups[i].1.push(f.record);
             } else {
-                e.1.push(f.record.clone());
+                groups[i].2.push(f.record);
             }
         }
         let mut inserted = 0;
-        for (gw, (kept, counted)) in by_gateway {
-            if !kept.is_empty() {
-                inserted += self.store.insert_batch(gw, &kept).await?;
+        let mut groups = groups.into_iter();
+        while let Some((gw, kept, counted)) = groups.next() {
+            let kept = Arc::new(kept);
+            let result = async {
+                if !kept.is_empty() {
+                    inserted += self.store.insert_shared(&gw, kept.clone()).await?;
+                }
+                // Records not kept still count in analytics.
+                if !counted.is_empty() {
+                    self.store.add_to_rollups(&gw, &counted).await?;
+                }
+                Ok::<(), StoreError>(())
             }
-            // Records not kept still count in analytics.
-            if !counted.is_empty() {
-                self.store.add_to_rollups(gw, &counted).await?;
+            .await;
+            if let Err(e) = result {
+                // This gateway's records and the rest go to the spill files (a kept record that
+                // did get in is skipped on replay: ids are unique).
+                let mut unstored = Vec::new();
+                let back = |gw: &str, recs: Vec<LogRecord>, keep: bool, out: &mut Vec<Finished>| {
+                    out.extend(recs.into_iter().map(|record| Finished { gateway: gw.to_owned(), keep, record }));
+                };
+                back(&gw, Arc::try_unwrap(kept).unwrap_or_else(|a| a.as_ref().clone()), true, &mut unstored);
+                back(&gw, counted, false, &mut unstored);
+                for (g, k, c) in groups {
+                    back(&g, k, true, &mut unstored);
+                    back(&g, c, false, &mut unstored);
+                }
+                return Err((e, unstored));
             }
         }
         Ok(inserted)
@@ -388,14 +417,18 @@ impl LogPipeline {
                     Err(e) => tracing::debug!(error = %e, "skipping an unreadable spill line"),
                 }
             }
-            for chunk in records.chunks(BATCH) {
-                if let Err(e) = self.store_finished(chunk).await {
+            let total = records.len() as u64;
+            let kept = records.iter().filter(|f| f.keep).count() as u64;
+            let mut records = records.into_iter().peekable();
+            while records.peek().is_some() {
+                let chunk: Vec<Finished> = records.by_ref().take(BATCH).collect();
+                if let Err((e, _)) = self.store_finished(chunk).await {
                     self.store_failed(&e);
                     return false;
                 }
             }
-            self.stats.replayed.fetch_add(records.len() as u64, Ordering::Relaxed);
-            self.stats.written.fetch_add(records.iter().filter(|f| f.keep).count() as u64, Ordering::Relaxed);
+            self.stats.replayed.fetch_add(total, Ordering::Relaxed);
+            self.stats.written.fetch_add(kept, Ordering::Relaxed);
             if tokio::fs::remove_file(&path).await.is_ok() {
                 self.stats.spill_bytes.fetch_sub(
                     (data.len() as u64).min(self.stats.spill_bytes.load(Ordering::Relaxed)),

@@ -355,6 +355,12 @@ pub trait LogStore: Send + Sync + 'static {
     /// what is kept).
     async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError>;
 
+    /// [`LogStore::insert_batch`] for a batch the caller shares: a store that hands the batch to
+    /// another thread (SQLite's blocking pool) takes the `Arc` instead of copying every record.
+    async fn insert_shared(&self, gateway: &str, records: std::sync::Arc<Vec<LogRecord>>) -> Result<u64, StoreError> {
+        self.insert_batch(gateway, &records).await
+    }
+
     /// Adds `records` to the gateway's analytics rollups only, without storing them (requests whose
     /// record is not kept: logging disabled for the gateway or refused by the client). Ids are not
     /// checked for duplicates. Atomic.

@@ -488,12 +488,15 @@ impl LogStore for SqliteLogStore {
     }
 
     async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError> {
+        self.insert_shared(gateway, Arc::new(records.to_vec())).await
+    }
+
+    async fn insert_shared(&self, gateway: &str, records: Arc<Vec<LogRecord>>) -> Result<u64, StoreError> {
         if records.is_empty() {
             return Ok(0);
         }
         let retention = self.inner.retention.get(gateway);
         let gateway = gateway.to_owned();
-        let records = records.to_vec();
         self.write(move |tx| {
             let mut n = count_rows(tx, &gateway)?;
             let mut removed = 0;
