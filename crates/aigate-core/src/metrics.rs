@@ -96,6 +96,29 @@ pub struct Metrics {
     limited: Family<RuleLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
     models: Mutex<HashSet<String>>,
+    handles: Mutex<HandleCache>,
+}
+
+/// Label combinations whose handles are kept; past it the cache starts over (the families keep
+/// every series; only the shortcut is dropped).
+const MAX_HANDLE_SETS: usize = 4096;
+
+/// Handles of the per-request metrics for one label combination (each an `Arc` to the series).
+struct Handles {
+    requests: Counter,
+    tokens: [Counter; 4],
+    cost: Counter<f64, AtomicU64>,
+    saved: Counter<f64, AtomicU64>,
+    duration: Histogram,
+    ttfb: Histogram,
+    overhead: Histogram,
+}
+
+#[derive(Default)]
+struct HandleCache {
+    /// Reused buffer of the lookup key.
+    key: String,
+    map: std::collections::HashMap<String, Handles>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,12 +178,13 @@ impl Metrics {
             limited,
             alerts,
             models: Mutex::new(HashSet::new()),
+            handles: Mutex::new(HandleCache::default()),
         })
     }
 
-    /// Records one finished request.
+    /// Records one finished request. The metric handles of a label combination are looked up
+    /// once and kept, so a record costs one map lookup (no label allocations) after the first.
     pub fn record(&self, r: &LogRecord) {
-        let model = self.model_label(r.served_model.as_deref().or(r.requested_model.as_deref()).unwrap_or(""));
         let status_class = match r.status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -168,48 +192,81 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.requests
+        let model = r.served_model.as_deref().or(r.requested_model.as_deref()).unwrap_or("");
+        let mut cache = self.handles.lock().unwrap_or_else(PoisonError::into_inner);
+        let cache = &mut *cache;
+        cache.key.clear();
+        for part in [r.gateway.as_str(), r.provider.as_str(), model, status_class, r.cache_status.as_str()] {
+            cache.key.push_str(part);
+            cache.key.push('\0');
+        }
+        let h = match cache.map.get(cache.key.as_str()) {
+            Some(h) => h,
+            None => {
+                let h = self.handles_for(r, status_class, model);
+                if cache.map.len() >= MAX_HANDLE_SETS {
+                    cache.map.clear();
+                }
+                cache.map.entry(cache.key.clone()).or_insert(h)
+            }
+        };
+        h.requests.inc();
+        if r.cache_status != "HIT" {
+            for (c, v) in h.tokens.iter().zip([r.tokens_in, r.tokens_out, r.cached_tokens_in, r.reasoning_tokens]) {
+                if let Some(v) = v.filter(|&v| v > 0) {
+                    c.inc_by(v);
+                }
+            }
+        }
+        if let Some(c) = r.cost_usd.filter(|c| *c > 0.0) {
+            h.cost.inc_by(c);
+        }
+        if let Some(s) = r.saved_usd.filter(|c| *c > 0.0) {
+            h.saved.inc_by(s);
+        }
+        h.duration.observe(r.duration_ms / 1000.0);
+        if let Some(t) = r.ttfb_ms {
+            h.ttfb.observe(t / 1000.0);
+        }
+        if let Some(o) = r.overhead_ms {
+            h.overhead.observe(o / 1000.0);
+        }
+    }
+
+    /// The metric handles of one label combination (created in the families if new).
+    fn handles_for(&self, r: &LogRecord, status_class: &'static str, model: &str) -> Handles {
+        let model = self.model_label(model);
+        let (gateway, provider) = (r.gateway.clone(), r.provider.clone());
+        let requests = self
+            .requests
             .get_or_create(&RequestLabels {
-                gateway: r.gateway.clone(),
-                provider: r.provider.clone(),
+                gateway: gateway.clone(),
+                provider: provider.clone(),
                 model: model.clone(),
                 status_class,
                 cache_status: r.cache_status.clone(),
             })
-            .inc();
-        let hit = r.cache_status == "HIT";
-        if !hit {
-            for (kind, v) in [
-                ("input", r.tokens_in),
-                ("output", r.tokens_out),
-                ("cached_input", r.cached_tokens_in),
-                ("reasoning", r.reasoning_tokens),
-            ] {
-                if let Some(v) = v.filter(|&v| v > 0) {
-                    let l = TokenLabels {
-                        gateway: r.gateway.clone(),
-                        provider: r.provider.clone(),
-                        model: model.clone(),
-                        kind,
-                    };
-                    self.tokens.get_or_create(&l).inc_by(v);
-                }
-            }
-        }
-        let ml = ModelLabels { gateway: r.gateway.clone(), provider: r.provider.clone(), model };
-        if let Some(c) = r.cost_usd.filter(|c| *c > 0.0) {
-            self.cost.get_or_create(&ml).inc_by(c);
-        }
-        if let Some(s) = r.saved_usd.filter(|c| *c > 0.0) {
-            self.saved.get_or_create(&ml).inc_by(s);
-        }
-        let gl = GatewayLabels { gateway: r.gateway.clone(), provider: r.provider.clone() };
-        self.duration.get_or_create(&gl).observe(r.duration_ms / 1000.0);
-        if let Some(t) = r.ttfb_ms {
-            self.ttfb.get_or_create(&gl).observe(t / 1000.0);
-        }
-        if let Some(o) = r.overhead_ms {
-            self.overhead.get_or_create(&gl).observe(o / 1000.0);
+            .clone();
+        let tokens = ["input", "output", "cached_input", "reasoning"].map(|kind| {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    gateway: gateway.clone(),
+                    provider: provider.clone(),
+                    model: model.clone(),
+                    kind,
+                })
+                .clone()
+        });
+        let ml = ModelLabels { gateway: gateway.clone(), provider: provider.clone(), model };
+        let gl = GatewayLabels { gateway, provider };
+        Handles {
+            requests,
+            tokens,
+            cost: self.cost.get_or_create(&ml).clone(),
+            saved: self.saved.get_or_create(&ml).clone(),
+            duration: self.duration.get_or_create(&gl).clone(),
+            ttfb: self.ttfb.get_or_create(&gl).clone(),
+            overhead: self.overhead.get_or_create(&gl).clone(),
         }
     }
 
