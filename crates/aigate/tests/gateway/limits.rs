@@ -293,6 +293,108 @@ async fn cache_hits_do_not_count_unless_configured() {
     assert_eq!(v, [200, 200, 429, 429]);
 }
 
+/// A running `aigate serve` process on a config; killed on drop.
+struct Process(std::process::Child, u16);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn spawn_aigate(toml_body: &str) -> Process {
+    let dir = temp_dir("proc");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = dir.join("aigate.toml");
+    std::fs::write(
+        &path,
+        format!("listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{toml_body}", dir.display().to_string()),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .env_remove("AIGATE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "aigate did not start");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    Process(child, port)
+}
+
+/// Two `aigate serve` processes share one Redis: 200 concurrent requests against a limit of 50
+/// admit exactly 50 in total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_limit_across_two_processes_on_redis() {
+    if std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1") {
+        eprintln!("AIGATE_SKIP_REDIS=1: skipping");
+        return;
+    }
+    let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let gw = unique_name("rp");
+    let toml = format!(
+        "[storage]\nlimits = \"redis://127.0.0.1:6379\"\n[providers.openai]\nbase_url = \"{}/v1\"\n\
+         [gateways.default]\n[gateways.{gw}]\n[gateways.{gw}.rate_limit]\nlimit = 50\nperiod = \"1h\"\n",
+        mock.url()
+    );
+    let (a, b) = (spawn_aigate(&toml).await, spawn_aigate(&toml).await);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = format!("http://127.0.0.1:{}/{gw}/openai/chat/completions", if i % 2 == 0 { a.1 } else { b.1 });
+        let http = http.clone();
+        tasks.push(tokio::spawn(async move { http.post(url).body(CHAT).send().await.unwrap().status().as_u16() }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for t in tasks {
+        *counts.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts, [(200u16, 50), (429u16, 150)].into_iter().collect(), "{counts:?}");
+    assert_eq!(mock.requests(), 50);
+}
+
+/// Redis stops while the gateway runs: requests follow `on_store_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_requests_follow_on_store_error() {
+    if std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1") {
+        eprintln!("AIGATE_SKIP_REDIS=1: skipping");
+        return;
+    }
+    // A Redis of our own, so stopping it does not disturb other tests.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut envs = Vec::new();
+    for policy in ["allow", "deny"] {
+        let extra = format!(
+            "[storage]\nlimits = \"redis://127.0.0.1:{port}\"\n[limits]\non_store_error = \"{policy}\"\n\
+             [gateways.default.rate_limit]\nlimit = 100\nperiod = \"1h\"\n[gateways.default]\n"
+        );
+        let env = env_with(&extra, MockConfig::default()).await;
+        assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[]).await, 200, "{policy}: Redis up");
+        envs.push((policy, env));
+    }
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    for (policy, env) in &envs {
+        let expected = if *policy == "allow" { 200 } else { 503 };
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            assert_eq!(status_of(env, "/v1/chat/completions", CHAT, &[]).await, expected, "{policy}: Redis down");
+            assert!(t0.elapsed() < Duration::from_secs(2), "a dead limit store must not hang requests");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_store_follows_on_store_error() {
     for (policy, expected) in [("allow", 200), ("deny", 503)] {
