@@ -26,7 +26,8 @@
 //! as [`StoreError::Corrupt`] with a message starting `invalid` (check first with
 //! [`AnalyticsQuery::validate`] to answer 400).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -670,40 +671,65 @@ pub(crate) struct RollupKey {
     pub(crate) value: String,
 }
 
-/// A metadata value as a group name.
-fn meta_string(v: &MetaValue) -> String {
+/// A metadata value as a group name (borrowed when it is a string).
+fn meta_str(v: &MetaValue) -> Cow<'_, str> {
     match v {
-        MetaValue::String(s) => s.clone(),
-        MetaValue::Number(n) => n.to_string(),
-        MetaValue::Bool(b) => b.to_string(),
+        MetaValue::String(s) => Cow::Borrowed(s),
+        MetaValue::Number(n) => Cow::Owned(n.to_string()),
+        MetaValue::Bool(b) => Cow::Owned(b.to_string()),
     }
 }
 
-/// The rollup rows `records` add to: one per grain and dimension, sorted by key.
+/// The dimension of a rollup row, borrowed from the records while a batch is aggregated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Dim<'a> {
+    All,
+    Model,
+    Provider,
+    Metadata(&'a str),
+}
+
+impl Dim<'_> {
+    fn name(&self) -> String {
+        match self {
+            Dim::All => String::new(),
+            Dim::Model => "model".into(),
+            Dim::Provider => "provider".into(),
+            Dim::Metadata(k) => format!("metadata.{k}"),
+        }
+    }
+}
+
+/// The rollup rows `records` add to: one per grain and dimension, sorted by key. Keys borrow from
+/// the records while aggregating (this runs for every record written), and become owned only once
+/// per row.
 pub(crate) fn aggregate<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Vec<(RollupKey, Rollup)> {
-    let mut acc: HashMap<RollupKey, Rollup> = HashMap::new();
-    let mut dims: Vec<(String, String)> = Vec::new();
+    let mut acc: HashMap<(u64, u64, Dim<'a>, Cow<'a, str>), Rollup> = HashMap::new();
+    let mut dims: Vec<(Dim<'a>, Cow<'a, str>)> = Vec::new();
     for r in records {
         dims.clear();
         let model = r.served_model.as_deref().or(r.requested_model.as_deref()).unwrap_or("");
-        dims.push((String::new(), String::new()));
-        dims.push(("model".into(), model.to_owned()));
-        dims.push(("provider".into(), r.provider.clone()));
-        let mut keys = HashSet::new();
+        dims.push((Dim::All, Cow::Borrowed("")));
+        dims.push((Dim::Model, Cow::Borrowed(model)));
+        dims.push((Dim::Provider, Cow::Borrowed(r.provider.as_str())));
         for (k, v) in stored_metadata(&r.metadata) {
-            if keys.insert(k.as_str()) {
-                dims.push((format!("metadata.{k}"), meta_string(v)));
+            if !dims.iter().any(|(d, _)| *d == Dim::Metadata(k.as_str())) {
+                dims.push((Dim::Metadata(k.as_str()), meta_str(v)));
             }
         }
         for grain_ms in [MINUTE_MS, HOUR_MS] {
             let bucket_ms = r.created_at_ms - r.created_at_ms % grain_ms;
             for (dim, value) in &dims {
-                let key = RollupKey { grain_ms, dim: dim.clone(), bucket_ms, value: value.clone() };
-                acc.entry(key).or_default().add(r);
+                acc.entry((grain_ms, bucket_ms, dim.clone(), value.clone())).or_default().add(r);
             }
         }
     }
-    let mut out: Vec<(RollupKey, Rollup)> = acc.into_iter().collect();
+    let mut out: Vec<(RollupKey, Rollup)> = acc
+        .into_iter()
+        .map(|((grain_ms, bucket_ms, dim, value), rollup)| {
+            (RollupKey { grain_ms, dim: dim.name(), bucket_ms, value: value.into_owned() }, rollup)
+        })
+        .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
