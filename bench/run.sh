@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: aigate against nginx against no proxy at all, in one run, on the same mock upstream.
 #
-#   bench/run.sh                      # full run: about 8 minutes after the build (1.5 of them analytics)
+#   bench/run.sh                      # full run: about 6.5 minutes after the build (1.5 of them analytics)
 #   BENCH_DURATION=5 bench/run.sh     # shorter points
 #
 # Targets, each in front of the same `aigate-mock` (non-streaming chat completions):
