@@ -469,8 +469,11 @@ EOF
 # A sample of the Prometheus text of aigate process $1 (0 when absent); $2 is the metric name
 # without the `_total` suffix of counters.
 gw_metric() {
-    curl -sS "http://127.0.0.1:${GW_PORT[$1]}/metrics" |
-        awk -v m="$2" '$1 == m || $1 == m"_total" { print $2; found = 1; exit } END { if (!found) print 0 }'
+    # Read the whole text first: awk stops at the first match, which would cut curl's write short
+    # (curl exit 23 under pipefail).
+    local text
+    text=$(curl -sS "http://127.0.0.1:${GW_PORT[$1]}/metrics")
+    awk -v m="$2" '$1 == m || $1 == m"_total" { print $2; found = 1; exit } END { if (!found) print 0 }' <<<"$text"
 }
 
 # Waits (up to 30 s) until the log writer of aigate process $1 has nothing queued or spilled, then
