@@ -603,9 +603,12 @@ impl LimitLayer {
         let Some(rt) = tokio::runtime::Handle::try_current().ok().or_else(|| self.runtime.clone()) else { return };
         rt.spawn(async move {
             for (h, actual) in settlements {
-                if let Err(e) = this.store.settle(&h.reservation, actual).await {
-                    this.store_error(&e);
-                    continue;
+                // A reservation that was exact (every request rule) needs no round trip.
+                if actual != h.reservation.amount() {
+                    if let Err(e) = this.store.settle(&h.reservation, actual).await {
+                        this.store_error(&e);
+                        continue;
+                    }
                 }
                 if h.rule.budget.is_some() {
                     this.check_alerts(&h).await;
