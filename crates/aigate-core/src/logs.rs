@@ -46,6 +46,9 @@ pub const BATCH: usize = 1024;
 /// traffic it only delays when a record becomes visible.
 pub const LINGER: Duration = Duration::from_millis(100);
 
+/// Records finalised between two yields of the writer task.
+const FINALIZE_SLICE: usize = 32;
+
 /// Capacity of the channel to the spill thread.
 pub const SPILL_CHANNEL: usize = 65_536;
 
@@ -295,23 +298,15 @@ impl LogPipeline {
             return true;
         }
         self.stats.depth.fetch_sub(buf.len() as u64, Ordering::Relaxed);
-        // Finalising parses bodies (a few µs a record, more for large ones): on the blocking pool,
-        // so the runtime threads that serve requests are never held up by a batch.
-        let batch: Vec<Box<Meter>> = std::mem::take(buf);
-        let n = batch.len() as u64;
-        let fin = self.finalizer.clone();
-        let finished = match tokio::task::spawn_blocking(move || {
-            batch.into_iter().map(|m| fin.finalize(*m)).collect::<Vec<Finished>>()
-        })
-        .await
-        {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "log finalisation failed: records of this batch are lost");
-                self.stats.dropped.fetch_add(n, Ordering::Relaxed);
-                return true;
+        // Finalising costs a few µs a record and runs on a runtime thread: yield between slices so
+        // a batch of 1024 never holds requests up for milliseconds.
+        let mut finished: Vec<Finished> = Vec::with_capacity(buf.len());
+        for (i, m) in buf.drain(..).enumerate() {
+            if i > 0 && i % FINALIZE_SLICE == 0 {
+                tokio::task::yield_now().await;
             }
-        };
+            finished.push(self.finalizer.finalize(*m));
+        }
         match self.store_finished(finished).await {
             Ok(n) => {
                 self.stats.written.fetch_add(n, Ordering::Relaxed);
