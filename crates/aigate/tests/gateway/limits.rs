@@ -505,3 +505,38 @@ async fn sighup_reload_applies_limits_and_refuses_invalid_files() {
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
 }
+
+/// Concurrent requests against a budget: what is admitted never costs more than the budget plus
+/// what was in flight (here the estimate equals the cost, so exactly what fits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_holds_under_concurrency() {
+    // A plain chat costs $0.00001125, reserved and settled as 12 micro-dollars; 48 fit four.
+    let extra = "[[gateways.default.budgets]]\nname = \"daily\"\nlimit_usd = 0.000048\nperiod = \"day\"\n\
+                 [gateways.default]\n";
+    let env = env_with(extra, MockConfig::default()).await;
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":14,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let http = env.http.clone();
+        let url = env.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            let s = r.status().as_u16();
+            r.bytes().await.unwrap();
+            s
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => {}
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(ok, 4, "the budget admits exactly what its estimates fit");
+    assert_eq!(env.mock.requests(), 4);
+    // Settled to the actual cost, the budget stays spent.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(status_of(&env, "/v1/chat/completions", body, &[]).await, 429);
+}
