@@ -92,14 +92,15 @@ async fn successful_responses_carry_the_tightest_rule() {
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "94");
 }
 
-async fn concurrent_statuses(envs: &[&Env], path: &str, n: usize) -> (usize, usize) {
+/// Sends `n` requests with `body` at once, spread over `envs`; returns (200s, 429s).
+async fn concurrent_statuses(envs: &[&Env], path: &str, body: &'static str, n: usize) -> (usize, usize) {
     let mut tasks = Vec::new();
     for i in 0..n {
         let env = envs[i % envs.len()];
         let http = env.http.clone();
         let url = env.url(path);
         tasks.push(tokio::spawn(async move {
-            let r = http.post(url).header("content-type", "application/json").body(CHAT).send().await.unwrap();
+            let r = http.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
             let s = r.status().as_u16();
             r.bytes().await.unwrap();
             s
@@ -123,7 +124,7 @@ async fn exactly_the_limit_under_concurrency_in_memory() {
         MockConfig::default(),
     )
     .await;
-    assert_eq!(concurrent_statuses(&[&env], "/v1/chat/completions", 200).await, (50, 150));
+    assert_eq!(concurrent_statuses(&[&env], "/v1/chat/completions", CHAT, 200).await, (50, 150));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +142,7 @@ async fn exactly_the_limit_across_two_replicas_on_redis() {
     let b = env_with(&extra, MockConfig::default()).await;
     let path = format!("/{gw}/openai/chat/completions");
     // Unshared counters would admit 50 per replica.
-    assert_eq!(concurrent_statuses(&[&a, &b], &path, 200).await, (50, 150));
+    assert_eq!(concurrent_statuses(&[&a, &b], &path, CHAT, 200).await, (50, 150));
     assert_eq!(a.mock.requests() + b.mock.requests(), 50);
 }
 
@@ -171,23 +172,7 @@ async fn token_rules_reserve_then_settle_to_actual_usage() {
         1000 - rem
     };
     let left = 1000 - used_before;
-    let mut tasks = Vec::new();
-    for _ in 0..10 {
-        let http = env.http.clone();
-        let url = env.url("/v1/chat/completions");
-        tasks.push(tokio::spawn(async move {
-            let r = http.post(url).body(body).send().await.unwrap();
-            let s = r.status().as_u16();
-            r.bytes().await.unwrap();
-            s
-        }));
-    }
-    let mut ok = 0u64;
-    for t in tasks {
-        if t.await.unwrap() == 200 {
-            ok += 1;
-        }
-    }
+    let ok = concurrent_statuses(&[&env], "/v1/chat/completions", body, 10).await.0 as u64;
     let estimate = (body.len() as u64).div_ceil(4) + 500;
     assert!(ok >= 1 && ok <= left / estimate, "{ok} admitted with {left} left and an estimate of {estimate}");
 }
@@ -515,25 +500,7 @@ async fn budget_holds_under_concurrency() {
                  [gateways.default]\n";
     let env = env_with(extra, MockConfig::default()).await;
     let body = r#"{"model":"gpt-4o-mini","max_tokens":14,"messages":[{"role":"user","content":"hi"}]}"#;
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let http = env.http.clone();
-        let url = env.url("/v1/chat/completions");
-        tasks.push(tokio::spawn(async move {
-            let r = http.post(url).body(body).send().await.unwrap();
-            let s = r.status().as_u16();
-            r.bytes().await.unwrap();
-            s
-        }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => ok += 1,
-            429 => {}
-            s => panic!("unexpected status {s}"),
-        }
-    }
+    let (ok, _) = concurrent_statuses(&[&env], "/v1/chat/completions", body, 20).await;
     assert_eq!(ok, 4, "the budget admits exactly what its estimates fit");
     assert_eq!(env.mock.requests(), 4);
     // Settled to the actual cost, the budget stays spent.
