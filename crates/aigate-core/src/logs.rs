@@ -109,6 +109,45 @@ pub struct Finished {
     pub record: LogRecord,
 }
 
+/// One gateway's records of a batch.
+struct Group {
+    gateway: Arc<str>,
+    /// Stored (and counted in analytics).
+    kept: Vec<LogRecord>,
+    /// Counted in analytics only.
+    counted: Vec<LogRecord>,
+}
+
+/// A batch's records by gateway. Batches hold one or a few gateways: a short list beats a map,
+/// and the gateway's name is compared by pointer first (records of one gateway share it).
+struct Groups {
+    groups: Vec<Group>,
+    /// Records in the batch: a group's first record reserves room for all (no regrowing).
+    records: usize,
+}
+
+impl Groups {
+    fn with_capacity(records: usize) -> Groups {
+        Groups { groups: Vec::with_capacity(2), records }
+    }
+
+    fn push(&mut self, gateway: &Arc<str>, keep: bool, record: LogRecord) {
+        let i = match self.groups.iter().position(|g| Arc::ptr_eq(&g.gateway, gateway) || g.gateway == *gateway) {
+            Some(i) => i,
+            None => {
+                self.groups.push(Group { gateway: gateway.clone(), kept: Vec::new(), counted: Vec::new() });
+                self.groups.len() - 1
+            }
+        };
+        let g = &mut self.groups[i];
+        let list = if keep { &mut g.kept } else { &mut g.counted };
+        if list.capacity() == 0 {
+            list.reserve_exact(self.records);
+        }
+        list.push(record);
+    }
+}
+
 enum SpillItem {
     Meter(Box<Meter>),
     Records(Vec<Finished>),
@@ -300,14 +339,15 @@ impl LogPipeline {
         self.stats.depth.fetch_sub(buf.len() as u64, Ordering::Relaxed);
         // Finalising costs a few µs a record and runs on a runtime thread: yield between slices so
         // a batch of 1024 never holds requests up for milliseconds.
-        let mut finished: Vec<Finished> = Vec::with_capacity(buf.len());
-        for (i, m) in buf.drain(..).enumerate() {
+        let mut groups = Groups::with_capacity(buf.len());
+        for (i, mut m) in buf.drain(..).enumerate() {
             if i > 0 && i % FINALIZE_SLICE == 0 {
                 tokio::task::yield_now().await;
             }
-            finished.push(self.finalizer.finalize(*m));
+            let (keep, record) = self.finalizer.finalize_record(&mut m);
+            groups.push(&m.gateway, keep, record);
         }
-        match self.store_finished(finished).await {
+        match self.store_groups(groups.groups).await {
             Ok(n) => {
                 self.stats.written.fetch_add(n, Ordering::Relaxed);
                 true
@@ -323,28 +363,22 @@ impl LogPipeline {
         }
     }
 
-    /// Stores records grouped by gateway (records not kept go to the analytics rollups only);
-    /// returns how many rows were inserted, or the error with what was not stored.
+    /// Stores finished records (grouped by gateway first).
     async fn store_finished(&self, finished: Vec<Finished>) -> Result<u64, (StoreError, Vec<Finished>)> {
-        // Batches hold one or a few gateways: a short list beats a map.
-        let mut groups: Vec<(String, Vec<LogRecord>, Vec<LogRecord>)> = Vec::new();
+        let mut groups = Groups::with_capacity(finished.len());
         for f in finished {
-            let i = match groups.iter().position(|g| g.0 == f.gateway) {
-                Some(i) => i,
-                None => {
-                    groups.push((f.gateway, Vec::new(), Vec::new()));
-                    groups.len() - 1
-                }
-            };
-            if f.keep {
-                groups[i].1.push(f.record);
-            } else {
-                groups[i].2.push(f.record);
-            }
+            let gateway: Arc<str> = f.gateway.into();
+            groups.push(&gateway, f.keep, f.record);
         }
+        self.store_groups(groups.groups).await
+    }
+
+    /// Stores records per gateway (records not kept go to the analytics rollups only); returns how
+    /// many rows were inserted, or the error with what was not stored.
+    async fn store_groups(&self, groups: Vec<Group>) -> Result<u64, (StoreError, Vec<Finished>)> {
         let mut inserted = 0;
         let mut groups = groups.into_iter();
-        while let Some((gw, kept, counted)) = groups.next() {
+        while let Some(Group { gateway: gw, kept, counted }) = groups.next() {
             let kept = Arc::new(kept);
             let result = async {
                 if !kept.is_empty() {
@@ -366,9 +400,9 @@ impl LogPipeline {
                 };
                 back(&gw, Arc::try_unwrap(kept).unwrap_or_else(|a| a.as_ref().clone()), true, &mut unstored);
                 back(&gw, counted, false, &mut unstored);
-                for (g, k, c) in groups {
-                    back(&g, k, true, &mut unstored);
-                    back(&g, c, false, &mut unstored);
+                for g in groups {
+                    back(&g.gateway, g.kept, true, &mut unstored);
+                    back(&g.gateway, g.counted, false, &mut unstored);
                 }
                 return Err((e, unstored));
             }
@@ -466,7 +500,14 @@ pub fn open_store(backend: &aigate_store::LogBackend) -> Result<Arc<dyn LogStore
 
 impl Finalizer {
     /// Builds the record of a finished request, updates metrics and feeds the tail.
-    pub fn finalize(&self, m: Meter) -> Finished {
+    pub fn finalize(&self, mut m: Box<Meter>) -> Finished {
+        let (keep, record) = self.finalize_record(&mut m);
+        Finished { gateway: m.gateway.to_string(), keep, record }
+    }
+
+    /// [`Finalizer::finalize`] in place (the meter is large: it is not moved); returns whether the
+    /// record is kept, and the record.
+    fn finalize_record(&self, m: &mut Meter) -> (bool, LogRecord) {
         let keep = m.logs.enabled && m.collect_log;
         let bodies = keep && m.logs.bodies && m.collect_payload;
         let end = m.end.unwrap_or_else(Instant::now);
@@ -475,14 +516,14 @@ impl Finalizer {
         let success = (200..300).contains(&m.status) && m.completed && m.error.is_none();
         let hit = m.cache_status == crate::cache::CacheStatus::Hit;
 
-        let requested_model = request_model(&m.request_body);
-        let response = response_bytes(&m);
+        let requested_model = usage::request_model(&m.request_body);
+        let response = response_bytes(m);
         let mut served_model = None;
         let mut usage: Option<Usage> = None;
         if let Some(ep) = m.endpoint {
             if let Some(entry) = &m.hit_entry {
                 usage = usage_of_chunks(ep, &entry.chunks, m.stream);
-            } else if let Some(sse) = m.sse {
+            } else if let Some(sse) = m.sse.take() {
                 served_model = sse.model().map(str::to_owned);
                 usage = sse.finish();
             } else if (200..300).contains(&m.status) && !m.capture_overflow {
@@ -563,8 +604,7 @@ impl Finalizer {
         if !m.held.is_empty() {
             let count_hits = self.limits.options().count_cache_hits;
             let tokens = usage.as_ref().map(Usage::total_tokens);
-            let settlements = m
-                .held
+            let settlements = std::mem::take(&mut m.held)
                 .into_iter()
                 .map(|h| {
                     let actual = crate::limits::actual_amount(
@@ -589,7 +629,7 @@ impl Finalizer {
             record.request_body = Some(m.request_body.slice(..m.request_body.len().min(cap)));
             record.response_body = Some(response.slice(..response.len().min(cap)));
         }
-        Finished { gateway: m.gateway.to_string(), keep, record }
+        (keep, record)
     }
 }
 
@@ -630,20 +670,6 @@ fn usage_of_chunks(ep: Endpoint, chunks: &[Bytes], stream: bool) -> Option<Usage
         }
         usage::parse_json(ep, &b)
     }
-}
-
-/// The `model` of a JSON request body, if it has one.
-fn request_model(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Probe {
-        #[serde(default)]
-        model: Option<String>,
-    }
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
-    if *first != b'{' {
-        return None;
-    }
-    serde_json::from_slice::<Probe>(body).ok()?.model
 }
 
 /// The message of an error body (`{"error":{"message"}}`, `{"error":"…"}`, `{"message"}`), or
@@ -769,7 +795,7 @@ fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &Finalizer, m
             }
         };
         let records = match item {
-            SpillItem::Meter(m) => vec![fin.finalize(*m)],
+            SpillItem::Meter(m) => vec![fin.finalize(m)],
             SpillItem::Records(r) => r,
             SpillItem::Flush(ack) => {
                 close(current.take());
@@ -840,7 +866,12 @@ mod tests {
 
     #[test]
     fn request_model_probe() {
-        assert_eq!(request_model(br#" {"model":"gpt-4o","messages":[]}"#).as_deref(), Some("gpt-4o"));
-        assert_eq!(request_model(b"--multipart"), None);
+        assert_eq!(usage::request_model(br#" {"model":"gpt-4o","messages":[]}"#).as_deref(), Some("gpt-4o"));
+        assert_eq!(usage::request_model(b"--multipart"), None);
+        assert_eq!(usage::request_model(br#"{"messages":[{"model":"inner"}],"model":7}"#), None);
+        assert_eq!(
+            usage::request_model(br#"{"messages":[{"model":"inner"}],"model":"outer"}"#).as_deref(),
+            Some("outer")
+        );
     }
 }

@@ -242,6 +242,16 @@ pub fn parse_json(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
     if body.len() > FULL_PARSE_LIMIT {
         return scan_large(shape, body);
     }
+    if first == b'{' {
+        if let Some(u) = top_level_usage(shape, body) {
+            return Some(u);
+        }
+    }
+    parse_full(shape, body, first)
+}
+
+/// [`parse_json`] by a full (typed, lenient) parse.
+fn parse_full(shape: Shape, body: &[u8], first: u8) -> Option<Usage> {
     let mut acc = Acc::default();
     if first == b'[' {
         // Google `streamGenerateContent` without `alt=sse`: an array of chunks.
@@ -253,6 +263,73 @@ pub fn parse_json(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
         acc.absorb(shape, serde_json::from_slice(body).ok()?);
     }
     acc.usage(shape)
+}
+
+/// The usage of a response body that is one JSON object with a top-level usage object: a
+/// structural walk over the top-level members (strings are skipped with `memchr`, nothing is
+/// decoded but the usage object and the model name) instead of a full parse, several times
+/// faster on a typical chat completion. `None` whenever the walk is unsure (no top-level usage
+/// with counts, an escaped or repeated key of interest, trailing bytes): the caller then parses
+/// fully, so both paths agree on every body the full parse accepts.
+fn top_level_usage(shape: Shape, body: &[u8]) -> Option<Usage> {
+    let usage_key = &shape.usage_key()[1..shape.usage_key().len() - 1];
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let (mut model, mut model_version, mut usage) = (None, None, None);
+    loop {
+        i = skip_ws(body, i);
+        match body.get(i)? {
+            b'}' if model.is_none() && model_version.is_none() && usage.is_none() => return None,
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = skip_string(body, i)?;
+        let key = &body[i + 1..key_end - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(body, i + 1);
+        let end = skip_value(body, i)?;
+        let slot = match key {
+            b"model" => Some(&mut model),
+            b"modelVersion" => Some(&mut model_version),
+            k if k == usage_key => Some(&mut usage),
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            if slot.replace(i..end).is_some() {
+                return None; // a repeated key: the full parse decides
+            }
+        }
+        i = skip_ws(body, end);
+        match body.get(i)? {
+            b',' => i += 1,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    if skip_ws(body, i + 1) != body.len() {
+        return None;
+    }
+    let usage = usage?;
+    if body[usage.start] != b'{' {
+        return None;
+    }
+    let raw: RawUsage = serde_json::from_slice(&body[usage]).ok()?;
+    if !raw.has_counts() {
+        return None;
+    }
+    let string = |span: Option<std::ops::Range<usize>>| {
+        span.filter(|r| body[r.start] == b'"').and_then(|r| serde_json::from_slice::<String>(&body[r]).ok())
+    };
+    raw.normalise(shape, string(model).or_else(|| string(model_version)))
 }
 
 fn scan_large(shape: Shape, body: &[u8]) -> Option<Usage> {
@@ -941,6 +1018,16 @@ fn skip_value(buf: &[u8], i: usize) -> Option<usize> {
     }
 }
 
+/// The top-level `model` string of a JSON request body, by a walk over the top-level members (a
+/// repeated key: the last one). `None` if the body is not a JSON object with a string `model`.
+pub fn request_model(body: &[u8]) -> Option<String> {
+    let span = find_member(body, b"model")?.value?;
+    if body[span.start] != b'"' {
+        return None;
+    }
+    serde_json::from_slice(&body[span]).ok()
+}
+
 /// A member of the top-level object of `buf`.
 struct Member {
     /// The span of the value of the key looked for, if present.
@@ -1599,6 +1686,45 @@ mod tests {
         for e in [Endpoint::ChatCompletions, Endpoint::Responses] {
             let _ = parse_json(e, &noise);
             let _ = stream(e, &[&noise]);
+        }
+    }
+
+    #[test]
+    fn the_top_level_walk_agrees_with_the_full_parse() {
+        let bodies: &[(Endpoint, &[u8])] = &[
+            (Endpoint::ChatCompletions, fixture!("openai_chat.json")),
+            (Endpoint::ChatCompletions, fixture!("openai_chat_reasoning.json")),
+            (Endpoint::Completions, fixture!("openai_completions.json")),
+            (Endpoint::Embeddings, fixture!("openai_embeddings.json")),
+            (Endpoint::Responses, fixture!("openai_responses.json")),
+            (Endpoint::AnthropicMessages, fixture!("anthropic_messages.json")),
+            (Endpoint::ChatCompletions, fixture!("mistral_chat.json")),
+            (Endpoint::ChatCompletions, fixture!("deepseek_chat.json")),
+            (Endpoint::ChatCompletions, fixture!("xai_chat.json")),
+            (Endpoint::GoogleGenerateContent, fixture!("google_generate.json")),
+        ];
+        for (e, body) in bodies {
+            let fast = top_level_usage(e.shape(), body);
+            assert!(fast.is_some(), "{e:?}: the walk should read this body");
+            assert_eq!(fast, parse_full(e.shape(), body, b'{'), "{e:?}");
+        }
+        // Where the walk is unsure it defers (None), and parse_json gives the full parse's answer.
+        for body in [
+            // usage nested only (not top level), a repeated key, an escaped key, trailing bytes,
+            // a model that is not a string, usage without counts beside Groq's.
+            &br#"{"choices":[{"usage":{"prompt_tokens":1,"completion_tokens":1}}],"model":"m"}"#[..],
+            br#"{"model":"a","model":"b","usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            br#"{"model":"esc","usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            br#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}} x"#,
+            br#"{"model":7,"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            br#"{"usage":{},"x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":4}}}"#,
+            br#"{"message":{"model":"claude","usage":{"input_tokens":5,"output_tokens":6}}}"#,
+        ] {
+            let full = parse_full(Shape::OpenAi, body, b'{');
+            if let Some(fast) = top_level_usage(Shape::OpenAi, body) {
+                assert_eq!(Some(fast), full, "{}", String::from_utf8_lossy(body));
+            }
+            assert_eq!(parse_json(Endpoint::ChatCompletions, body), full, "{}", String::from_utf8_lossy(body));
         }
     }
 

@@ -1,0 +1,131 @@
+//! How the SQLite log table's layout changes the cost of an insert: 200,000 live-like rows in
+//! transactions of 1024 (as the log writer stores them), raw rusqlite, one thread.
+//!
+//! `cargo run --release -p aigate-store --example schema_exp -- VARIANT`, with
+//! - VARIANT 0: the schema-2 layout (unique (gateway, id), time index, event index on every row);
+//!   1: the same with a 16-byte BLOB id; 2: the schema-3 layout (the event index partial);
+//!   3: as 2 without the time index;
+//! - `PAGE` (page size, default 4096), `CKPT` (wal_autocheckpoint pages, default 1000), `JM`
+//!   (journal mode, default WAL) and `BODIES=1` (312 + 608-byte bodies, as bench/run.sh sends).
+//!
+//! What it showed (docs/benchmarks.md): the page size matters most (4 KiB -> 32 KiB about halves
+//! the cost with bodies), then the event index on rows without an event id.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use rusqlite::{params, Connection};
+use std::time::Instant;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let variant: u32 = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(2);
+    let page: u32 = env_or("PAGE", 4096);
+    let ckpt: u32 = env_or("CKPT", 1000);
+    let jm: String = env_or("JM", "WAL".to_owned());
+    let bodies = std::env::var("BODIES").is_ok();
+    let n: u64 = 200_000;
+    let dir = std::env::temp_dir().join(format!("aigate-schema-exp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut conn = Connection::open(dir.join("x.db")).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA page_size={page}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode={jm}; \
+         PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint={ckpt};"
+    ))
+    .unwrap();
+    let id_type = if variant == 1 { "BLOB" } else { "TEXT" };
+    conn.execute_batch(&format!(
+        "CREATE TABLE logs (gateway TEXT NOT NULL, id {id_type} NOT NULL, event_id TEXT, created_at_ms INTEGER NOT NULL, \
+         provider TEXT NOT NULL, path TEXT NOT NULL, requested_model TEXT, served_model TEXT, status INTEGER NOT NULL, \
+         success INTEGER NOT NULL, cache_status TEXT NOT NULL, stream INTEGER NOT NULL, duration_ms REAL NOT NULL, \
+         ttfb_ms REAL, upstream_ms REAL, overhead_ms REAL, tokens_in INTEGER, tokens_out INTEGER, \
+         cached_tokens_in INTEGER, reasoning_tokens INTEGER, cost_usd REAL, saved_usd REAL, custom_cost INTEGER NOT NULL, \
+         metadata TEXT, user_agent TEXT, error TEXT, feedback INTEGER, score REAL, request_body BLOB, response_body BLOB);
+         CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);"
+    ))
+    .unwrap();
+    let time_index = "CREATE INDEX t ON logs(gateway, created_at_ms, id);";
+    match variant {
+        0 | 1 => conn
+            .execute_batch(&format!("{time_index} CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id);"))
+            .unwrap(),
+        2 => conn
+            .execute_batch(&format!(
+                "{time_index} CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;"
+            ))
+            .unwrap(),
+        _ => conn
+            .execute_batch("CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;")
+            .unwrap(),
+    }
+    let req = vec![b'r'; 312];
+    let resp: Vec<u8> = (0..608).map(|i| b"abcdefghijklmnopqrstuvwxyz {}\":,"[i % 32]).collect();
+    let base = 1_764_000_000_000u64;
+    let t0 = Instant::now();
+    let mut i = 0u64;
+    while i < n {
+        let tx = conn.transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO logs VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,\
+                     ?21,?22,?23,?24,?25,?26,?27,?28,?29,?30) ON CONFLICT (gateway, id) DO NOTHING",
+                )
+                .unwrap();
+            for j in i..i + 1024 {
+                let ms = base + j / 20;
+                let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
+                let u = uuid::Uuid::new_v7(ts);
+                let id = if variant == 1 {
+                    rusqlite::types::Value::Blob(u.as_bytes().to_vec())
+                } else {
+                    rusqlite::types::Value::Text(u.to_string())
+                };
+                let (rq, rs) = if bodies { (Some(&req[..]), Some(&resp[..])) } else { (None, None) };
+                st.execute(params![
+                    "default",
+                    id,
+                    None::<String>,
+                    ms as i64,
+                    "openai",
+                    "chat/completions",
+                    "gpt-4o-mini",
+                    "gpt-4o-mini-2024-07-18",
+                    200,
+                    true,
+                    "MISS",
+                    false,
+                    1.2,
+                    0.9,
+                    0.8,
+                    0.05,
+                    19,
+                    14,
+                    0,
+                    0,
+                    0.0000112,
+                    None::<f64>,
+                    false,
+                    None::<String>,
+                    None::<String>,
+                    None::<String>,
+                    None::<i64>,
+                    None::<f64>,
+                    rq,
+                    rs
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        i += 1024;
+    }
+    let el = t0.elapsed();
+    println!(
+        "variant {variant}, page {page}, journal {jm}, autocheckpoint {ckpt}, bodies {bodies}: {:.2} us/record",
+        el.as_secs_f64() * 1e6 / n as f64
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
