@@ -30,6 +30,22 @@ use crate::usage::{Endpoint, InjectedUsageFilter, SseUsage};
 /// metered endpoints do not exist in practice, and a larger one is then simply not metered.
 pub const USAGE_CAPTURE_MAX: usize = 4 * 1024 * 1024;
 
+/// Chunks up to this size are copied into the meter rather than referenced. A received chunk is
+/// a slice of its connection's read buffer: holding a reference until the log writer gets to it
+/// (up to [`crate::logs::LINGER`] and more) keeps that whole buffer alive, so hyper has to
+/// allocate a fresh one for the connection's next read. Copying a few hundred bytes is much
+/// cheaper than that; large chunks are referenced (hyper reads them into buffers of their own).
+pub const COPY_CHUNK_MAX: usize = 16 * 1024;
+
+/// `data` as the meter keeps it: a copy when small (see [`COPY_CHUNK_MAX`]), else a reference.
+pub fn detached(data: &Bytes) -> Bytes {
+    if data.len() <= COPY_CHUNK_MAX {
+        Bytes::copy_from_slice(data)
+    } else {
+        data.clone()
+    }
+}
+
 /// Bytes of an error response kept to read its message from.
 pub const ERROR_CAPTURE_MAX: usize = 64 * 1024;
 
@@ -163,11 +179,11 @@ impl Meter {
         if self.capture_limit > 0 {
             if self.captured_bytes + data.len() <= self.capture_limit {
                 self.captured_bytes += data.len();
-                self.captured.push(data.clone());
+                self.captured.push(detached(data));
             } else {
                 let room = self.capture_limit - self.captured_bytes;
                 if room > 0 {
-                    self.captured.push(data.slice(..room));
+                    self.captured.push(detached(&data.slice(..room)));
                     self.captured_bytes += room;
                 }
                 self.capture_overflow = true;
@@ -300,5 +316,22 @@ impl Body for ResponseBody {
             Some(m) if m.filter.is_some() => SizeHint::default(),
             _ => self.inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_chunks_are_copied_large_ones_referenced() {
+        // A read buffer as hyper would hold it, and a response chunk sliced out of it.
+        let buffer = Bytes::from(vec![b'x'; 64 * 1024]);
+        let small = buffer.slice(..600);
+        let kept = detached(&small);
+        assert_eq!(kept, small);
+        assert_ne!(kept.as_ptr(), small.as_ptr(), "a small chunk must not keep the buffer alive");
+        let large = buffer.slice(..COPY_CHUNK_MAX + 1);
+        assert_eq!(detached(&large).as_ptr(), large.as_ptr(), "a large chunk is not copied");
     }
 }

@@ -237,6 +237,12 @@ fn injected_usage_body(provider: &str, endpoint: Option<Endpoint>, body: &[u8]) 
     crate::usage::inject_include_usage(body)
 }
 
+/// A copy of a request header's value for the meter (a parsed value references the connection's
+/// read buffer; see [`crate::meter::detached`]).
+fn detached_header(h: &http::HeaderMap, name: &http::HeaderName) -> Option<HeaderValue> {
+    h.get(name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+}
+
 fn header_is_false(h: &http::HeaderMap, name: &http::HeaderName) -> bool {
     h.get(name).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false"))
 }
@@ -266,10 +272,10 @@ async fn proxy(
         path: route.rest.to_owned(),
         endpoint,
         request_body: Bytes::new(),
-        event_id: parts.headers.get(CF_AIG_EVENT_ID).cloned(),
-        metadata: parts.headers.get(CF_AIG_METADATA).cloned(),
-        custom_cost: parts.headers.get(CF_AIG_CUSTOM_COST).cloned(),
-        user_agent: parts.headers.get(http::header::USER_AGENT).cloned(),
+        event_id: detached_header(&parts.headers, &CF_AIG_EVENT_ID),
+        metadata: detached_header(&parts.headers, &CF_AIG_METADATA),
+        custom_cost: detached_header(&parts.headers, &CF_AIG_CUSTOM_COST),
+        user_agent: detached_header(&parts.headers, &http::header::USER_AGENT),
         collect_log: !header_is_false(&parts.headers, &CF_AIG_COLLECT_LOG),
         collect_payload: !header_is_false(&parts.headers, &CF_AIG_COLLECT_LOG_PAYLOAD),
         status: 0,
@@ -318,7 +324,7 @@ async fn proxy(
             }
         },
     };
-    meter.request_body = body.clone();
+    meter.request_body = crate::meter::detached(&body);
 
     // Stage 4: cache. Decide HIT or MISS before anything goes upstream.
     // The client's credentials: part of the cache key and of `credential` limit keys.

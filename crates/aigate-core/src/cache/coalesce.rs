@@ -159,7 +159,9 @@ impl Flight {
             registry.remove_by_key(&self.key, self);
             return false;
         }
-        st.chunks.push(chunk.clone());
+        // Not a reference: the entry may live for hours, and a reference would keep the upstream
+        // connection's whole read buffer alive with it (see `meter::detached`).
+        st.chunks.push(crate::meter::detached(chunk));
         true
     }
 
