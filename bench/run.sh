@@ -39,9 +39,12 @@
 # bench/results/latest.md (raw load-generator output goes to bench/results/latest-raw.log).
 #
 # Environment:
-#   BENCH_DURATION       seconds per throughput point (default 10)
-#   BENCH_RATE_DURATION  seconds of the 50 req/s points (default 3 x BENCH_DURATION: a median of the
-#                        200 ms responses needs ~1500 samples to be good to a few hundredths of a ms)
+#   BENCH_DURATION       seconds per throughput point and round (default 5)
+#   BENCH_ROUNDS         rounds of throughput points (default 3): every round measures every target
+#                        at every concurrency, one after another; each figure reported is the
+#                        round with the median req/s (one VM run to run moves req/s by +-5-8 %)
+#   BENCH_RATE_DURATION  seconds of the 50 req/s points (default 30: a median of the 200 ms
+#                        responses needs ~1500 samples to be good to a few hundredths of a ms)
 #   BENCH_WARMUP         warm-up seconds before every point, not measured (default 2)
 #   BENCH_RATE           requests per second of the added-latency points (default 50)
 #   BENCH_RATE_CLIENT    load generator of the added-latency points:
@@ -69,8 +72,9 @@ RESULTS=$BENCH/results
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
 
-DURATION=${BENCH_DURATION:-10}
-RATE_DURATION=${BENCH_RATE_DURATION:-$((DURATION * 3))}
+DURATION=${BENCH_DURATION:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
+RATE_DURATION=${BENCH_RATE_DURATION:-30}
 WARMUP=${BENCH_WARMUP:-2}
 RATE=${BENCH_RATE:-50}
 RATE_CLIENT=${BENCH_RATE_CLIENT:-python}
@@ -126,7 +130,8 @@ declare -A GW_PORT GW_DATA GW_PID GW_IDLE_RSS GW_PEAK_RSS SENT ROWS LOG_STATS
 # Per limiter target: the probe's x-ratelimit-* headers and the process's limiter counters.
 declare -A LIMIT_HEADERS LIMIT_STATS
 # CPU time (user + system, all threads) an aigate process spent per request in a throughput point.
-declare -A CPU_US
+declare -A CPU_US ROUND_LINES ROUND_RPS
+ROUND=0
 CLK_TCK=$(getconf CLK_TCK)
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -538,20 +543,34 @@ measure_throughput() {
     local ticks0=""
     if [[ -n $inst ]]; then ticks0=$(cpu_ticks "${GW_PID[$inst]}"); fi
     out=$(BENCH_BODY_FILE=$BODY_FILE "${wrk[@]}" -d"${DURATION}s" --latency "$url")
-    printf '### wrk %s c=%s\n%s\n\n' "$target" "$conc" "$out" >>"$RAW"
+    printf '### wrk %s c=%s round %s\n%s\n\n' "$target" "$conc" "$ROUND" "$out" >>"$RAW"
     line=$(grep '^BENCH ' <<<"$out") || die "no summary line in the wrk output for $target"
     if [[ -n $inst ]]; then
         SENT[$target]=$((${SENT[$target]:-0} + $(field "$warm" requests) + $(field "$line" requests)))
         log_settle "$inst"
         CPU_US[$target,$conc]=$(calc "($(cpu_ticks "${GW_PID[$inst]}") - $ticks0) * 1000000 / $CLK_TCK / $(field "$line" requests)")
     fi
-    RPS[$target,$conc]=$(field "$line" rps)
-    P50[$target,$conc]=$(awk -v u="$(field "$line" p50_us)" 'BEGIN { printf "%.3f", u / 1000 }')
-    P99[$target,$conc]=$(awk -v u="$(field "$line" p99_us)" 'BEGIN { printf "%.3f", u / 1000 }')
-    ERRS[$target,$conc]=$(($(field "$line" socket_errors) + $(field "$line" non2xx)))
-    log "$(printf '%-18s c=%-3s %10s req/s  p50 %7s ms  p99 %7s ms  errors %s%s' "$target" "$conc" \
-        "${RPS[$target,$conc]}" "${P50[$target,$conc]}" "${P99[$target,$conc]}" "${ERRS[$target,$conc]}" \
-        "${inst:+  aigate CPU ${CPU_US[$target,$conc]} us/request}")"
+    local rps p50 p99 errs
+    rps=$(field "$line" rps)
+    p50=$(awk -v u="$(field "$line" p50_us)" 'BEGIN { printf "%.3f", u / 1000 }')
+    p99=$(awk -v u="$(field "$line" p99_us)" 'BEGIN { printf "%.3f", u / 1000 }')
+    errs=$(($(field "$line" socket_errors) + $(field "$line" non2xx)))
+    # One line per round: "req/s p50 p99 cpu"; pick_medians chooses among them.
+    ROUND_LINES[$target,$conc]+="$rps $p50 $p99 ${CPU_US[$target,$conc]:--}"$'\n'
+    ERRS[$target,$conc]=$((${ERRS[$target,$conc]:-0} + errs))
+    log "$(printf '%-18s c=%-3s %10s req/s  p50 %7s ms  p99 %7s ms  errors %s%s  (round %s/%s)' "$target" "$conc" \
+        "$rps" "$p50" "$p99" "$errs" "${inst:+  aigate CPU ${CPU_US[$target,$conc]} us/request}" "$ROUND" "$ROUNDS")"
+}
+
+# Each throughput figure: the round with the median req/s (its p50, p99 and CPU go with it).
+pick_medians() {
+    local key median
+    for key in "${!ROUND_LINES[@]}"; do
+        median=$(printf '%s' "${ROUND_LINES[$key]}" | sort -n -k1,1 | awk '{ l[NR] = $0 } END { print l[int((NR + 1) / 2)] }')
+        read -r RPS[$key] P50[$key] P99[$key] CPU_US[$key] <<<"$median"
+        if [[ ${CPU_US[$key]} == - ]]; then unset 'CPU_US[$key]'; fi
+        ROUND_RPS[$key]=$(printf '%s' "${ROUND_LINES[$key]}" | awk '{ printf "%s%.0f", (NR > 1 ? " / " : ""), $1 }')
+    done
 }
 
 # One added-latency load on one target: $RATE req/s for $RATE_DURATION s after a warm-up, the
@@ -753,19 +772,23 @@ report() {
     echo "- aigate $(source_version); nginx $ng_v; wrk $wrk_v"
     echo "- servers (mock, nginx, the aigate processes ${INSTANCES[*]}) pinned to CPU $SERVER_CPU," \
         "load generators to CPU $CLIENT_CPU;" \
-        "${DURATION} s per throughput point, ${RATE_DURATION} s per added-latency point, ${WARMUP} s warm-up before each"
+        "throughput: ${ROUNDS} rounds of ${DURATION} s per point (every target once per round; the figures are the round with the median req/s)," \
+        "${RATE_DURATION} s per added-latency point, ${WARMUP} s warm-up before each"
     echo "- request: POST /v1/chat/completions, $(wc -c <"$BODY_FILE")-byte JSON body, non-streaming;" \
         "response body ${RESPONSE_BYTES} bytes"
     echo "- command: \`${COMMAND_LINE}\`; load average before the run: ${LOADAVG}"
     echo
     echo "## Throughput (wrk, 1 thread, keep-alive)"
     echo
-    echo "| target | concurrency | req/s | p50 ms | p99 ms | req/s vs nginx | errors |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "Each row is the median of ${ROUNDS} rounds (by req/s; its p50 and p99 go with it); every round"
+    echo "measured every target once, in the order of the table. The last column lists each round's req/s."
+    echo
+    echo "| target | concurrency | req/s | p50 ms | p99 ms | req/s vs nginx | errors | req/s per round |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     for c in "${CONCURRENCIES[@]}"; do
         for t in "${TP_TARGETS[@]}"; do
-            printf '| %s | %s | %.0f | %.3f | %.3f | %sx | %s |\n' "$t" "$c" "${RPS[$t,$c]}" "${P50[$t,$c]}" \
-                "${P99[$t,$c]}" "$(calc "${RPS[$t,$c]} / ${RPS[nginx,$c]}")" "${ERRS[$t,$c]}"
+            printf '| %s | %s | %.0f | %.3f | %.3f | %sx | %s | %s |\n' "$t" "$c" "${RPS[$t,$c]}" "${P50[$t,$c]}" \
+                "${P99[$t,$c]}" "$(calc "${RPS[$t,$c]} / ${RPS[nginx,$c]}")" "${ERRS[$t,$c]}" "${ROUND_RPS[$t,$c]}"
         done
     done
     echo
@@ -1002,9 +1025,12 @@ main() {
     RESPONSE_BYTES=$(curl -s -X POST -H 'content-type: application/json' --data-binary @"$BODY_FILE" \
         "${URL[direct]}" | wc -c)
 
-    for c in "${CONCURRENCIES[@]}"; do
-        for t in "${TP_TARGETS[@]}"; do measure_throughput "$t" "$c"; done
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        for c in "${CONCURRENCIES[@]}"; do
+            for t in "${TP_TARGETS[@]}"; do measure_throughput "$t" "$c"; done
+        done
     done
+    pick_medians
     count_log_rows
     count_limits
     # The processes other than aigate: peak RSS after the throughput points (aigate-nolog also

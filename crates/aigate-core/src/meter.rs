@@ -1,9 +1,9 @@
 //! Metering on the request path: what a request did, gathered as it goes and handed to the log
 //! pipeline ([`crate::logs`]) when its response ends.
 //!
-//! The request path only collects raw material here: timestamps (`Instant`s), reference-counted
-//! pieces of bytes it already holds (`Bytes` clones of the request body and response chunks, the
-//! cached entry of a hit) and a few header values. Everything that costs (parsing the request's
+//! The request path only collects raw material here: timestamps (`Instant`s), the bytes it already
+//! has (the request body and response chunks, copied when small: see [`detached`]; the cached entry
+//! of a hit) and a few header values. Everything that costs (parsing the request's
 //! model, reading usage from a JSON response, pricing, metadata, building the record, metrics) is
 //! done by the pipeline's writer, off the path. The two exceptions are streamed responses, whose
 //! usage is read event by event as they are relayed ([`SseUsage`], a byte scanner) so that a long

@@ -23,6 +23,7 @@ fn main() {
     let variant: u32 = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(2);
     let page: u32 = env_or("PAGE", 4096);
     let ckpt: u32 = env_or("CKPT", 1000);
+    let cache: i64 = env_or("CACHE", -2000);
     let jm: String = env_or("JM", "WAL".to_owned());
     let bodies = std::env::var("BODIES").is_ok();
     let n: u64 = 200_000;
@@ -32,7 +33,7 @@ fn main() {
     let mut conn = Connection::open(dir.join("x.db")).unwrap();
     conn.execute_batch(&format!(
         "PRAGMA page_size={page}; PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode={jm}; \
-         PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint={ckpt};"
+         PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint={ckpt}; PRAGMA cache_size={cache};"
     ))
     .unwrap();
     let id_type = if variant == 1 { "BLOB" } else { "TEXT" };
