@@ -462,28 +462,71 @@ impl LogPipeline {
                     Err(e) => tracing::debug!(error = %e, "skipping an unreadable spill line"),
                 }
             }
-            let total = records.len() as u64;
-            let kept = records.iter().filter(|f| f.keep).count() as u64;
             let mut records = records.into_iter().peekable();
             while records.peek().is_some() {
                 let chunk: Vec<Finished> = records.by_ref().take(BATCH).collect();
-                if let Err((e, _)) = self.store_finished(chunk).await {
-                    self.store_failed(&e);
-                    return false;
+                let n = chunk.len() as u64;
+                let kept = chunk.iter().filter(|f| f.keep).count() as u64;
+                match self.store_finished(chunk).await {
+                    Ok(_) => {
+                        self.stats.replayed.fetch_add(n, Ordering::Relaxed);
+                        self.stats.written.fetch_add(kept, Ordering::Relaxed);
+                    }
+                    Err((e, unstored)) => {
+                        self.store_failed(&e);
+                        // What is stored must not be replayed again: a kept record would be skipped
+                        // (ids are unique), but one only counted in analytics would count twice.
+                        let rest: Vec<Finished> = unstored.into_iter().chain(records).collect();
+                        self.rewrite_spill_file(path, data.len() as u64, rest).await;
+                        return false;
+                    }
                 }
             }
-            self.stats.replayed.fetch_add(total, Ordering::Relaxed);
-            self.stats.written.fetch_add(kept, Ordering::Relaxed);
             if tokio::fs::remove_file(&path).await.is_ok() {
-                self.stats.spill_bytes.fetch_sub(
-                    (data.len() as u64).min(self.stats.spill_bytes.load(Ordering::Relaxed)),
-                    Ordering::Relaxed,
-                );
+                self.sub_spill_bytes(data.len() as u64);
             }
         }
         true
     }
+
+    fn sub_spill_bytes(&self, n: u64) {
+        let _ =
+            self.stats.spill_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(n)));
+    }
+
+    /// Replaces spill file `path` (of `old_len` bytes) with `records` (written beside it on the
+    /// blocking pool, then renamed over it: a crash leaves either file whole). On failure the old
+    /// file stays.
+    async fn rewrite_spill_file(&self, path: PathBuf, old_len: u64, records: Vec<Finished>) {
+        let tmp = path.with_extension(SPILL_REWRITE_EXT);
+        let (tmp2, path2) = (tmp.clone(), path.clone());
+        let result = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp2)?);
+            for f in &records {
+                serde_json::to_writer(&mut out, f)?;
+                out.write_all(b"\n")?;
+            }
+            out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
+            std::fs::rename(&tmp2, &path2)?;
+            Ok(std::fs::metadata(&path2)?.len())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match result {
+            Ok(new_len) => {
+                self.sub_spill_bytes(old_len);
+                self.stats.spill_bytes.fetch_add(new_len, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                tracing::warn!(error = %e, file = %path.display(), "cannot rewrite a log spill file");
+            }
+        }
+    }
 }
+
+/// Extension of a spill file being rewritten after a partial replay (a leftover one is removed).
+const SPILL_REWRITE_EXT: &str = "rewrite";
 
 /// Opens the configured log store without waiting on the network: SQLite opens its file now;
 /// PostgreSQL connects and migrates its schema on first use (and retries after failures).
@@ -741,7 +784,10 @@ fn recover_spill_files(dir: &Path) -> std::io::Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "partial") {
+        if path.extension().is_some_and(|e| e == SPILL_REWRITE_EXT) {
+            // A rewrite cut short: the file it was to replace is still whole.
+            std::fs::remove_file(&path)?;
+        } else if path.extension().is_some_and(|e| e == "partial") {
             let done = path.with_extension("");
             std::fs::rename(&path, &done)?;
             total += std::fs::metadata(&done)?.len();
@@ -845,6 +891,153 @@ fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &Finalizer, m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SQLite store whose writes fail on the `fail_on`-th call (1-based; 0: never).
+    struct Flaky {
+        inner: aigate_store::SqliteLogStore,
+        calls: AtomicU64,
+        fail_on: AtomicU64,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), StoreError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.fail_on.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("flaky: this write fails".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl LogStore for Flaky {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError> {
+            self.check()?;
+            self.inner.insert_batch(gateway, records).await
+        }
+        async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError> {
+            self.check()?;
+            self.inner.add_to_rollups(gateway, records).await
+        }
+        async fn analytics(
+            &self,
+            gateway: &str,
+            q: &aigate_store::AnalyticsQuery,
+        ) -> Result<aigate_store::Analytics, StoreError> {
+            self.inner.analytics(gateway, q).await
+        }
+        async fn list(&self, gateway: &str, f: &aigate_store::LogFilter) -> Result<aigate_store::LogPage, StoreError> {
+            self.inner.list(gateway, f).await
+        }
+        async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
+            self.inner.get(gateway, id).await
+        }
+        async fn delete(&self, gateway: &str, f: &aigate_store::LogFilter) -> Result<u64, StoreError> {
+            self.inner.delete(gateway, f).await
+        }
+        async fn patch(&self, gateway: &str, id: &str, fb: Option<i8>, score: Option<f64>) -> Result<bool, StoreError> {
+            self.inner.patch(gateway, id, fb, score).await
+        }
+        async fn count(&self, gateway: &str) -> Result<u64, StoreError> {
+            self.inner.count(gateway).await
+        }
+        fn set_retention(&self, gateway: &str, retention: Retention) {
+            self.inner.set_retention(gateway, retention);
+        }
+        fn retention(&self, gateway: &str) -> Option<Retention> {
+            self.inner.retention(gateway)
+        }
+        async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
+            self.inner.enforce_retention(gateway).await
+        }
+    }
+
+    fn counted_record(i: u64, ms: u64) -> Finished {
+        let record = LogRecord {
+            id: format!("0193b1c2-{i:04x}-7000-8000-{i:012x}"),
+            event_id: None,
+            created_at_ms: ms,
+            gateway: "default".into(),
+            provider: "openai".into(),
+            path: "chat/completions".into(),
+            requested_model: Some("gpt-4o-mini".into()),
+            served_model: None,
+            status: 200,
+            success: true,
+            cache_status: "MISS".into(),
+            stream: false,
+            duration_ms: 1.0,
+            ttfb_ms: None,
+            upstream_ms: None,
+            overhead_ms: None,
+            tokens_in: Some(1),
+            tokens_out: Some(1),
+            cached_tokens_in: None,
+            reasoning_tokens: None,
+            cost_usd: Some(0.0),
+            saved_usd: None,
+            custom_cost: false,
+            metadata: Vec::new(),
+            user_agent: None,
+            error: None,
+            request_body: None,
+            response_body: None,
+            feedback: None,
+            score: None,
+        };
+        Finished { gateway: "default".into(), keep: false, record }
+    }
+
+    #[tokio::test]
+    async fn a_spill_file_replayed_in_part_is_not_counted_twice() {
+        let dir = std::env::temp_dir().join(format!("aigate-spill-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let toml = format!("data_dir = {:?}\n[gateways.default]\n", dir.display().to_string());
+        let settings = Settings::from_toml(&toml).unwrap();
+        let state = crate::proxy::AppState::new(Settings::from_toml(&toml).unwrap()).unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: aigate_store::SqliteLogStore::open(&dir.join("flaky.sqlite3")).unwrap(),
+            calls: AtomicU64::new(0),
+            fail_on: AtomicU64::new(2), // the second chunk of the file
+        });
+        let store: Arc<dyn LogStore> = flaky.clone();
+        let p = LogPipeline::new(
+            &settings,
+            store,
+            Arc::new(LogStats::default()),
+            state.metrics.clone(),
+            state.limits.clone(),
+        )
+        .unwrap();
+        // Records counted in analytics only (logs off): nothing dedupes them on a second replay.
+        let n = BATCH as u64 + 500;
+        let now = unix_ms();
+        let mut file = Vec::new();
+        for i in 0..n {
+            serde_json::to_writer(&mut file, &counted_record(i, now)).unwrap();
+            file.push(b'\n');
+        }
+        std::fs::write(dir.join(SPILL_DIR).join("spill-0000000000001-000001.jsonl"), &file).unwrap();
+
+        assert!(!p.replay_spill(Duration::from_secs(5)).await, "the second chunk fails");
+        flaky.fail_on.store(0, Ordering::SeqCst);
+        assert!(p.replay_spill(Duration::from_secs(5)).await);
+        assert!(list_spill_files(&dir.join(SPILL_DIR)).unwrap().is_empty());
+
+        let q = aigate_store::AnalyticsQuery {
+            from_ms: now - 3_600_000,
+            to_ms: now + 3_600_000,
+            granularity: aigate_store::Granularity::Hour,
+            group_by: aigate_store::GroupBy::None,
+        };
+        let a = flaky.inner.analytics("default", &q).await.unwrap();
+        assert_eq!(a.totals.requests, n, "each spilled record counted once");
+        assert_eq!(p.stats.replayed.load(Ordering::Relaxed), n);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn metadata_keeps_five_scalars() {
