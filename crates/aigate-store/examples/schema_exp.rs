@@ -1,5 +1,5 @@
 //! How the SQLite log table's layout changes the cost of an insert: 200,000 live-like rows in
-//! transactions of 1024 (as the log writer stores them), raw rusqlite, one thread.
+//! transactions of 1024 (as the log writer stores them; `BATCH` to change), raw rusqlite, one thread.
 //!
 //! `cargo run --release -p aigate-store --example schema_exp -- VARIANT`, with
 //! - VARIANT 0: the schema-2 layout (unique (gateway, id), time index, event index on every row);
@@ -24,6 +24,7 @@ fn main() {
     let page: u32 = env_or("PAGE", 4096);
     let ckpt: u32 = env_or("CKPT", 1000);
     let cache: i64 = env_or("CACHE", -2000);
+    let batch: u64 = env_or("BATCH", 1024);
     let jm: String = env_or("JM", "WAL".to_owned());
     let bodies = std::env::var("BODIES").is_ok();
     let n: u64 = 200_000;
@@ -75,7 +76,7 @@ fn main() {
                      ?21,?22,?23,?24,?25,?26,?27,?28,?29,?30) ON CONFLICT (gateway, id) DO NOTHING",
                 )
                 .unwrap();
-            for j in i..i + 1024 {
+            for j in i..i + batch {
                 let ms = base + j / 20;
                 let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
                 let u = uuid::Uuid::new_v7(ts);
@@ -121,7 +122,7 @@ fn main() {
             }
         }
         tx.commit().unwrap();
-        i += 1024;
+        i += batch;
     }
     let el = t0.elapsed();
     println!(
