@@ -368,8 +368,11 @@ impl LogPipeline {
     /// Stores finished records (grouped by gateway first).
     async fn store_finished(&self, finished: Vec<Finished>) -> Result<u64, (StoreError, Vec<Finished>)> {
         let mut groups = Groups::with_capacity(finished.len());
+        let mut gateway: Arc<str> = Arc::from("");
         for f in finished {
-            let gateway: Arc<str> = f.gateway.into();
+            if *gateway != *f.gateway {
+                gateway = f.gateway.into();
+            }
             groups.push(&gateway, f.keep, f.record);
         }
         self.store_groups(groups.groups).await

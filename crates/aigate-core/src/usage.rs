@@ -273,49 +273,22 @@ fn parse_full(shape: Shape, body: &[u8], first: u8) -> Option<Usage> {
 /// fully, so both paths agree on every body the full parse accepts.
 fn top_level_usage(shape: Shape, body: &[u8]) -> Option<Usage> {
     let usage_key = &shape.usage_key()[1..shape.usage_key().len() - 1];
-    let mut i = skip_ws(body, 0);
-    if body.get(i) != Some(&b'{') {
-        return None;
-    }
-    i += 1;
     let (mut model, mut model_version, mut usage) = (None, None, None);
-    loop {
-        i = skip_ws(body, i);
-        match body.get(i)? {
-            b'}' if model.is_none() && model_version.is_none() && usage.is_none() => return None,
-            b'"' => {}
-            _ => return None,
-        }
-        let key_end = skip_string(body, i)?;
-        let key = &body[i + 1..key_end - 1];
+    let close = walk_members(body, |k, value| {
+        let key = &body[k.start + 1..k.end - 1];
         if key.contains(&b'\\') {
-            return None;
+            return false;
         }
-        i = skip_ws(body, key_end);
-        if body.get(i) != Some(&b':') {
-            return None;
-        }
-        i = skip_ws(body, i + 1);
-        let end = skip_value(body, i)?;
         let slot = match key {
-            b"model" => Some(&mut model),
-            b"modelVersion" => Some(&mut model_version),
-            k if k == usage_key => Some(&mut usage),
-            _ => None,
+            b"model" => &mut model,
+            b"modelVersion" => &mut model_version,
+            k if k == usage_key => &mut usage,
+            _ => return true,
         };
-        if let Some(slot) = slot {
-            if slot.replace(i..end).is_some() {
-                return None; // a repeated key: the full parse decides
-            }
-        }
-        i = skip_ws(body, end);
-        match body.get(i)? {
-            b',' => i += 1,
-            b'}' => break,
-            _ => return None,
-        }
-    }
-    if skip_ws(body, i + 1) != body.len() {
+        // A repeated key: the full parse decides.
+        slot.replace(value).is_none()
+    })?;
+    if skip_ws(body, close + 1) != body.len() {
         return None;
     }
     let usage = usage?;
@@ -1038,39 +1011,59 @@ struct Member {
 
 /// Walks the members of the JSON object `buf` (already known to be valid JSON) looking for `key`.
 fn find_member(buf: &[u8], key: &[u8]) -> Option<Member> {
+    let mut found = None;
+    let close = walk_members(buf, |k, value| {
+        let raw = &buf[k.start + 1..k.end - 1];
+        let is_key = if raw.contains(&b'\\') {
+            match serde_json::from_slice::<String>(&buf[k]) {
+                Ok(decoded) => decoded.as_bytes() == key,
+                Err(_) => return false,
+            }
+        } else {
+            raw == key
+        };
+        if is_key {
+            found = Some(value);
+        }
+        true
+    })?;
+    Some(Member { value: found, close })
+}
+
+/// Calls `f(key, value)` for each member of the top-level object of `buf`, with the spans of the
+/// quoted key and of the value, in order; returns the offset of the object's closing `}`. `None`
+/// if `buf` does not start with an object of that shape, or when `f` returns false.
+fn walk_members(
+    buf: &[u8],
+    mut f: impl FnMut(std::ops::Range<usize>, std::ops::Range<usize>) -> bool,
+) -> Option<usize> {
     let mut i = skip_ws(buf, 0);
     if buf.get(i) != Some(&b'{') {
         return None;
     }
     i += 1;
-    let mut found = None;
     loop {
         i = skip_ws(buf, i);
         match buf.get(i)? {
-            b'}' => return Some(Member { value: found, close: i }),
+            b'}' => return Some(i),
             b'"' => {}
             _ => return None,
         }
         let key_end = skip_string(buf, i)?;
-        let raw = &buf[i + 1..key_end - 1];
-        let is_key = if raw.contains(&b'\\') {
-            serde_json::from_slice::<String>(&buf[i..key_end]).ok()?.as_bytes() == key
-        } else {
-            raw == key
-        };
+        let key = i..key_end;
         i = skip_ws(buf, key_end);
         if buf.get(i) != Some(&b':') {
             return None;
         }
         i = skip_ws(buf, i + 1);
         let value_end = skip_value(buf, i)?;
-        if is_key {
-            found = Some(i..value_end);
+        if !f(key, i..value_end) {
+            return None;
         }
         i = skip_ws(buf, value_end);
         match buf.get(i)? {
             b',' => i += 1,
-            b'}' => return Some(Member { value: found, close: i }),
+            b'}' => return Some(i),
             _ => return None,
         }
     }
