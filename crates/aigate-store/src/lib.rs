@@ -28,6 +28,7 @@ pub mod limit;
 pub mod limit_memory;
 pub mod limit_redis;
 pub mod log;
+mod log_bodies;
 pub mod log_postgres;
 pub mod log_sqlite;
 pub mod memory;

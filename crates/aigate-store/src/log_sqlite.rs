@@ -1,8 +1,10 @@
 //! Embedded request-log store: one SQLite file (by default `<data_dir>/logs.sqlite3`).
 //!
 //! Layout: table `logs` with one column per scalar field of [`LogRecord`], `metadata` as a JSON
-//! object text (entry order kept) and the bodies as BLOBs stored last in the row (so listing, which
-//! never reads them, does not walk their overflow pages). Indexes: unique `(gateway, id)`,
+//! object text (entry order kept); the bodies are in segment files beside the database
+//! ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
+//! (`body_seg`, `body_off`, `request_len`, `response_len`; rows of schema 3 and older keep theirs
+//! in the BLOB columns `request_body`, `response_body`, still read). Indexes: unique `(gateway, id)`,
 //! `(gateway, created_at_ms, id)` (listing, cursors, retention) and `(gateway, event_id,
 //! created_at_ms, id)` (event lookups, newest first). Table `log_counts(gateway, n)` holds each
 //! gateway's row count, kept in the same transaction as every insert and delete, so the retention
@@ -38,6 +40,7 @@ use crate::log::{
     check_patch, filter_sql, finite, metadata_from_object_json, metadata_object_json, to_i64, to_u64, AtCap, Dialect,
     Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
+use crate::log_bodies::{BodyFiles, BodyRef};
 use crate::memory::now_ms;
 use crate::{
     Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
@@ -47,8 +50,9 @@ use crate::{
 /// File name of the database inside the data directory ([`crate::LogBackend::parse`]).
 pub const LOG_SQLITE_FILE: &str = "logs.sqlite3";
 
-/// Schema version written to `PRAGMA user_version` (3: the event-id index is partial).
-const SCHEMA_VERSION: i64 = 3;
+/// Schema version written to `PRAGMA user_version` (3: the event-id index is partial; 4: bodies
+/// in segment files).
+const SCHEMA_VERSION: i64 = 4;
 
 /// Page size of a new database file. Records are ~0.5 KB, ~1.5 KB with bodies: 32 KiB pages
 /// halve the cost of an insert against SQLite's 4 KiB default (fewer pages split, written to the
@@ -62,9 +66,9 @@ const VACUUM_AFTER_ROWS: u64 = 1_000;
 const INSERT_SQL: &str = "INSERT INTO logs (gateway, id, event_id, created_at_ms, provider, path, requested_model, \
      served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, \
      tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, \
-     feedback, score, request_body, response_body) \
+     feedback, score, body_seg, body_off, request_len, response_len) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
-     ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30) \
+     ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32) \
      ON CONFLICT (gateway, id) DO NOTHING";
 
 /// Maps a SQLite error (see [`crate::sqlite::map_err`]).
@@ -84,9 +88,15 @@ impl ToSql for SqlValue {
     }
 }
 
+/// The connection and the body segment files, used under one lock.
+struct Db {
+    conn: Connection,
+    bodies: BodyFiles,
+}
+
 /// State shared by the clones of one store.
 struct Shared {
-    conn: Mutex<Connection>,
+    db: Mutex<Db>,
     path: PathBuf,
     retention: Retentions,
 }
@@ -120,6 +130,19 @@ impl SqliteLogStore {
                 path.display()
             )));
         }
+        // Schema 4 adds where a row's bodies are to an existing table.
+        let has_body_seg: bool = conn
+            .query_row("SELECT count(*) FROM pragma_table_info('logs') WHERE name = 'body_seg'", [], |r| r.get(0))
+            .map_err(sql_err)?;
+        let has_logs: bool = conn
+            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'logs'", [], |r| r.get(0))
+            .map_err(sql_err)?;
+        let migrate_4 = if has_logs && !has_body_seg {
+            "ALTER TABLE logs ADD COLUMN body_seg INTEGER; ALTER TABLE logs ADD COLUMN body_off INTEGER; \
+             ALTER TABLE logs ADD COLUMN request_len INTEGER; ALTER TABLE logs ADD COLUMN response_len INTEGER;"
+        } else {
+            ""
+        };
         // page_size and auto_vacuum only take effect before the first table is created.
         conn.execute_batch(&format!(
             "PRAGMA page_size = {PAGE_SIZE};
@@ -157,7 +180,11 @@ impl SqliteLogStore {
                  feedback INTEGER,
                  score REAL,
                  request_body BLOB,
-                 response_body BLOB
+                 response_body BLOB,
+                 body_seg INTEGER,
+                 body_off INTEGER,
+                 request_len INTEGER,
+                 response_len INTEGER
              );
              CREATE UNIQUE INDEX IF NOT EXISTS logs_gateway_id ON logs(gateway, id);
              CREATE INDEX IF NOT EXISTS logs_gateway_time ON logs(gateway, created_at_ms, id);
@@ -192,13 +219,26 @@ impl SqliteLogStore {
                  hist TEXT NOT NULL,
                  PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
              ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS body_segments (
+                 seg INTEGER PRIMARY KEY NOT NULL,
+                 live INTEGER NOT NULL
+             );
+             {migrate_4}
              PRAGMA user_version = {SCHEMA_VERSION};
              COMMIT;"
         ))
         .map_err(sql_err)?;
+        // Segments no row points into (the last one written before a restart can be one) go.
+        conn.execute("DELETE FROM body_segments WHERE live <= 0", []).map_err(sql_err)?;
+        let live = {
+            let mut st = conn.prepare("SELECT seg FROM body_segments").map_err(sql_err)?;
+            let segs = st.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+            segs.collect::<Result<Vec<i64>, _>>().map_err(sql_err)?
+        };
+        let bodies = BodyFiles::open(BodyFiles::dir_for(path), &live)?;
         Ok(SqliteLogStore {
             inner: Arc::new(Shared {
-                conn: Mutex::new(conn),
+                db: Mutex::new(Db { conn, bodies }),
                 path: path.to_path_buf(),
                 retention: Retentions::default(),
             }),
@@ -218,7 +258,7 @@ impl SqliteLogStore {
         loop {
             let gateway = gateway.to_owned();
             let d = self
-                .write(move |tx| {
+                .write(move |tx, _| {
                     let d = tx
                         .execute(
                             "DELETE FROM log_rollups WHERE (gateway, grain_ms, dim, bucket_ms, dim_value) IN \
@@ -244,33 +284,44 @@ impl SqliteLogStore {
         }
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` with the connection and the body files on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Db) -> Result<T, StoreError> + Send + 'static,
     {
         let shared = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock leaves the connection usable (SQLite rolls back).
-            let mut conn = shared.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut conn)
+            let mut db = shared.db.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut db)
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("log store task failed: {e}")))?
     }
 
     /// Runs `f` in a write transaction, committed when it returns `Ok((value, rows_deleted))`;
-    /// gives pages back to the file system after large deletes.
+    /// removes the body segments the transaction left unused once committed, and gives pages back
+    /// to the file system after large deletes.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<(T, u64), StoreError> + Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut BodyFiles) -> Result<(T, u64), StoreError> + Send + 'static,
     {
-        self.run(move |conn| {
+        self.run(move |db| {
+            let Db { conn, bodies } = db;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
-            let (value, deleted) = f(&tx)?;
-            tx.commit().map_err(sql_err)?;
+            let (value, deleted) = match f(&tx, bodies) {
+                Ok(v) => v,
+                Err(e) => {
+                    bodies.dead.clear();
+                    return Err(e);
+                }
+            };
+            let committed = tx.commit().map_err(sql_err);
+            let dead = std::mem::take(&mut bodies.dead);
+            committed?;
+            bodies.remove(&dead);
             if deleted >= VACUUM_AFTER_ROWS {
                 // Best effort.
                 let _ = conn.execute_batch("PRAGMA incremental_vacuum;");
@@ -304,29 +355,92 @@ fn set_count(tx: &Transaction<'_>, gateway: &str, n: u64) -> Result<(), StoreErr
     Ok(())
 }
 
+/// What a row deletion returns: where the deleted rows' bodies were.
+const RETURNING_BODIES: &str = "RETURNING body_seg, body_off, request_len, response_len";
+
+/// Runs a `DELETE ... RETURNING_BODIES` statement and releases the deleted rows' bodies (blanking
+/// them first when `blank`); returns how many rows it deleted.
+fn delete_rows<P: rusqlite::Params>(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    sql: &str,
+    args: P,
+    blank: bool,
+) -> Result<u64, StoreError> {
+    let mut stmt = tx.prepare_cached(sql).map_err(sql_err)?;
+    let mut rows = stmt.query(args).map_err(sql_err)?;
+    let mut n = 0u64;
+    let mut refs = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        n += 1;
+        if let (Some(seg), Some(off)) = (row.get::<_, Option<i64>>(0).map_err(sql_err)?, row.get(1).map_err(sql_err)?) {
+            refs.push(BodyRef {
+                seg,
+                off,
+                request_len: row.get(2).map_err(sql_err)?,
+                response_len: row.get(3).map_err(sql_err)?,
+            });
+        }
+    }
+    release_bodies(tx, bodies, &refs, blank)?;
+    Ok(n)
+}
+
+/// Counts deleted rows' bodies off their segments (overwriting them first when `blank`) and marks
+/// the segments no row points into any more for removal once the transaction commits.
+fn release_bodies(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    refs: &[BodyRef],
+    blank: bool,
+) -> Result<(), StoreError> {
+    if refs.is_empty() {
+        return Ok(());
+    }
+    if blank {
+        bodies.blank(refs)?;
+    }
+    let mut per_seg: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    for r in refs {
+        *per_seg.entry(r.seg).or_default() += 1;
+    }
+    let mut dec = tx.prepare_cached("UPDATE body_segments SET live = live - ?2 WHERE seg = ?1").map_err(sql_err)?;
+    for (seg, k) in per_seg {
+        dec.execute(params![seg, k]).map_err(sql_err)?;
+    }
+    let mut gone = tx
+        .prepare_cached("DELETE FROM body_segments WHERE live <= 0 AND seg IS NOT ?1 RETURNING seg")
+        .map_err(sql_err)?;
+    let segs = gone.query_map([bodies.current()], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+    for seg in segs {
+        bodies.dead.push(seg.map_err(sql_err)?);
+    }
+    Ok(())
+}
+
 /// Deletes at most `limit` of the gateway's rows created before `cutoff_ms`, oldest first;
 /// returns how many.
-fn delete_older(tx: &Transaction<'_>, gateway: &str, cutoff_ms: u64, limit: u64) -> Result<u64, StoreError> {
-    let n = tx
-        .execute(
-            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
-             ORDER BY created_at_ms, id LIMIT ?3)",
-            params![gateway, to_i64(cutoff_ms), to_i64(limit)],
-        )
-        .map_err(sql_err)?;
-    Ok(n as u64)
+fn delete_older(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    gateway: &str,
+    cutoff_ms: u64,
+    limit: u64,
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
+         ORDER BY created_at_ms, id LIMIT ?3) {RETURNING_BODIES}"
+    );
+    delete_rows(tx, bodies, &sql, params![gateway, to_i64(cutoff_ms), to_i64(limit)], false)
 }
 
 /// Deletes the gateway's `k` oldest rows; returns how many.
-fn delete_oldest(tx: &Transaction<'_>, gateway: &str, k: u64) -> Result<u64, StoreError> {
-    let n = tx
-        .execute(
-            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 \
-             ORDER BY created_at_ms, id LIMIT ?2)",
-            params![gateway, to_i64(k)],
-        )
-        .map_err(sql_err)?;
-    Ok(n as u64)
+fn delete_oldest(tx: &Transaction<'_>, bodies: &mut BodyFiles, gateway: &str, k: u64) -> Result<u64, StoreError> {
+    let sql = format!(
+        "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 \
+         ORDER BY created_at_ms, id LIMIT ?2) {RETURNING_BODIES}"
+    );
+    delete_rows(tx, bodies, &sql, params![gateway, to_i64(k)], false)
 }
 
 /// One step of [`LogStore::enforce_retention`] on a gateway holding `n` rows: removes at most
@@ -334,6 +448,7 @@ fn delete_oldest(tx: &Transaction<'_>, gateway: &str, k: u64) -> Result<u64, Sto
 /// oldest beyond the cap. Returns the rows removed.
 fn retention_step(
     tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
     gateway: &str,
     r: &Retention,
     cutoff_ms: Option<u64>,
@@ -341,17 +456,22 @@ fn retention_step(
 ) -> Result<u64, StoreError> {
     let mut removed = 0;
     if let Some(cutoff) = cutoff_ms {
-        removed += delete_older(tx, gateway, cutoff, DELETE_CHUNK_ROWS)?;
+        removed += delete_older(tx, bodies, gateway, cutoff, DELETE_CHUNK_ROWS)?;
     }
     let left = n.saturating_sub(removed);
     if r.at_cap == AtCap::DeleteOldest && left > r.max_records && removed < DELETE_CHUNK_ROWS {
-        removed += delete_oldest(tx, gateway, (left - r.max_records).min(DELETE_CHUNK_ROWS - removed))?;
+        removed += delete_oldest(tx, bodies, gateway, (left - r.max_records).min(DELETE_CHUNK_ROWS - removed))?;
     }
     Ok(removed)
 }
 
-/// Inserts one record; returns whether it was new.
-fn insert_one(stmt: &mut rusqlite::CachedStatement<'_>, gateway: &str, r: &LogRecord) -> Result<bool, StoreError> {
+/// Inserts one record, its bodies at `body`; returns whether it was new.
+fn insert_one(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    gateway: &str,
+    r: &LogRecord,
+    body: Option<BodyRef>,
+) -> Result<bool, StoreError> {
     let metadata = metadata_object_json(&r.metadata);
     let n = stmt
         .execute(params![
@@ -383,8 +503,10 @@ fn insert_one(stmt: &mut rusqlite::CachedStatement<'_>, gateway: &str, r: &LogRe
             r.error,
             r.feedback.map(i64::from),
             finite(r.score),
-            r.request_body.as_deref(),
-            r.response_body.as_deref(),
+            body.map(|b| b.seg),
+            body.map(|b| b.off),
+            body.and_then(|b| b.request_len),
+            body.and_then(|b| b.response_len),
         ])
         .map_err(sql_err)?;
     Ok(n > 0)
@@ -508,14 +630,14 @@ impl LogStore for SqliteLogStore {
         }
         let retention = self.inner.retention.get(gateway);
         let gateway = gateway.to_owned();
-        self.write(move |tx| {
+        self.write(move |tx, bodies| {
             let mut n = count_rows(tx, &gateway)?;
             let mut removed = 0;
             let cap = match retention {
                 Some(r) if r.at_cap == AtCap::StopInserting => {
                     // Make room from expired rows before refusing any.
                     if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
-                        let d = delete_older(tx, &gateway, now_ms().saturating_sub(age), DELETE_CHUNK_ROWS)?;
+                        let d = delete_older(tx, bodies, &gateway, now_ms().saturating_sub(age), DELETE_CHUNK_ROWS)?;
                         removed += d;
                         n = n.saturating_sub(d);
                     }
@@ -527,6 +649,11 @@ impl LogStore for SqliteLogStore {
             // What the rollups count: every record but duplicate ids.
             let mut counted: Vec<&LogRecord> = Vec::with_capacity(records.len());
             let mut stopped_at = records.len();
+            // Rows inserted that point into the batch's body segment.
+            let mut with_bodies = 0i64;
+            if records.iter().any(|r| r.request_body.is_some() || r.response_body.is_some()) {
+                bodies.begin()?;
+            }
             {
                 let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(sql_err)?;
                 for (i, r) in records.iter().enumerate() {
@@ -534,11 +661,25 @@ impl LogStore for SqliteLogStore {
                         stopped_at = i;
                         break;
                     }
-                    if insert_one(&mut stmt, &gateway, r)? {
+                    let body = bodies.add(r.request_body.as_ref(), r.response_body.as_ref());
+                    if insert_one(&mut stmt, &gateway, r, body)? {
                         n += 1;
                         inserted += 1;
+                        with_bodies += i64::from(body.is_some());
                         counted.push(r);
                     }
+                }
+            }
+            // The bodies reach the file before the rows pointing at them commit.
+            if let Some(seg) = bodies.flush()? {
+                if with_bodies > 0 {
+                    tx.prepare_cached(
+                        "INSERT INTO body_segments (seg, live) VALUES (?1, ?2) \
+                         ON CONFLICT (seg) DO UPDATE SET live = live + excluded.live",
+                    )
+                    .map_err(sql_err)?
+                    .execute(params![seg, with_bodies])
+                    .map_err(sql_err)?;
                 }
             }
             if stopped_at < records.len() {
@@ -555,7 +696,7 @@ impl LogStore for SqliteLogStore {
             upsert_rollups(tx, &gateway, &aggregate(counted))?;
             if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
                 let excess = n - r.max_records;
-                let d = delete_oldest(tx, &gateway, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
+                let d = delete_oldest(tx, bodies, &gateway, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
                 removed += d;
                 n = n.saturating_sub(d);
             }
@@ -571,7 +712,7 @@ impl LogStore for SqliteLogStore {
         }
         let rows = aggregate(records);
         let gateway = gateway.to_owned();
-        self.write(move |tx| Ok((upsert_rollups(tx, &gateway, &rows)?, 0))).await
+        self.write(move |tx, _| Ok((upsert_rollups(tx, &gateway, &rows)?, 0))).await
     }
 
     async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError> {
@@ -583,8 +724,8 @@ impl LogStore for SqliteLogStore {
             INT_COLUMNS.join(", "),
             FLOAT_COLUMNS.join(", ")
         );
-        self.run(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+        self.run(move |db| {
+            let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let group_dim = p.dims.last().cloned().unwrap_or_default();
             let args =
                 params![gateway, to_i64(p.grain_ms), "", group_dim, to_i64(p.from_bucket_ms), to_i64(p.to_bucket_ms)];
@@ -606,8 +747,8 @@ impl LogStore for SqliteLogStore {
             w.sql,
             limit + 1
         );
-        self.run(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+        self.run(move |db| {
+            let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let rows =
                 stmt.query_map(rusqlite::params_from_iter(w.params.iter()), |r| decode(r, false)).map_err(sql_err)?;
             let mut records = Vec::with_capacity(limit.min(64));
@@ -627,11 +768,30 @@ impl LogStore for SqliteLogStore {
 
     async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
-        self.run(move |conn| {
-            let sql =
-                format!("SELECT {LIST_COLUMNS}, request_body, response_body FROM logs WHERE gateway = ?1 AND id = ?2");
-            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
-            stmt.query_row(params![gateway, id], |r| decode(r, true)).optional().map_err(sql_err)?.transpose()
+        self.run(move |db| {
+            let sql = format!(
+                "SELECT {LIST_COLUMNS}, request_body, response_body, body_seg, body_off, request_len, response_len \
+                 FROM logs WHERE gateway = ?1 AND id = ?2"
+            );
+            let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
+            let found = stmt
+                .query_row(params![gateway, id], |r| {
+                    let body = match (r.get::<_, Option<i64>>(30)?, r.get::<_, Option<i64>>(31)?) {
+                        (Some(seg), Some(off)) => {
+                            Some(BodyRef { seg, off, request_len: r.get(32)?, response_len: r.get(33)? })
+                        }
+                        _ => None,
+                    };
+                    Ok((decode(r, true)?, body))
+                })
+                .optional()
+                .map_err(sql_err)?;
+            let Some((record, body)) = found else { return Ok(None) };
+            let mut record = record?;
+            if let Some(body) = body {
+                (record.request_body, record.response_body) = db.bodies.read(&body);
+            }
+            Ok(Some(record))
         })
         .await
     }
@@ -639,7 +799,8 @@ impl LogStore for SqliteLogStore {
     async fn delete(&self, gateway: &str, filter: &LogFilter) -> Result<u64, StoreError> {
         let w = filter_sql(Dialect::Sqlite, gateway, filter, false)?;
         let sql = Arc::new(format!(
-            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE {} LIMIT {DELETE_CHUNK_ROWS})",
+            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE {} LIMIT {DELETE_CHUNK_ROWS}) \
+             {RETURNING_BODIES}",
             w.sql
         ));
         let values = Arc::new(w.params);
@@ -647,8 +808,10 @@ impl LogStore for SqliteLogStore {
         loop {
             let (sql, values, gateway) = (sql.clone(), values.clone(), gateway.to_owned());
             let d = self
-                .write(move |tx| {
-                    let d = tx.execute(&sql, rusqlite::params_from_iter(values.iter())).map_err(sql_err)? as u64;
+                .write(move |tx, bodies| {
+                    // Deleted on request: the bodies are overwritten at once, not when their
+                    // segment goes.
+                    let d = delete_rows(tx, bodies, &sql, rusqlite::params_from_iter(values.iter()), true)?;
                     if d > 0 {
                         let n = count_rows(tx, &gateway)?;
                         set_count(tx, &gateway, n.saturating_sub(d))?;
@@ -672,7 +835,7 @@ impl LogStore for SqliteLogStore {
     ) -> Result<bool, StoreError> {
         check_patch(feedback, score)?;
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
-        self.write(move |tx| {
+        self.write(move |tx, _| {
             let n = tx
                 .execute(
                     "UPDATE logs SET feedback = COALESCE(?3, feedback), score = COALESCE(?4, score) \
@@ -687,7 +850,7 @@ impl LogStore for SqliteLogStore {
 
     async fn count(&self, gateway: &str) -> Result<u64, StoreError> {
         let gateway = gateway.to_owned();
-        self.run(move |conn| count_rows(conn, &gateway)).await
+        self.run(move |db| count_rows(&db.conn, &gateway)).await
     }
 
     fn set_retention(&self, gateway: &str, retention: Retention) {
@@ -706,9 +869,9 @@ impl LogStore for SqliteLogStore {
         loop {
             let gateway = gateway.to_owned();
             let d = self
-                .write(move |tx| {
+                .write(move |tx, bodies| {
                     let n = count_rows(tx, &gateway)?;
-                    let removed = retention_step(tx, &gateway, &r, cutoff, n)?;
+                    let removed = retention_step(tx, bodies, &gateway, &r, cutoff, n)?;
                     if removed > 0 {
                         set_count(tx, &gateway, n.saturating_sub(removed))?;
                     }
@@ -733,6 +896,47 @@ mod tests {
         let mut st = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'logs'").unwrap();
         let names = st.query_map([], |r| r.get::<_, String>(0)).unwrap();
         names.map(Result::unwrap).collect()
+    }
+
+    #[tokio::test]
+    async fn a_schema_3_file_keeps_its_in_row_bodies_and_gets_segments() {
+        let dir = std::env::temp_dir().join(format!("aigate-log-migrate4-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join(LOG_SQLITE_FILE);
+        drop(SqliteLogStore::open(&path).unwrap());
+        {
+            // Put the file back in its schema-3 shape, with a row holding its bodies in the row.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE body_segments;
+                 ALTER TABLE logs DROP COLUMN body_seg; ALTER TABLE logs DROP COLUMN body_off;
+                 ALTER TABLE logs DROP COLUMN request_len; ALTER TABLE logs DROP COLUMN response_len;
+                 INSERT INTO logs (gateway, id, created_at_ms, provider, path, status, success, cache_status,
+                     stream, duration_ms, custom_cost, request_body, response_body)
+                 VALUES ('gw', 'old', 1, 'openai', '/v1/chat/completions', 200, 1, 'MISS', 0, 1.0, 0,
+                     x'7b7d', x'5b5d');
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let s = SqliteLogStore::open(&path).unwrap();
+        let old = s.get("gw", "old").await.unwrap().unwrap();
+        assert_eq!(old.request_body.as_deref(), Some(&b"{}"[..]));
+        assert_eq!(old.response_body.as_deref(), Some(&b"[]"[..]));
+        let mut new = old.clone();
+        new.id = "new".into();
+        new.response_body = Some(Bytes::from_static(b"segment"));
+        s.insert_batch("gw", std::slice::from_ref(&new)).await.unwrap();
+        assert_eq!(s.get("gw", "new").await.unwrap().unwrap(), new);
+        drop(s);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let in_row: Option<Vec<u8>> =
+            conn.query_row("SELECT response_body FROM logs WHERE id = 'new'", [], |r| r.get(0)).unwrap();
+        assert_eq!(in_row, None, "new bodies go to the segment files");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

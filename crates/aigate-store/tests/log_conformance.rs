@@ -915,6 +915,74 @@ async fn build_log_store_sqlite_persists_across_reopen() {
     assert_eq!(s.count("gw").await.unwrap(), 1);
 }
 
+/// Every file under `dir`, concatenated.
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all.extend(all_bytes(&p));
+        } else {
+            all.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    all
+}
+
+fn occurrences(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[tokio::test]
+async fn sqlite_bodies_live_in_segment_files() {
+    let dir = TempDir::new("bodies");
+    let path = dir.path().join(LOG_SQLITE_FILE);
+    let seg_dir = dir.path().join(format!("{LOG_SQLITE_FILE}.bodies"));
+    let s = SqliteLogStore::open(&path).unwrap();
+    let marker = b"{\"messages\":[]}\x00\xff\xfe";
+    let (a, b, c) = (full("a", 1_000), full("b", 2_000), rec("c", 3_000));
+    let mut only_resp = full("d", 4_000);
+    only_resp.request_body = None;
+    only_resp.response_body = Some(Bytes::new());
+    let batch = [a.clone(), b.clone(), c.clone(), only_resp.clone()];
+    assert_eq!(s.insert_batch("gw", &batch).await.unwrap(), 4);
+    for r in &batch {
+        assert_eq!(s.get("gw", &r.id).await.unwrap().unwrap(), stored(r, "gw"), "{}", r.id);
+    }
+    // The bodies are in one segment file, not in the database or its WAL.
+    let segs: Vec<_> = std::fs::read_dir(&seg_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(occurrences(&std::fs::read(&segs[0]).unwrap(), marker), 2);
+    assert_eq!(occurrences(&all_bytes(dir.path()), marker), 2, "bodies are written once");
+
+    // Deleted on request: a's bodies are overwritten at once, b's stay.
+    let f = LogFilter { to_ms: Some(1_500), ..LogFilter::default() };
+    assert_eq!(s.delete("gw", &f).await.unwrap(), 1);
+    assert_eq!(occurrences(&all_bytes(dir.path()), marker), 1);
+    assert_eq!(s.get("gw", "b").await.unwrap().unwrap(), stored(&b, "gw"));
+
+    // A second batch in the same segment; then retention removes every row with bodies: the
+    // segment goes once it is no longer the one being written (here: at the next open).
+    let e = full("e", 5_000);
+    s.insert_batch("gw", std::slice::from_ref(&e)).await.unwrap();
+    assert_eq!(std::fs::read_dir(&seg_dir).unwrap().count(), 1);
+    s.set_retention("gw", Retention { max_records: 1, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+    s.enforce_retention("gw").await.unwrap();
+    assert_eq!(all_ids(&s, "gw", &LogFilter::default()).await, ["e"]);
+    assert_eq!(s.get("gw", "e").await.unwrap().unwrap(), stored(&e, "gw"));
+    s.set_retention("gw", Retention { max_records: 1_000, at_cap: AtCap::DeleteOldest, max_age_ms: Some(1) });
+    s.enforce_retention("gw").await.unwrap();
+    assert_eq!(s.count("gw").await.unwrap(), 0);
+    drop(s);
+    let s = SqliteLogStore::open(&path).unwrap();
+    assert_eq!(std::fs::read_dir(&seg_dir).unwrap().count(), 0, "an unused segment is removed");
+    // New bodies go to a new segment and read back.
+    let g = full("g", now_ms());
+    s.insert_batch("gw", std::slice::from_ref(&g)).await.unwrap();
+    assert_eq!(s.get("gw", "g").await.unwrap().unwrap(), stored(&g, "gw"));
+    assert_eq!(std::fs::read_dir(&seg_dir).unwrap().count(), 1);
+}
+
 #[tokio::test]
 async fn sqlite_unusable_path_is_an_error() {
     let dir = TempDir::new("bad");
