@@ -481,12 +481,15 @@ gw_metric() {
     awk -v m="$2" '$1 == m || $1 == m"_total" { print $2; found = 1; exit } END { if (!found) print 0 }' <<<"$text"
 }
 
-# Waits (up to 30 s) until the log writer of aigate process $1 has nothing queued or spilled, then
+# Waits (up to 180 s) until the log writer of aigate process $1 has nothing queued or spilled, then
 # 1 s more for the last batch to commit: the records of one point are stored before the next point
-# loads another process, so no point pays for an earlier one's log writes.
+# loads another process, so no point pays for an earlier one's log writes. (The cache-hit point of
+# the logs-on process, aigate-hit, makes records faster than one core can store them next to the
+# requests: its queue spills, and replaying that backlog takes tens of seconds of the idle process;
+# until it is done it would be measured as the cost of the next logs-on point.)
 log_settle() {
     local name=$1 _
-    for _ in $(seq 60); do
+    for _ in $(seq 360); do
         if [[ $(gw_metric "$name" aigate_log_queue_depth) == 0 && $(gw_metric "$name" aigate_log_spill_bytes) == 0 ]]; then
             break
         fi

@@ -558,6 +558,11 @@ impl Finalizer {
     fn finalize_record(&self, m: &mut Meter) -> (bool, LogRecord) {
         let keep = m.logs.enabled && m.collect_log;
         let bodies = keep && m.logs.bodies && m.collect_payload;
+        // A record neither kept nor watched (logs off, `cf-aig-collect-log: false`) only feeds the
+        // metrics and the analytics rollups: the fields they do not read (id, event id, path,
+        // user agent, error message) are left empty rather than built.
+        let tail = self.tail.receiver_count() > 0;
+        let full = keep || tail;
         let end = m.end.unwrap_or_else(Instant::now);
         let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
         let head_out = m.head_out.unwrap_or(end);
@@ -598,7 +603,11 @@ impl Finalizer {
             (None, None)
         };
 
-        let error = m.error.clone().or_else(|| (m.status >= 400).then(|| error_message(&response, m.status)));
+        let error = if full {
+            m.error.clone().or_else(|| (m.status >= 400).then(|| error_message(&response, m.status)))
+        } else {
+            None
+        };
         let metadata = match &m.metadata {
             Some(v) => match parse_metadata(v.as_bytes()) {
                 Some(md) => md,
@@ -617,12 +626,12 @@ impl Finalizer {
             _ => ms(m.start, head_out),
         };
         let record = LogRecord {
-            id: m.id.hyphenated().to_string(),
-            event_id: m.event_id.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned),
+            id: if full { m.id.hyphenated().to_string() } else { String::new() },
+            event_id: m.event_id.as_ref().filter(|_| full).and_then(|v| v.to_str().ok()).map(str::to_owned),
             created_at_ms: m.created_at_ms,
             gateway: m.gateway.to_string(),
             provider: m.provider.name.clone(),
-            path: m.path.clone(),
+            path: if full { m.path.clone() } else { String::new() },
             requested_model,
             served_model,
             status: m.status,
@@ -641,7 +650,7 @@ impl Finalizer {
             saved_usd,
             custom_cost: custom.is_some(),
             metadata,
-            user_agent: m.user_agent.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned),
+            user_agent: m.user_agent.as_ref().filter(|_| full).and_then(|v| v.to_str().ok()).map(str::to_owned),
             error,
             request_body: None,
             response_body: None,
@@ -669,7 +678,7 @@ impl Finalizer {
                 .collect();
             self.limits.settle(settlements);
         }
-        if self.tail.receiver_count() > 0 {
+        if tail {
             let _ = self.tail.send(Arc::new(record.clone()));
         }
         let mut record = record;

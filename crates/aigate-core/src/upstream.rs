@@ -56,29 +56,47 @@ const CREDENTIAL_HEADERS: &[AuthStyle] =
     &[AuthStyle::Bearer, AuthStyle::XApiKey, AuthStyle::ApiKey, AuthStyle::XGoogApiKey];
 
 /// Removes what must not go upstream: hop-by-hop headers (and those `Connection` names), `Host`,
-/// and the gateway's own headers. In place: no new map is built.
+/// and the gateway's own headers. In place, after one pass over the names: most requests carry
+/// none of these but `Host`, and removing each candidate by name would hash it against the map.
 pub fn strip_request_headers(headers: &mut HeaderMap) {
-    remove_connection_listed(headers);
-    for h in HOP_BY_HOP.iter() {
-        headers.remove(h);
-    }
-    headers.remove(http::header::HOST);
-    // Gateway headers are rare; only rebuild the list when one is present.
-    let gateway_headers: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(CF_AIG_PREFIX) || LEGACY_CF_HEADERS.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    for k in gateway_headers {
-        headers.remove(k);
-    }
+    strip(headers, |k| {
+        k == http::header::HOST
+            || k.as_str().starts_with(CF_AIG_PREFIX)
+            || LEGACY_CF_HEADERS.contains(&k.as_str())
+            || HOP_BY_HOP.contains(k)
+    });
 }
 
 /// Removes hop-by-hop headers from a response before it goes back to the client.
 pub fn strip_response_headers(headers: &mut HeaderMap) {
-    remove_connection_listed(headers);
-    for h in HOP_BY_HOP.iter() {
-        headers.remove(h);
+    strip(headers, |k| HOP_BY_HOP.contains(k));
+}
+
+/// Removes the names `doomed` selects, and those a `Connection` header lists.
+fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let mut found = 0usize;
+    let mut first = None;
+    for k in headers.keys() {
+        if doomed(k) {
+            found += 1;
+            first.get_or_insert_with(|| k.clone());
+        }
+    }
+    if found == 0 {
+        return;
+    }
+    if headers.contains_key(http::header::CONNECTION) {
+        remove_connection_listed(headers);
+    }
+    if found == 1 {
+        if let Some(k) = first {
+            headers.remove(k);
+        }
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for k in names {
+        headers.remove(k);
     }
 }
 
