@@ -6,10 +6,10 @@ use std::task::{Context, Poll};
 
 use std::sync::Arc;
 
+use crate::upstream::UpstreamBody;
 use aigate_store::CachedResponse;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::cache::coalesce::{FlightEvent, FlightReceiver};
 use crate::cache::tee::Tee;
@@ -22,7 +22,7 @@ pub enum GatewayBody {
     /// A complete body (taken on first poll).
     Full(Option<Bytes>),
     /// The upstream's body, relayed as it arrives.
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     /// The upstream's body, relayed as it arrives and teed into the cache.
     Tee(Box<Tee>),
     /// A cache hit: the stored chunks replayed in order, one frame each.

@@ -68,6 +68,8 @@ pub struct RecordedRequest {
 /// Counters shared by the mock and the test.
 #[derive(Debug, Default)]
 pub struct MockStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
     /// Streams that ran to the end.
@@ -133,6 +135,7 @@ pub async fn serve(listener: TcpListener, cfg: Arc<MockConfig>, stats: Arc<MockS
             continue;
         };
         let _ = stream.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::SeqCst);
         let (cfg, stats) = (cfg.clone(), stats.clone());
         let svc = service_fn(move |req| handle(req, cfg.clone(), stats.clone()));
         let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();

@@ -459,6 +459,100 @@ async fn client_disconnect_cancels_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    let env = env().await;
+    // One after the other: plain JSON, a stream, a bodiless GET, an upstream error, an empty body.
+    for _ in 0..3 {
+        let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let r =
+            env.http.post(env.url("/v1/chat/completions")).body(r#"{"model":"m","stream":true}"#).send().await.unwrap();
+        assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+        let r = env.http.get(env.url("/v1/models")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let r = env
+            .http
+            .post(env.url("/v1/chat/completions"))
+            .header("x-mock-status", "429")
+            .body(CHAT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(env.mock.requests(), 12);
+    assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), 1, "one kept-alive upstream connection");
+
+    // Concurrent requests open connections side by side; they are all reused afterwards.
+    let burst = || {
+        futures_util::future::join_all((0..8).map(|_| async {
+            let r = env
+                .http
+                .post(env.url("/v1/chat/completions"))
+                .header("x-mock-latency-ms", "50")
+                .body(CHAT)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }))
+    };
+    burst().await;
+    let after_first = env.mock.stats.connections.load(Ordering::SeqCst);
+    assert!((2..=9).contains(&after_first), "{after_first}");
+    burst().await;
+    assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), after_first, "the second burst reuses them");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upstream_connection_closed_by_the_server_is_replaced() {
+    // A keep-alive server that answers one request per connection and then closes it quietly
+    // (as servers do with idle connections).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let body = r#"{"ok":true}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                sock.write_all(head.as_bytes()).await.unwrap();
+                sock.write_all(body.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                drop(sock);
+            });
+        }
+    });
+    let env = env_with(&format!("[providers.closer]\nbase_url = \"http://{addr}\"\n"), MockConfig::default()).await;
+    for i in 0..3 {
+        let r = env.http.get(env.url(&format!("/default/closer/ping/{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), r#"{"ok":true}"#);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_upstream_stream_is_not_completed_to_client() {
     let env = env().await;
     let resp = env

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::upstream::UpstreamBody;
 use aigate_store::CachedResponse;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::coalesce::Flight;
 use super::CacheLayer;
@@ -36,7 +36,7 @@ pub fn stream_terminal_marker(path: &str, content_type: &str) -> Option<&'static
 
 /// Body wrapper that feeds a flight while relaying.
 pub struct Tee {
-    inner: Incoming,
+    inner: UpstreamBody,
     flight: Arc<Flight>,
     layer: Arc<CacheLayer>,
     ns: Arc<str>,
@@ -52,7 +52,7 @@ impl Tee {
     /// Wraps `inner`; `flight` has its head set already.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         flight: Arc<Flight>,
         layer: Arc<CacheLayer>,
         ns: Arc<str>,
