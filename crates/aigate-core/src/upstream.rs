@@ -95,25 +95,42 @@ impl std::error::Error for ClientError {}
 
 /// Builds the upstream client: pooled, keep-alive, TCP_NODELAY, rustls (ring) with the webpki roots.
 pub fn build_client(s: &UpstreamSettings) -> Result<HttpClient, rustls::Error> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?;
+    Ok(client_over(s, https))
+}
+
+/// [`build_client`] trusting the certificate authorities in `roots` instead of the webpki roots.
+pub fn build_client_with_roots(
+    s: &UpstreamSettings,
+    roots: rustls::RootCertStore,
+) -> Result<HttpClient, rustls::Error> {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(client_over(s, hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)))
+}
+
+fn client_over(
+    s: &UpstreamSettings,
+    tls: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+) -> HttpClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(s.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(HttpClient {
+    // ALPN offers h2 and http/1.1; plain-HTTP upstreams get HTTP/1.1.
+    let https = tls.https_or_http().enable_http1().enable_http2().wrap_connector(http);
+    HttpClient {
         inner: Arc::new(ClientInner {
             connector: https,
             origins: Mutex::new(Vec::new()),
             idle_timeout: s.pool_idle_timeout,
             max_idle: s.pool_max_idle_per_host,
         }),
-    })
+    }
 }
 
 impl HttpClient {
