@@ -53,6 +53,21 @@ struct ClientInner {
     max_idle: usize,
 }
 
+/// Most upstream origins the pool keeps. An origin can come from the client (Azure's resource
+/// name is part of the host), so the pool is bounded: when full, origins without connections are
+/// forgotten, and if none is, connections to a new origin are used once and closed.
+const MAX_ORIGINS: usize = 1024;
+
+/// Makes room for one more origin; false when every origin still has connections.
+fn room_for_origin(origins: &mut Vec<Origin>) -> bool {
+    if origins.len() >= MAX_ORIGINS {
+        origins.retain(|o| {
+            o.h2.as_ref().is_some_and(|h2| !h2.is_closed()) || o.idle.iter().any(|(tx, _)| !tx.is_closed())
+        });
+    }
+    origins.len() < MAX_ORIGINS
+}
+
 /// The connections of one upstream origin (scheme and authority).
 struct Origin {
     scheme: Scheme,
@@ -205,10 +220,12 @@ impl HttpClient {
     /// An open pooled connection to the origin, if any (expired and closed ones are dropped).
     fn checkout(&self, scheme: &Scheme, authority: &Authority) -> Option<(Conn, HeaderValue)> {
         let mut origins = self.inner.origins.lock().unwrap_or_else(PoisonError::into_inner);
-        let o = origins.iter_mut().find(|o| o.authority == *authority && o.scheme == *scheme)?;
+        let i = origins.iter().position(|o| o.authority == *authority && o.scheme == *scheme)?;
+        let o = &mut origins[i];
         if let Some(h2) = o.h2.as_ref().filter(|h2| !h2.is_closed()) {
             return Some((Conn::H2(h2.clone()), o.host.clone()));
         }
+        o.h2 = None;
         let expired = Instant::now().checked_sub(self.inner.idle_timeout);
         o.idle.retain(|(tx, since)| !tx.is_closed() && expired.is_none_or(|e| *since > e));
         o.idle.pop().map(|(tx, _)| (Conn::H1(tx), o.host.clone()))
@@ -263,6 +280,7 @@ impl HttpClient {
         let mut origins = self.inner.origins.lock().unwrap_or_else(PoisonError::into_inner);
         let i = match origins.iter().position(|o| o.authority == *authority && o.scheme == *scheme) {
             Some(i) => i,
+            None if !room_for_origin(&mut origins) => return,
             None => {
                 origins.push(Origin {
                     scheme: scheme.clone(),
@@ -306,6 +324,7 @@ impl Return {
         let mut origins = client.origins.lock().unwrap_or_else(PoisonError::into_inner);
         let o = match origins.iter_mut().position(|o| o.authority == authority && o.scheme == scheme) {
             Some(i) => &mut origins[i],
+            None if !room_for_origin(&mut origins) => return,
             None => {
                 origins.push(Origin { scheme, authority, host, idle: Vec::new(), h2: None });
                 let last = origins.len() - 1;

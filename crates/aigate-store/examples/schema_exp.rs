@@ -4,7 +4,7 @@
 //! `cargo run --release -p aigate-store --example schema_exp -- VARIANT`, with
 //! - VARIANT 0: the schema-2 layout (unique (gateway, id), time index, event index on every row);
 //!   1: the same with a 16-byte BLOB id; 2: the schema-3 layout (the event index partial);
-//!   3: as 2 without the time index;
+//!   3: as 2 without the time index; 4: as 2 in a `WITHOUT ROWID` table keyed by (gateway, id);
 //! - `PAGE` (page size, default 4096), `CKPT` (wal_autocheckpoint pages, default 1000), `JM`
 //!   (journal mode, default WAL) and `BODIES=1` (312 + 608-byte bodies, as bench/run.sh sends).
 //!
@@ -38,22 +38,27 @@ fn main() {
     ))
     .unwrap();
     let id_type = if variant == 1 { "BLOB" } else { "TEXT" };
+    // Variant 4: the table keyed by (gateway, id), WITHOUT ROWID (no separate unique index).
+    let (key, table_opts) = if variant == 4 { (", PRIMARY KEY (gateway, id)", " WITHOUT ROWID") } else { ("", "") };
     conn.execute_batch(&format!(
         "CREATE TABLE logs (gateway TEXT NOT NULL, id {id_type} NOT NULL, event_id TEXT, created_at_ms INTEGER NOT NULL, \
          provider TEXT NOT NULL, path TEXT NOT NULL, requested_model TEXT, served_model TEXT, status INTEGER NOT NULL, \
          success INTEGER NOT NULL, cache_status TEXT NOT NULL, stream INTEGER NOT NULL, duration_ms REAL NOT NULL, \
          ttfb_ms REAL, upstream_ms REAL, overhead_ms REAL, tokens_in INTEGER, tokens_out INTEGER, \
          cached_tokens_in INTEGER, reasoning_tokens INTEGER, cost_usd REAL, saved_usd REAL, custom_cost INTEGER NOT NULL, \
-         metadata TEXT, user_agent TEXT, error TEXT, feedback INTEGER, score REAL, request_body BLOB, response_body BLOB);
-         CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);"
+         metadata TEXT, user_agent TEXT, error TEXT, feedback INTEGER, score REAL, request_body BLOB, response_body BLOB{key}){table_opts};"
     ))
     .unwrap();
+    if variant != 4 {
+        conn.execute_batch("CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);").unwrap();
+    }
+    conn.execute_batch("SELECT 1;").unwrap();
     let time_index = "CREATE INDEX t ON logs(gateway, created_at_ms, id);";
     match variant {
         0 | 1 => conn
             .execute_batch(&format!("{time_index} CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id);"))
             .unwrap(),
-        2 => conn
+        2 | 4 => conn
             .execute_batch(&format!(
                 "{time_index} CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;"
             ))
