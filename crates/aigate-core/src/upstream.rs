@@ -49,6 +49,8 @@ pub struct HttpClient {
 struct ClientInner {
     connector: HttpsConnector<HttpConnector>,
     origins: Mutex<Vec<Origin>>,
+    /// When idle connections past `idle_timeout` were last closed.
+    swept: Mutex<Instant>,
     idle_timeout: Duration,
     max_idle: usize,
 }
@@ -142,6 +144,7 @@ fn client_over(
         inner: Arc::new(ClientInner {
             connector: https,
             origins: Mutex::new(Vec::new()),
+            swept: Mutex::new(Instant::now()),
             idle_timeout: s.pool_idle_timeout,
             max_idle: s.pool_max_idle_per_host,
         }),
@@ -321,7 +324,23 @@ impl Return {
             return;
         }
         let Return { client, scheme, authority, host, tx } = self;
+        let now = Instant::now();
         let mut origins = client.origins.lock().unwrap_or_else(PoisonError::into_inner);
+        // Idle connections past the idle timeout are closed here, at most once a second, for every
+        // origin (checkout drops those of its own origin too).
+        if let Ok(mut swept) = client.swept.try_lock() {
+            if now.duration_since(*swept) >= Duration::from_secs(1) {
+                *swept = now;
+                let expired = now.checked_sub(client.idle_timeout);
+                origins.retain_mut(|o| {
+                    o.idle.retain(|(tx, since)| !tx.is_closed() && expired.is_none_or(|e| *since > e));
+                    if o.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
+                        o.h2 = None;
+                    }
+                    o.h2.is_some() || !o.idle.is_empty()
+                });
+            }
+        }
         let o = match origins.iter_mut().position(|o| o.authority == authority && o.scheme == scheme) {
             Some(i) => &mut origins[i],
             None if !room_for_origin(&mut origins) => return,
@@ -332,7 +351,7 @@ impl Return {
             }
         };
         if o.idle.len() < client.max_idle {
-            o.idle.push((tx, Instant::now()));
+            o.idle.push((tx, now));
         }
     }
 }

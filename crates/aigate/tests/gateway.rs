@@ -509,6 +509,22 @@ async fn upstream_connections_are_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_expire() {
+    let env = env_with("[upstream]\npool_idle_timeout = \"300ms\"\n", MockConfig::default()).await;
+    let send = || async {
+        let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    };
+    send().await;
+    send().await;
+    assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    send().await;
+    assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), 2, "an expired connection is not reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_upstream_connection_closed_by_the_server_is_replaced() {
     // A keep-alive server that answers one request per connection and then closes it quietly
     // (as servers do with idle connections).
