@@ -487,6 +487,9 @@ pub(crate) fn stored_metadata(m: &[(String, MetaValue)]) -> impl Iterator<Item =
 
 /// Metadata as a JSON object text (entry order kept), `None` when empty.
 pub(crate) fn metadata_object_json(m: &[(String, MetaValue)]) -> Option<String> {
+    if m.is_empty() {
+        return None;
+    }
     let mut out = String::from("{");
     let mut any = false;
     for (k, v) in stored_metadata(m) {

@@ -465,7 +465,8 @@ fn retention_step(
     Ok(removed)
 }
 
-/// Inserts one record, its bodies at `body`; returns whether it was new.
+/// Inserts one record, its bodies at `body`; returns whether it was new. The parameters are
+/// bound one by one (`raw_bind_parameter`) rather than through a `params!` slice of trait objects.
 fn insert_one(
     stmt: &mut rusqlite::CachedStatement<'_>,
     gateway: &str,
@@ -473,42 +474,42 @@ fn insert_one(
     body: Option<BodyRef>,
 ) -> Result<bool, StoreError> {
     let metadata = metadata_object_json(&r.metadata);
-    let n = stmt
-        .execute(params![
-            gateway,
-            r.id,
-            r.event_id,
-            to_i64(r.created_at_ms),
-            r.provider,
-            r.path,
-            r.requested_model,
-            r.served_model,
-            i64::from(r.status),
-            r.success,
-            r.cache_status,
-            r.stream,
-            if r.duration_ms.is_finite() { r.duration_ms } else { 0.0 },
-            finite(r.ttfb_ms),
-            finite(r.upstream_ms),
-            finite(r.overhead_ms),
-            r.tokens_in.map(to_i64),
-            r.tokens_out.map(to_i64),
-            r.cached_tokens_in.map(to_i64),
-            r.reasoning_tokens.map(to_i64),
-            finite(r.cost_usd),
-            finite(r.saved_usd),
-            r.custom_cost,
-            metadata,
-            r.user_agent,
-            r.error,
-            r.feedback.map(i64::from),
-            finite(r.score),
-            body.map(|b| b.seg),
-            body.map(|b| b.off),
-            body.and_then(|b| b.request_len),
-            body.and_then(|b| b.response_len),
-        ])
-        .map_err(sql_err)?;
+    let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<usize> {
+        stmt.raw_bind_parameter(1, gateway)?;
+        stmt.raw_bind_parameter(2, &r.id)?;
+        stmt.raw_bind_parameter(3, &r.event_id)?;
+        stmt.raw_bind_parameter(4, to_i64(r.created_at_ms))?;
+        stmt.raw_bind_parameter(5, &r.provider)?;
+        stmt.raw_bind_parameter(6, &r.path)?;
+        stmt.raw_bind_parameter(7, &r.requested_model)?;
+        stmt.raw_bind_parameter(8, &r.served_model)?;
+        stmt.raw_bind_parameter(9, i64::from(r.status))?;
+        stmt.raw_bind_parameter(10, r.success)?;
+        stmt.raw_bind_parameter(11, &r.cache_status)?;
+        stmt.raw_bind_parameter(12, r.stream)?;
+        stmt.raw_bind_parameter(13, if r.duration_ms.is_finite() { r.duration_ms } else { 0.0 })?;
+        stmt.raw_bind_parameter(14, finite(r.ttfb_ms))?;
+        stmt.raw_bind_parameter(15, finite(r.upstream_ms))?;
+        stmt.raw_bind_parameter(16, finite(r.overhead_ms))?;
+        stmt.raw_bind_parameter(17, r.tokens_in.map(to_i64))?;
+        stmt.raw_bind_parameter(18, r.tokens_out.map(to_i64))?;
+        stmt.raw_bind_parameter(19, r.cached_tokens_in.map(to_i64))?;
+        stmt.raw_bind_parameter(20, r.reasoning_tokens.map(to_i64))?;
+        stmt.raw_bind_parameter(21, finite(r.cost_usd))?;
+        stmt.raw_bind_parameter(22, finite(r.saved_usd))?;
+        stmt.raw_bind_parameter(23, r.custom_cost)?;
+        stmt.raw_bind_parameter(24, &metadata)?;
+        stmt.raw_bind_parameter(25, &r.user_agent)?;
+        stmt.raw_bind_parameter(26, &r.error)?;
+        stmt.raw_bind_parameter(27, r.feedback.map(i64::from))?;
+        stmt.raw_bind_parameter(28, finite(r.score))?;
+        stmt.raw_bind_parameter(29, body.map(|b| b.seg))?;
+        stmt.raw_bind_parameter(30, body.map(|b| b.off))?;
+        stmt.raw_bind_parameter(31, body.and_then(|b| b.request_len))?;
+        stmt.raw_bind_parameter(32, body.and_then(|b| b.response_len))?;
+        stmt.raw_execute()
+    };
+    let n = bind(stmt).map_err(sql_err)?;
     Ok(n > 0)
 }
 
