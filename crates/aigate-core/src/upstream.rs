@@ -229,9 +229,17 @@ impl HttpClient {
             return Some((Conn::H2(h2.clone()), o.host.clone()));
         }
         o.h2 = None;
-        let expired = Instant::now().checked_sub(self.inner.idle_timeout);
-        o.idle.retain(|(tx, since)| !tx.is_closed() && expired.is_none_or(|e| *since > e));
-        o.idle.pop().map(|(tx, _)| (Conn::H1(tx), o.host.clone()))
+        // The list is in the order connections came back: the expired ones are at its front.
+        if let Some(expired) = Instant::now().checked_sub(self.inner.idle_timeout) {
+            let n = o.idle.iter().take_while(|(_, since)| *since <= expired).count();
+            o.idle.drain(..n);
+        }
+        while let Some((tx, _)) = o.idle.pop() {
+            if !tx.is_closed() {
+                return Some((Conn::H1(tx), o.host.clone()));
+            }
+        }
+        None
     }
 
     fn drop_h2(&self, scheme: &Scheme, authority: &Authority) {
