@@ -264,11 +264,7 @@ impl HttpClient {
                 .handshake(io)
                 .await
                 .map_err(|e| ClientError::Connect(Box::new(e)))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %ErrorChain(&e), "upstream HTTP/2 connection ended");
-                }
-            });
+            spawn_connection(conn, "HTTP/2");
             self.with_origin(scheme, authority, &host, |o| o.h2 = Some(tx.clone()));
             return Ok((Conn::H2(tx), host));
         }
@@ -279,11 +275,7 @@ impl HttpClient {
             .handshake(io)
             .await
             .map_err(|e| ClientError::Connect(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %ErrorChain(&e), "upstream connection ended");
-            }
-        });
+        spawn_connection(conn, "HTTP/1.1");
         Ok((Conn::H1(tx), host))
     }
 
@@ -305,6 +297,19 @@ impl HttpClient {
         };
         f(&mut origins[i]);
     }
+}
+
+/// Drives an upstream connection on its own task until it closes (hyper's design: the
+/// connection reads and writes, the `SendRequest` hands it requests).
+fn spawn_connection(
+    conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+    protocol: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(protocol, error = %ErrorChain(&e), "upstream connection ended");
+        }
+    });
 }
 
 /// `Host` for an origin: the host, and the port unless it is the scheme's default.
