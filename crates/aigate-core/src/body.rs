@@ -6,13 +6,13 @@ use std::task::{Context, Poll};
 
 use std::sync::Arc;
 
-use crate::upstream::UpstreamBody;
 use aigate_store::CachedResponse;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::cache::coalesce::{FlightEvent, FlightReceiver};
 use crate::cache::tee::Tee;
+use crate::upstream::UpstreamBody;
 
 /// Boxed error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::upstream::UpstreamBody;
 use aigate_store::CachedResponse;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -16,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::coalesce::Flight;
 use super::CacheLayer;
 use crate::body::BoxError;
+use crate::upstream::UpstreamBody;
 
 /// The terminal event a stream of this endpoint must end with to be stored.
 pub fn stream_terminal_marker(path: &str, content_type: &str) -> Option<&'static [u8]> {
