@@ -184,10 +184,13 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         _ => {}
     }
     let start = std::time::Instant::now();
-    let log_id = uuid::Uuid::now_v7();
+    // The record's time is its id's UUIDv7 timestamp: the SQLite log store finds a record by id
+    // through its time ([`aigate_store::log_id_at`]).
+    let created_at_ms = state.clock.now_ms();
+    let log_id = aigate_store::log_id_at(created_at_ms);
     let event_id = req.headers().get(CF_AIG_EVENT_ID).cloned();
     let mut meter: Option<Box<Meter>> = None;
-    let mut resp = match proxy(&state, req, log_id, start, &mut meter).await {
+    let mut resp = match proxy(&state, req, (log_id, created_at_ms), start, &mut meter).await {
         Ok(r) => r,
         Err(e) => {
             if let Some(m) = &mut meter {
@@ -250,7 +253,7 @@ fn header_is_false(h: &http::HeaderMap, name: &http::HeaderName) -> bool {
 async fn proxy(
     state: &AppState,
     req: Request<Incoming>,
-    log_id: uuid::Uuid,
+    (log_id, created_at_ms): (uuid::Uuid, u64),
     start: std::time::Instant,
     slot: &mut Option<Box<Meter>>,
 ) -> Result<Response<GatewayBody>, GatewayError> {
@@ -264,7 +267,7 @@ async fn proxy(
     let endpoint = Endpoint::from_path(&route.provider.name, route.rest);
     let meter = slot.insert(Box::new(Meter {
         id: log_id,
-        created_at_ms: state.clock.now_ms(),
+        created_at_ms,
         start,
         gateway: route.gateway.name.clone(),
         logs: route.gateway.logs.clone(),

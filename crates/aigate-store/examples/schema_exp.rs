@@ -5,11 +5,16 @@
 //! - VARIANT 0: the schema-2 layout (unique (gateway, id), time index, event index on every row);
 //!   1: the same with a 16-byte BLOB id; 2: the schema-3 layout (the event index partial);
 //!   3: as 2 without the time index; 4: as 2 in a `WITHOUT ROWID` table keyed by (gateway, id);
+//!   5: as 2 without the id index, the time index unique; 6: the schema-5 layout (`WITHOUT ROWID`,
+//!   keyed by (gateway, created_at_ms, id), no other index but the partial event index); 7: as 5
+//!   with a BLOB id; 8: as 6 with a BLOB id;
 //! - `PAGE` (page size, default 4096), `CKPT` (wal_autocheckpoint pages, default 1000), `JM`
 //!   (journal mode, default WAL) and `BODIES=1` (312 + 608-byte bodies, as bench/run.sh sends).
 //!
 //! What it showed (docs/benchmarks.md): the page size matters most (4 KiB -> 32 KiB about halves
-//! the cost with bodies), then the event index on rows without an event id.
+//! the cost with bodies), then the event index on rows without an event id, then the number of
+//! b-trees a row goes into (variant 6 costs 1.8 us a record where 2 costs 2.6-2.9; a BLOB id adds
+//! nothing once the id is not a key's first text column; rows in multi-row `VALUES` cost more).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use rusqlite::{params, Connection};
@@ -37,9 +42,14 @@ fn main() {
          PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint={ckpt}; PRAGMA cache_size={cache};"
     ))
     .unwrap();
-    let id_type = if variant == 1 { "BLOB" } else { "TEXT" };
-    // Variant 4: the table keyed by (gateway, id), WITHOUT ROWID (no separate unique index).
-    let (key, table_opts) = if variant == 4 { (", PRIMARY KEY (gateway, id)", " WITHOUT ROWID") } else { ("", "") };
+    let id_type = if matches!(variant, 1 | 7 | 8) { "BLOB" } else { "TEXT" };
+    // Variant 4: the table keyed by (gateway, id), WITHOUT ROWID (no separate unique index);
+    // 6: keyed by (gateway, created_at_ms, id), WITHOUT ROWID.
+    let (key, table_opts) = match variant {
+        4 => (", PRIMARY KEY (gateway, id)", " WITHOUT ROWID"),
+        6 | 8 => (", PRIMARY KEY (gateway, created_at_ms, id)", " WITHOUT ROWID"),
+        _ => ("", ""),
+    };
     conn.execute_batch(&format!(
         "CREATE TABLE logs (gateway TEXT NOT NULL, id {id_type} NOT NULL, event_id TEXT, created_at_ms INTEGER NOT NULL, \
          provider TEXT NOT NULL, path TEXT NOT NULL, requested_model TEXT, served_model TEXT, status INTEGER NOT NULL, \
@@ -49,7 +59,7 @@ fn main() {
          metadata TEXT, user_agent TEXT, error TEXT, feedback INTEGER, score REAL, request_body BLOB, response_body BLOB{key}){table_opts};"
     ))
     .unwrap();
-    if variant != 4 {
+    if variant < 4 {
         conn.execute_batch("CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);").unwrap();
     }
     conn.execute_batch("SELECT 1;").unwrap();
@@ -63,6 +73,16 @@ fn main() {
                 "{time_index} CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;"
             ))
             .unwrap(),
+        // 5, 7: no (gateway, id) index; the time index is unique.
+        5 | 7 => conn
+            .execute_batch(
+                "CREATE UNIQUE INDEX t ON logs(gateway, created_at_ms, id); \
+                 CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;",
+            )
+            .unwrap(),
+        6 | 8 => conn
+            .execute_batch("CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;")
+            .unwrap(),
         _ => conn
             .execute_batch("CREATE INDEX e ON logs(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;")
             .unwrap(),
@@ -72,20 +92,24 @@ fn main() {
     let base = 1_764_000_000_000u64;
     let t0 = Instant::now();
     let mut i = 0u64;
+    let conflict = match variant {
+        5..=8 => "(gateway, created_at_ms, id)",
+        _ => "(gateway, id)",
+    };
     while i < n {
         let tx = conn.transaction().unwrap();
         {
             let mut st = tx
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "INSERT INTO logs VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,\
-                     ?21,?22,?23,?24,?25,?26,?27,?28,?29,?30) ON CONFLICT (gateway, id) DO NOTHING",
-                )
+                     ?21,?22,?23,?24,?25,?26,?27,?28,?29,?30) ON CONFLICT {conflict} DO NOTHING",
+                ))
                 .unwrap();
             for j in i..i + batch {
                 let ms = base + j / 20;
                 let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
                 let u = uuid::Uuid::new_v7(ts);
-                let id = if variant == 1 {
+                let id = if matches!(variant, 1 | 7 | 8) {
                     rusqlite::types::Value::Blob(u.as_bytes().to_vec())
                 } else {
                     rusqlite::types::Value::Text(u.to_string())

@@ -46,8 +46,8 @@ pub use self::limit::{Decision, LimitSpec, RateLimitStore, Reservation, Techniqu
 pub use self::limit_memory::{LimitClock, MemoryLimitStore, DEFAULT_LIMIT_MAX_KEYS};
 pub use self::limit_redis::{RedisLimitStore, LIMIT_REDIS_OP_TIMEOUT};
 pub use self::log::{
-    AtCap, LogFilter, LogPage, LogRecord, LogStore, MetaValue, Retention, DEFAULT_LIST_LIMIT, DELETE_CHUNK_ROWS,
-    MAX_LIST_LIMIT, MAX_METADATA,
+    log_id_at, AtCap, LogFilter, LogPage, LogRecord, LogStore, MetaValue, Retention, DEFAULT_LIST_LIMIT,
+    DELETE_CHUNK_ROWS, MAX_LIST_LIMIT, MAX_METADATA,
 };
 pub use self::log_postgres::{PostgresLogStore, DEFAULT_LOG_TABLE};
 pub use self::log_sqlite::{SqliteLogStore, LOG_SQLITE_FILE};

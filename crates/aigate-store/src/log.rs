@@ -346,9 +346,11 @@ pub trait LogStore: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     /// Inserts `records` under `gateway` (their `gateway` field is ignored) in one transaction,
-    /// honouring the gateway's [`Retention`]; returns how many rows were inserted. Records whose id
-    /// already exists in the gateway are skipped (so a retried batch is not duplicated); with
-    /// [`AtCap::StopInserting`] the batch is inserted in order only until the cap is reached.
+    /// honouring the gateway's [`Retention`]; returns how many rows were inserted. A record whose
+    /// id is already stored in the gateway with the same `created_at_ms` is skipped (so a retried
+    /// or replayed batch is not duplicated; the gateway's ids are UUIDv7 holding that time,
+    /// [`log_id_at`], so no two of its records share an id); with [`AtCap::StopInserting`] the
+    /// batch is inserted in order only until the cap is reached.
     ///
     /// The same transaction adds to the analytics rollups ([`crate::analytics`]) every record that
     /// is not a duplicate id, including those dropped at the cap (analytics count traffic, not
@@ -433,6 +435,25 @@ impl Retentions {
     pub(crate) fn get(&self, gateway: &str) -> Option<Retention> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).get(gateway).copied()
     }
+}
+
+/// The id of a record created at `created_at_ms` (Unix ms): a UUIDv7 holding that time in its
+/// timestamp field, the other 74 bits random. The gateway makes every record's id this way, so a
+/// store can find a record by id through its time ([`crate::SqliteLogStore`] keys its rows by
+/// `(gateway, created_at_ms, id)` and has no separate index of ids).
+pub fn log_id_at(created_at_ms: u64) -> uuid::Uuid {
+    let nanos = u32::try_from((created_at_ms % 1000) * 1_000_000).unwrap_or(0);
+    uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, created_at_ms / 1000, nanos))
+}
+
+/// The timestamp of a UUIDv7 log id, Unix ms (see [`log_id_at`]); `None` for any other string.
+pub(crate) fn log_id_time_ms(id: &str) -> Option<u64> {
+    let u = uuid::Uuid::try_parse(id).ok()?;
+    if u.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = u.get_timestamp()?.to_unix();
+    Some(secs.saturating_mul(1000).saturating_add(u64::from(nanos / 1_000_000)))
 }
 
 /// The error for rejected input.
@@ -686,6 +707,19 @@ pub(crate) fn filter_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_id_holds_its_time() {
+        for ms in [0, 1, 999, 1_700_000_000_123, 1_764_000_000_000 + 86_399_999] {
+            let id = log_id_at(ms).to_string();
+            assert_eq!(log_id_time_ms(&id), Some(ms), "{id}");
+            assert_eq!(id.as_bytes()[14], b'7', "{id}");
+        }
+        assert_ne!(log_id_at(5), log_id_at(5), "74 random bits");
+        for other in ["", "b", "0190a0a0-0000-4000-8000-000000000001", "not-a-uuid-at-all-0000000000000000000"] {
+            assert_eq!(log_id_time_ms(other), None, "{other}");
+        }
+    }
 
     fn record() -> LogRecord {
         LogRecord {

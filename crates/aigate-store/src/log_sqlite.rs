@@ -4,13 +4,22 @@
 //! object text (entry order kept); the bodies are in segment files beside the database
 //! ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
 //! (`body_seg`, `body_off`, `request_len`, `response_len`; rows of schema 3 and older keep theirs
-//! in the BLOB columns `request_body`, `response_body`, still read). Indexes: unique `(gateway, id)`,
-//! `(gateway, created_at_ms, id)` (listing, cursors, retention) and `(gateway, event_id,
-//! created_at_ms, id)` (event lookups, newest first). Table `log_counts(gateway, n)` holds each
-//! gateway's row count, kept in the same transaction as every insert and delete, so the retention
-//! check of a batch never counts rows. Table `log_rollups` holds the analytics rollups
-//! ([`crate::analytics`]), primary key `(gateway, grain_ms, dim, bucket_ms, dim_value)` (a query
-//! reads one contiguous range per dimension), updated by upserts in the transaction of every insert. The schema version is `PRAGMA user_version`. The database
+//! in the BLOB columns `request_body`, `response_body`, still read). The table is keyed by
+//! `(gateway, created_at_ms, id)` without a rowid (schema 5): an insert goes into that one b-tree,
+//! near the end of its gateway's range, and the key is also the listing order, the cursor and the
+//! retention order. There is no index of ids (it cost a third of an insert): the gateway's ids
+//! are UUIDv7 holding the record's time ([`crate::log::log_id_at`]), so a lookup by id is a key
+//! lookup (rows of older schemas, whose time could be a millisecond past their id's, are found
+//! within [`LEGACY_ID_SKEW_MS`]; an id that is no UUIDv7, which the gateway never makes, by a scan).
+//! A record is its `(created_at_ms, id)`: inserting one already stored is a no-op. One more
+//! index, `(gateway, event_id, created_at_ms, id)` on rows with an event id, serves event
+//! lookups. Table `log_counts(gateway, n)` holds each gateway's row count, kept in the same
+//! transaction as every insert and delete, so the retention check of a batch never counts rows.
+//! Table `log_rollups` holds the analytics rollups ([`crate::analytics`]), primary key
+//! `(gateway, grain_ms, dim, bucket_ms, dim_value)` (a query reads one contiguous range per
+//! dimension), updated by upserts in the transaction of every insert. The schema version is
+//! `PRAGMA user_version`; opening a file of schema 4 or older copies its table into the schema-5
+//! layout once (2.2 s for a million rows on the benchmark VM, logged). The database
 //! runs in WAL mode with `synchronous=NORMAL` (a crash may lose the last batches, never corrupt the
 //! file) and `auto_vacuum=INCREMENTAL` (space freed by retention is given back to the file system).
 //!
@@ -51,8 +60,8 @@ use crate::{
 pub const LOG_SQLITE_FILE: &str = "logs.sqlite3";
 
 /// Schema version written to `PRAGMA user_version` (3: the event-id index is partial; 4: bodies
-/// in segment files).
-const SCHEMA_VERSION: i64 = 4;
+/// in segment files; 5: the table keyed by `(gateway, created_at_ms, id)`, no index of ids).
+const SCHEMA_VERSION: i64 = 5;
 
 /// Page size of a new database file. Records are ~0.5 KB, ~1.5 KB with bodies: 32 KiB pages
 /// halve the cost of an insert against SQLite's 4 KiB default (fewer pages split, written to the
@@ -63,13 +72,71 @@ const PAGE_SIZE: u32 = 32 * 1024;
 /// Rows deleted before the file is asked to give pages back.
 const VACUUM_AFTER_ROWS: u64 = 1_000;
 
+/// Every column of `logs`, in table order.
+const LOG_COLUMNS: &str = "gateway, id, event_id, created_at_ms, provider, path, requested_model, served_model, \
+     status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, tokens_out, \
+     cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, feedback, \
+     score, request_body, response_body, body_seg, body_off, request_len, response_len";
+
+/// The `logs` table (schema 5) under the name `table`. Keyed by `(gateway, created_at_ms, id)`
+/// without a rowid: a row goes into one b-tree, near the end of its gateway's range, and the key
+/// is the listing order, the cursor and the retention order. There is no index of ids: the id
+/// names its time ([`crate::log::log_id_at`]), so a lookup by id is a lookup by key.
+/// (`request_body` and `response_body` hold the bodies of rows stored before schema 4.)
+fn create_logs_sql(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (
+             gateway TEXT NOT NULL,
+             id TEXT NOT NULL,
+             event_id TEXT,
+             created_at_ms INTEGER NOT NULL,
+             provider TEXT NOT NULL,
+             path TEXT NOT NULL,
+             requested_model TEXT,
+             served_model TEXT,
+             status INTEGER NOT NULL,
+             success INTEGER NOT NULL,
+             cache_status TEXT NOT NULL,
+             stream INTEGER NOT NULL,
+             duration_ms REAL NOT NULL,
+             ttfb_ms REAL,
+             upstream_ms REAL,
+             overhead_ms REAL,
+             tokens_in INTEGER,
+             tokens_out INTEGER,
+             cached_tokens_in INTEGER,
+             reasoning_tokens INTEGER,
+             cost_usd REAL,
+             saved_usd REAL,
+             custom_cost INTEGER NOT NULL,
+             metadata TEXT,
+             user_agent TEXT,
+             error TEXT,
+             feedback INTEGER,
+             score REAL,
+             request_body BLOB,
+             response_body BLOB,
+             body_seg INTEGER,
+             body_off INTEGER,
+             request_len INTEGER,
+             response_len INTEGER,
+             PRIMARY KEY (gateway, created_at_ms, id)
+         ) WITHOUT ROWID;"
+    )
+}
+
 const INSERT_SQL: &str = "INSERT INTO logs (gateway, id, event_id, created_at_ms, provider, path, requested_model, \
      served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, \
      tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, \
      feedback, score, body_seg, body_off, request_len, response_len) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
      ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32) \
-     ON CONFLICT (gateway, id) DO NOTHING";
+     ON CONFLICT (gateway, created_at_ms, id) DO NOTHING";
+
+/// How far from its id's timestamp a row written before schema 5 may have its `created_at_ms`
+/// (the gateway read the clock for each separately, microseconds apart); a lookup by id that
+/// misses the exact key searches this far either side.
+const LEGACY_ID_SKEW_MS: u64 = 1_000;
 
 /// Maps a SQLite error (see [`crate::sqlite::map_err`]).
 fn sql_err(e: rusqlite::Error) -> StoreError {
@@ -130,18 +197,31 @@ impl SqliteLogStore {
                 path.display()
             )));
         }
+        let has_logs: bool = conn
+            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'logs'", [], |r| r.get(0))
+            .map_err(sql_err)?;
         // Schema 4 adds where a row's bodies are to an existing table.
         let has_body_seg: bool = conn
             .query_row("SELECT count(*) FROM pragma_table_info('logs') WHERE name = 'body_seg'", [], |r| r.get(0))
-            .map_err(sql_err)?;
-        let has_logs: bool = conn
-            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'logs'", [], |r| r.get(0))
             .map_err(sql_err)?;
         let migrate_4 = if has_logs && !has_body_seg {
             "ALTER TABLE logs ADD COLUMN body_seg INTEGER; ALTER TABLE logs ADD COLUMN body_off INTEGER; \
              ALTER TABLE logs ADD COLUMN request_len INTEGER; ALTER TABLE logs ADD COLUMN response_len INTEGER;"
         } else {
             ""
+        };
+        // Schema 5 keys the table by (gateway, created_at_ms, id) instead of a rowid plus two
+        // indexes: an older table is copied into the new layout, in key order.
+        let migrate_5 = if has_logs && version < 5 {
+            let rows: i64 = conn.query_row("SELECT count(*) FROM logs", [], |r| r.get(0)).map_err(sql_err)?;
+            tracing::info!(path = %path.display(), rows, "rebuilding the log table in the schema-5 layout (once)");
+            format!(
+                "{create} INSERT INTO logs_v5 ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM logs \
+                 ORDER BY gateway, created_at_ms, id; DROP TABLE logs; ALTER TABLE logs_v5 RENAME TO logs;",
+                create = create_logs_sql("logs_v5")
+            )
+        } else {
+            String::new()
         };
         // page_size and auto_vacuum only take effect before the first table is created.
         conn.execute_batch(&format!(
@@ -150,44 +230,9 @@ impl SqliteLogStore {
              PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              BEGIN IMMEDIATE;
-             CREATE TABLE IF NOT EXISTS logs (
-                 gateway TEXT NOT NULL,
-                 id TEXT NOT NULL,
-                 event_id TEXT,
-                 created_at_ms INTEGER NOT NULL,
-                 provider TEXT NOT NULL,
-                 path TEXT NOT NULL,
-                 requested_model TEXT,
-                 served_model TEXT,
-                 status INTEGER NOT NULL,
-                 success INTEGER NOT NULL,
-                 cache_status TEXT NOT NULL,
-                 stream INTEGER NOT NULL,
-                 duration_ms REAL NOT NULL,
-                 ttfb_ms REAL,
-                 upstream_ms REAL,
-                 overhead_ms REAL,
-                 tokens_in INTEGER,
-                 tokens_out INTEGER,
-                 cached_tokens_in INTEGER,
-                 reasoning_tokens INTEGER,
-                 cost_usd REAL,
-                 saved_usd REAL,
-                 custom_cost INTEGER NOT NULL,
-                 metadata TEXT,
-                 user_agent TEXT,
-                 error TEXT,
-                 feedback INTEGER,
-                 score REAL,
-                 request_body BLOB,
-                 response_body BLOB,
-                 body_seg INTEGER,
-                 body_off INTEGER,
-                 request_len INTEGER,
-                 response_len INTEGER
-             );
-             CREATE UNIQUE INDEX IF NOT EXISTS logs_gateway_id ON logs(gateway, id);
-             CREATE INDEX IF NOT EXISTS logs_gateway_time ON logs(gateway, created_at_ms, id);
+             {migrate_4}
+             {migrate_5}
+             {create_logs}
              -- Most requests carry no event id: a partial index costs them nothing (schema 3;
              -- schema 2 indexed every row).
              DROP INDEX IF EXISTS logs_gateway_event;
@@ -223,11 +268,16 @@ impl SqliteLogStore {
                  seg INTEGER PRIMARY KEY NOT NULL,
                  live INTEGER NOT NULL
              );
-             {migrate_4}
              PRAGMA user_version = {SCHEMA_VERSION};
-             COMMIT;"
+             COMMIT;",
+            create_logs = create_logs_sql("logs").replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"),
         ))
         .map_err(sql_err)?;
+        if !migrate_5.is_empty() {
+            // Give the old table's pages back to the file system.
+            crate::sqlite::incremental_vacuum(&conn).map_err(sql_err)?;
+            tracing::info!(path = %path.display(), "log table rebuilt");
+        }
         // Segments no row points into (the last one written before a restart can be one) go.
         conn.execute("DELETE FROM body_segments WHERE live <= 0", []).map_err(sql_err)?;
         let live = {
@@ -324,7 +374,7 @@ impl SqliteLogStore {
             bodies.remove(&dead);
             if deleted >= VACUUM_AFTER_ROWS {
                 // Best effort.
-                let _ = conn.execute_batch("PRAGMA incremental_vacuum;");
+                let _ = crate::sqlite::incremental_vacuum(conn);
             }
             Ok(value)
         })
@@ -418,6 +468,30 @@ fn release_bodies(
     Ok(())
 }
 
+/// The `created_at_ms` of the gateway's row with id `id`, if there is one. A UUIDv7 id names its
+/// time: the row is looked up by key, then (rows stored before schema 5) within
+/// [`LEGACY_ID_SKEW_MS`] of that time; any other id (never one the gateway makes) by a scan of the
+/// gateway's rows.
+fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<i64>, StoreError> {
+    let one = |sql: &str, args: &[&dyn ToSql]| -> Result<Option<i64>, StoreError> {
+        conn.prepare_cached(sql).map_err(sql_err)?.query_row(args, |r| r.get(0)).optional().map_err(sql_err)
+    };
+    let Some(t) = crate::log::log_id_time_ms(id) else {
+        return one("SELECT created_at_ms FROM logs WHERE gateway = ?1 AND id = ?2 LIMIT 1", &[&gateway, &id]);
+    };
+    let exact = one(
+        "SELECT created_at_ms FROM logs WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3",
+        &[&gateway, &to_i64(t), &id],
+    )?;
+    if exact.is_some() {
+        return Ok(exact);
+    }
+    one(
+        "SELECT created_at_ms FROM logs WHERE gateway = ?1 AND created_at_ms BETWEEN ?2 AND ?3 AND id = ?4 LIMIT 1",
+        &[&gateway, &to_i64(t.saturating_sub(LEGACY_ID_SKEW_MS)), &to_i64(t.saturating_add(LEGACY_ID_SKEW_MS)), &id],
+    )
+}
+
 /// Deletes at most `limit` of the gateway's rows created before `cutoff_ms`, oldest first;
 /// returns how many.
 fn delete_older(
@@ -428,8 +502,8 @@ fn delete_older(
     limit: u64,
 ) -> Result<u64, StoreError> {
     let sql = format!(
-        "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
-         ORDER BY created_at_ms, id LIMIT ?3) {RETURNING_BODIES}"
+        "DELETE FROM logs WHERE gateway = ?1 AND (created_at_ms, id) IN (SELECT created_at_ms, id FROM logs \
+         WHERE gateway = ?1 AND created_at_ms < ?2 ORDER BY created_at_ms, id LIMIT ?3) {RETURNING_BODIES}"
     );
     delete_rows(tx, bodies, &sql, params![gateway, to_i64(cutoff_ms), to_i64(limit)], false)
 }
@@ -437,8 +511,8 @@ fn delete_older(
 /// Deletes the gateway's `k` oldest rows; returns how many.
 fn delete_oldest(tx: &Transaction<'_>, bodies: &mut BodyFiles, gateway: &str, k: u64) -> Result<u64, StoreError> {
     let sql = format!(
-        "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE gateway = ?1 \
-         ORDER BY created_at_ms, id LIMIT ?2) {RETURNING_BODIES}"
+        "DELETE FROM logs WHERE gateway = ?1 AND (created_at_ms, id) IN (SELECT created_at_ms, id FROM logs \
+         WHERE gateway = ?1 ORDER BY created_at_ms, id LIMIT ?2) {RETURNING_BODIES}"
     );
     delete_rows(tx, bodies, &sql, params![gateway, to_i64(k)], false)
 }
@@ -685,11 +759,14 @@ impl LogStore for SqliteLogStore {
             }
             if stopped_at < records.len() {
                 // Dropped at the cap: still traffic, unless a duplicate id.
-                let mut exists =
-                    tx.prepare_cached("SELECT 1 FROM logs WHERE gateway = ?1 AND id = ?2").map_err(sql_err)?;
+                let mut exists = tx
+                    .prepare_cached("SELECT 1 FROM logs WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3")
+                    .map_err(sql_err)?;
                 let mut seen = HashSet::new();
                 for r in &records[stopped_at..] {
-                    if seen.insert(r.id.as_str()) && !exists.exists(params![gateway, r.id]).map_err(sql_err)? {
+                    if seen.insert((r.created_at_ms, r.id.as_str()))
+                        && !exists.exists(params![gateway, to_i64(r.created_at_ms), r.id]).map_err(sql_err)?
+                    {
                         counted.push(r);
                     }
                 }
@@ -770,13 +847,14 @@ impl LogStore for SqliteLogStore {
     async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
         self.run(move |db| {
+            let Some(t) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
             let sql = format!(
                 "SELECT {LIST_COLUMNS}, request_body, response_body, body_seg, body_off, request_len, response_len \
-                 FROM logs WHERE gateway = ?1 AND id = ?2"
+                 FROM logs WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3"
             );
             let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let found = stmt
-                .query_row(params![gateway, id], |r| {
+                .query_row(params![gateway, t, id], |r| {
                     let body = match (r.get::<_, Option<i64>>(30)?, r.get::<_, Option<i64>>(31)?) {
                         (Some(seg), Some(off)) => {
                             Some(BodyRef { seg, off, request_len: r.get(32)?, response_len: r.get(33)? })
@@ -800,8 +878,8 @@ impl LogStore for SqliteLogStore {
     async fn delete(&self, gateway: &str, filter: &LogFilter) -> Result<u64, StoreError> {
         let w = filter_sql(Dialect::Sqlite, gateway, filter, false)?;
         let sql = Arc::new(format!(
-            "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE {} LIMIT {DELETE_CHUNK_ROWS}) \
-             {RETURNING_BODIES}",
+            "DELETE FROM logs WHERE (gateway, created_at_ms, id) IN (SELECT gateway, created_at_ms, id FROM logs \
+             WHERE {} LIMIT {DELETE_CHUNK_ROWS}) {RETURNING_BODIES}",
             w.sql
         ));
         let values = Arc::new(w.params);
@@ -837,11 +915,12 @@ impl LogStore for SqliteLogStore {
         check_patch(feedback, score)?;
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
         self.write(move |tx, _| {
+            let Some(t) = find_id(tx, &gateway, &id)? else { return Ok((false, 0)) };
             let n = tx
                 .execute(
-                    "UPDATE logs SET feedback = COALESCE(?3, feedback), score = COALESCE(?4, score) \
-                     WHERE gateway = ?1 AND id = ?2",
-                    params![gateway, id, feedback.map(i64::from), score],
+                    "UPDATE logs SET feedback = COALESCE(?4, feedback), score = COALESCE(?5, score) \
+                     WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3",
+                    params![gateway, t, id, feedback.map(i64::from), score],
                 )
                 .map_err(sql_err)?;
             Ok((n > 0, 0))
@@ -892,6 +971,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::log::log_id_at;
 
     fn index_names(conn: &Connection) -> Vec<String> {
         let mut st = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'logs'").unwrap();
@@ -899,15 +979,147 @@ mod tests {
         names.map(Result::unwrap).collect()
     }
 
+    fn temp_path(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("aigate-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (dir.join(LOG_SQLITE_FILE), dir)
+    }
+
+    /// A file in the schema-4 layout, as aigate before schema 5 created it: a rowid table with a
+    /// unique index of ids and a time index.
+    fn schema_4_file(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
+             {}
+             CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);
+             CREATE INDEX logs_gateway_time ON logs(gateway, created_at_ms, id);
+             CREATE INDEX logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
+                 WHERE event_id IS NOT NULL;
+             CREATE TABLE log_counts (gateway TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE body_segments (seg INTEGER PRIMARY KEY NOT NULL, live INTEGER NOT NULL);
+             PRAGMA user_version = 4;",
+            create_logs_sql("logs")
+                .replace(",\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;", ");")
+        ))
+        .unwrap();
+        let sql: String =
+            conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
+        assert!(!sql.contains("WITHOUT ROWID") && sql.contains("response_len INTEGER)"), "{sql}");
+        conn
+    }
+
+    /// Inserts a minimal row in whatever layout the file has.
+    fn legacy_row(conn: &Connection, gateway: &str, id: &str, created_at_ms: u64) {
+        conn.execute(
+            "INSERT INTO logs (gateway, id, created_at_ms, provider, path, status, success, cache_status, stream, \
+             duration_ms, custom_cost) VALUES (?1, ?2, ?3, 'openai', 'chat/completions', 200, 1, 'MISS', 0, 1.0, 0)",
+            params![gateway, id, to_i64(created_at_ms)],
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_schema_4_file_is_rebuilt_keyed_by_time_and_its_ids_still_resolve() {
+        let (path, dir) = temp_path("migrate-4");
+        let t = now_ms() - 60_000;
+        // Before schema 5 the gateway read the clock for the id and the time separately: a row's
+        // created_at_ms can be a millisecond past its id's timestamp.
+        let ids: Vec<(String, u64)> = (0..50u64).map(|i| (log_id_at(t + i).to_string(), t + i + i % 2)).collect();
+        {
+            let conn = schema_4_file(&path);
+            for (id, ms) in &ids {
+                legacy_row(&conn, "gw", id, *ms);
+            }
+            legacy_row(&conn, "other", "not-a-uuid", t);
+            conn.execute_batch("INSERT INTO log_counts VALUES ('gw', 50), ('other', 1);").unwrap();
+        }
+        let s = SqliteLogStore::open(&path).unwrap();
+        assert_eq!(s.count("gw").await.unwrap(), 50);
+        for (id, ms) in &ids {
+            let got = s.get("gw", id).await.unwrap().unwrap();
+            assert_eq!((&got.id, got.created_at_ms), (id, *ms));
+        }
+        assert!(s.patch("gw", &ids[1].0, Some(1), None).await.unwrap());
+        assert_eq!(s.get("gw", &ids[1].0).await.unwrap().unwrap().feedback, Some(1));
+        assert_eq!(s.get("other", "not-a-uuid").await.unwrap().unwrap().created_at_ms, t);
+        assert_eq!(s.get("gw", &log_id_at(t + 5000).to_string()).await.unwrap(), None);
+        assert_eq!(s.get("other", &ids[0].0).await.unwrap(), None, "gateways stay apart");
+        // Newest first, by (created_at_ms, id), across pages.
+        let mut listed = Vec::new();
+        let mut f = LogFilter { limit: Some(7), ..LogFilter::default() };
+        loop {
+            let page = s.list("gw", &f).await.unwrap();
+            listed.extend(page.records.into_iter().map(|r| (r.id, r.created_at_ms)));
+            match page.next_cursor {
+                Some(c) => f.cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut want = ids.clone();
+        want.sort_by(|a, b| (b.1, &b.0).cmp(&(a.1, &a.0)));
+        assert_eq!(listed, want);
+        // A replayed record (same id and time) is not stored twice; a new one goes in.
+        let mut again = s.get("gw", &ids[3].0).await.unwrap().unwrap();
+        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&again)).await.unwrap(), 0);
+        again.id = log_id_at(t + 100).to_string();
+        again.created_at_ms = t + 100;
+        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&again)).await.unwrap(), 1);
+        assert_eq!(s.count("gw").await.unwrap(), 51);
+        drop(s);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let sql: String =
+            conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
+        assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+        assert_eq!(index_names(&conn).iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1);
+        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
+        assert_eq!(free, 0, "the old table's pages went back to the file system");
+        drop(conn);
+        // A later open finds the schema current and changes nothing.
+        let s = SqliteLogStore::open(&path).unwrap();
+        assert_eq!(s.count("gw").await.unwrap(), 51);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_by_id_uses_the_key() {
+        let (path, dir) = temp_path("plan");
+        drop(SqliteLogStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let page_size: u32 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(page_size, PAGE_SIZE, "a new file gets the larger page size");
+        let plan = |sql: &str| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = st.query_map([], |r| r.get::<_, String>(3)).unwrap();
+            rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+        };
+        for sql in [
+            "SELECT created_at_ms FROM logs WHERE gateway = 'g' AND created_at_ms = 5 AND id = 'x'",
+            "SELECT created_at_ms FROM logs WHERE gateway = 'g' AND created_at_ms BETWEEN 4 AND 6 AND id = 'x' LIMIT 1",
+            "DELETE FROM logs WHERE gateway = 'g' AND (created_at_ms, id) IN (SELECT created_at_ms, id FROM logs \
+             WHERE gateway = 'g' AND created_at_ms < 9 ORDER BY created_at_ms, id LIMIT 10)",
+            "DELETE FROM logs WHERE (gateway, created_at_ms, id) IN (SELECT gateway, created_at_ms, id FROM logs \
+             WHERE gateway = 'g' AND status >= 500 LIMIT 10)",
+        ] {
+            let p = plan(sql);
+            assert!(p.contains("SEARCH logs USING PRIMARY KEY"), "{sql}: {p}");
+            assert!(!p.contains("SCAN logs"), "{sql}: {p}");
+        }
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn a_schema_3_file_keeps_its_in_row_bodies_and_gets_segments() {
-        let dir = std::env::temp_dir().join(format!("aigate-log-migrate4-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join(LOG_SQLITE_FILE);
-        drop(SqliteLogStore::open(&path).unwrap());
+        let (path, dir) = temp_path("migrate-3");
         {
-            // Put the file back in its schema-3 shape, with a row holding its bodies in the row.
-            let conn = Connection::open(&path).unwrap();
+            // A schema-3 file: the schema-4 layout without the body segment columns, a row holding
+            // its bodies in the row.
+            let conn = schema_4_file(&path);
             conn.execute_batch(
                 "DROP TABLE body_segments;
                  ALTER TABLE logs DROP COLUMN body_seg; ALTER TABLE logs DROP COLUMN body_off;
@@ -942,15 +1154,10 @@ mod tests {
 
     #[test]
     fn a_schema_2_file_is_migrated_to_the_partial_event_index() {
-        let dir = std::env::temp_dir().join(format!("aigate-log-migrate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join(LOG_SQLITE_FILE);
-        drop(SqliteLogStore::open(&path).unwrap());
+        let (path, dir) = temp_path("migrate-2");
         {
-            // Put the file back in its schema-2 shape.
-            let conn = Connection::open(&path).unwrap();
-            let page_size: u32 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
-            assert_eq!(page_size, PAGE_SIZE, "a new file gets the larger page size");
+            // A schema-2 file: the schema-4 layout with a full event index.
+            let conn = schema_4_file(&path);
             conn.execute_batch(
                 "DROP INDEX logs_gateway_event_id;
                  CREATE INDEX logs_gateway_event ON logs(gateway, event_id, created_at_ms, id);

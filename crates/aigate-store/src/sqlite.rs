@@ -1,6 +1,7 @@
-//! What the SQLite-backed stores share: how a SQLite error maps to a [`StoreError`].
+//! What the SQLite-backed stores share: how a SQLite error maps to a [`StoreError`], and giving
+//! free pages back to the file system.
 
-use rusqlite::ErrorCode;
+use rusqlite::{Connection, ErrorCode};
 
 use crate::StoreError;
 
@@ -25,4 +26,14 @@ pub(crate) fn map_err(what: &str, e: rusqlite::Error) -> StoreError {
         }
         _ => StoreError::Unavailable(format!("{what}: {e}")),
     }
+}
+
+/// Gives the file's free pages back to the file system (the stores create their files with
+/// `auto_vacuum = INCREMENTAL`). The pragma frees one page per result row it returns, so every
+/// row is read: `execute_batch` would step it once and free a single page.
+pub(crate) fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut rows = stmt.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
 }

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use aigate_store::analytics::{nearest_rank, DAY_MS, MINUTE_MS};
 use aigate_store::{
-    build_log_store, Analytics, AnalyticsQuery, AnalyticsStats, AtCap, Granularity, GroupBy, LogBackend, LogFilter,
-    LogRecord, LogStore, MetaValue, PostgresLogStore, Retention, SqliteLogStore, StoreError, DELETE_CHUNK_ROWS,
-    LOG_SQLITE_FILE,
+    build_log_store, log_id_at, Analytics, AnalyticsQuery, AnalyticsStats, AtCap, Granularity, GroupBy, LogBackend,
+    LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore, Retention, SqliteLogStore, StoreError,
+    DELETE_CHUNK_ROWS, LOG_SQLITE_FILE,
 };
 use bytes::Bytes;
 
@@ -300,8 +300,9 @@ mod cases {
 
     pub async fn roundtrip_every_field(s: &dyn LogStore, gw: &str) {
         let t = now_ms();
-        let a = full("0190b3c4-0000-7000-8000-00000000000a", t);
-        let b = rec("0190b3c4-0000-7000-8000-00000000000b", t - 1);
+        // Ids as the gateway makes them: UUIDv7 holding the record's time.
+        let a = full(&log_id_at(t).to_string(), t);
+        let b = rec(&log_id_at(t - 1).to_string(), t - 1);
         assert_eq!(s.insert_batch(gw, &[a.clone(), b.clone()]).await.unwrap(), 2);
         assert_eq!(s.get(gw, &a.id).await.unwrap().unwrap(), stored(&a, gw));
         assert_eq!(s.get(gw, &b.id).await.unwrap().unwrap(), stored(&b, gw));
@@ -336,7 +337,8 @@ mod cases {
     pub async fn duplicate_ids_are_skipped(s: &dyn LogStore, gw: &str) {
         let t = now_ms();
         assert_eq!(s.insert_batch(gw, &[rec("a", t), rec("b", t)]).await.unwrap(), 2);
-        let mut b2 = rec("b", t + 5);
+        // A record is its id and time (the gateway's ids hold their time: they never meet twice).
+        let mut b2 = rec("b", t);
         b2.status = 500;
         assert_eq!(s.insert_batch(gw, &[b2, rec("c", t), rec("c", t)]).await.unwrap(), 1);
         assert_eq!(s.count(gw).await.unwrap(), 3);
@@ -753,10 +755,10 @@ mod cases {
             |g| AnalyticsQuery { from_ms: t - 10 * DAY_MS, to_ms: t + HOUR, granularity: g, group_by: GroupBy::None };
         let requests = || async { s.analytics(gw, &q(Granularity::Hour)).await.unwrap().totals.requests };
         assert_eq!(s.insert_batch(gw, &[rec("a", t), rec("b", t + 1)]).await.unwrap(), 2);
-        // A duplicate id, in the store or in the batch, is not counted twice.
-        let mut b2 = rec("b", t + 2);
+        // A duplicate (id and time), in the store or in the batch, is not counted twice.
+        let mut b2 = rec("b", t + 1);
         b2.tokens_in = Some(1_000);
-        assert_eq!(s.insert_batch(gw, &[b2, rec("c", t + 3), rec("c", t + 4)]).await.unwrap(), 1);
+        assert_eq!(s.insert_batch(gw, &[b2, rec("c", t + 3), rec("c", t + 3)]).await.unwrap(), 1);
         assert_eq!(requests().await, 3);
         assert_eq!(s.analytics(gw, &q(Granularity::Hour)).await.unwrap().totals.tokens_in, 0);
         // Rollups only: counted, not stored.
@@ -773,7 +775,7 @@ mod cases {
         // Records dropped at the cap are traffic too (a duplicate among them is not).
         s.set_retention(gw, Retention { max_records: 4, at_cap: AtCap::StopInserting, max_age_ms: None });
         assert_eq!(
-            s.insert_batch(gw, &[rec("d", t + 7), rec("e", t + 8), rec("a", t + 9), rec("e", t)]).await.unwrap(),
+            s.insert_batch(gw, &[rec("d", t + 7), rec("e", t + 8), rec("a", t), rec("e", t + 8)]).await.unwrap(),
             1
         );
         assert_eq!(requests().await, 7);

@@ -72,6 +72,9 @@ async fn plain_request_record_has_every_field() {
     let recs = records(&env, "default", 1).await;
     let rec = &recs[0];
     assert_eq!(rec["id"], id.as_str());
+    // The id is a UUIDv7 holding the record's time (the SQLite store finds records by it).
+    let (secs, nanos) = uuid::Uuid::parse_str(&id).unwrap().get_timestamp().unwrap().to_unix();
+    assert_eq!(rec["created_at_ms"].as_u64(), Some(secs * 1000 + u64::from(nanos / 1_000_000)), "{rec}");
     assert_eq!(rec["event_id"], "evt-1");
     assert_eq!(rec["gateway"], "default");
     assert_eq!(rec["provider"], "openai");
