@@ -1807,6 +1807,26 @@ mod tests {
     }
 
     #[test]
+    fn skip_string_ends_every_string_where_serde_does() {
+        // Strings of every length up to 72 bytes, with escapes (a quote, a backslash, a unicode
+        // escape) at every position, and unterminated ones.
+        for len in 0..72 {
+            for (at, esc) in (0..=len).flat_map(|at| [(at, &br#"\""#[..]), (at, br"\\"), (at, br"\u0022")]) {
+                let mut s = vec![b'x'; len];
+                s.splice(at..at, esc.iter().copied());
+                let mut buf = b"\"".to_vec();
+                buf.extend_from_slice(&s);
+                buf.extend_from_slice(br#"","next":1"#);
+                let end = skip_string(&buf, 0);
+                let decoded: String = serde_json::from_slice(&buf[..end.unwrap()]).unwrap();
+                assert_eq!(decoded.len(), len + 1, "len {len}, escape at {at}");
+                assert_eq!(&buf[end.unwrap()..end.unwrap() + 1], b",");
+                assert_eq!(skip_string(&buf[..buf.len() - 10], 0), None, "unterminated: len {len}, at {at}");
+            }
+        }
+    }
+
+    #[test]
     fn the_usage_scan_agrees_with_the_typed_parse() {
         let typed = |b: &[u8]| serde_json::from_slice::<RawUsage>(b).ok();
         let usage_of = |body: &[u8], key: &[u8]| {
