@@ -454,9 +454,24 @@ fn release_bodies(
     for r in refs {
         *per_seg.entry(r.seg).or_default() += 1;
     }
+    release_segments(tx, bodies, per_seg)
+}
+
+/// Takes `rows` deleted rows off each segment's count and marks the segments no row points into
+/// any more for removal once the transaction commits.
+fn release_segments(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    per_seg: impl IntoIterator<Item = (i64, i64)>,
+) -> Result<(), StoreError> {
     let mut dec = tx.prepare_cached("UPDATE body_segments SET live = live - ?2 WHERE seg = ?1").map_err(sql_err)?;
+    let mut any = false;
     for (seg, k) in per_seg {
         dec.execute(params![seg, k]).map_err(sql_err)?;
+        any = true;
+    }
+    if !any {
+        return Ok(());
     }
     let mut gone = tx
         .prepare_cached("DELETE FROM body_segments WHERE live <= 0 AND seg IS NOT ?1 RETURNING seg")
@@ -501,20 +516,65 @@ fn delete_older(
     cutoff_ms: u64,
     limit: u64,
 ) -> Result<u64, StoreError> {
-    let sql = format!(
-        "DELETE FROM logs WHERE gateway = ?1 AND (created_at_ms, id) IN (SELECT created_at_ms, id FROM logs \
-         WHERE gateway = ?1 AND created_at_ms < ?2 ORDER BY created_at_ms, id LIMIT ?3) {RETURNING_BODIES}"
-    );
-    delete_rows(tx, bodies, &sql, params![gateway, to_i64(cutoff_ms), to_i64(limit)], false)
+    delete_front(tx, bodies, gateway, Some(cutoff_ms), limit)
 }
 
 /// Deletes the gateway's `k` oldest rows; returns how many.
 fn delete_oldest(tx: &Transaction<'_>, bodies: &mut BodyFiles, gateway: &str, k: u64) -> Result<u64, StoreError> {
-    let sql = format!(
-        "DELETE FROM logs WHERE gateway = ?1 AND (created_at_ms, id) IN (SELECT created_at_ms, id FROM logs \
-         WHERE gateway = ?1 ORDER BY created_at_ms, id LIMIT ?2) {RETURNING_BODIES}"
-    );
-    delete_rows(tx, bodies, &sql, params![gateway, to_i64(k)], false)
+    delete_front(tx, bodies, gateway, None, k)
+}
+
+/// Deletes the gateway's `k` oldest rows among those created before `before_ms` (all of its rows
+/// when `None`); returns how many. The rows are the front of the gateway's key range: the key of
+/// the `k`-th is found first and everything up to it is deleted as one range, without `RETURNING`
+/// (which would make SQLite collect the keys and seek each row again); the bodies' segments are
+/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT k)` cost about as much
+/// per row as inserting one.)
+fn delete_front(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    gateway: &str,
+    before_ms: Option<u64>,
+    k: u64,
+) -> Result<u64, StoreError> {
+    if k == 0 {
+        return Ok(0);
+    }
+    let before = to_i64(before_ms.unwrap_or(u64::MAX / 2));
+    let last: Option<(i64, String)> = tx
+        .prepare_cached(
+            "SELECT created_at_ms, id FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
+             ORDER BY created_at_ms, id LIMIT 1 OFFSET ?3",
+        )
+        .map_err(sql_err)?
+        .query_row(params![gateway, before, to_i64(k - 1)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(sql_err)?;
+    // Fewer than k such rows: all of them go.
+    let (range, args): (&str, Vec<&dyn ToSql>) = match &last {
+        Some((t, id)) => ("(created_at_ms, id) <= (?2, ?3)", vec![&gateway, t, id]),
+        None => ("created_at_ms < ?2", vec![&gateway, &before]),
+    };
+    let mut per_seg = Vec::new();
+    {
+        let mut st = tx
+            .prepare_cached(&format!(
+                "SELECT body_seg, count(*) FROM logs WHERE gateway = ?1 AND {range} AND body_seg IS NOT NULL \
+                 GROUP BY body_seg"
+            ))
+            .map_err(sql_err)?;
+        let rows = st.query_map(&args[..], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
+        for row in rows {
+            per_seg.push(row.map_err(sql_err)?);
+        }
+    }
+    let n = tx
+        .prepare_cached(&format!("DELETE FROM logs WHERE gateway = ?1 AND {range}"))
+        .map_err(sql_err)?
+        .execute(&args[..])
+        .map_err(sql_err)? as u64;
+    release_segments(tx, bodies, per_seg)?;
+    Ok(n)
 }
 
 /// One step of [`LogStore::enforce_retention`] on a gateway holding `n` rows: removes at most
@@ -1100,8 +1160,12 @@ mod tests {
         for sql in [
             "SELECT created_at_ms FROM logs WHERE gateway = 'g' AND created_at_ms = 5 AND id = 'x'",
             "SELECT created_at_ms FROM logs WHERE gateway = 'g' AND created_at_ms BETWEEN 4 AND 6 AND id = 'x' LIMIT 1",
-            "DELETE FROM logs WHERE gateway = 'g' AND (created_at_ms, id) IN (SELECT created_at_ms, id FROM logs \
-             WHERE gateway = 'g' AND created_at_ms < 9 ORDER BY created_at_ms, id LIMIT 10)",
+            "SELECT created_at_ms, id FROM logs WHERE gateway = 'g' AND created_at_ms < 9 \
+             ORDER BY created_at_ms, id LIMIT 1 OFFSET 9",
+            "SELECT body_seg, count(*) FROM logs WHERE gateway = 'g' AND (created_at_ms, id) <= (5, 'x') \
+             AND body_seg IS NOT NULL GROUP BY body_seg",
+            "DELETE FROM logs WHERE gateway = 'g' AND (created_at_ms, id) <= (5, 'x')",
+            "DELETE FROM logs WHERE gateway = 'g' AND created_at_ms < 9",
             "DELETE FROM logs WHERE (gateway, created_at_ms, id) IN (SELECT gateway, created_at_ms, id FROM logs \
              WHERE gateway = 'g' AND status >= 500 LIMIT 10)",
         ] {
