@@ -85,10 +85,11 @@ CONCURRENCIES=(32 128)
 TARGETS=(direct nginx aigate-nolog aigate)
 # Throughput also measures aigate's cache-hit path (a gateway with the cache on, every request after
 # the first one answered from the memory tier; with logs on in the aigate process, off in the
-# aigate-nolog one), the cost of request logging (aigate-nolog and aigate-bodies next to aigate, so
-# that the three are measured back to back) and the cost of the rate limiter (aigate-limit and
-# aigate-limit-redis right after aigate, the same config plus rules).
-TP_TARGETS=(direct nginx aigate-nolog aigate aigate-limit aigate-limit-redis aigate-bodies aigate-hit aigate-nolog-hit)
+# aigate-nolog one), the cost of request logging (aigate-nolog, aigate and aigate-bodies measured
+# back to back) and the cost of the rate limiter (aigate-limit and aigate-limit-redis right after
+# them, the same config as aigate plus rules). Even rounds run the list backwards, so that a
+# machine slowing down (or speeding up) during a run favours neither side of a comparison.
+TP_TARGETS=(direct nginx aigate-nolog aigate aigate-bodies aigate-limit aigate-limit-redis aigate-hit aigate-nolog-hit)
 # The aigate processes (one per configuration) and the process behind each aigate target.
 INSTANCES=(aigate aigate-nolog aigate-bodies aigate-limit aigate-limit-redis)
 declare -A INSTANCE=([aigate]=aigate [aigate-hit]=aigate [aigate-nolog]=aigate-nolog
@@ -130,7 +131,7 @@ declare -A GW_PORT GW_DATA GW_PID GW_IDLE_RSS GW_PEAK_RSS SENT ROWS LOG_STATS
 # Per limiter target: the probe's x-ratelimit-* headers and the process's limiter counters.
 declare -A LIMIT_HEADERS LIMIT_STATS
 # CPU time (user + system, all threads) an aigate process spent per request in a throughput point.
-declare -A CPU_US ROUND_LINES ROUND_RPS
+declare -A CPU_US ROUND_LINES ROUND_RPS ROUND_COST
 ROUND=0
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -746,12 +747,16 @@ report() {
     if is_true "${hit_ratio[aigate-nolog-hit]} >= $TARGET_HIT_RATIO"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
     if is_true "${P99[aigate-nolog-hit,32]} <= ${P99[nginx,32]}"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
     # Logging cost: 1 - (req/s with logs / req/s without), for aigate (logs on) and aigate-bodies,
-    # at each concurrency; verdicts 5 onwards, in the order of log_lines.
+    # at each concurrency, per round (the two points of a round were measured seconds apart) and
+    # the median over the rounds; verdicts 5 onwards, in the order of log_lines.
     local -A cost
     local -a log_lines=()
     for c in "${CONCURRENCIES[@]}"; do
         for t in aigate aigate-bodies; do
-            cost[$t,$c]=$(calc "100 * (1 - ${RPS[$t,$c]} / ${RPS[aigate-nolog,$c]})")
+            cost[$t,$c]=$(paste -d' ' <(printf '%s' "${ROUND_LINES[$t,$c]}") <(printf '%s' "${ROUND_LINES[aigate-nolog,$c]}") |
+                awk '{ print 100 * (1 - $1 / $5) }' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+            ROUND_COST[$t,$c]=$(paste -d' ' <(printf '%s' "${ROUND_LINES[$t,$c]}") <(printf '%s' "${ROUND_LINES[aigate-nolog,$c]}") |
+                awk '{ printf "%s%.1f", (NR > 1 ? " / " : ""), 100 * (1 - $1 / $5) }')
             if is_true "${cost[$t,$c]} <= 100 * $TARGET_LOG_COST"; then verdicts+=(PASS); else verdicts+=(FAIL); fi
             log_lines+=("$t,$c")
         done
@@ -836,24 +841,27 @@ report() {
     echo "The throughput points of aigate-nolog (\`[gateways.default.logs] enabled = false\`), aigate (the" \
         "default: logs on, bodies off) and aigate-bodies (\`bodies = true\`): three aigate processes with" \
         "their own data_dir (SQLite log file), measured back to back, each point after the previous" \
-        "process's log writer had stored everything. Cost = 1 - req/s / aigate-nolog req/s. CPU: user +" \
+        "process's log writer had stored everything. Cost = 1 - req/s / aigate-nolog req/s of the same" \
+        "round, the median over the rounds (each round's costs in the last column); the req/s shown are" \
+        "each target's median round. CPU: user +" \
         "system time of the aigate process (all threads, the log writer's included) from the start of the" \
         "measured load until its writer settled, per request; other work on the machine moves it much less" \
         "than req/s."
     echo
-    echo "| target | concurrency | req/s | p50 ms | p99 ms | cost vs aigate-nolog | p99 vs aigate-nolog | aigate CPU µs/request | CPU vs aigate-nolog |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "| target | concurrency | req/s | p50 ms | p99 ms | cost vs aigate-nolog | p99 vs aigate-nolog | aigate CPU µs/request | CPU vs aigate-nolog | cost per round |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     for c in "${CONCURRENCIES[@]}"; do
         for t in aigate-nolog aigate aigate-bodies; do
-            local cst="-" dp99="-" dcpu="-"
+            local cst="-" dp99="-" dcpu="-" rounds="-"
             if [[ $t != aigate-nolog ]]; then
+                rounds="${ROUND_COST[$t,$c]} %"
                 cst="$(printf '%.1f' "${cost[$t,$c]}") %"
                 dp99="$(printf '%+.3f' "$(calc "${P99[$t,$c]} - ${P99[aigate-nolog,$c]}")") ms"
                 dcpu="$(printf '%+.1f' "$(calc "${CPU_US[$t,$c]} - ${CPU_US[aigate-nolog,$c]}")") µs"
                 dcpu+=" ($(printf '%+.0f' "$(calc "100 * (${CPU_US[$t,$c]} / ${CPU_US[aigate-nolog,$c]} - 1)")") %)"
             fi
-            printf '| %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s |\n' "$t" "$c" "${RPS[$t,$c]}" \
-                "${P50[$t,$c]}" "${P99[$t,$c]}" "$cst" "$dp99" "${CPU_US[$t,$c]}" "$dcpu"
+            printf '| %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s | %s |\n' "$t" "$c" "${RPS[$t,$c]}" \
+                "${P50[$t,$c]}" "${P99[$t,$c]}" "$cst" "$dp99" "${CPU_US[$t,$c]}" "$dcpu" "$rounds"
         done
     done
     echo
@@ -947,8 +955,8 @@ report() {
     for key in "${log_lines[@]}"; do
         t=${key%,*} c=${key#*,}
         if [[ $t == aigate ]]; then what="logs on (aigate)"; else what="logs with bodies (aigate-bodies)"; fi
-        echo "- ${verdicts[$i]}: logging cost at concurrency $c, $what: $(printf '%.1f' "${cost[$t,$c]}") % =" \
-            "1 - $(printf '%.0f' "${RPS[$t,$c]}") / $(printf '%.0f' "${RPS[aigate-nolog,$c]}") req/s of aigate-nolog" \
+        echo "- ${verdicts[$i]}: logging cost at concurrency $c, $what: $(printf '%.1f' "${cost[$t,$c]}") %, the" \
+            "median of the rounds' 1 - req/s / aigate-nolog req/s (${ROUND_COST[$t,$c]} %)" \
             "(target <= $(calc "100 * $TARGET_LOG_COST" | sed 's/\.000$//') %)"
         i=$((i + 1))
     done
@@ -1030,7 +1038,13 @@ main() {
 
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         for c in "${CONCURRENCIES[@]}"; do
-            for t in "${TP_TARGETS[@]}"; do measure_throughput "$t" "$c"; done
+            local -a order=("${TP_TARGETS[@]}")
+            if ((ROUND % 2 == 0)); then
+                local i
+                order=()
+                for ((i = ${#TP_TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TP_TARGETS[i]}"); done
+            fi
+            for t in "${order[@]}"; do measure_throughput "$t" "$c"; done
         done
     done
     pick_medians
