@@ -599,52 +599,109 @@ fn retention_step(
     Ok(removed)
 }
 
-/// Inserts one record, its bodies at `body`; returns whether it was new. The parameters are
-/// bound one by one (`raw_bind_parameter`) rather than through a `params!` slice of trait objects.
-fn insert_one(
+/// The previous row [`insert_one`] bound in this batch. SQLite keeps a statement's bindings from
+/// one execution to the next (rusqlite clears them only when the statement goes back to its
+/// cache, after the batch), so a parameter equal to the previous row's is not bound again: most
+/// columns repeat within a batch (gateway, provider, path, models, status, the NULLs), and
+/// binding a value (copied into SQLite, the old one released) costs more than comparing it.
+struct PrevRow<'a> {
+    record: &'a LogRecord,
+    metadata: Option<String>,
+    body: Option<BodyRef>,
+}
+
+/// Inserts one record, its bodies at `body`; returns whether it was new, and what it bound (the
+/// `prev` of the next row). The parameters are bound one by one (`raw_bind_parameter`), those
+/// that differ from `prev`'s only (all of them for a batch's first row).
+fn insert_one<'a>(
     stmt: &mut rusqlite::CachedStatement<'_>,
     gateway: &str,
-    r: &LogRecord,
+    r: &'a LogRecord,
     body: Option<BodyRef>,
-) -> Result<bool, StoreError> {
+    prev: Option<&PrevRow<'_>>,
+) -> Result<(bool, PrevRow<'a>), StoreError> {
     let metadata = metadata_object_json(&r.metadata);
     let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<usize> {
-        stmt.raw_bind_parameter(1, gateway)?;
-        stmt.raw_bind_parameter(2, &r.id)?;
-        stmt.raw_bind_parameter(3, &r.event_id)?;
-        stmt.raw_bind_parameter(4, to_i64(r.created_at_ms))?;
-        stmt.raw_bind_parameter(5, &r.provider)?;
-        stmt.raw_bind_parameter(6, &r.path)?;
-        stmt.raw_bind_parameter(7, &r.requested_model)?;
-        stmt.raw_bind_parameter(8, &r.served_model)?;
-        stmt.raw_bind_parameter(9, i64::from(r.status))?;
-        stmt.raw_bind_parameter(10, r.success)?;
-        stmt.raw_bind_parameter(11, &r.cache_status)?;
-        stmt.raw_bind_parameter(12, r.stream)?;
-        stmt.raw_bind_parameter(13, if r.duration_ms.is_finite() { r.duration_ms } else { 0.0 })?;
-        stmt.raw_bind_parameter(14, finite(r.ttfb_ms))?;
-        stmt.raw_bind_parameter(15, finite(r.upstream_ms))?;
-        stmt.raw_bind_parameter(16, finite(r.overhead_ms))?;
-        stmt.raw_bind_parameter(17, r.tokens_in.map(to_i64))?;
-        stmt.raw_bind_parameter(18, r.tokens_out.map(to_i64))?;
-        stmt.raw_bind_parameter(19, r.cached_tokens_in.map(to_i64))?;
-        stmt.raw_bind_parameter(20, r.reasoning_tokens.map(to_i64))?;
-        stmt.raw_bind_parameter(21, finite(r.cost_usd))?;
-        stmt.raw_bind_parameter(22, finite(r.saved_usd))?;
-        stmt.raw_bind_parameter(23, r.custom_cost)?;
-        stmt.raw_bind_parameter(24, &metadata)?;
-        stmt.raw_bind_parameter(25, &r.user_agent)?;
-        stmt.raw_bind_parameter(26, &r.error)?;
-        stmt.raw_bind_parameter(27, r.feedback.map(i64::from))?;
-        stmt.raw_bind_parameter(28, finite(r.score))?;
-        stmt.raw_bind_parameter(29, body.map(|b| b.seg))?;
-        stmt.raw_bind_parameter(30, body.map(|b| b.off))?;
-        stmt.raw_bind_parameter(31, body.and_then(|b| b.request_len))?;
-        stmt.raw_bind_parameter(32, body.and_then(|b| b.response_len))?;
+        // Binds `$get` (an expression of the record `$x`) unless the previous row's is the same.
+        macro_rules! bind {
+            ($i:expr, |$x:ident| $get:expr) => {{
+                let v = {
+                    let $x = r;
+                    $get
+                };
+                if prev.is_none_or(|p| {
+                    let $x = p.record;
+                    $get != v
+                }) {
+                    stmt.raw_bind_parameter($i, v)?;
+                }
+            }};
+        }
+        // The same for a float, compared bit for bit (0.0 == -0.0, but they are not stored alike).
+        macro_rules! bind_f64 {
+            ($i:expr, |$x:ident| $get:expr) => {{
+                let v: Option<f64> = {
+                    let $x = r;
+                    $get
+                };
+                if prev.is_none_or(|p| {
+                    let $x = p.record;
+                    let old: Option<f64> = $get;
+                    old.map(f64::to_bits) != v.map(f64::to_bits)
+                }) {
+                    stmt.raw_bind_parameter($i, v)?;
+                }
+            }};
+        }
+        if prev.is_none() {
+            stmt.raw_bind_parameter(1, gateway)?;
+        }
+        bind!(2, |x| &x.id);
+        bind!(3, |x| &x.event_id);
+        bind!(4, |x| to_i64(x.created_at_ms));
+        bind!(5, |x| &x.provider);
+        bind!(6, |x| &x.path);
+        bind!(7, |x| &x.requested_model);
+        bind!(8, |x| &x.served_model);
+        bind!(9, |x| i64::from(x.status));
+        bind!(10, |x| x.success);
+        bind!(11, |x| &x.cache_status);
+        bind!(12, |x| x.stream);
+        bind_f64!(13, |x| Some(if x.duration_ms.is_finite() { x.duration_ms } else { 0.0 }));
+        bind_f64!(14, |x| finite(x.ttfb_ms));
+        bind_f64!(15, |x| finite(x.upstream_ms));
+        bind_f64!(16, |x| finite(x.overhead_ms));
+        bind!(17, |x| x.tokens_in.map(to_i64));
+        bind!(18, |x| x.tokens_out.map(to_i64));
+        bind!(19, |x| x.cached_tokens_in.map(to_i64));
+        bind!(20, |x| x.reasoning_tokens.map(to_i64));
+        bind_f64!(21, |x| finite(x.cost_usd));
+        bind_f64!(22, |x| finite(x.saved_usd));
+        bind!(23, |x| x.custom_cost);
+        if prev.is_none_or(|p| p.metadata != metadata) {
+            stmt.raw_bind_parameter(24, &metadata)?;
+        }
+        bind!(25, |x| &x.user_agent);
+        bind!(26, |x| &x.error);
+        bind!(27, |x| x.feedback.map(i64::from));
+        bind_f64!(28, |x| finite(x.score));
+        let old = prev.map(|p| p.body);
+        if old.is_none_or(|o| o.map(|b| b.seg) != body.map(|b| b.seg)) {
+            stmt.raw_bind_parameter(29, body.map(|b| b.seg))?;
+        }
+        if old.is_none_or(|o| o.map(|b| b.off) != body.map(|b| b.off)) {
+            stmt.raw_bind_parameter(30, body.map(|b| b.off))?;
+        }
+        if old.is_none_or(|o| o.and_then(|b| b.request_len) != body.and_then(|b| b.request_len)) {
+            stmt.raw_bind_parameter(31, body.and_then(|b| b.request_len))?;
+        }
+        if old.is_none_or(|o| o.and_then(|b| b.response_len) != body.and_then(|b| b.response_len)) {
+            stmt.raw_bind_parameter(32, body.and_then(|b| b.response_len))?;
+        }
         stmt.raw_execute()
     };
     let n = bind(stmt).map_err(sql_err)?;
-    Ok(n > 0)
+    Ok((n > 0, PrevRow { record: r, metadata, body }))
 }
 
 /// Adds aggregated rollups to the gateway's rows (one upsert per row, in key order).
@@ -791,13 +848,16 @@ impl LogStore for SqliteLogStore {
             }
             {
                 let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(sql_err)?;
+                let mut prev: Option<PrevRow<'_>> = None;
                 for (i, r) in records.iter().enumerate() {
                     if cap.is_some_and(|cap| n >= cap) {
                         stopped_at = i;
                         break;
                     }
                     let body = bodies.add(r.request_body.as_ref(), r.response_body.as_ref());
-                    if insert_one(&mut stmt, &gateway, r, body)? {
+                    let (new, bound) = insert_one(&mut stmt, &gateway, r, body, prev.as_ref())?;
+                    prev = Some(bound);
+                    if new {
                         n += 1;
                         inserted += 1;
                         with_bodies += i64::from(body.is_some());

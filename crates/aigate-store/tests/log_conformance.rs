@@ -314,6 +314,80 @@ mod cases {
         assert_eq!(s.insert_batch(gw, &[]).await.unwrap(), 0);
     }
 
+    pub async fn a_batch_of_rows_differing_one_field_at_a_time(s: &dyn LogStore, gw: &str) {
+        // Each record differs from the one before it in one field (a store may bind only what
+        // changed from row to row), then in the reverse direction.
+        let t = now_ms();
+        let mut r = full("", t);
+        let steps: Vec<Box<dyn Fn(&mut LogRecord)>> = vec![
+            Box::new(|r| r.event_id = None),
+            Box::new(|r| r.provider = "openai".into()),
+            Box::new(|r| r.path = "/v1/embeddings".into()),
+            Box::new(|r| r.requested_model = None),
+            Box::new(|r| r.served_model = None),
+            Box::new(|r| r.status = 200),
+            Box::new(|r| r.success = true),
+            Box::new(|r| r.cache_status = "HIT".into()),
+            Box::new(|r| r.stream = false),
+            Box::new(|r| r.duration_ms = 3.5),
+            Box::new(|r| r.ttfb_ms = None),
+            Box::new(|r| r.upstream_ms = Some(2.0)),
+            Box::new(|r| r.overhead_ms = None),
+            Box::new(|r| r.tokens_in = None),
+            Box::new(|r| r.tokens_out = Some(3)),
+            Box::new(|r| r.cached_tokens_in = None),
+            Box::new(|r| r.reasoning_tokens = Some(9)),
+            Box::new(|r| r.cost_usd = None),
+            Box::new(|r| r.saved_usd = Some(0.5)),
+            Box::new(|r| r.custom_cost = false),
+            Box::new(|r| r.metadata = vec![("k".into(), MetaValue::Bool(true))]),
+            Box::new(|r| r.metadata.clear()),
+            Box::new(|r| r.user_agent = None),
+            Box::new(|r| r.error = None),
+            Box::new(|r| r.request_body = None),
+            Box::new(|r| r.response_body = None),
+            Box::new(|r| r.feedback = Some(1)),
+            Box::new(|r| r.score = None),
+            Box::new(|r| r.request_body = Some(Bytes::from_static(b"again"))),
+        ];
+        let first = r.clone();
+        let mut records = Vec::new();
+        let mut push = |r: &mut LogRecord| {
+            let ms = t + records.len() as u64;
+            (r.id, r.created_at_ms) = (log_id_at(ms).to_string(), ms);
+            records.push(r.clone());
+        };
+        push(&mut r);
+        for step in &steps {
+            step(&mut r);
+            push(&mut r);
+        }
+        // Back towards the first record, one field at a time.
+        let fields: Vec<Box<dyn Fn(&mut LogRecord, &LogRecord)>> = vec![
+            Box::new(|r, f| r.event_id.clone_from(&f.event_id)),
+            Box::new(|r, f| r.status = f.status),
+            Box::new(|r, f| r.duration_ms = f.duration_ms),
+            Box::new(|r, f| r.ttfb_ms = f.ttfb_ms),
+            Box::new(|r, f| r.metadata.clone_from(&f.metadata)),
+            Box::new(|r, f| r.response_body.clone_from(&f.response_body)),
+            Box::new(|r, f| r.cost_usd = f.cost_usd),
+            Box::new(|r, f| r.error.clone_from(&f.error)),
+        ];
+        for f in &fields {
+            f(&mut r, &first);
+            push(&mut r);
+        }
+        let n = records.len() as u64;
+        assert_eq!(s.insert_batch(gw, &records).await.unwrap(), n);
+        for want in &records {
+            assert_eq!(s.get(gw, &want.id).await.unwrap().unwrap(), stored(want, gw), "{}", want.id);
+        }
+        let page = s.list(gw, &LogFilter { limit: Some(100), ..LogFilter::default() }).await.unwrap();
+        let mut want: Vec<LogRecord> = records.iter().map(|r| listed(r, gw)).collect();
+        want.reverse();
+        assert_eq!(page.records, want);
+    }
+
     pub async fn stored_values_are_bounded(s: &dyn LogStore, gw: &str) {
         let mut r = rec("bounded", now_ms());
         r.metadata = (0..8).map(|i| (format!("k{i}"), MetaValue::Number(f64::from(i)))).collect();
@@ -858,6 +932,7 @@ macro_rules! conformance {
             use super::*;
             conformance!(@case $fixture, roundtrip_every_field);
             conformance!(@case $fixture, stored_values_are_bounded);
+            conformance!(@case $fixture, a_batch_of_rows_differing_one_field_at_a_time);
             conformance!(@case $fixture, duplicate_ids_are_skipped);
             conformance!(@case $fixture, pagination_is_stable_across_equal_timestamps);
             conformance!(@case $fixture, each_filter_selects_its_records);
