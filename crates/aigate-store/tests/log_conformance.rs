@@ -319,36 +319,36 @@ mod cases {
         // changed from row to row), then in the reverse direction.
         let t = now_ms();
         let mut r = full("", t);
-        let steps: Vec<Box<dyn Fn(&mut LogRecord)>> = vec![
-            Box::new(|r| r.event_id = None),
-            Box::new(|r| r.provider = "openai".into()),
-            Box::new(|r| r.path = "/v1/embeddings".into()),
-            Box::new(|r| r.requested_model = None),
-            Box::new(|r| r.served_model = None),
-            Box::new(|r| r.status = 200),
-            Box::new(|r| r.success = true),
-            Box::new(|r| r.cache_status = "HIT".into()),
-            Box::new(|r| r.stream = false),
-            Box::new(|r| r.duration_ms = 3.5),
-            Box::new(|r| r.ttfb_ms = None),
-            Box::new(|r| r.upstream_ms = Some(2.0)),
-            Box::new(|r| r.overhead_ms = None),
-            Box::new(|r| r.tokens_in = None),
-            Box::new(|r| r.tokens_out = Some(3)),
-            Box::new(|r| r.cached_tokens_in = None),
-            Box::new(|r| r.reasoning_tokens = Some(9)),
-            Box::new(|r| r.cost_usd = None),
-            Box::new(|r| r.saved_usd = Some(0.5)),
-            Box::new(|r| r.custom_cost = false),
-            Box::new(|r| r.metadata = vec![("k".into(), MetaValue::Bool(true))]),
-            Box::new(|r| r.metadata.clear()),
-            Box::new(|r| r.user_agent = None),
-            Box::new(|r| r.error = None),
-            Box::new(|r| r.request_body = None),
-            Box::new(|r| r.response_body = None),
-            Box::new(|r| r.feedback = Some(1)),
-            Box::new(|r| r.score = None),
-            Box::new(|r| r.request_body = Some(Bytes::from_static(b"again"))),
+        let steps: Vec<fn(&mut LogRecord)> = vec![
+            |r| r.event_id = None,
+            |r| r.provider = "openai".into(),
+            |r| r.path = "/v1/embeddings".into(),
+            |r| r.requested_model = None,
+            |r| r.served_model = None,
+            |r| r.status = 200,
+            |r| r.success = true,
+            |r| r.cache_status = "HIT".into(),
+            |r| r.stream = false,
+            |r| r.duration_ms = 3.5,
+            |r| r.ttfb_ms = None,
+            |r| r.upstream_ms = Some(2.0),
+            |r| r.overhead_ms = None,
+            |r| r.tokens_in = None,
+            |r| r.tokens_out = Some(3),
+            |r| r.cached_tokens_in = None,
+            |r| r.reasoning_tokens = Some(9),
+            |r| r.cost_usd = None,
+            |r| r.saved_usd = Some(0.5),
+            |r| r.custom_cost = false,
+            |r| r.metadata = vec![("k".into(), MetaValue::Bool(true))],
+            |r| r.metadata.clear(),
+            |r| r.user_agent = None,
+            |r| r.error = None,
+            |r| r.request_body = None,
+            |r| r.response_body = None,
+            |r| r.feedback = Some(1),
+            |r| r.score = None,
+            |r| r.request_body = Some(Bytes::from_static(b"again")),
         ];
         let first = r.clone();
         let mut records = Vec::new();
@@ -363,15 +363,15 @@ mod cases {
             push(&mut r);
         }
         // Back towards the first record, one field at a time.
-        let fields: Vec<Box<dyn Fn(&mut LogRecord, &LogRecord)>> = vec![
-            Box::new(|r, f| r.event_id.clone_from(&f.event_id)),
-            Box::new(|r, f| r.status = f.status),
-            Box::new(|r, f| r.duration_ms = f.duration_ms),
-            Box::new(|r, f| r.ttfb_ms = f.ttfb_ms),
-            Box::new(|r, f| r.metadata.clone_from(&f.metadata)),
-            Box::new(|r, f| r.response_body.clone_from(&f.response_body)),
-            Box::new(|r, f| r.cost_usd = f.cost_usd),
-            Box::new(|r, f| r.error.clone_from(&f.error)),
+        let fields: Vec<fn(&mut LogRecord, &LogRecord)> = vec![
+            |r, f| r.event_id.clone_from(&f.event_id),
+            |r, f| r.status = f.status,
+            |r, f| r.duration_ms = f.duration_ms,
+            |r, f| r.ttfb_ms = f.ttfb_ms,
+            |r, f| r.metadata.clone_from(&f.metadata),
+            |r, f| r.response_body.clone_from(&f.response_body),
+            |r, f| r.cost_usd = f.cost_usd,
+            |r, f| r.error.clone_from(&f.error),
         ];
         for f in &fields {
             f(&mut r, &first);
