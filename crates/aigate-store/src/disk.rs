@@ -113,7 +113,7 @@ impl DiskCacheStore {
             .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM cache", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(sql_err)?;
         tx.commit().map_err(sql_err)?;
-        let _ = crate::sqlite::incremental_vacuum(&conn);
+        let _ = crate::sqlite::give_back_free_pages(&conn, crate::sqlite::KEEP_FREE_BYTES);
         Ok(DiskCacheStore {
             inner: Arc::new(Shared {
                 conn: Mutex::new(conn),
@@ -146,7 +146,7 @@ impl DiskCacheStore {
             shared.sub(n, bytes);
             if n > 0 {
                 // Best effort: give freed pages back to the file system.
-                let _ = crate::sqlite::incremental_vacuum(conn);
+                let _ = crate::sqlite::give_back_free_pages(conn, crate::sqlite::KEEP_FREE_BYTES);
             }
             Ok(n)
         })
@@ -317,7 +317,7 @@ impl CacheStore for DiskCacheStore {
             shared.bytes.store(bytes, Ordering::Relaxed);
             shared.evictions.fetch_add(evicted, Ordering::Relaxed);
             if swept {
-                let _ = crate::sqlite::incremental_vacuum(conn);
+                let _ = crate::sqlite::give_back_free_pages(conn, crate::sqlite::KEEP_FREE_BYTES);
             }
             Ok(())
         })

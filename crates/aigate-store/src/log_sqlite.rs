@@ -21,7 +21,8 @@
 //! `PRAGMA user_version`; opening a file of schema 4 or older copies its table into the schema-5
 //! layout once (2.2 s for a million rows on the benchmark VM, logged). The database
 //! runs in WAL mode with `synchronous=NORMAL` (a crash may lose the last batches, never corrupt the
-//! file) and `auto_vacuum=INCREMENTAL` (space freed by retention is given back to the file system).
+//! file) and `auto_vacuum=INCREMENTAL` (free space beyond 64 MiB, kept for reuse, is given back to
+//! the file system after deletes).
 //!
 //! Bounds: as [`crate::log`]; one statement per record inside one transaction per batch, plus one
 //! upsert per rollup row the batch touches (grains × dimensions × buckets, not records).
@@ -275,7 +276,7 @@ impl SqliteLogStore {
         .map_err(sql_err)?;
         if !migrate_5.is_empty() {
             // Give the old table's pages back to the file system.
-            crate::sqlite::incremental_vacuum(&conn).map_err(sql_err)?;
+            crate::sqlite::give_back_free_pages(&conn, 0).map_err(sql_err)?;
             tracing::info!(path = %path.display(), "log table rebuilt");
         }
         // Segments no row points into (the last one written before a restart can be one) go.
@@ -374,7 +375,7 @@ impl SqliteLogStore {
             bodies.remove(&dead);
             if deleted >= VACUUM_AFTER_ROWS {
                 // Best effort.
-                let _ = crate::sqlite::incremental_vacuum(conn);
+                let _ = crate::sqlite::give_back_free_pages(conn, crate::sqlite::KEEP_FREE_BYTES);
             }
             Ok(value)
         })
