@@ -508,23 +508,6 @@ fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<i64>, St
     )
 }
 
-/// Deletes at most `limit` of the gateway's rows created before `cutoff_ms`, oldest first;
-/// returns how many.
-fn delete_older(
-    tx: &Transaction<'_>,
-    bodies: &mut BodyFiles,
-    gateway: &str,
-    cutoff_ms: u64,
-    limit: u64,
-) -> Result<u64, StoreError> {
-    delete_front(tx, bodies, gateway, Some(cutoff_ms), limit)
-}
-
-/// Deletes the gateway's `k` oldest rows; returns how many.
-fn delete_oldest(tx: &Transaction<'_>, bodies: &mut BodyFiles, gateway: &str, k: u64) -> Result<u64, StoreError> {
-    delete_front(tx, bodies, gateway, None, k)
-}
-
 /// Deletes the gateway's `k` oldest rows among those created before `before_ms` (all of its rows
 /// when `None`); returns how many. The rows are the front of the gateway's key range: the key of
 /// the `k`-th is found first and everything up to it is deleted as one range, without `RETURNING`
@@ -551,29 +534,30 @@ fn delete_front(
         .query_row(params![gateway, before, to_i64(k - 1)], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map_err(sql_err)?;
-    // Fewer than k such rows: all of them go.
-    let (range, args): (&str, Vec<&dyn ToSql>) = match &last {
-        Some((t, id)) => ("(created_at_ms, id) <= (?2, ?3)", vec![&gateway, t, id]),
-        None => ("created_at_ms < ?2", vec![&gateway, &before]),
+    // The range's body segments, then the range (fewer than k such rows: all of them go).
+    let (segs_sql, delete_sql, args): (&str, &str, Vec<&dyn ToSql>) = match &last {
+        Some((t, id)) => (
+            "SELECT body_seg, count(*) FROM logs WHERE gateway = ?1 AND (created_at_ms, id) <= (?2, ?3) \
+             AND body_seg IS NOT NULL GROUP BY body_seg",
+            "DELETE FROM logs WHERE gateway = ?1 AND (created_at_ms, id) <= (?2, ?3)",
+            vec![&gateway, t, id],
+        ),
+        None => (
+            "SELECT body_seg, count(*) FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
+             AND body_seg IS NOT NULL GROUP BY body_seg",
+            "DELETE FROM logs WHERE gateway = ?1 AND created_at_ms < ?2",
+            vec![&gateway, &before],
+        ),
     };
     let mut per_seg = Vec::new();
     {
-        let mut st = tx
-            .prepare_cached(&format!(
-                "SELECT body_seg, count(*) FROM logs WHERE gateway = ?1 AND {range} AND body_seg IS NOT NULL \
-                 GROUP BY body_seg"
-            ))
-            .map_err(sql_err)?;
+        let mut st = tx.prepare_cached(segs_sql).map_err(sql_err)?;
         let rows = st.query_map(&args[..], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
         for row in rows {
             per_seg.push(row.map_err(sql_err)?);
         }
     }
-    let n = tx
-        .prepare_cached(&format!("DELETE FROM logs WHERE gateway = ?1 AND {range}"))
-        .map_err(sql_err)?
-        .execute(&args[..])
-        .map_err(sql_err)? as u64;
+    let n = tx.prepare_cached(delete_sql).map_err(sql_err)?.execute(&args[..]).map_err(sql_err)? as u64;
     release_segments(tx, bodies, per_seg)?;
     Ok(n)
 }
@@ -591,11 +575,11 @@ fn retention_step(
 ) -> Result<u64, StoreError> {
     let mut removed = 0;
     if let Some(cutoff) = cutoff_ms {
-        removed += delete_older(tx, bodies, gateway, cutoff, DELETE_CHUNK_ROWS)?;
+        removed += delete_front(tx, bodies, gateway, Some(cutoff), DELETE_CHUNK_ROWS)?;
     }
     let left = n.saturating_sub(removed);
     if r.at_cap == AtCap::DeleteOldest && left > r.max_records && removed < DELETE_CHUNK_ROWS {
-        removed += delete_oldest(tx, bodies, gateway, (left - r.max_records).min(DELETE_CHUNK_ROWS - removed))?;
+        removed += delete_front(tx, bodies, gateway, None, (left - r.max_records).min(DELETE_CHUNK_ROWS - removed))?;
     }
     Ok(removed)
 }
@@ -830,7 +814,8 @@ impl LogStore for SqliteLogStore {
                 Some(r) if r.at_cap == AtCap::StopInserting => {
                     // Make room from expired rows before refusing any.
                     if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
-                        let d = delete_older(tx, bodies, &gateway, now_ms().saturating_sub(age), DELETE_CHUNK_ROWS)?;
+                        let d =
+                            delete_front(tx, bodies, &gateway, Some(now_ms().saturating_sub(age)), DELETE_CHUNK_ROWS)?;
                         removed += d;
                         n = n.saturating_sub(d);
                     }
@@ -895,7 +880,8 @@ impl LogStore for SqliteLogStore {
             upsert_rollups(tx, &gateway, &aggregate(counted))?;
             if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
                 let excess = n - r.max_records;
-                let d = delete_oldest(tx, bodies, &gateway, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
+                let d =
+                    delete_front(tx, bodies, &gateway, None, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
                 removed += d;
                 n = n.saturating_sub(d);
             }
