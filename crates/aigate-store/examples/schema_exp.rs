@@ -7,14 +7,16 @@
 //!   3: as 2 without the time index; 4: as 2 in a `WITHOUT ROWID` table keyed by (gateway, id);
 //!   5: as 2 without the id index, the time index unique; 6: the schema-5 layout (`WITHOUT ROWID`,
 //!   keyed by (gateway, created_at_ms, id), no other index but the partial event index); 7: as 5
-//!   with a BLOB id; 8: as 6 with a BLOB id;
+//!   with a BLOB id; 8: as 6 with a BLOB id; 9: the schema-6 layout (a rowid table keyed by an
+//!   integer `k` = time and slot, no other index but the partial event index);
 //! - `PAGE` (page size, default 4096), `CKPT` (wal_autocheckpoint pages, default 1000), `JM`
 //!   (journal mode, default WAL) and `BODIES=1` (312 + 608-byte bodies, as bench/run.sh sends).
 //!
 //! What it showed (docs/benchmarks.md): the page size matters most (4 KiB -> 32 KiB about halves
 //! the cost with bodies), then the event index on rows without an event id, then the number of
 //! b-trees a row goes into (variant 6 costs 1.8 us a record where 2 costs 2.6-2.9; a BLOB id adds
-//! nothing once the id is not a key's first text column; rows in multi-row `VALUES` cost more).
+//! nothing once the id is not a key's first text column; rows in multi-row `VALUES` cost more),
+//! then the kind of key: variant 9, one integer key, costs 1.35 us where 6 costs 1.9 (another VM).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use rusqlite::{params, Connection};
@@ -45,9 +47,11 @@ fn main() {
     let id_type = if matches!(variant, 1 | 7 | 8) { "BLOB" } else { "TEXT" };
     // Variant 4: the table keyed by (gateway, id), WITHOUT ROWID (no separate unique index);
     // 6: keyed by (gateway, created_at_ms, id), WITHOUT ROWID.
+    // 9: a rowid table keyed by an integer k = gateway | ms | slot (schema 6).
     let (key, table_opts) = match variant {
         4 => (", PRIMARY KEY (gateway, id)", " WITHOUT ROWID"),
         6 | 8 => (", PRIMARY KEY (gateway, created_at_ms, id)", " WITHOUT ROWID"),
+        9 => (", k INTEGER PRIMARY KEY", ""),
         _ => ("", ""),
     };
     conn.execute_batch(&format!(
@@ -94,15 +98,17 @@ fn main() {
     let mut i = 0u64;
     let conflict = match variant {
         5..=8 => "(gateway, created_at_ms, id)",
+        9 => "(k)",
         _ => "(gateway, id)",
     };
+    let k_param = if variant == 9 { ", ?31" } else { "" };
     while i < n {
         let tx = conn.transaction().unwrap();
         {
             let mut st = tx
                 .prepare_cached(&format!(
                     "INSERT INTO logs VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,\
-                     ?21,?22,?23,?24,?25,?26,?27,?28,?29,?30) ON CONFLICT {conflict} DO NOTHING",
+                     ?21,?22,?23,?24,?25,?26,?27,?28,?29,?30{k_param}) ON CONFLICT {conflict} DO NOTHING",
                 ))
                 .unwrap();
             for j in i..i + batch {
@@ -115,7 +121,7 @@ fn main() {
                     rusqlite::types::Value::Text(u.to_string())
                 };
                 let (rq, rs) = if bodies { (Some(&req[..]), Some(&resp[..])) } else { (None, None) };
-                st.execute(params![
+                let values: &[&dyn rusqlite::ToSql] = params![
                     "default",
                     id,
                     None::<String>,
@@ -146,8 +152,14 @@ fn main() {
                     None::<f64>,
                     rq,
                     rs
-                ])
-                .unwrap();
+                ];
+                for (i, v) in values.iter().enumerate() {
+                    st.raw_bind_parameter(i + 1, v).unwrap();
+                }
+                if variant == 9 {
+                    st.raw_bind_parameter(31, ((ms << 12) | (j % 20)) as i64).unwrap();
+                }
+                st.raw_execute().unwrap();
             }
         }
         tx.commit().unwrap();

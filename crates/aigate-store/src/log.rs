@@ -31,6 +31,7 @@
 //! (shared by replicas); both pass `tests/log_conformance.rs`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use base64::Engine as _;
@@ -438,12 +439,33 @@ impl Retentions {
 }
 
 /// The id of a record created at `created_at_ms` (Unix ms): a UUIDv7 holding that time in its
-/// timestamp field, the other 74 bits random. The gateway makes every record's id this way, so a
-/// store can find a record by id through its time ([`crate::SqliteLogStore`] keys its rows by
-/// `(gateway, created_at_ms, id)` and has no separate index of ids).
+/// timestamp field, a counter in its 12 `rand_a` bits (RFC 9562, 6.2, method 1: ids the process
+/// makes within one millisecond differ there and sort in the order they were made) and 62 random
+/// bits. The gateway makes every record's id this way, so a store can find a record by id through
+/// its time, and [`crate::SqliteLogStore`] keys its rows by gateway, time and that counter
+/// (no separate index of ids).
 pub fn log_id_at(created_at_ms: u64) -> uuid::Uuid {
+    static COUNTER: AtomicU16 = AtomicU16::new(0);
     let nanos = u32::try_from((created_at_ms % 1000) * 1_000_000).unwrap_or(0);
-    uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, created_at_ms / 1000, nanos))
+    let random = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, created_at_ms / 1000, nanos));
+    let counter = COUNTER.fetch_add(1, Ordering::Relaxed) & 0x0FFF;
+    let mut bytes = *random.as_bytes();
+    let [hi, lo] = counter.to_be_bytes();
+    bytes[6] = 0x70 | hi;
+    bytes[7] = lo;
+    uuid::Uuid::from_bytes(bytes)
+}
+
+/// The `rand_a` field (12 bits) of `id` if it is a UUIDv7 in canonical form (hyphenated, lower
+/// case) whose timestamp is `ms`: the counter [`log_id_at`] put there.
+pub(crate) fn log_id_counter(id: &str, ms: u64) -> Option<u16> {
+    if id.len() != 36 || id.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    let u = uuid::Uuid::try_parse(id).ok()?;
+    let b = u.as_bytes();
+    let ts = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
+    (u.get_version_num() == 7 && ts == ms).then(|| u16::from_be_bytes([b[6] & 0x0F, b[7]]))
 }
 
 /// The timestamp of a UUIDv7 log id, Unix ms (see [`log_id_at`]); `None` for any other string.
@@ -557,7 +579,7 @@ pub(crate) enum Dialect {
 }
 
 /// A generated `WHERE` clause (without the keyword) and its parameters, numbered from 1.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct SqlWhere {
     pub(crate) sql: String,
     pub(crate) params: Vec<SqlValue>,
@@ -582,7 +604,7 @@ impl SqlWhere {
         }
     }
 
-    fn and(&mut self, cond: &str) {
+    pub(crate) fn and(&mut self, cond: &str) {
         if !self.sql.is_empty() {
             self.sql.push_str(" AND ");
         }
@@ -716,6 +738,17 @@ mod tests {
             assert_eq!(id.as_bytes()[14], b'7', "{id}");
         }
         assert_ne!(log_id_at(5), log_id_at(5), "74 random bits");
+        // Ids made in the same millisecond differ in their rand_a counter, which orders them.
+        let ids: Vec<String> = (0..3).map(|_| log_id_at(7).to_string()).collect();
+        let counters: Vec<u16> = ids.iter().map(|id| log_id_counter(id, 7).unwrap()).collect();
+        for i in 0..3 {
+            for j in 0..3 {
+                assert_eq!(counters[i] < counters[j], ids[i] < ids[j], "{ids:?}");
+                assert_eq!(counters[i] == counters[j], i == j, "{ids:?}");
+            }
+        }
+        assert_eq!(log_id_counter(&ids[0], 8), None, "another millisecond");
+        assert_eq!(log_id_counter(&ids[0].to_uppercase(), 7), None, "not canonical");
         for other in ["", "b", "0190a0a0-0000-4000-8000-000000000001", "not-a-uuid-at-all-0000000000000000000"] {
             assert_eq!(log_id_time_ms(other), None, "{other}");
         }

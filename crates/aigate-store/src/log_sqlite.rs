@@ -4,22 +4,27 @@
 //! object text (entry order kept); the bodies are in segment files beside the database
 //! ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
 //! (`body_seg`, `body_off`, `request_len`, `response_len`; rows of schema 3 and older keep theirs
-//! in the BLOB columns `request_body`, `response_body`, still read). The table is keyed by
-//! `(gateway, created_at_ms, id)` without a rowid (schema 5): an insert goes into that one b-tree,
-//! near the end of its gateway's range, and the key is also the listing order, the cursor and the
-//! retention order. There is no index of ids (it cost a third of an insert): the gateway's ids
-//! are UUIDv7 holding the record's time ([`crate::log::log_id_at`]), so a lookup by id is a key
-//! lookup (rows of older schemas, whose time could be a millisecond past their id's, are found
-//! within [`LEGACY_ID_SKEW_MS`]; an id that is no UUIDv7, which the gateway never makes, by a scan).
-//! A record is its `(created_at_ms, id)`: inserting one already stored is a no-op. One more
+//! in the BLOB columns `request_body`, `response_body`, still read). Schema 6 makes the table a
+//! rowid table keyed by one integer `k` = gateway number (table `log_gateways`) | `created_at_ms`
+//! | slot within the millisecond ([`key`]): an insert appends to a b-tree of integer keys (the
+//! schema-5 table, keyed by `(gateway, created_at_ms, id)` without a rowid, compared decoded
+//! records on every step: inserts cost a third more, `examples/schema_exp.rs`), and the keys are
+//! the listing order, the cursor and the retention order. The gateway's ids are UUIDv7 holding
+//! the record's time and, in `rand_a`, a counter ([`crate::log::log_id_at`]) that is the slot: keys
+//! sort as `(created_at_ms, id)` and a lookup by id is a key lookup. Any other id, or an id whose
+//! slot is taken, is placed between its neighbours in id order ([`place`]), its millisecond noted
+//! in `log_placed` so that later ids there are placed too. There is no index of ids; rows of older
+//! schemas, whose time could be a millisecond past their id's, are found within
+//! [`LEGACY_ID_SKEW_MS`]; an id that is no UUIDv7 by a scan of the gateway's keys. A record is its
+//! `(created_at_ms, id)`: inserting one already stored is a no-op. One more
 //! index, `(gateway, event_id, created_at_ms, id)` on rows with an event id, serves event
 //! lookups. Table `log_counts(gateway, n)` holds each gateway's row count, kept in the same
 //! transaction as every insert and delete, so the retention check of a batch never counts rows.
 //! Table `log_rollups` holds the analytics rollups ([`crate::analytics`]), primary key
 //! `(gateway, grain_ms, dim, bucket_ms, dim_value)` (a query reads one contiguous range per
 //! dimension), updated by upserts in the transaction of every insert. The schema version is
-//! `PRAGMA user_version`; opening a file of schema 4 or older copies its table into the schema-5
-//! layout once (2.2 s for a million rows on the benchmark VM, logged). The database
+//! `PRAGMA user_version`; opening a file of schema 5 or older copies its table into the schema-6
+//! layout once (6 s for a million rows on the benchmark VM, logged). The database
 //! runs in WAL mode with `synchronous=NORMAL` (a crash may lose the last batches, never corrupt the
 //! file) and `auto_vacuum=INCREMENTAL` (free space beyond 64 MiB, kept for reuse, is given back to
 //! the file system after deletes).
@@ -34,7 +39,7 @@
 //! nothing panics. A failed batch is rolled back whole. A file should be used by one process at a
 //! time (the counts are transactional, so a second one stays correct, only slower).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -47,8 +52,8 @@ use crate::analytics::{
     INT_COLUMNS, MINUTE_MS,
 };
 use crate::log::{
-    check_patch, filter_sql, finite, metadata_from_object_json, metadata_object_json, to_i64, to_u64, AtCap, Dialect,
-    Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
+    check_patch, decode_cursor, filter_sql, finite, log_id_counter, metadata_from_object_json, metadata_object_json,
+    to_i64, to_u64, AtCap, Dialect, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
 use crate::log_bodies::{BodyFiles, BodyRef};
 use crate::memory::now_ms;
@@ -61,8 +66,9 @@ use crate::{
 pub const LOG_SQLITE_FILE: &str = "logs.sqlite3";
 
 /// Schema version written to `PRAGMA user_version` (3: the event-id index is partial; 4: bodies
-/// in segment files; 5: the table keyed by `(gateway, created_at_ms, id)`, no index of ids).
-const SCHEMA_VERSION: i64 = 5;
+/// in segment files; 5: the table keyed by `(gateway, created_at_ms, id)`, no index of ids;
+/// 6: a rowid table keyed by `k`, see [`key`]).
+const SCHEMA_VERSION: i64 = 6;
 
 /// Page size of a new database file. Records are ~0.5 KB, ~1.5 KB with bodies: 32 KiB pages
 /// halve the cost of an insert against SQLite's 4 KiB default (fewer pages split, written to the
@@ -73,21 +79,14 @@ const PAGE_SIZE: u32 = 32 * 1024;
 /// Rows deleted before the file is asked to give pages back.
 const VACUUM_AFTER_ROWS: u64 = 1_000;
 
-/// Every column of `logs`, in table order.
+/// Every column of `logs` but its key `k`, in table order.
 const LOG_COLUMNS: &str = "gateway, id, event_id, created_at_ms, provider, path, requested_model, served_model, \
      status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, tokens_out, \
      cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, feedback, \
      score, request_body, response_body, body_seg, body_off, request_len, response_len";
 
-/// The `logs` table (schema 5) under the name `table`. Keyed by `(gateway, created_at_ms, id)`
-/// without a rowid: a row goes into one b-tree, near the end of its gateway's range, and the key
-/// is the listing order, the cursor and the retention order. There is no index of ids: the id
-/// names its time ([`crate::log::log_id_at`]), so a lookup by id is a lookup by key.
-/// (`request_body` and `response_body` hold the bodies of rows stored before schema 4.)
-fn create_logs_sql(table: &str) -> String {
-    format!(
-        "CREATE TABLE {table} (
-             gateway TEXT NOT NULL,
+/// The columns of the `logs` table after its key, as created.
+const LOG_COLUMN_DEFS: &str = "gateway TEXT NOT NULL,
              id TEXT NOT NULL,
              event_id TEXT,
              created_at_ms INTEGER NOT NULL,
@@ -120,24 +119,212 @@ fn create_logs_sql(table: &str) -> String {
              body_seg INTEGER,
              body_off INTEGER,
              request_len INTEGER,
-             response_len INTEGER,
-             PRIMARY KEY (gateway, created_at_ms, id)
-         ) WITHOUT ROWID;"
+             response_len INTEGER";
+
+/// The `logs` table (schema 6) under the name `table`: a rowid table whose rowid `k` ([`key`])
+/// orders the rows as `(gateway, created_at_ms, id)` does. An insert appends to a b-tree of
+/// integer keys (a third cheaper than the schema-5 table keyed by those three columns, whose
+/// every comparison decoded a record; `examples/schema_exp.rs`), and deleting the oldest rows
+/// is a range of keys. There is no index of ids: an id made by the gateway names its key.
+/// (`request_body` and `response_body` hold the bodies of rows stored before schema 4.)
+fn create_logs_sql(table: &str) -> String {
+    format!("CREATE TABLE {table} (\n             k INTEGER PRIMARY KEY,\n             {LOG_COLUMN_DEFS}\n         );")
+}
+
+/// The schema-5 `logs` table (read by the migration to schema 6), keyed by
+/// `(gateway, created_at_ms, id)` without a rowid.
+fn create_logs_v5_sql(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (\n             {LOG_COLUMN_DEFS},\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;"
     )
 }
 
 const INSERT_SQL: &str = "INSERT INTO logs (gateway, id, event_id, created_at_ms, provider, path, requested_model, \
      served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, \
      tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, \
-     feedback, score, body_seg, body_off, request_len, response_len) \
+     feedback, score, body_seg, body_off, request_len, response_len, k) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
-     ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32) \
-     ON CONFLICT (gateway, created_at_ms, id) DO NOTHING";
+     ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33) \
+     ON CONFLICT (k) DO NOTHING";
 
 /// How far from its id's timestamp a row written before schema 5 may have its `created_at_ms`
 /// (the gateway read the clock for each separately, microseconds apart); a lookup by id that
-/// misses the exact key searches this far either side.
+/// misses its time searches this far either side.
 const LEGACY_ID_SKEW_MS: u64 = 1_000;
+
+/// Bits of [`key`]: a slot within the millisecond (12), the millisecond (42: Unix ms up to the
+/// year 2109; later times share the last one) and, above, the gateway's number (9).
+const SLOT_BITS: u32 = 12;
+const MS_BITS: u32 = 42;
+const SLOTS: i64 = 1 << SLOT_BITS;
+const MAX_KEY_MS: u64 = (1 << MS_BITS) - 1;
+
+/// Gateway numbers a file can hold ([`gateway_number`]).
+const MAX_GATEWAYS: i64 = 1 << (63 - MS_BITS - SLOT_BITS);
+
+/// The row key `k` of a gateway's record created at `ms`, in slot `slot` of that millisecond. The
+/// keys of one gateway are one range ([`gateway_keys`]) and sort by time; within a millisecond a
+/// record made by the gateway takes the slot its id's counter names ([`log_id_counter`]), so keys
+/// sort as ids do; any other record (an id not made that way, two ids on one slot) is given a
+/// free slot between its neighbours in id order ([`place`]).
+fn key(gateway: i64, ms: u64, slot: i64) -> i64 {
+    // `ms` is at most 42 bits and `slot` 12: the value stays below 2^63 for any gateway number.
+    (gateway << (MS_BITS + SLOT_BITS)) | ((ms.min(MAX_KEY_MS) as i64) << SLOT_BITS) | (slot & (SLOTS - 1))
+}
+
+/// The key a record of `gateway` created at `ms` gets when its id's counter names a slot
+/// ([`log_id_counter`]) and that slot is free.
+fn own_key(gateway: i64, ms: u64, id: &str) -> Option<i64> {
+    // Times past MAX_KEY_MS share one millisecond of keys: placed, not at a slot.
+    log_id_counter(id, ms).filter(|_| ms < MAX_KEY_MS).map(|c| key(gateway, ms, i64::from(c)))
+}
+
+/// The keys of a gateway's records created in millisecond `ms`.
+fn ms_keys(gateway: i64, ms: u64) -> (i64, i64) {
+    (key(gateway, ms, 0), key(gateway, ms, SLOTS - 1))
+}
+
+/// All the keys of a gateway.
+fn gateway_keys(gateway: i64) -> (i64, i64) {
+    (key(gateway, 0, 0), key(gateway, MAX_KEY_MS, SLOTS - 1))
+}
+
+/// The keys of a gateway's records created in `[from_ms, to_ms)` (a wider range for times past
+/// [`MAX_KEY_MS`], which share its last millisecond); None when the range is empty.
+fn time_keys(gateway: i64, from_ms: Option<u64>, to_ms: Option<u64>) -> Option<(i64, i64)> {
+    let (mut lo, mut hi) = gateway_keys(gateway);
+    if let Some(from) = from_ms {
+        lo = key(gateway, from, 0);
+    }
+    if let Some(to) = to_ms {
+        hi = ms_keys(gateway, to.checked_sub(1)?).1;
+    }
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// The number of gateway `name` in this file, if it has one.
+fn gateway_number(conn: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT no FROM log_gateways WHERE name = ?1")
+        .map_err(sql_err)?
+        .query_row([name], |r| r.get(0))
+        .optional()
+        .map_err(sql_err)
+}
+
+/// The number of gateway `name`, given one if it has none: the next unused, or, once all
+/// [`MAX_GATEWAYS`] are taken, the number of a gateway without records.
+fn gateway_number_or_new(conn: &Connection, name: &str) -> Result<i64, StoreError> {
+    if let Some(no) = gateway_number(conn, name)? {
+        return Ok(no);
+    }
+    let next: i64 =
+        conn.query_row("SELECT coalesce(max(no) + 1, 0) FROM log_gateways", [], |r| r.get(0)).map_err(sql_err)?;
+    let no = if next < MAX_GATEWAYS {
+        next
+    } else {
+        let mut free = None;
+        let mut st = conn.prepare("SELECT no FROM log_gateways ORDER BY no").map_err(sql_err)?;
+        let nos = st.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+        for no in nos {
+            let no = no.map_err(sql_err)?;
+            let (lo, hi) = gateway_keys(no);
+            let used: bool = conn
+                .query_row("SELECT EXISTS (SELECT 1 FROM logs WHERE k BETWEEN ?1 AND ?2)", [lo, hi], |r| r.get(0))
+                .map_err(sql_err)?;
+            if !used {
+                free = Some(no);
+                break;
+            }
+        }
+        let Some(no) = free else {
+            return Err(StoreError::Unavailable(format!(
+                "log store: {MAX_GATEWAYS} gateways hold records, none is free for {name:?}"
+            )));
+        };
+        conn.execute("DELETE FROM log_gateways WHERE no = ?1", [no]).map_err(sql_err)?;
+        no
+    };
+    conn.execute("INSERT INTO log_gateways (name, no) VALUES (?1, ?2)", params![name, no]).map_err(sql_err)?;
+    Ok(no)
+}
+
+/// The table of milliseconds holding placed rows ([`Shared::placed`]).
+const PLACED_TABLE: &str = "log_placed";
+
+/// Reads [`PLACED_TABLE`].
+fn load_placed(conn: &Connection) -> Result<BTreeSet<i64>, StoreError> {
+    let mut st = conn.prepare("SELECT ms_key FROM log_placed").map_err(sql_err)?;
+    let keys = st.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+    keys.collect::<Result<BTreeSet<i64>, _>>().map_err(sql_err)
+}
+
+/// Where [`place`] puts a record.
+#[derive(Debug, PartialEq, Eq)]
+enum Placement {
+    /// The record is stored already (same id and time).
+    Stored,
+    /// At this key, free.
+    At(i64),
+}
+
+/// Finds the key of a record (`created_at_ms`, `id`) of gateway number `gateway` in `table` whose
+/// own slot is taken or which has none: the record's millisecond is read (a few rows) and the
+/// record goes to a free slot between its neighbours in `(created_at_ms, id)` order, the slot its
+/// id names if that one qualifies; when none is free between them, the millisecond's rows are
+/// spread over the slots again. A millisecond where a row lands elsewhere than its own slot is
+/// noted in [`PLACED_TABLE`]. Errors when the millisecond holds [`SLOTS`] records already.
+fn place(conn: &Connection, table: &str, gateway: i64, created_at_ms: u64, id: &str) -> Result<Placement, StoreError> {
+    let (lo, hi) = ms_keys(gateway, created_at_ms);
+    let mut rows: Vec<(i64, i64, String)> = Vec::new();
+    {
+        let mut st = conn
+            .prepare_cached(&format!("SELECT k, created_at_ms, id FROM {table} WHERE k BETWEEN ?1 AND ?2 ORDER BY k"))
+            .map_err(sql_err)?;
+        let found = st.query_map([lo, hi], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err)?;
+        for row in found {
+            rows.push(row.map_err(sql_err)?);
+        }
+    }
+    let me = (to_i64(created_at_ms), id);
+    if rows.iter().any(|(_, t, i)| (*t, i.as_str()) == me) {
+        return Ok(Placement::Stored);
+    }
+    // Rows before `me` come first (keys sort as the rows do).
+    let before = rows.partition_point(|(_, t, i)| (*t, i.as_str()) < me);
+    let low = if before == 0 { lo } else { rows[before - 1].0 + 1 };
+    let high = rows.get(before).map_or(hi, |r| r.0 - 1);
+    let own = own_key(gateway, created_at_ms, id);
+    let mark = || {
+        conn.prepare_cached(&format!("INSERT OR IGNORE INTO {PLACED_TABLE} (ms_key) VALUES (?1)"))
+            .and_then(|mut st| st.execute([lo]))
+            .map_err(sql_err)
+    };
+    if low <= high {
+        let k = own.filter(|k| (low..=high).contains(k)).unwrap_or(low + (high - low) / 2);
+        if Some(k) != own {
+            mark()?;
+        }
+        return Ok(Placement::At(k));
+    }
+    if rows.len() >= SLOTS as usize {
+        return Err(StoreError::Unavailable(format!(
+            "log store: millisecond {created_at_ms} holds {SLOTS} records of one gateway already"
+        )));
+    }
+    // No free slot between the neighbours: spread the millisecond's rows (and the new one) evenly,
+    // moving them out of the way first (negative keys are never used otherwise).
+    let n = rows.len() as i64 + 1;
+    let slot_of = |i: i64| lo + i * SLOTS / n;
+    mark()?;
+    conn.execute(&format!("UPDATE {table} SET k = -1 - k WHERE k BETWEEN ?1 AND ?2"), [lo, hi]).map_err(sql_err)?;
+    let mut mv = conn.prepare_cached(&format!("UPDATE {table} SET k = ?2 WHERE k = ?1")).map_err(sql_err)?;
+    for (i, (k, _, _)) in rows.iter().enumerate() {
+        let i = i as i64;
+        let to = slot_of(if i < before as i64 { i } else { i + 1 });
+        mv.execute([-1 - k, to]).map_err(sql_err)?;
+    }
+    Ok(Placement::At(slot_of(before as i64)))
+}
 
 /// Maps a SQLite error (see [`crate::sqlite::map_err`]).
 fn sql_err(e: rusqlite::Error) -> StoreError {
@@ -167,6 +354,11 @@ struct Shared {
     db: Mutex<Db>,
     path: PathBuf,
     retention: Retentions,
+    /// The milliseconds (their first key) holding a row not at the slot its id names (table
+    /// `log_placed`): a record made by the gateway goes to its own slot directly only in another
+    /// millisecond, where keys sort as ids do without looking. Normally empty: ids the gateway makes
+    /// never meet on a slot (at most 4096 a millisecond); rows of schema 5 and other ids add to it.
+    placed: Mutex<BTreeSet<i64>>,
 }
 
 /// The embedded request-log store in a SQLite file. Cloning shares the database handle.
@@ -181,6 +373,51 @@ impl std::fmt::Debug for SqliteLogStore {
     }
 }
 
+/// Copies the schema-5 table `logs` into the schema-6 layout (in key order, each row placed as
+/// [`place`] does) and puts the copy in its place. Runs in the open's transaction.
+fn migrate_to_6(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(&create_logs_sql("logs_v6")).map_err(sql_err)?;
+    let mut numbers: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    {
+        let mut read = tx
+            .prepare(&format!("SELECT {LOG_COLUMNS} FROM logs ORDER BY gateway, created_at_ms, id"))
+            .map_err(sql_err)?;
+        let columns = read.column_count();
+        let placeholders: Vec<String> = (1..=columns + 1).map(|i| format!("?{i}")).collect();
+        let mut write = tx
+            .prepare(&format!(
+                "INSERT INTO logs_v6 ({LOG_COLUMNS}, k) VALUES ({}) ON CONFLICT (k) DO NOTHING",
+                placeholders.join(", ")
+            ))
+            .map_err(sql_err)?;
+        let mut rows = read.query([]).map_err(sql_err)?;
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let mut values: Vec<Value> = (0..columns).map(|i| row.get(i)).collect::<Result<_, _>>().map_err(sql_err)?;
+            let (Value::Text(gateway), Value::Text(id), Value::Integer(ms)) = (&values[0], &values[1], &values[3])
+            else {
+                return Err(StoreError::Corrupt("log row without gateway, id or time".into()));
+            };
+            let (id, ms) = (id.clone(), to_u64(*ms));
+            let no = match numbers.get(gateway) {
+                Some(no) => *no,
+                None => {
+                    let no = gateway_number_or_new(tx, gateway)?;
+                    numbers.insert(gateway.clone(), no);
+                    no
+                }
+            };
+            // Placed, not put at the slot its id names: rows of older schemas can share a
+            // millisecond with ids that name none, and the keys must sort as the rows do.
+            if let Placement::At(k) = place(tx, "logs_v6", no, ms, &id)? {
+                values.push(Value::Integer(k));
+                write.execute(rusqlite::params_from_iter(values.iter())).map_err(sql_err)?;
+            }
+        }
+    }
+    tx.execute_batch("DROP TABLE logs; ALTER TABLE logs_v6 RENAME TO logs;").map_err(sql_err)?;
+    Ok(())
+}
+
 impl SqliteLogStore {
     /// Opens (creating the parent directory, the file and the schema if needed) the store at `path`.
     /// Blocking: call it at startup or on the blocking pool.
@@ -189,7 +426,7 @@ impl SqliteLogStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Io(format!("create log directory {}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path).map_err(sql_err)?;
+        let mut conn = Connection::open(path).map_err(sql_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
         if version > SCHEMA_VERSION {
@@ -211,29 +448,46 @@ impl SqliteLogStore {
         } else {
             ""
         };
-        // Schema 5 keys the table by (gateway, created_at_ms, id) instead of a rowid plus two
-        // indexes: an older table is copied into the new layout, in key order.
+        // Schema 5 keyed the table by (gateway, created_at_ms, id) instead of a rowid plus two
+        // indexes: an older table is copied into that layout first, in key order.
         let migrate_5 = if has_logs && version < 5 {
-            let rows: i64 = conn.query_row("SELECT count(*) FROM logs", [], |r| r.get(0)).map_err(sql_err)?;
-            tracing::info!(path = %path.display(), rows, "rebuilding the log table in the schema-5 layout (once)");
             format!(
                 "{create} INSERT INTO logs_v5 ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM logs \
                  ORDER BY gateway, created_at_ms, id; DROP TABLE logs; ALTER TABLE logs_v5 RENAME TO logs;",
-                create = create_logs_sql("logs_v5")
+                create = create_logs_v5_sql("logs_v5")
             )
         } else {
             String::new()
         };
+        let migrate_6 = has_logs && version < 6;
+        if migrate_6 {
+            let rows: i64 = conn.query_row("SELECT count(*) FROM logs", [], |r| r.get(0)).map_err(sql_err)?;
+            tracing::info!(path = %path.display(), rows, "rebuilding the log table in the schema-6 layout (once)");
+        }
         // page_size and auto_vacuum only take effect before the first table is created.
         conn.execute_batch(&format!(
             "PRAGMA page_size = {PAGE_SIZE};
              PRAGMA auto_vacuum = INCREMENTAL;
              PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             BEGIN IMMEDIATE;
-             {migrate_4}
+             PRAGMA synchronous = NORMAL;"
+        ))
+        .map_err(sql_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+        tx.execute_batch(&format!(
+            "{migrate_4}
              {migrate_5}
-             {create_logs}
+             CREATE TABLE IF NOT EXISTS log_gateways (
+                 name TEXT PRIMARY KEY NOT NULL,
+                 no INTEGER NOT NULL UNIQUE
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS log_placed (ms_key INTEGER PRIMARY KEY);"
+        ))
+        .map_err(sql_err)?;
+        if migrate_6 {
+            migrate_to_6(&tx)?;
+        }
+        tx.execute_batch(&format!(
+            "{create_logs}
              -- Most requests carry no event id: a partial index costs them nothing (schema 3;
              -- schema 2 indexed every row).
              DROP INDEX IF EXISTS logs_gateway_event;
@@ -269,12 +523,12 @@ impl SqliteLogStore {
                  seg INTEGER PRIMARY KEY NOT NULL,
                  live INTEGER NOT NULL
              );
-             PRAGMA user_version = {SCHEMA_VERSION};
-             COMMIT;",
+             PRAGMA user_version = {SCHEMA_VERSION};",
             create_logs = create_logs_sql("logs").replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"),
         ))
         .map_err(sql_err)?;
-        if !migrate_5.is_empty() {
+        tx.commit().map_err(sql_err)?;
+        if migrate_6 {
             // Give the old table's pages back to the file system.
             crate::sqlite::give_back_free_pages(&conn, 0).map_err(sql_err)?;
             tracing::info!(path = %path.display(), "log table rebuilt");
@@ -287,11 +541,13 @@ impl SqliteLogStore {
             segs.collect::<Result<Vec<i64>, _>>().map_err(sql_err)?
         };
         let bodies = BodyFiles::open(BodyFiles::dir_for(path), &live)?;
+        let placed = load_placed(&conn)?;
         Ok(SqliteLogStore {
             inner: Arc::new(Shared {
                 db: Mutex::new(Db { conn, bodies }),
                 path: path.to_path_buf(),
                 retention: Retentions::default(),
+                placed: Mutex::new(placed),
             }),
         })
     }
@@ -386,7 +642,9 @@ impl SqliteLogStore {
 /// The gateway's row count.
 fn count_rows(tx: &Connection, gateway: &str) -> Result<u64, StoreError> {
     let n: Option<i64> = tx
-        .query_row("SELECT n FROM log_counts WHERE gateway = ?1", [gateway], |r| r.get(0))
+        .prepare_cached("SELECT n FROM log_counts WHERE gateway = ?1")
+        .map_err(sql_err)?
+        .query_row([gateway], |r| r.get(0))
         .optional()
         .map_err(sql_err)?;
     Ok(n.map_or(0, to_u64))
@@ -395,14 +653,15 @@ fn count_rows(tx: &Connection, gateway: &str) -> Result<u64, StoreError> {
 /// Stores the gateway's row count.
 fn set_count(tx: &Transaction<'_>, gateway: &str, n: u64) -> Result<(), StoreError> {
     if n == 0 {
-        tx.execute("DELETE FROM log_counts WHERE gateway = ?1", [gateway]).map_err(sql_err)?;
+        tx.prepare_cached("DELETE FROM log_counts WHERE gateway = ?1").map_err(sql_err)?.execute([gateway])
     } else {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO log_counts (gateway, n) VALUES (?1, ?2) ON CONFLICT (gateway) DO UPDATE SET n = excluded.n",
-            params![gateway, to_i64(n)],
         )
-        .map_err(sql_err)?;
+        .map_err(sql_err)?
+        .execute(params![gateway, to_i64(n)])
     }
+    .map_err(sql_err)?;
     Ok(())
 }
 
@@ -484,82 +743,80 @@ fn release_segments(
     Ok(())
 }
 
-/// The `created_at_ms` of the gateway's row with id `id`, if there is one. A UUIDv7 id names its
-/// time: the row is looked up by key, then (rows stored before schema 5) within
-/// [`LEGACY_ID_SKEW_MS`] of that time; any other id (never one the gateway makes) by a scan of the
-/// gateway's rows.
+/// The key of the gateway's row with id `id`, if there is one. An id the gateway made names its
+/// time and, mostly, its slot: the row is read at that key, then searched for in its millisecond
+/// (placed elsewhere: [`place`]), then within [`LEGACY_ID_SKEW_MS`] of it (rows stored before
+/// schema 5); any other id (never one the gateway makes) by a scan of the gateway's rows.
 fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<i64>, StoreError> {
+    let Some(no) = gateway_number(conn, gateway)? else { return Ok(None) };
     let one = |sql: &str, args: &[&dyn ToSql]| -> Result<Option<i64>, StoreError> {
         conn.prepare_cached(sql).map_err(sql_err)?.query_row(args, |r| r.get(0)).optional().map_err(sql_err)
     };
+    let in_range = "SELECT k FROM logs WHERE k BETWEEN ?1 AND ?2 AND id = ?3 LIMIT 1";
     let Some(t) = crate::log::log_id_time_ms(id) else {
-        return one("SELECT created_at_ms FROM logs WHERE gateway = ?1 AND id = ?2 LIMIT 1", &[&gateway, &id]);
+        let (lo, hi) = gateway_keys(no);
+        return one(in_range, &[&lo, &hi, &id]);
     };
-    let exact = one(
-        "SELECT created_at_ms FROM logs WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3",
-        &[&gateway, &to_i64(t), &id],
-    )?;
-    if exact.is_some() {
-        return Ok(exact);
+    if let Some(k) = own_key(no, t, id) {
+        if let Some(k) = one("SELECT k FROM logs WHERE k = ?1 AND id = ?2", &[&k, &id])? {
+            return Ok(Some(k));
+        }
     }
-    one(
-        "SELECT created_at_ms FROM logs WHERE gateway = ?1 AND created_at_ms BETWEEN ?2 AND ?3 AND id = ?4 LIMIT 1",
-        &[&gateway, &to_i64(t.saturating_sub(LEGACY_ID_SKEW_MS)), &to_i64(t.saturating_add(LEGACY_ID_SKEW_MS)), &id],
-    )
+    let (lo, hi) = ms_keys(no, t);
+    if let Some(k) = one(in_range, &[&lo, &hi, &id])? {
+        return Ok(Some(k));
+    }
+    let lo = ms_keys(no, t.saturating_sub(LEGACY_ID_SKEW_MS)).0;
+    let hi = ms_keys(no, t.saturating_add(LEGACY_ID_SKEW_MS)).1;
+    one(in_range, &[&lo, &hi, &id])
 }
 
-/// Deletes the gateway's `k` oldest rows among those created before `before_ms` (all of its rows
+/// Deletes the gateway's `n` oldest rows among those created before `before_ms` (all of its rows
 /// when `None`); returns how many. The rows are the front of the gateway's key range: the key of
-/// the `k`-th is found first and everything up to it is deleted as one range, without `RETURNING`
+/// the `n`-th is found first and everything up to it is deleted as one range, without `RETURNING`
 /// (which would make SQLite collect the keys and seek each row again); the bodies' segments are
-/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT k)` cost about as much
+/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT n)` cost about as much
 /// per row as inserting one.)
 fn delete_front(
     tx: &Transaction<'_>,
     bodies: &mut BodyFiles,
     gateway: &str,
     before_ms: Option<u64>,
-    k: u64,
+    n: u64,
 ) -> Result<u64, StoreError> {
-    if k == 0 {
+    if n == 0 {
         return Ok(0);
     }
-    let before = to_i64(before_ms.unwrap_or(u64::MAX / 2));
-    let last: Option<(i64, String)> = tx
-        .prepare_cached(
-            "SELECT created_at_ms, id FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
-             ORDER BY created_at_ms, id LIMIT 1 OFFSET ?3",
-        )
+    let Some(no) = gateway_number(tx, gateway)? else { return Ok(0) };
+    let Some((lo, hi)) = time_keys(no, None, before_ms) else { return Ok(0) };
+    let last: Option<i64> = tx
+        .prepare_cached("SELECT k FROM logs WHERE k BETWEEN ?1 AND ?2 ORDER BY k LIMIT 1 OFFSET ?3")
         .map_err(sql_err)?
-        .query_row(params![gateway, before, to_i64(k - 1)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![lo, hi, to_i64(n - 1)], |r| r.get(0))
         .optional()
         .map_err(sql_err)?;
-    // The range's body segments, then the range (fewer than k such rows: all of them go).
-    let (segs_sql, delete_sql, args): (&str, &str, Vec<&dyn ToSql>) = match &last {
-        Some((t, id)) => (
-            "SELECT body_seg, count(*) FROM logs WHERE gateway = ?1 AND (created_at_ms, id) <= (?2, ?3) \
-             AND body_seg IS NOT NULL GROUP BY body_seg",
-            "DELETE FROM logs WHERE gateway = ?1 AND (created_at_ms, id) <= (?2, ?3)",
-            vec![&gateway, t, id],
-        ),
-        None => (
-            "SELECT body_seg, count(*) FROM logs WHERE gateway = ?1 AND created_at_ms < ?2 \
-             AND body_seg IS NOT NULL GROUP BY body_seg",
-            "DELETE FROM logs WHERE gateway = ?1 AND created_at_ms < ?2",
-            vec![&gateway, &before],
-        ),
-    };
+    // Fewer than n such rows: all of them go.
+    let hi = last.unwrap_or(hi);
     let mut per_seg = Vec::new();
     {
-        let mut st = tx.prepare_cached(segs_sql).map_err(sql_err)?;
-        let rows = st.query_map(&args[..], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
+        let mut st = tx
+            .prepare_cached(
+                "SELECT body_seg, count(*) FROM logs WHERE k BETWEEN ?1 AND ?2 AND body_seg IS NOT NULL \
+                 GROUP BY body_seg",
+            )
+            .map_err(sql_err)?;
+        let rows = st.query_map([lo, hi], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
         for row in rows {
             per_seg.push(row.map_err(sql_err)?);
         }
     }
-    let n = tx.prepare_cached(delete_sql).map_err(sql_err)?.execute(&args[..]).map_err(sql_err)? as u64;
+    let deleted = tx
+        .prepare_cached("DELETE FROM logs WHERE k BETWEEN ?1 AND ?2")
+        .map_err(sql_err)?
+        .execute([lo, hi])
+        .map_err(sql_err)? as u64;
     release_segments(tx, bodies, per_seg)?;
-    Ok(n)
+    Ok(deleted)
 }
 
 /// One step of [`LogStore::enforce_retention`] on a gateway holding `n` rows: removes at most
@@ -599,14 +856,16 @@ struct PrevRow<'a> {
 /// `prev` of the next row). The parameters are bound one by one (`raw_bind_parameter`), those
 /// that differ from `prev`'s only (all of them for a batch's first row).
 fn insert_one<'a>(
+    conn: &Connection,
     stmt: &mut rusqlite::CachedStatement<'_>,
-    gateway: &str,
+    (gateway, no): (&str, i64),
+    placed: &mut BTreeSet<i64>,
     r: &'a LogRecord,
     body: Option<BodyRef>,
     prev: Option<&PrevRow<'_>>,
 ) -> Result<(bool, PrevRow<'a>), StoreError> {
     let metadata = metadata_object_json(&r.metadata);
-    let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<usize> {
+    let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
         // Binds `$get` (an expression of the record `$x`) unless the previous row's is the same.
         macro_rules! bind {
             ($i:expr, |$x:ident| $get:expr) => {{
@@ -683,10 +942,31 @@ fn insert_one<'a>(
         if old.is_none_or(|o| o.and_then(|b| b.response_len) != body.and_then(|b| b.response_len)) {
             stmt.raw_bind_parameter(32, body.and_then(|b| b.response_len))?;
         }
-        stmt.raw_execute()
+        Ok(())
     };
-    let n = bind(stmt).map_err(sql_err)?;
-    Ok((n > 0, PrevRow { record: r, metadata, body }))
+    bind(stmt).map_err(sql_err)?;
+    let mut execute_at = |k: i64| -> Result<bool, StoreError> {
+        stmt.raw_bind_parameter(33, k).map_err(sql_err)?;
+        Ok(stmt.raw_execute().map_err(sql_err)? > 0)
+    };
+    // Mostly: the slot the id names is free, in a millisecond holding no placed row.
+    let ms_key = ms_keys(no, r.created_at_ms).0;
+    let own = own_key(no, r.created_at_ms, &r.id);
+    let new = match own.filter(|_| !placed.contains(&ms_key)) {
+        Some(k) if execute_at(k)? => true,
+        _ => match place(conn, "logs", no, r.created_at_ms, &r.id)? {
+            Placement::Stored => false,
+            Placement::At(k) => {
+                if Some(k) != own {
+                    // `place` noted it in the table (a rolled-back batch leaves the set a
+                    // millisecond too many: harmless).
+                    placed.insert(ms_key);
+                }
+                execute_at(k)?
+            }
+        },
+    };
+    Ok((new, PrevRow { record: r, metadata, body }))
 }
 
 /// Adds aggregated rollups to the gateway's rows (one upsert per row, in key order).
@@ -807,7 +1087,10 @@ impl LogStore for SqliteLogStore {
         }
         let retention = self.inner.retention.get(gateway);
         let gateway = gateway.to_owned();
+        let shared = self.inner.clone();
         self.write(move |tx, bodies| {
+            let no = gateway_number_or_new(tx, &gateway)?;
+            let mut placed = shared.placed.lock().unwrap_or_else(PoisonError::into_inner);
             let mut n = count_rows(tx, &gateway)?;
             let mut removed = 0;
             let cap = match retention {
@@ -841,7 +1124,7 @@ impl LogStore for SqliteLogStore {
                         break;
                     }
                     let body = bodies.add(r.request_body.as_ref(), r.response_body.as_ref());
-                    let (new, bound) = insert_one(&mut stmt, &gateway, r, body, prev.as_ref())?;
+                    let (new, bound) = insert_one(tx, &mut stmt, (&gateway, no), &mut placed, r, body, prev.as_ref())?;
                     prev = Some(bound);
                     if new {
                         n += 1;
@@ -866,12 +1149,13 @@ impl LogStore for SqliteLogStore {
             if stopped_at < records.len() {
                 // Dropped at the cap: still traffic, unless a duplicate id.
                 let mut exists = tx
-                    .prepare_cached("SELECT 1 FROM logs WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3")
+                    .prepare_cached("SELECT 1 FROM logs WHERE k BETWEEN ?1 AND ?2 AND created_at_ms = ?3 AND id = ?4")
                     .map_err(sql_err)?;
                 let mut seen = HashSet::new();
                 for r in &records[stopped_at..] {
+                    let (lo, hi) = ms_keys(no, r.created_at_ms);
                     if seen.insert((r.created_at_ms, r.id.as_str()))
-                        && !exists.exists(params![gateway, to_i64(r.created_at_ms), r.id]).map_err(sql_err)?
+                        && !exists.exists(params![lo, hi, to_i64(r.created_at_ms), r.id]).map_err(sql_err)?
                     {
                         counted.push(r);
                     }
@@ -925,14 +1209,41 @@ impl LogStore for SqliteLogStore {
     }
 
     async fn list(&self, gateway: &str, filter: &LogFilter) -> Result<LogPage, StoreError> {
-        let w = filter_sql(Dialect::Sqlite, gateway, filter, true)?;
+        // The filter is checked first (an invalid one is an error for a gateway without rows too).
+        let w = filter_sql(Dialect::Sqlite, gateway, filter, false)?;
+        let cursor = filter.cursor.as_deref().map(decode_cursor).transpose().map_err(crate::log::invalid)?;
         let limit = filter.effective_limit() as usize;
-        let sql = format!(
-            "SELECT {LIST_COLUMNS} FROM logs WHERE {} ORDER BY created_at_ms DESC, id DESC LIMIT {}",
-            w.sql,
-            limit + 1
-        );
+        let (gateway, from_ms, to_ms) = (gateway.to_owned(), filter.from_ms, filter.to_ms);
         self.run(move |db| {
+            let empty = LogPage { records: Vec::new(), next_cursor: None };
+            let Some(no) = gateway_number(&db.conn, &gateway)? else { return Ok(empty) };
+            let Some((lo, mut hi)) = time_keys(no, from_ms, to_ms) else { return Ok(empty) };
+            let mut w = w;
+            if let Some((ms, id)) = &cursor {
+                // After the cursor's row: below its key; if that row is gone, before it in
+                // (created_at_ms, id) order, as the keys sort.
+                let (ms_lo, ms_hi) = ms_keys(no, *ms);
+                let at: Option<i64> = db
+                    .conn
+                    .prepare_cached("SELECT k FROM logs WHERE k BETWEEN ?1 AND ?2 AND created_at_ms = ?3 AND id = ?4")
+                    .map_err(sql_err)?
+                    .query_row(params![ms_lo, ms_hi, to_i64(*ms), id], |r| r.get(0))
+                    .optional()
+                    .map_err(sql_err)?;
+                match at {
+                    Some(k) => hi = hi.min(k - 1),
+                    None => {
+                        hi = hi.min(ms_keys(no, *ms).1);
+                        let p = w.param(SqlValue::Int(to_i64(*ms)));
+                        let q = w.param(SqlValue::Text(id.clone()));
+                        w.and(&format!("(created_at_ms, id) < ({p}, {q})"));
+                    }
+                }
+            }
+            let p = w.param(SqlValue::Int(lo));
+            let q = w.param(SqlValue::Int(hi));
+            w.and(&format!("k BETWEEN {p} AND {q}"));
+            let sql = format!("SELECT {LIST_COLUMNS} FROM logs WHERE {} ORDER BY k DESC LIMIT {}", w.sql, limit + 1);
             let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let rows =
                 stmt.query_map(rusqlite::params_from_iter(w.params.iter()), |r| decode(r, false)).map_err(sql_err)?;
@@ -954,14 +1265,14 @@ impl LogStore for SqliteLogStore {
     async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
         self.run(move |db| {
-            let Some(t) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
+            let Some(k) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
             let sql = format!(
                 "SELECT {LIST_COLUMNS}, request_body, response_body, body_seg, body_off, request_len, response_len \
-                 FROM logs WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3"
+                 FROM logs WHERE k = ?1"
             );
             let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let found = stmt
-                .query_row(params![gateway, t, id], |r| {
+                .query_row([k], |r| {
                     let body = match (r.get::<_, Option<i64>>(30)?, r.get::<_, Option<i64>>(31)?) {
                         (Some(seg), Some(off)) => {
                             Some(BodyRef { seg, off, request_len: r.get(32)?, response_len: r.get(33)? })
@@ -983,21 +1294,27 @@ impl LogStore for SqliteLogStore {
     }
 
     async fn delete(&self, gateway: &str, filter: &LogFilter) -> Result<u64, StoreError> {
-        let w = filter_sql(Dialect::Sqlite, gateway, filter, false)?;
-        let sql = Arc::new(format!(
-            "DELETE FROM logs WHERE (gateway, created_at_ms, id) IN (SELECT gateway, created_at_ms, id FROM logs \
-             WHERE {} LIMIT {DELETE_CHUNK_ROWS}) {RETURNING_BODIES}",
-            w.sql
-        ));
-        let values = Arc::new(w.params);
+        let w = Arc::new(filter_sql(Dialect::Sqlite, gateway, filter, false)?);
+        let (from_ms, to_ms) = (filter.from_ms, filter.to_ms);
         let mut total = 0;
         loop {
-            let (sql, values, gateway) = (sql.clone(), values.clone(), gateway.to_owned());
+            let (w, gateway) = (w.clone(), gateway.to_owned());
             let d = self
                 .write(move |tx, bodies| {
+                    let Some(no) = gateway_number(tx, &gateway)? else { return Ok((0, 0)) };
+                    let Some((lo, hi)) = time_keys(no, from_ms, to_ms) else { return Ok((0, 0)) };
+                    let mut w = (*w).clone();
+                    let p = w.param(SqlValue::Int(lo));
+                    let q = w.param(SqlValue::Int(hi));
+                    w.and(&format!("k BETWEEN {p} AND {q}"));
+                    let sql = format!(
+                        "DELETE FROM logs WHERE k IN (SELECT k FROM logs WHERE {} LIMIT {DELETE_CHUNK_ROWS}) \
+                         {RETURNING_BODIES}",
+                        w.sql
+                    );
                     // Deleted on request: the bodies are overwritten at once, not when their
                     // segment goes.
-                    let d = delete_rows(tx, bodies, &sql, rusqlite::params_from_iter(values.iter()), true)?;
+                    let d = delete_rows(tx, bodies, &sql, rusqlite::params_from_iter(w.params.iter()), true)?;
                     if d > 0 {
                         let n = count_rows(tx, &gateway)?;
                         set_count(tx, &gateway, n.saturating_sub(d))?;
@@ -1022,12 +1339,11 @@ impl LogStore for SqliteLogStore {
         check_patch(feedback, score)?;
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
         self.write(move |tx, _| {
-            let Some(t) = find_id(tx, &gateway, &id)? else { return Ok((false, 0)) };
+            let Some(k) = find_id(tx, &gateway, &id)? else { return Ok((false, 0)) };
             let n = tx
                 .execute(
-                    "UPDATE logs SET feedback = COALESCE(?4, feedback), score = COALESCE(?5, score) \
-                     WHERE gateway = ?1 AND created_at_ms = ?2 AND id = ?3",
-                    params![gateway, t, id, feedback.map(i64::from), score],
+                    "UPDATE logs SET feedback = COALESCE(?2, feedback), score = COALESCE(?3, score) WHERE k = ?1",
+                    params![k, feedback.map(i64::from), score],
                 )
                 .map_err(sql_err)?;
             Ok((n > 0, 0))
@@ -1067,9 +1383,27 @@ impl LogStore for SqliteLogStore {
                 .await?;
             total += d;
             if d < DELETE_CHUNK_ROWS {
-                return Ok(total);
+                break;
             }
         }
+        // Placed-row notes of milliseconds before the gateway's oldest row go.
+        let (gateway, shared) = (gateway.to_owned(), self.inner.clone());
+        self.write(move |tx, _| {
+            let Some(no) = gateway_number(tx, &gateway)? else { return Ok(((), 0)) };
+            let (lo, hi) = gateway_keys(no);
+            let oldest: Option<i64> = tx
+                .query_row("SELECT min(k) FROM logs WHERE k BETWEEN ?1 AND ?2", [lo, hi], |r| r.get(0))
+                .map_err(sql_err)?;
+            let below = oldest.map_or(hi, |k| (k & !(SLOTS - 1)) - 1);
+            let gone =
+                tx.execute("DELETE FROM log_placed WHERE ms_key BETWEEN ?1 AND ?2", [lo, below]).map_err(sql_err)?;
+            if gone > 0 {
+                *shared.placed.lock().unwrap_or_else(PoisonError::into_inner) = load_placed(tx)?;
+            }
+            Ok(((), 0))
+        })
+        .await?;
+        Ok(total)
     }
 }
 
@@ -1107,7 +1441,7 @@ mod tests {
              CREATE TABLE log_counts (gateway TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
              CREATE TABLE body_segments (seg INTEGER PRIMARY KEY NOT NULL, live INTEGER NOT NULL);
              PRAGMA user_version = 4;",
-            create_logs_sql("logs")
+            create_logs_v5_sql("logs")
                 .replace(",\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;", ");")
         ))
         .unwrap();
@@ -1180,7 +1514,7 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         let sql: String =
             conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
-        assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+        assert!(sql.contains("k INTEGER PRIMARY KEY") && !sql.contains("WITHOUT ROWID"), "{sql}");
         assert_eq!(index_names(&conn).iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1);
         let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
         assert_eq!(free, 0, "the old table's pages went back to the file system");
@@ -1205,20 +1539,20 @@ mod tests {
             rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
         };
         for sql in [
-            "SELECT created_at_ms FROM logs WHERE gateway = 'g' AND created_at_ms = 5 AND id = 'x'",
-            "SELECT created_at_ms FROM logs WHERE gateway = 'g' AND created_at_ms BETWEEN 4 AND 6 AND id = 'x' LIMIT 1",
-            "SELECT created_at_ms, id FROM logs WHERE gateway = 'g' AND created_at_ms < 9 \
-             ORDER BY created_at_ms, id LIMIT 1 OFFSET 9",
-            "SELECT body_seg, count(*) FROM logs WHERE gateway = 'g' AND (created_at_ms, id) <= (5, 'x') \
-             AND body_seg IS NOT NULL GROUP BY body_seg",
-            "DELETE FROM logs WHERE gateway = 'g' AND (created_at_ms, id) <= (5, 'x')",
-            "DELETE FROM logs WHERE gateway = 'g' AND created_at_ms < 9",
-            "DELETE FROM logs WHERE (gateway, created_at_ms, id) IN (SELECT gateway, created_at_ms, id FROM logs \
-             WHERE gateway = 'g' AND status >= 500 LIMIT 10)",
+            "SELECT k FROM logs WHERE k = 5 AND id = 'x'",
+            "SELECT k FROM logs WHERE k BETWEEN 4 AND 6 AND id = 'x' LIMIT 1",
+            "SELECT k FROM logs WHERE k BETWEEN 4 AND 6 AND created_at_ms = 5 AND id = 'x'",
+            "SELECT k, created_at_ms, id FROM logs WHERE k BETWEEN 4 AND 6 ORDER BY k",
+            "SELECT k FROM logs WHERE k BETWEEN 4 AND 6 ORDER BY k LIMIT 1 OFFSET 9",
+            "SELECT body_seg, count(*) FROM logs WHERE k BETWEEN 4 AND 6 AND body_seg IS NOT NULL GROUP BY body_seg",
+            "DELETE FROM logs WHERE k BETWEEN 4 AND 6",
+            "DELETE FROM logs WHERE k IN (SELECT k FROM logs WHERE gateway = 'g' AND status >= 500 \
+             AND k BETWEEN 4 AND 6 LIMIT 10)",
+            "SELECT id FROM logs WHERE gateway = 'g' AND status = 200 AND k BETWEEN 4 AND 6 ORDER BY k DESC LIMIT 51",
         ] {
             let p = plan(sql);
-            assert!(p.contains("SEARCH logs USING PRIMARY KEY"), "{sql}: {p}");
-            assert!(!p.contains("SCAN logs"), "{sql}: {p}");
+            assert!(p.contains("USING INTEGER PRIMARY KEY"), "{sql}: {p}");
+            assert!(!p.contains("SCAN logs") && !p.contains("TEMP B-TREE FOR ORDER BY"), "{sql}: {p}");
         }
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1259,6 +1593,197 @@ mod tests {
         let in_row: Option<Vec<u8>> =
             conn.query_row("SELECT response_body FROM logs WHERE id = 'new'", [], |r| r.get(0)).unwrap();
         assert_eq!(in_row, None, "new bodies go to the segment files");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A minimal record of `gateway` (the store is told the gateway separately).
+    fn record(id: &str, created_at_ms: u64) -> LogRecord {
+        let mut r = LogRecord {
+            id: id.to_owned(),
+            event_id: None,
+            created_at_ms,
+            gateway: "gw".into(),
+            provider: "openai".into(),
+            path: "chat/completions".into(),
+            requested_model: None,
+            served_model: None,
+            status: 200,
+            success: true,
+            cache_status: "MISS".into(),
+            stream: false,
+            duration_ms: 1.0,
+            ttfb_ms: None,
+            upstream_ms: None,
+            overhead_ms: None,
+            tokens_in: None,
+            tokens_out: None,
+            cached_tokens_in: None,
+            reasoning_tokens: None,
+            cost_usd: None,
+            saved_usd: None,
+            custom_cost: false,
+            metadata: Vec::new(),
+            user_agent: None,
+            error: None,
+            request_body: None,
+            response_body: None,
+            feedback: None,
+            score: None,
+        };
+        r.id = id.to_owned();
+        r
+    }
+
+    /// Every record of `gw`, newest first, read in pages of `limit`.
+    async fn listed(s: &SqliteLogStore, gw: &str, limit: u32) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut f = LogFilter { limit: Some(limit), ..LogFilter::default() };
+        loop {
+            let page = s.list(gw, &f).await.unwrap();
+            out.extend(page.records.into_iter().map(|r| (r.created_at_ms, r.id)));
+            match page.next_cursor {
+                Some(c) => f.cursor = Some(c),
+                None => return out,
+            }
+        }
+    }
+
+    /// A UUIDv7 of millisecond `ms` whose rand_a counter is `counter`.
+    fn id_with_counter(ms: u64, counter: u16, tail: u8) -> String {
+        let mut b = *log_id_at(ms).as_bytes();
+        let [hi, lo] = counter.to_be_bytes();
+        (b[6], b[7], b[15]) = (0x70 | hi, lo, tail);
+        uuid::Uuid::from_bytes(b).to_string()
+    }
+
+    #[tokio::test]
+    async fn records_go_to_the_slot_their_id_names_or_between_their_neighbours() {
+        let (path, dir) = temp_path("slots");
+        let s = SqliteLogStore::open(&path).unwrap();
+        let t = now_ms() - 10_000;
+        // Ids the gateway made sit at the slot their counter names.
+        let made: Vec<String> = (0..3).map(|_| log_id_at(t).to_string()).collect();
+        let recs: Vec<LogRecord> = made.iter().map(|id| record(id, t)).collect();
+        assert_eq!(s.insert_batch("gw", &recs).await.unwrap(), 3);
+        // Two ids on one slot, ids that name none, and a burst at one millisecond in id order
+        // (more than the halving of free slots allows: the millisecond is spread again).
+        let mut others =
+            vec![record(&id_with_counter(t + 1, 7, 1), t + 1), record(&id_with_counter(t + 1, 7, 2), t + 1)];
+        others.push(record(&id_with_counter(t + 1, 7, 0), t + 1));
+        others.extend((0..40).map(|i| record(&format!("burst-{i:03}"), t + 2)));
+        others.extend((0..5).rev().map(|i| record(&format!("late-{i}"), t + 1)));
+        others.push(record(&made[1], t + 3)); // the same id at another time is another record
+        assert_eq!(s.insert_batch("gw", &others).await.unwrap(), others.len() as u64);
+        // Replays are no-ops, wherever the record was placed.
+        assert_eq!(s.insert_batch("gw", &others).await.unwrap(), 0);
+        assert_eq!(s.insert_batch("gw", &recs).await.unwrap(), 0);
+        let mut want: Vec<(u64, String)> =
+            recs.iter().chain(&others).map(|r| (r.created_at_ms, r.id.clone())).collect();
+        want.sort_by(|a, b| b.cmp(a));
+        for limit in [1, 3, 7, 100] {
+            assert_eq!(listed(&s, "gw", limit).await, want, "limit {limit}");
+        }
+        for r in recs.iter().chain(&others) {
+            let got = s.get("gw", &r.id).await.unwrap().unwrap();
+            assert_eq!(got.id, r.id);
+        }
+        assert_eq!(s.count("gw").await.unwrap(), want.len() as u64);
+        drop(s);
+        let conn = Connection::open(&path).unwrap();
+        let no: i64 = conn.query_row("SELECT no FROM log_gateways WHERE name = 'gw'", [], |r| r.get(0)).unwrap();
+        for id in &made {
+            let k: i64 = conn
+                .query_row("SELECT k FROM logs WHERE id = ?1 AND created_at_ms = ?2", params![id, to_i64(t)], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(k, key(no, t, i64::from(log_id_counter(id, t).unwrap())), "{id}");
+        }
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn gateway_numbers_run_out_and_are_reused_from_empty_gateways() {
+        let (path, dir) = temp_path("gateways");
+        let s = SqliteLogStore::open(&path).unwrap();
+        let t = now_ms();
+        for g in 0..MAX_GATEWAYS {
+            let r = record(&log_id_at(t).to_string(), t);
+            assert_eq!(s.insert_batch(&format!("g{g}"), std::slice::from_ref(&r)).await.unwrap(), 1);
+        }
+        let one_more = record(&log_id_at(t).to_string(), t);
+        let err = s.insert_batch("late", std::slice::from_ref(&one_more)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        // A gateway whose records are all gone gives its number up.
+        assert_eq!(s.delete("g7", &LogFilter::default()).await.unwrap(), 1);
+        assert_eq!(s.insert_batch("late", std::slice::from_ref(&one_more)).await.unwrap(), 1);
+        assert_eq!(listed(&s, "late", 10).await, [(t, one_more.id.clone())]);
+        assert_eq!(listed(&s, "g7", 10).await, []);
+        assert_eq!(listed(&s, "g8", 10).await.len(), 1);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_schema_5_file_is_rebuilt_with_row_keys() {
+        let (path, dir) = temp_path("migrate-5");
+        let t = now_ms() - 60_000;
+        // Schema-5 ids: random rand_a (two of them on one slot), ids of no UUID, two gateways.
+        let mut rows: Vec<(&str, String, u64)> =
+            (0..30u64).map(|i| ("gw", log_id_at(t + i / 3).to_string(), t + i / 3)).collect();
+        rows.push(("gw", id_with_counter(t + 20, 9, 1), t + 20));
+        rows.push(("gw", id_with_counter(t + 20, 9, 2), t + 20));
+        rows.extend((0..4).map(|i| ("gw", format!("custom-{i}"), t + 20)));
+        rows.push(("other", "only".to_owned(), t));
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
+                 {}
+                 CREATE INDEX logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
+                     WHERE event_id IS NOT NULL;
+                 CREATE TABLE log_counts (gateway TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE body_segments (seg INTEGER PRIMARY KEY NOT NULL, live INTEGER NOT NULL);
+                 PRAGMA user_version = 5;",
+                create_logs_v5_sql("logs")
+            ))
+            .unwrap();
+            for (gw, id, ms) in &rows {
+                legacy_row(&conn, gw, id, *ms);
+            }
+            conn.execute("UPDATE logs SET event_id = 'e1' WHERE id = 'custom-2'", []).unwrap();
+            conn.execute_batch("INSERT INTO log_counts VALUES ('gw', 36), ('other', 1);").unwrap();
+        }
+        let s = SqliteLogStore::open(&path).unwrap();
+        assert_eq!((s.count("gw").await.unwrap(), s.count("other").await.unwrap()), (36, 1));
+        let mut want: Vec<(u64, String)> =
+            rows.iter().filter(|r| r.0 == "gw").map(|(_, id, ms)| (*ms, id.clone())).collect();
+        want.sort_by(|a, b| b.cmp(a));
+        assert_eq!(listed(&s, "gw", 4).await, want);
+        for (gw, id, ms) in &rows {
+            assert_eq!(s.get(gw, id).await.unwrap().unwrap().created_at_ms, *ms, "{id}");
+        }
+        let by_event = s.list("gw", &LogFilter { event_id: Some("e1".into()), ..LogFilter::default() }).await.unwrap();
+        assert_eq!(by_event.records.len(), 1);
+        assert!(s.patch("gw", "custom-1", Some(-1), Some(0.5)).await.unwrap());
+        assert_eq!(s.get("gw", "custom-1").await.unwrap().unwrap().feedback, Some(-1));
+        // New records go in next to the old ones; the oldest go first at a cap.
+        let new = record(&log_id_at(t + 20).to_string(), t + 20);
+        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&new)).await.unwrap(), 1);
+        s.set_retention("gw", Retention { max_records: 10, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        assert_eq!(s.enforce_retention("gw").await.unwrap(), 27);
+        want.push((new.created_at_ms, new.id.clone()));
+        want.sort_by(|a, b| b.cmp(a));
+        want.truncate(10);
+        assert_eq!(listed(&s, "gw", 3).await, want);
+        drop(s);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
+        assert!(free < 100, "the old table's pages went back ({free} free)");
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
     }
