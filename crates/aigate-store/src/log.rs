@@ -97,7 +97,7 @@ impl MetaValue {
 /// JSON form (serde): field names as below; `metadata` is a JSON object whose key order is the
 /// entry order; `request_body` / `response_body` are standard base64 strings and are omitted when
 /// `None` (as they are in [`LogPage`] records).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogRecord {
     /// The log id (a UUIDv7 string); unique within a gateway.
     pub id: String,

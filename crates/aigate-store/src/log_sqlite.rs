@@ -1427,24 +1427,36 @@ mod tests {
         (dir.join(LOG_SQLITE_FILE), dir)
     }
 
-    /// A file in the schema-4 layout, as aigate before schema 5 created it: a rowid table with a
-    /// unique index of ids and a time index.
-    fn schema_4_file(path: &Path) -> Connection {
+    /// A file of an older schema: `logs` as `table_sql` creates it, then `indexes`, the event-id
+    /// index, the count and segment tables, and `version`.
+    fn old_file(path: &Path, table_sql: &str, indexes: &str, version: i64) -> Connection {
         let conn = Connection::open(path).unwrap();
         conn.execute_batch(&format!(
             "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
-             {}
-             CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);
-             CREATE INDEX logs_gateway_time ON logs(gateway, created_at_ms, id);
+             {table_sql}
+             {indexes}
              CREATE INDEX logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
                  WHERE event_id IS NOT NULL;
              CREATE TABLE log_counts (gateway TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
              CREATE TABLE body_segments (seg INTEGER PRIMARY KEY NOT NULL, live INTEGER NOT NULL);
-             PRAGMA user_version = 4;",
-            create_logs_v5_sql("logs")
-                .replace(",\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;", ");")
+             PRAGMA user_version = {version};"
         ))
         .unwrap();
+        conn
+    }
+
+    /// A file in the schema-4 layout, as aigate before schema 5 created it: a rowid table with a
+    /// unique index of ids and a time index.
+    fn schema_4_file(path: &Path) -> Connection {
+        let table = create_logs_v5_sql("logs")
+            .replace(",\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;", ");");
+        let conn = old_file(
+            path,
+            &table,
+            "CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);
+             CREATE INDEX logs_gateway_time ON logs(gateway, created_at_ms, id);",
+            4,
+        );
         let sql: String =
             conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
         assert!(!sql.contains("WITHOUT ROWID") && sql.contains("response_len INTEGER)"), "{sql}");
@@ -1597,42 +1609,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A minimal record of `gateway` (the store is told the gateway separately).
+    /// A minimal record (the store is told its gateway separately).
     fn record(id: &str, created_at_ms: u64) -> LogRecord {
-        let mut r = LogRecord {
+        LogRecord {
             id: id.to_owned(),
-            event_id: None,
             created_at_ms,
             gateway: "gw".into(),
             provider: "openai".into(),
             path: "chat/completions".into(),
-            requested_model: None,
-            served_model: None,
             status: 200,
             success: true,
             cache_status: "MISS".into(),
-            stream: false,
             duration_ms: 1.0,
-            ttfb_ms: None,
-            upstream_ms: None,
-            overhead_ms: None,
-            tokens_in: None,
-            tokens_out: None,
-            cached_tokens_in: None,
-            reasoning_tokens: None,
-            cost_usd: None,
-            saved_usd: None,
-            custom_cost: false,
-            metadata: Vec::new(),
-            user_agent: None,
-            error: None,
-            request_body: None,
-            response_body: None,
-            feedback: None,
-            score: None,
-        };
-        r.id = id.to_owned();
-        r
+            ..LogRecord::default()
+        }
     }
 
     /// Every record of `gw`, newest first, read in pages of `limit`.
@@ -1738,18 +1728,7 @@ mod tests {
         rows.extend((0..4).map(|i| ("gw", format!("custom-{i}"), t + 20)));
         rows.push(("other", "only".to_owned(), t));
         {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&format!(
-                "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
-                 {}
-                 CREATE INDEX logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
-                     WHERE event_id IS NOT NULL;
-                 CREATE TABLE log_counts (gateway TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
-                 CREATE TABLE body_segments (seg INTEGER PRIMARY KEY NOT NULL, live INTEGER NOT NULL);
-                 PRAGMA user_version = 5;",
-                create_logs_v5_sql("logs")
-            ))
-            .unwrap();
+            let conn = old_file(&path, &create_logs_v5_sql("logs"), "", 5);
             for (gw, id, ms) in &rows {
                 legacy_row(&conn, gw, id, *ms);
             }
