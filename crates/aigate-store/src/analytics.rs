@@ -836,6 +836,16 @@ pub(crate) fn assemble(q: &AnalyticsQuery, rows: impl IntoIterator<Item = Rollup
     }
 }
 
+/// Name of the SQL function the SQLite store registers to merge two stored histograms.
+pub(crate) const HIST_MERGE_FN: &str = "aigate_hist_merge";
+
+/// Merges two histograms in their stored form ([`Histogram::to_json`]).
+pub(crate) fn merge_hist_json(a: &str, b: &str) -> Result<String, StoreError> {
+    let mut h = Histogram::from_json(a)?;
+    h.merge(&Histogram::from_json(b)?);
+    Ok(h.to_json())
+}
+
 /// SQL of the `DO UPDATE SET` list of the rollup upsert: counters add up (saturating at the
 /// largest BIGINT), sums add up, histograms merge bucket by bucket. `t` names the stored row.
 ///
@@ -843,7 +853,8 @@ pub(crate) fn assemble(q: &AnalyticsQuery, rows: impl IntoIterator<Item = Rollup
 /// row lock makes each row's update atomic, so replicas writing the same PostgreSQL (or processes
 /// sharing a SQLite file) never lose an increment, whatever other locks they hold. The histogram is
 /// a sparse JSON object (a minute row typically has a handful of non-empty buckets out of 114), so
-/// rows stay small, and both backends merge it with their built-in JSON functions.
+/// rows stay small; PostgreSQL merges it with its JSON functions, SQLite with [`merge_hist_json`]
+/// registered on the store's connection (still inside the upsert).
 pub(crate) fn upsert_set_sql(postgres: bool, t: &str) -> String {
     const MAX: &str = "9223372036854775807";
     let mut sets: Vec<String> = INT_COLUMNS
@@ -858,11 +869,9 @@ pub(crate) fn upsert_set_sql(postgres: bool, t: &str) -> String {
              SELECT key, value::int8 FROM jsonb_each_text(excluded.hist)) u GROUP BY k) s)"
         )
     } else {
-        format!(
-            "hist = (SELECT json_group_object(k, n) FROM (SELECT key AS k, SUM(value) AS n FROM \
-             (SELECT key, value FROM json_each({t}.hist) UNION ALL SELECT key, value FROM json_each(excluded.hist)) \
-             GROUP BY key))"
-        )
+        // A function of the SQLite store's connection (`merge_hist_json`): merging in SQL with
+        // `json_each`, `GROUP BY` and `json_group_object` cost ~280k instructions per upserted row.
+        format!("hist = {HIST_MERGE_FN}({t}.hist, excluded.hist)")
     });
     sets.join(", ")
 }
@@ -872,6 +881,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn stored_histograms_merge_bucket_by_bucket() {
+        let (mut a, mut b) = (Histogram::default(), Histogram::default());
+        for ms in [0.5, 3.0, 3.1, 250.0] {
+            a.record(ms);
+        }
+        for ms in [3.05, 1e9, f64::NAN] {
+            b.record(ms);
+        }
+        let merged = merge_hist_json(&a.to_json(), &b.to_json()).unwrap();
+        a.merge(&b);
+        assert_eq!(merged, a.to_json());
+        assert_eq!(merge_hist_json("{}", "{}").unwrap(), "{}");
+        assert!(merge_hist_json("{\"1\":", "{}").is_err());
+    }
 
     fn rec(id: &str, ms: u64, duration_ms: f64) -> LogRecord {
         LogRecord {

@@ -44,12 +44,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
+use rusqlite::functions::FunctionFlags;
 use rusqlite::types::{ToSqlOutput, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
 
 use crate::analytics::{
-    aggregate, assemble, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS, HOUR_MS,
-    INT_COLUMNS, MINUTE_MS,
+    aggregate, assemble, merge_hist_json, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS,
+    HIST_MERGE_FN, HOUR_MS, INT_COLUMNS, MINUTE_MS,
 };
 use crate::log::{
     check_patch, decode_cursor, filter_sql, finite, log_id_counter, metadata_from_object_json, metadata_object_json,
@@ -428,6 +429,16 @@ impl SqliteLogStore {
         }
         let mut conn = Connection::open(path).map_err(sql_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err)?;
+        conn.create_scalar_function(
+            HIST_MERGE_FN,
+            2,
+            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| {
+                let (a, b) = (ctx.get_raw(0).as_str()?, ctx.get_raw(1).as_str()?);
+                merge_hist_json(a, b).map_err(|e| rusqlite::Error::UserFunctionError(Box::new(e)))
+            },
+        )
+        .map_err(sql_err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Unavailable(format!(
