@@ -249,10 +249,7 @@ fn gateway_number_or_new(conn: &Connection, name: &str) -> Result<i64, StoreErro
     Ok(no)
 }
 
-/// The table of milliseconds holding placed rows ([`Shared::placed`]).
-const PLACED_TABLE: &str = "log_placed";
-
-/// Reads [`PLACED_TABLE`].
+/// Reads table `log_placed`, the milliseconds holding placed rows ([`Shared::placed`]).
 fn load_placed(conn: &Connection) -> Result<BTreeSet<i64>, StoreError> {
     let mut st = conn.prepare("SELECT ms_key FROM log_placed").map_err(sql_err)?;
     let keys = st.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
@@ -273,7 +270,7 @@ enum Placement {
 /// record goes to a free slot between its neighbours in `(created_at_ms, id)` order, the slot its
 /// id names if that one qualifies; when none is free between them, the millisecond's rows are
 /// spread over the slots again. A millisecond where a row lands elsewhere than its own slot is
-/// noted in [`PLACED_TABLE`]. Errors when the millisecond holds [`SLOTS`] records already.
+/// noted in table `log_placed`. Errors when the millisecond holds [`SLOTS`] records already.
 fn place(conn: &Connection, table: &str, gateway: i64, created_at_ms: u64, id: &str) -> Result<Placement, StoreError> {
     let (lo, hi) = ms_keys(gateway, created_at_ms);
     let mut rows: Vec<(i64, i64, String)> = Vec::new();
@@ -296,7 +293,7 @@ fn place(conn: &Connection, table: &str, gateway: i64, created_at_ms: u64, id: &
     let high = rows.get(before).map_or(hi, |r| r.0 - 1);
     let own = own_key(gateway, created_at_ms, id);
     let mark = || {
-        conn.prepare_cached(&format!("INSERT OR IGNORE INTO {PLACED_TABLE} (ms_key) VALUES (?1)"))
+        conn.prepare_cached("INSERT OR IGNORE INTO log_placed (ms_key) VALUES (?1)")
             .and_then(|mut st| st.execute([lo]))
             .map_err(sql_err)
     };
