@@ -499,13 +499,18 @@ log_settle() {
     sleep 1
 }
 
-# Rows of gateway $2 in the `logs` table of the SQLite file of aigate process $1 (python3's sqlite3
-# module; the sqlite3 CLI may be missing). Read-only; WAL mode lets it read while the gateway writes.
+# Rows of gateway $2 in the SQLite file of aigate process $1: the rows of its partition tables
+# (`log_parts`), counted in one read transaction (python3's sqlite3 module; the sqlite3 CLI may be
+# missing). Read-only; WAL mode lets it read while the gateway writes.
 log_rows() {
     python3 - "${GW_DATA[$1]}/logs.sqlite3" "$2" <<'EOF'
 import sqlite3, sys
-db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-print(db.execute("SELECT count(*) FROM logs WHERE gateway = ?", (sys.argv[2],)).fetchone()[0])
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, isolation_level=None)
+db.execute("BEGIN")
+seqs = [r[0] for r in db.execute(
+    "SELECT seq FROM log_parts JOIN log_gateways ON log_gateways.no = log_parts.gateway WHERE log_gateways.name = ?",
+    (sys.argv[2],))]
+print(sum(db.execute(f"SELECT count(*) FROM logs_p{seq}").fetchone()[0] for seq in seqs))
 EOF
 }
 
@@ -634,7 +639,7 @@ measure_rate() {
     printf '### %s req/s, 95%% bootstrap intervals\n%s\n\n' "$RATE" "$RATE_CI" >>"$RAW"
 }
 
-# After the throughput points: the rows of the `default` gateway in the SQLite `logs` table of the
+# After the throughput points: the rows of the `default` gateway in the SQLite log store of the
 # aigate and aigate-bodies processes against the requests wrk completed on them (each point
 # already waited for the writer to settle). They differ by the requests in flight when a wrk run
 # stops (sent, answered and logged, but not counted by wrk: at most the concurrency per wrk run)
@@ -865,13 +870,15 @@ report() {
         done
     done
     echo
-    echo "Records stored: rows of the \`default\` gateway in the process's SQLite \`logs\` table after the" \
+    echo "Records stored: rows of the \`default\` gateway in the process's SQLite log store after the" \
         "throughput points, against the requests wrk completed on it (warm-ups and the probe request" \
         "included; requests still in flight when a wrk run stops are answered and logged but not counted" \
-        "by wrk). The writer counters are the process's (\`/metrics\`); aigate's include its \`cached\`" \
+        "by wrk). Past the retention cap (\`max_records\`, 1,000,000 by default) a gateway holds between" \
+        "the cap less a sixteenth (and an eighth of that) and the cap: its oldest partition goes whole." \
+        "The writer counters are the process's (\`/metrics\`); aigate's include its \`cached\`" \
         "gateway (aigate-hit)."
     echo
-    echo "| target | rows in \`logs\` | requests completed (wrk + probe) | rows - requests | process log writer |"
+    echo "| target | rows stored | requests completed (wrk + probe) | rows - requests | process log writer |"
     echo "| --- | ---: | ---: | ---: | --- |"
     for t in "${LOGGED_TARGETS[@]}"; do
         printf '| %s | %s | %s | %+d | %s |\n' "$t" "${ROWS[$t]}" "${SENT[$t]}" "$((ROWS[$t] - SENT[$t]))" \

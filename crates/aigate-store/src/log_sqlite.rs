@@ -1,10 +1,11 @@
 //! Embedded request-log store: one SQLite file (by default `<data_dir>/logs.sqlite3`).
 //!
-//! Layout: table `logs` with one column per scalar field of [`LogRecord`], `metadata` as a JSON
+//! Layout: partition tables `logs_p{seq}` ([`Parts`], listed in `log_parts`: each holds one
+//! gateway's rows of one span of time) with one column per scalar field of [`LogRecord`], `metadata` as a JSON
 //! object text (entry order kept); the bodies are in segment files beside the database
 //! ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
 //! (`body_seg`, `body_off`, `request_len`, `response_len`; rows of schema 3 and older keep theirs
-//! in the BLOB columns `request_body`, `response_body`, still read). Schema 6 makes the table a
+//! in the BLOB columns `request_body`, `response_body`, still read). Since schema 6 a table is a
 //! rowid table keyed by one integer `k` = gateway number (table `log_gateways`) | `created_at_ms`
 //! | slot within the millisecond ([`key`]): an insert appends to a b-tree of integer keys (the
 //! schema-5 table, keyed by `(gateway, created_at_ms, id)` without a rowid, compared decoded
@@ -24,7 +25,9 @@
 //! `(gateway, grain_ms, dim, bucket_ms, dim_value)` (a query reads one contiguous range per
 //! dimension), updated by upserts in the transaction of every insert. The schema version is
 //! `PRAGMA user_version`; opening a file of schema 5 or older copies its table into the schema-6
-//! layout once (6 s for a million rows on the benchmark VM, logged). The database
+//! layout once (6 s for a million rows on the benchmark VM, logged), and a schema-6 table `logs`
+//! (every gateway's rows) becomes partitions ([`migrate_to_7`]). Retention drops whole
+//! partitions where it can ([`trim_to_cap`], [`expire`]). The database
 //! runs in WAL mode with `synchronous=NORMAL` (a crash may lose the last batches, never corrupt the
 //! file) and `auto_vacuum=INCREMENTAL` (free space beyond 64 MiB, kept for reuse, is given back to
 //! the file system after deletes).
@@ -68,8 +71,8 @@ pub const LOG_SQLITE_FILE: &str = "logs.sqlite3";
 
 /// Schema version written to `PRAGMA user_version` (3: the event-id index is partial; 4: bodies
 /// in segment files; 5: the table keyed by `(gateway, created_at_ms, id)`, no index of ids;
-/// 6: a rowid table keyed by `k`, see [`key`]).
-const SCHEMA_VERSION: i64 = 6;
+/// 6: a rowid table keyed by `k`, see [`key`]; 7: that table split into partitions, [`Parts`]).
+const SCHEMA_VERSION: i64 = 7;
 
 /// Page size of a new database file. Records are ~0.5 KB, ~1.5 KB with bodies: 32 KiB pages
 /// halve the cost of an insert against SQLite's 4 KiB default (fewer pages split, written to the
@@ -140,7 +143,12 @@ fn create_logs_v5_sql(table: &str) -> String {
     )
 }
 
-const INSERT_SQL: &str = "INSERT INTO logs (gateway, id, event_id, created_at_ms, provider, path, requested_model, \
+/// The insert of [`insert_one`] into `table`.
+fn insert_sql(table: &str) -> String {
+    format!("INSERT INTO {table} {INSERT_TAIL}")
+}
+
+const INSERT_TAIL: &str = "(gateway, id, event_id, created_at_ms, provider, path, requested_model, \
      served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, \
      tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, \
      feedback, score, body_seg, body_off, request_len, response_len, k) \
@@ -203,6 +211,228 @@ fn time_keys(gateway: i64, from_ms: Option<u64>, to_ms: Option<u64>) -> Option<(
     (lo <= hi).then_some((lo, hi))
 }
 
+/// Partition size for a cap: a sixteenth of `max_records`, so that at the cap the oldest
+/// sixteenth goes at once as one table ([`Parts::drop_part`]) instead of one row per new one
+/// (deleting a row from the front of a b-tree costs about as much as inserting one: SQLite
+/// rebalances the pages it empties; dropping a table only frees its pages).
+const PARTS_PER_CAP: u64 = 16;
+
+/// Below this many rows a partition is not worth a table: a gateway whose cap is under
+/// `PARTS_PER_CAP` times this keeps one partition, trimmed row by row (an exact cap).
+const MIN_PART_ROWS: u64 = 8_192;
+
+/// Largest partition (a gateway without a cap still gets partitions, which `max_age` drops).
+const MAX_PART_ROWS: u64 = 1 << 20;
+
+/// How a gateway's rows are split into partitions ([`Parts`]).
+#[derive(Clone, Copy, Debug)]
+struct PartPolicy {
+    /// Smallest partition worth rolling to ([`MIN_PART_ROWS`]).
+    min_rows: u64,
+    /// A fixed partition size with an exact cap (tests: many partitions, the semantics of one).
+    fixed: Option<u64>,
+}
+
+impl PartPolicy {
+    const DEFAULT: PartPolicy = PartPolicy { min_rows: MIN_PART_ROWS, fixed: None };
+
+    /// Rows after which the gateway's newest partition is closed and a new one started (None: it
+    /// keeps one).
+    fn roll_rows(&self, r: Option<Retention>) -> Option<u64> {
+        if let Some(f) = self.fixed {
+            return Some(f.max(1));
+        }
+        let cap = r.map_or(u64::MAX, |r| r.max_records);
+        let rows = (cap / PARTS_PER_CAP).min(MAX_PART_ROWS);
+        (rows >= self.min_rows).then_some(rows)
+    }
+
+    /// How far under the cap dropping a whole partition may take a gateway: a partition and an
+    /// eighth (a partition is closed at the first batch after it is full, so it can hold a batch
+    /// more); none with a fixed size.
+    fn slack(&self, roll: Option<u64>) -> u64 {
+        match (self.fixed, roll) {
+            (None, Some(rows)) => rows + rows / 8,
+            _ => 0,
+        }
+    }
+}
+
+/// One partition: table `logs_p{seq}`.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    seq: i64,
+    /// Its first key (the next partition's first key ends it).
+    lo: i64,
+    /// Rows (kept in the transaction of every insert and delete).
+    n: u64,
+    /// Whether a row with bodies in segment files was ever inserted (a dropped partition's
+    /// segments are counted only then).
+    bodies: bool,
+}
+
+/// A gateway's partitions in key order (table `log_parts`). The gateway's key range ([`key`]) is
+/// cut at millisecond boundaries: partition `i` holds the keys from its `lo` (the gateway's first
+/// key for the oldest) to the next one's `lo` (the gateway's last key for the newest). New
+/// records go to the newest; a record older than its start goes to the partition of its time.
+/// Retention drops the oldest partition whole when that leaves the gateway at or above
+/// `max_records` less [`PartPolicy::slack`], else deletes rows from its front.
+struct Parts {
+    no: i64,
+    list: Vec<Part>,
+}
+
+/// The name of partition table `seq`.
+fn part_table(seq: i64) -> String {
+    format!("logs_p{seq}")
+}
+
+impl Parts {
+    /// The partitions of gateway number `no`.
+    fn load(conn: &Connection, no: i64) -> Result<Parts, StoreError> {
+        let mut st = conn
+            .prepare_cached("SELECT seq, lo, n, bodies FROM log_parts WHERE gateway = ?1 ORDER BY lo")
+            .map_err(sql_err)?;
+        let rows = st
+            .query_map([no], |r| Ok(Part { seq: r.get(0)?, lo: r.get(1)?, n: to_u64(r.get(2)?), bodies: r.get(3)? }))
+            .map_err(sql_err)?;
+        let list = rows.collect::<Result<Vec<Part>, _>>().map_err(sql_err)?;
+        Ok(Parts { no, list })
+    }
+
+    /// The table of partition `i`.
+    fn table(&self, i: usize) -> String {
+        part_table(self.list[i].seq)
+    }
+
+    /// The keys partition `i` holds.
+    fn range(&self, i: usize) -> (i64, i64) {
+        let (first, last) = gateway_keys(self.no);
+        let lo = if i == 0 { first } else { self.list[i].lo };
+        let hi = self.list.get(i + 1).map_or(last, |p| p.lo - 1);
+        (lo, hi)
+    }
+
+    /// The partition holding key `k` (None when the gateway has none).
+    fn at(&self, k: i64) -> Option<usize> {
+        (!self.list.is_empty()).then(|| self.list.partition_point(|p| p.lo <= k).saturating_sub(1))
+    }
+
+    /// The partitions holding keys in `[lo, hi]`, oldest first, each with the part of the range
+    /// it holds.
+    fn span(&self, lo: i64, hi: i64) -> Vec<(usize, i64, i64)> {
+        (0..self.list.len())
+            .filter_map(|i| {
+                let (a, b) = self.range(i);
+                let (a, b) = (a.max(lo), b.min(hi));
+                (a <= b).then_some((i, a, b))
+            })
+            .collect()
+    }
+
+    /// Creates a partition starting at key `lo` (after the newest one's keys) and makes it the
+    /// newest.
+    fn create(&mut self, tx: &Connection, lo: i64) -> Result<(), StoreError> {
+        tx.prepare_cached("INSERT INTO log_parts (gateway, lo, n, bodies) VALUES (?1, ?2, 0, 0)")
+            .map_err(sql_err)?
+            .execute([self.no, lo])
+            .map_err(sql_err)?;
+        let seq = tx.last_insert_rowid();
+        tx.execute_batch(&create_part_sql(seq)).map_err(sql_err)?;
+        self.list.push(Part { seq, lo, n: 0, bodies: false });
+        Ok(())
+    }
+
+    /// Adds `rows` (negative: removes) to partition `i`'s count, and notes bodies if `bodies`.
+    fn add(&mut self, tx: &Connection, i: usize, rows: i64, bodies: bool) -> Result<(), StoreError> {
+        let p = &mut self.list[i];
+        if rows == 0 && (!bodies || p.bodies) {
+            return Ok(());
+        }
+        p.n = p.n.saturating_add_signed(rows);
+        p.bodies |= bodies;
+        tx.prepare_cached("UPDATE log_parts SET n = ?2, bodies = ?3 WHERE seq = ?1")
+            .map_err(sql_err)?
+            .execute(params![p.seq, to_i64(p.n), p.bodies])
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
+    /// Drops partition `i` with its rows, releasing their bodies' segments; returns its rows.
+    fn drop_part(&mut self, tx: &Transaction<'_>, bodies: &mut BodyFiles, i: usize) -> Result<u64, StoreError> {
+        let p = self.list[i];
+        let table = part_table(p.seq);
+        if p.bodies {
+            let mut per_seg = Vec::new();
+            {
+                let mut st = tx
+                    .prepare(&format!(
+                        "SELECT body_seg, count(*) FROM {table} WHERE body_seg IS NOT NULL GROUP BY body_seg"
+                    ))
+                    .map_err(sql_err)?;
+                let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
+                for row in rows {
+                    per_seg.push(row.map_err(sql_err)?);
+                }
+            }
+            release_segments(tx, bodies, per_seg)?;
+        }
+        tx.execute_batch(&format!("DROP TABLE {table};")).map_err(sql_err)?;
+        tx.prepare_cached("DELETE FROM log_parts WHERE seq = ?1")
+            .map_err(sql_err)?
+            .execute([p.seq])
+            .map_err(sql_err)?;
+        self.list.remove(i);
+        Ok(p.n)
+    }
+
+    /// The newest key in partition `i`.
+    fn newest(&self, conn: &Connection, i: usize) -> Result<Option<i64>, StoreError> {
+        let (lo, hi) = self.range(i);
+        conn.prepare_cached(&format!("SELECT max(k) FROM {} WHERE k BETWEEN ?1 AND ?2", self.table(i)))
+            .map_err(sql_err)?
+            .query_row([lo, hi], |r| r.get(0))
+            .map_err(sql_err)
+    }
+
+    /// The oldest key in partition `i`.
+    fn oldest(&self, conn: &Connection, i: usize) -> Result<Option<i64>, StoreError> {
+        let (lo, hi) = self.range(i);
+        conn.prepare_cached(&format!("SELECT min(k) FROM {} WHERE k BETWEEN ?1 AND ?2", self.table(i)))
+            .map_err(sql_err)?
+            .query_row([lo, hi], |r| r.get(0))
+            .map_err(sql_err)
+    }
+
+    /// Starts a new partition for a batch when the newest holds `roll` rows or more (the first
+    /// partition when the gateway has none). The new one starts at the millisecond after the
+    /// newest row, so no millisecond is ever split.
+    fn roll(&mut self, tx: &Connection, roll: Option<u64>) -> Result<(), StoreError> {
+        let Some(last) = self.list.len().checked_sub(1) else {
+            return self.create(tx, gateway_keys(self.no).0);
+        };
+        if roll.is_none_or(|rows| self.list[last].n < rows) {
+            return Ok(());
+        }
+        let Some(newest) = self.newest(tx, last)? else { return Ok(()) };
+        let lo = (newest | (SLOTS - 1)) + 1;
+        if lo > gateway_keys(self.no).1 {
+            return Ok(());
+        }
+        self.create(tx, lo)
+    }
+}
+
+/// Creates partition table `seq` with its event-id index.
+fn create_part_sql(seq: i64) -> String {
+    let table = part_table(seq);
+    format!(
+        "{create}
+         CREATE INDEX {table}_event_id ON {table}(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;",
+        create = create_logs_sql(&table)
+    )
+}
+
 /// The number of gateway `name` in this file, if it has one.
 fn gateway_number(conn: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
     conn.prepare_cached("SELECT no FROM log_gateways WHERE name = ?1")
@@ -224,13 +454,14 @@ fn gateway_number_or_new(conn: &Connection, name: &str) -> Result<i64, StoreErro
         next
     } else {
         let mut free = None;
-        let mut st = conn.prepare("SELECT no FROM log_gateways ORDER BY no").map_err(sql_err)?;
-        let nos = st.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+        let nos: Vec<i64> = {
+            let mut st = conn.prepare("SELECT no FROM log_gateways ORDER BY no").map_err(sql_err)?;
+            let nos = st.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+            nos.collect::<Result<_, _>>().map_err(sql_err)?
+        };
         for no in nos {
-            let no = no.map_err(sql_err)?;
-            let (lo, hi) = gateway_keys(no);
             let used: bool = conn
-                .query_row("SELECT EXISTS (SELECT 1 FROM logs WHERE k BETWEEN ?1 AND ?2)", [lo, hi], |r| r.get(0))
+                .query_row("SELECT EXISTS (SELECT 1 FROM log_parts WHERE gateway = ?1 AND n > 0)", [no], |r| r.get(0))
                 .map_err(sql_err)?;
             if !used {
                 free = Some(no);
@@ -243,6 +474,11 @@ fn gateway_number_or_new(conn: &Connection, name: &str) -> Result<i64, StoreErro
             )));
         };
         conn.execute("DELETE FROM log_gateways WHERE no = ?1", [no]).map_err(sql_err)?;
+        // Its partitions are empty: they go.
+        for p in Parts::load(conn, no)?.list {
+            conn.execute_batch(&format!("DROP TABLE {};", part_table(p.seq))).map_err(sql_err)?;
+        }
+        conn.execute("DELETE FROM log_parts WHERE gateway = ?1", [no]).map_err(sql_err)?;
         no
     };
     conn.execute("INSERT INTO log_gateways (name, no) VALUES (?1, ?2)", params![name, no]).map_err(sql_err)?;
@@ -357,6 +593,8 @@ struct Shared {
     /// millisecond, where keys sort as ids do without looking. Normally empty: ids the gateway makes
     /// never meet on a slot (at most 4096 a millisecond); rows of schema 5 and other ids add to it.
     placed: Mutex<BTreeSet<i64>>,
+    /// How the gateways' rows are split into partitions.
+    policy: PartPolicy,
 }
 
 /// The embedded request-log store in a SQLite file. Cloning shares the database handle.
@@ -416,16 +654,79 @@ fn migrate_to_6(tx: &Transaction<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Splits the schema-6 table `logs` (every gateway's rows) into one partition per gateway
+/// ([`Parts`]): the table becomes the partition of the gateway with the most rows (renamed,
+/// nothing copied); the rows of any other gateway are copied into a partition of their own. Runs
+/// in the open's transaction.
+fn migrate_to_7(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
+             WHERE event_id IS NOT NULL;",
+    )
+    .map_err(sql_err)?;
+    let per_gateway: Vec<(i64, i64, bool)> = {
+        let mut st = tx
+            .prepare(&format!(
+                "SELECT k >> {shift} AS no, count(*), max(body_seg IS NOT NULL) FROM logs GROUP BY no \
+                 ORDER BY count(*) DESC",
+                shift = MS_BITS + SLOT_BITS
+            ))
+            .map_err(sql_err)?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)?
+    };
+    let register = |no: i64, n: i64, bodies: bool| -> Result<i64, StoreError> {
+        tx.execute(
+            "INSERT INTO log_parts (gateway, lo, n, bodies) VALUES (?1, ?2, ?3, ?4)",
+            params![no, gateway_keys(no).0, n, bodies],
+        )
+        .map_err(sql_err)?;
+        Ok(tx.last_insert_rowid())
+    };
+    let Some(&(first, n, bodies)) = per_gateway.first() else {
+        return tx.execute_batch("DROP TABLE logs;").map_err(sql_err);
+    };
+    let seq = register(first, n, bodies)?;
+    for &(no, n, bodies) in &per_gateway[1..] {
+        let other = register(no, n, bodies)?;
+        let (lo, hi) = gateway_keys(no);
+        tx.execute_batch(&create_part_sql(other)).map_err(sql_err)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} (k, {LOG_COLUMNS}) SELECT k, {LOG_COLUMNS} FROM logs WHERE k BETWEEN ?1 AND ?2",
+                table = part_table(other)
+            ),
+            [lo, hi],
+        )
+        .map_err(sql_err)?;
+        tx.execute("DELETE FROM logs WHERE k BETWEEN ?1 AND ?2", [lo, hi]).map_err(sql_err)?;
+    }
+    tx.execute_batch(&format!("ALTER TABLE logs RENAME TO {};", part_table(seq))).map_err(sql_err)
+}
+
 impl SqliteLogStore {
     /// Opens (creating the parent directory, the file and the schema if needed) the store at `path`.
     /// Blocking: call it at startup or on the blocking pool.
     pub fn open(path: &Path) -> Result<SqliteLogStore, StoreError> {
+        SqliteLogStore::open_with(path, PartPolicy::DEFAULT)
+    }
+
+    /// [`SqliteLogStore::open`] with partitions of a fixed `rows` and an exact cap: the store
+    /// conformance suite runs on many partitions with it. Not for production use.
+    #[doc(hidden)]
+    pub fn open_with_partition_rows(path: &Path, rows: u64) -> Result<SqliteLogStore, StoreError> {
+        SqliteLogStore::open_with(path, PartPolicy { min_rows: 0, fixed: Some(rows) })
+    }
+
+    fn open_with(path: &Path, policy: PartPolicy) -> Result<SqliteLogStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Io(format!("create log directory {}: {e}", dir.display())))?;
         }
         let mut conn = Connection::open(path).map_err(sql_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_err)?;
+        // A batch uses about a dozen statements, a gateway's partitions a few each.
+        conn.set_prepared_statement_cache_capacity(64);
         conn.create_scalar_function(
             HIST_MERGE_FN,
             2,
@@ -468,6 +769,7 @@ impl SqliteLogStore {
             String::new()
         };
         let migrate_6 = has_logs && version < 6;
+        let migrate_7 = has_logs && version < 7;
         if migrate_6 {
             let rows: i64 = conn.query_row("SELECT count(*) FROM logs", [], |r| r.get(0)).map_err(sql_err)?;
             tracing::info!(path = %path.display(), rows, "rebuilding the log table in the schema-6 layout (once)");
@@ -488,20 +790,25 @@ impl SqliteLogStore {
                  name TEXT PRIMARY KEY NOT NULL,
                  no INTEGER NOT NULL UNIQUE
              ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS log_placed (ms_key INTEGER PRIMARY KEY);"
+             CREATE TABLE IF NOT EXISTS log_placed (ms_key INTEGER PRIMARY KEY);
+             CREATE TABLE IF NOT EXISTS log_parts (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 gateway INTEGER NOT NULL,
+                 lo INTEGER NOT NULL,
+                 n INTEGER NOT NULL,
+                 bodies INTEGER NOT NULL
+             );
+             CREATE UNIQUE INDEX IF NOT EXISTS log_parts_gateway_lo ON log_parts(gateway, lo);"
         ))
         .map_err(sql_err)?;
         if migrate_6 {
             migrate_to_6(&tx)?;
         }
+        if migrate_7 {
+            migrate_to_7(&tx)?;
+        }
         tx.execute_batch(&format!(
-            "{create_logs}
-             -- Most requests carry no event id: a partial index costs them nothing (schema 3;
-             -- schema 2 indexed every row).
-             DROP INDEX IF EXISTS logs_gateway_event;
-             CREATE INDEX IF NOT EXISTS logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
-                 WHERE event_id IS NOT NULL;
-             CREATE TABLE IF NOT EXISTS log_counts (
+            "CREATE TABLE IF NOT EXISTS log_counts (
                  gateway TEXT PRIMARY KEY NOT NULL,
                  n INTEGER NOT NULL
              ) WITHOUT ROWID;
@@ -531,15 +838,14 @@ impl SqliteLogStore {
                  seg INTEGER PRIMARY KEY NOT NULL,
                  live INTEGER NOT NULL
              );
-             PRAGMA user_version = {SCHEMA_VERSION};",
-            create_logs = create_logs_sql("logs").replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"),
+             PRAGMA user_version = {SCHEMA_VERSION};"
         ))
         .map_err(sql_err)?;
         tx.commit().map_err(sql_err)?;
-        if migrate_6 {
+        if migrate_6 || migrate_7 {
             // Give the old table's pages back to the file system.
             crate::sqlite::give_back_free_pages(&conn, 0).map_err(sql_err)?;
-            tracing::info!(path = %path.display(), "log table rebuilt");
+            tracing::info!(path = %path.display(), "log table rebuilt in partitions");
         }
         // Segments no row points into (the last one written before a restart can be one) go.
         conn.execute("DELETE FROM body_segments WHERE live <= 0", []).map_err(sql_err)?;
@@ -556,6 +862,7 @@ impl SqliteLogStore {
                 path: path.to_path_buf(),
                 retention: Retentions::default(),
                 placed: Mutex::new(placed),
+                policy,
             }),
         })
     }
@@ -751,54 +1058,95 @@ fn release_segments(
     Ok(())
 }
 
-/// The key of the gateway's row with id `id`, if there is one. An id the gateway made names its
-/// time and, mostly, its slot: the row is read at that key, then searched for in its millisecond
-/// (placed elsewhere: [`place`]), then within [`LEGACY_ID_SKEW_MS`] of it (rows stored before
-/// schema 5); any other id (never one the gateway makes) by a scan of the gateway's rows.
-fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<i64>, StoreError> {
+/// The table and key of the gateway's row with id `id`, if there is one. An id the gateway made
+/// names its time and, mostly, its slot: the row is read at that key, then searched for in its
+/// millisecond (placed elsewhere: [`place`]), then within [`LEGACY_ID_SKEW_MS`] of it (rows stored
+/// before schema 5); any other id (never one the gateway makes) by a scan of the gateway's rows.
+fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<(String, i64)>, StoreError> {
     let Some(no) = gateway_number(conn, gateway)? else { return Ok(None) };
-    let one = |sql: &str, args: &[&dyn ToSql]| -> Result<Option<i64>, StoreError> {
-        conn.prepare_cached(sql).map_err(sql_err)?.query_row(args, |r| r.get(0)).optional().map_err(sql_err)
+    let parts = Parts::load(conn, no)?;
+    // The first row with this id in the gateway's keys [lo, hi].
+    let within = |lo: i64, hi: i64| -> Result<Option<(String, i64)>, StoreError> {
+        for (i, lo, hi) in parts.span(lo, hi) {
+            let table = parts.table(i);
+            let k: Option<i64> = conn
+                .prepare_cached(&format!("SELECT k FROM {table} WHERE k BETWEEN ?1 AND ?2 AND id = ?3 LIMIT 1"))
+                .map_err(sql_err)?
+                .query_row(params![lo, hi, id], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)?;
+            if let Some(k) = k {
+                return Ok(Some((table, k)));
+            }
+        }
+        Ok(None)
     };
-    let in_range = "SELECT k FROM logs WHERE k BETWEEN ?1 AND ?2 AND id = ?3 LIMIT 1";
     let Some(t) = crate::log::log_id_time_ms(id) else {
         let (lo, hi) = gateway_keys(no);
-        return one(in_range, &[&lo, &hi, &id]);
+        return within(lo, hi);
     };
     if let Some(k) = own_key(no, t, id) {
-        if let Some(k) = one("SELECT k FROM logs WHERE k = ?1 AND id = ?2", &[&k, &id])? {
-            return Ok(Some(k));
+        if let Some(i) = parts.at(k) {
+            let table = parts.table(i);
+            let found: Option<i64> = conn
+                .prepare_cached(&format!("SELECT k FROM {table} WHERE k = ?1 AND id = ?2"))
+                .map_err(sql_err)?
+                .query_row(params![k, id], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)?;
+            if let Some(k) = found {
+                return Ok(Some((table, k)));
+            }
         }
     }
     let (lo, hi) = ms_keys(no, t);
-    if let Some(k) = one(in_range, &[&lo, &hi, &id])? {
-        return Ok(Some(k));
+    if let Some(found) = within(lo, hi)? {
+        return Ok(Some(found));
     }
     let lo = ms_keys(no, t.saturating_sub(LEGACY_ID_SKEW_MS)).0;
     let hi = ms_keys(no, t.saturating_add(LEGACY_ID_SKEW_MS)).1;
-    one(in_range, &[&lo, &hi, &id])
+    within(lo, hi)
 }
 
 /// Deletes the gateway's `n` oldest rows among those created before `before_ms` (all of its rows
-/// when `None`); returns how many. The rows are the front of the gateway's key range: the key of
-/// the `n`-th is found first and everything up to it is deleted as one range, without `RETURNING`
-/// (which would make SQLite collect the keys and seek each row again); the bodies' segments are
-/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT n)` cost about as much
-/// per row as inserting one.)
+/// when `None`), oldest partition first; returns how many.
 fn delete_front(
     tx: &Transaction<'_>,
     bodies: &mut BodyFiles,
-    gateway: &str,
+    parts: &mut Parts,
     before_ms: Option<u64>,
+    n: u64,
+) -> Result<u64, StoreError> {
+    let Some((lo, hi)) = time_keys(parts.no, None, before_ms) else { return Ok(0) };
+    let mut deleted = 0;
+    for (i, lo, hi) in parts.span(lo, hi) {
+        if deleted >= n {
+            break;
+        }
+        let d = delete_front_in(tx, bodies, &parts.table(i), (lo, hi), n - deleted)?;
+        parts.add(tx, i, -to_i64(d), false)?;
+        deleted += d;
+    }
+    Ok(deleted)
+}
+
+/// Deletes the `n` first rows of `table` in the keys `[lo, hi]`; returns how many. The key of the
+/// `n`-th is found first and everything up to it is deleted as one range, without `RETURNING`
+/// (which would make SQLite collect the keys and seek each row again); the bodies' segments are
+/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT n)` cost about as much
+/// per row as inserting one.)
+fn delete_front_in(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    table: &str,
+    (lo, hi): (i64, i64),
     n: u64,
 ) -> Result<u64, StoreError> {
     if n == 0 {
         return Ok(0);
     }
-    let Some(no) = gateway_number(tx, gateway)? else { return Ok(0) };
-    let Some((lo, hi)) = time_keys(no, None, before_ms) else { return Ok(0) };
     let last: Option<i64> = tx
-        .prepare_cached("SELECT k FROM logs WHERE k BETWEEN ?1 AND ?2 ORDER BY k LIMIT 1 OFFSET ?3")
+        .prepare_cached(&format!("SELECT k FROM {table} WHERE k BETWEEN ?1 AND ?2 ORDER BY k LIMIT 1 OFFSET ?3"))
         .map_err(sql_err)?
         .query_row(params![lo, hi, to_i64(n - 1)], |r| r.get(0))
         .optional()
@@ -808,10 +1156,10 @@ fn delete_front(
     let mut per_seg = Vec::new();
     {
         let mut st = tx
-            .prepare_cached(
-                "SELECT body_seg, count(*) FROM logs WHERE k BETWEEN ?1 AND ?2 AND body_seg IS NOT NULL \
-                 GROUP BY body_seg",
-            )
+            .prepare_cached(&format!(
+                "SELECT body_seg, count(*) FROM {table} WHERE k BETWEEN ?1 AND ?2 AND body_seg IS NOT NULL \
+                 GROUP BY body_seg"
+            ))
             .map_err(sql_err)?;
         let rows = st.query_map([lo, hi], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(sql_err)?;
         for row in rows {
@@ -819,7 +1167,7 @@ fn delete_front(
         }
     }
     let deleted = tx
-        .prepare_cached("DELETE FROM logs WHERE k BETWEEN ?1 AND ?2")
+        .prepare_cached(&format!("DELETE FROM {table} WHERE k BETWEEN ?1 AND ?2"))
         .map_err(sql_err)?
         .execute([lo, hi])
         .map_err(sql_err)? as u64;
@@ -827,24 +1175,77 @@ fn delete_front(
     Ok(deleted)
 }
 
-/// One step of [`LogStore::enforce_retention`] on a gateway holding `n` rows: removes at most
-/// [`DELETE_CHUNK_ROWS`] rows, those created before `cutoff_ms` first, then (DeleteOldest only) the
-/// oldest beyond the cap. Returns the rows removed.
+/// The millisecond of key `k`.
+fn key_ms(k: i64) -> u64 {
+    ((k >> SLOT_BITS) as u64) & MAX_KEY_MS
+}
+
+/// Removes the gateway's rows created before `cutoff_ms`: its oldest partitions whole while their
+/// newest row is (never the newest partition), then at most `chunk` rows from the front. Returns
+/// the rows removed.
+fn expire(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    parts: &mut Parts,
+    cutoff_ms: u64,
+    chunk: u64,
+) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    while parts.list.len() >= 2 {
+        if parts.newest(tx, 0)?.is_some_and(|k| key_ms(k) >= cutoff_ms) {
+            break;
+        }
+        removed += parts.drop_part(tx, bodies, 0)?;
+    }
+    Ok(removed + delete_front(tx, bodies, parts, Some(cutoff_ms), chunk)?)
+}
+
+/// Brings a gateway holding `n` rows down to `max_records`: its oldest partitions whole while what
+/// is left stays at or above `max_records` less the policy's slack (never the newest partition),
+/// then at most `chunk` rows from the front. Returns the rows removed.
+fn trim_to_cap(
+    tx: &Transaction<'_>,
+    bodies: &mut BodyFiles,
+    (parts, policy): (&mut Parts, PartPolicy),
+    r: &Retention,
+    n: u64,
+    chunk: u64,
+) -> Result<u64, StoreError> {
+    let floor = r.max_records.saturating_sub(policy.slack(policy.roll_rows(Some(*r))));
+    let (mut left, mut removed) = (n, 0);
+    while left > r.max_records && parts.list.len() >= 2 && left.saturating_sub(parts.list[0].n) >= floor {
+        let d = parts.drop_part(tx, bodies, 0)?;
+        removed += d;
+        left = left.saturating_sub(d);
+    }
+    if left > r.max_records {
+        removed += delete_front(tx, bodies, parts, None, (left - r.max_records).min(chunk))?;
+    }
+    Ok(removed)
+}
+
+/// One step of [`LogStore::enforce_retention`] on a gateway holding `n` rows: drops its empty
+/// partitions but the newest, removes rows created before `cutoff_ms` (whole partitions, then at
+/// most [`DELETE_CHUNK_ROWS`] rows), then (DeleteOldest only) the oldest beyond the cap. Returns
+/// the rows removed.
 fn retention_step(
     tx: &Transaction<'_>,
     bodies: &mut BodyFiles,
-    gateway: &str,
+    (parts, policy): (&mut Parts, PartPolicy),
     r: &Retention,
     cutoff_ms: Option<u64>,
     n: u64,
 ) -> Result<u64, StoreError> {
+    while let Some(i) = (0..parts.list.len().saturating_sub(1)).find(|&i| parts.list[i].n == 0) {
+        parts.drop_part(tx, bodies, i)?;
+    }
     let mut removed = 0;
     if let Some(cutoff) = cutoff_ms {
-        removed += delete_front(tx, bodies, gateway, Some(cutoff), DELETE_CHUNK_ROWS)?;
+        removed += expire(tx, bodies, parts, cutoff, DELETE_CHUNK_ROWS)?;
     }
     let left = n.saturating_sub(removed);
     if r.at_cap == AtCap::DeleteOldest && left > r.max_records && removed < DELETE_CHUNK_ROWS {
-        removed += delete_front(tx, bodies, gateway, None, (left - r.max_records).min(DELETE_CHUNK_ROWS - removed))?;
+        removed += trim_to_cap(tx, bodies, (parts, policy), r, left, DELETE_CHUNK_ROWS - removed)?;
     }
     Ok(removed)
 }
@@ -866,7 +1267,7 @@ struct PrevRow<'a> {
 fn insert_one<'a>(
     conn: &Connection,
     stmt: &mut rusqlite::CachedStatement<'_>,
-    (gateway, no): (&str, i64),
+    (gateway, no, table): (&str, i64, &str),
     placed: &mut BTreeSet<i64>,
     r: &'a LogRecord,
     body: Option<BodyRef>,
@@ -962,7 +1363,7 @@ fn insert_one<'a>(
     let own = own_key(no, r.created_at_ms, &r.id);
     let new = match own.filter(|_| !placed.contains(&ms_key)) {
         Some(k) if execute_at(k)? => true,
-        _ => match place(conn, "logs", no, r.created_at_ms, &r.id)? {
+        _ => match place(conn, table, no, r.created_at_ms, &r.id)? {
             Placement::Stored => false,
             Placement::At(k) => {
                 if Some(k) != own {
@@ -1098,6 +1499,9 @@ impl LogStore for SqliteLogStore {
         let shared = self.inner.clone();
         self.write(move |tx, bodies| {
             let no = gateway_number_or_new(tx, &gateway)?;
+            let policy = shared.policy;
+            let mut parts = Parts::load(tx, no)?;
+            parts.roll(tx, policy.roll_rows(retention))?;
             let mut placed = shared.placed.lock().unwrap_or_else(PoisonError::into_inner);
             let mut n = count_rows(tx, &gateway)?;
             let mut removed = 0;
@@ -1105,8 +1509,7 @@ impl LogStore for SqliteLogStore {
                 Some(r) if r.at_cap == AtCap::StopInserting => {
                     // Make room from expired rows before refusing any.
                     if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
-                        let d =
-                            delete_front(tx, bodies, &gateway, Some(now_ms().saturating_sub(age)), DELETE_CHUNK_ROWS)?;
+                        let d = expire(tx, bodies, &mut parts, now_ms().saturating_sub(age), DELETE_CHUNK_ROWS)?;
                         removed += d;
                         n = n.saturating_sub(d);
                     }
@@ -1118,29 +1521,49 @@ impl LogStore for SqliteLogStore {
             // What the rollups count: every record but duplicate ids.
             let mut counted: Vec<&LogRecord> = Vec::with_capacity(records.len());
             let mut stopped_at = records.len();
+            // Rows inserted per partition, and whether with bodies.
+            let mut added = vec![(0i64, false); parts.list.len()];
             // Rows inserted that point into the batch's body segment.
             let mut with_bodies = 0i64;
             if records.iter().any(|r| r.request_body.is_some() || r.response_body.is_some()) {
                 bodies.begin()?;
             }
             {
-                let mut stmt = tx.prepare_cached(INSERT_SQL).map_err(sql_err)?;
+                // The statement of the partition the last record went to (nearly always the
+                // newest).
+                let mut current: Option<(usize, String, rusqlite::CachedStatement<'_>)> = None;
                 let mut prev: Option<PrevRow<'_>> = None;
                 for (i, r) in records.iter().enumerate() {
                     if cap.is_some_and(|cap| n >= cap) {
                         stopped_at = i;
                         break;
                     }
+                    let part = parts.at(ms_keys(no, r.created_at_ms).0).unwrap_or(0);
+                    if current.as_ref().is_none_or(|c| c.0 != part) {
+                        // Another statement: its bindings are not the previous row's.
+                        drop(current.take());
+                        prev = None;
+                        let table = parts.table(part);
+                        let stmt = tx.prepare_cached(&insert_sql(&table)).map_err(sql_err)?;
+                        current = Some((part, table, stmt));
+                    }
+                    let Some((_, table, stmt)) = current.as_mut() else { unreachable!("set above") };
                     let body = bodies.add(r.request_body.as_ref(), r.response_body.as_ref());
-                    let (new, bound) = insert_one(tx, &mut stmt, (&gateway, no), &mut placed, r, body, prev.as_ref())?;
+                    let (new, bound) =
+                        insert_one(tx, stmt, (&gateway, no, table.as_str()), &mut placed, r, body, prev.as_ref())?;
                     prev = Some(bound);
                     if new {
                         n += 1;
                         inserted += 1;
                         with_bodies += i64::from(body.is_some());
+                        added[part].0 += 1;
+                        added[part].1 |= body.is_some();
                         counted.push(r);
                     }
                 }
+            }
+            for (i, (rows, with)) in added.into_iter().enumerate() {
+                parts.add(tx, i, rows, with)?;
             }
             // The bodies reach the file before the rows pointing at them commit.
             if let Some(seg) = bodies.flush()? {
@@ -1156,24 +1579,32 @@ impl LogStore for SqliteLogStore {
             }
             if stopped_at < records.len() {
                 // Dropped at the cap: still traffic, unless a duplicate id.
-                let mut exists = tx
-                    .prepare_cached("SELECT 1 FROM logs WHERE k BETWEEN ?1 AND ?2 AND created_at_ms = ?3 AND id = ?4")
-                    .map_err(sql_err)?;
                 let mut seen = HashSet::new();
                 for r in &records[stopped_at..] {
                     let (lo, hi) = ms_keys(no, r.created_at_ms);
-                    if seen.insert((r.created_at_ms, r.id.as_str()))
-                        && !exists.exists(params![lo, hi, to_i64(r.created_at_ms), r.id]).map_err(sql_err)?
-                    {
+                    if !seen.insert((r.created_at_ms, r.id.as_str())) {
+                        continue;
+                    }
+                    let stored = match parts.at(lo) {
+                        Some(i) => tx
+                            .prepare_cached(&format!(
+                                "SELECT 1 FROM {} WHERE k BETWEEN ?1 AND ?2 AND created_at_ms = ?3 AND id = ?4",
+                                parts.table(i)
+                            ))
+                            .map_err(sql_err)?
+                            .exists(params![lo, hi, to_i64(r.created_at_ms), r.id])
+                            .map_err(sql_err)?,
+                        None => false,
+                    };
+                    if !stored {
                         counted.push(r);
                     }
                 }
             }
             upsert_rollups(tx, &gateway, &aggregate(counted))?;
             if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
-                let excess = n - r.max_records;
-                let d =
-                    delete_front(tx, bodies, &gateway, None, excess.min(DELETE_CHUNK_ROWS.max(records.len() as u64)))?;
+                let chunk = DELETE_CHUNK_ROWS.max(records.len() as u64);
+                let d = trim_to_cap(tx, bodies, (&mut parts, policy), &r, n, chunk)?;
                 removed += d;
                 n = n.saturating_sub(d);
             }
@@ -1226,38 +1657,57 @@ impl LogStore for SqliteLogStore {
             let empty = LogPage { records: Vec::new(), next_cursor: None };
             let Some(no) = gateway_number(&db.conn, &gateway)? else { return Ok(empty) };
             let Some((lo, mut hi)) = time_keys(no, from_ms, to_ms) else { return Ok(empty) };
+            let parts = Parts::load(&db.conn, no)?;
             let mut w = w;
             if let Some((ms, id)) = &cursor {
                 // After the cursor's row: below its key; if that row is gone, before it in
                 // (created_at_ms, id) order, as the keys sort.
                 let (ms_lo, ms_hi) = ms_keys(no, *ms);
-                let at: Option<i64> = db
-                    .conn
-                    .prepare_cached("SELECT k FROM logs WHERE k BETWEEN ?1 AND ?2 AND created_at_ms = ?3 AND id = ?4")
-                    .map_err(sql_err)?
-                    .query_row(params![ms_lo, ms_hi, to_i64(*ms), id], |r| r.get(0))
-                    .optional()
-                    .map_err(sql_err)?;
+                let at: Option<i64> = match parts.at(ms_lo) {
+                    Some(i) => db
+                        .conn
+                        .prepare_cached(&format!(
+                            "SELECT k FROM {} WHERE k BETWEEN ?1 AND ?2 AND created_at_ms = ?3 AND id = ?4",
+                            parts.table(i)
+                        ))
+                        .map_err(sql_err)?
+                        .query_row(params![ms_lo, ms_hi, to_i64(*ms), id], |r| r.get(0))
+                        .optional()
+                        .map_err(sql_err)?,
+                    None => None,
+                };
                 match at {
                     Some(k) => hi = hi.min(k - 1),
                     None => {
-                        hi = hi.min(ms_keys(no, *ms).1);
+                        hi = hi.min(ms_hi);
                         let p = w.param(SqlValue::Int(to_i64(*ms)));
                         let q = w.param(SqlValue::Text(id.clone()));
                         w.and(&format!("(created_at_ms, id) < ({p}, {q})"));
                     }
                 }
             }
-            let p = w.param(SqlValue::Int(lo));
-            let q = w.param(SqlValue::Int(hi));
-            w.and(&format!("k BETWEEN {p} AND {q}"));
-            let sql = format!("SELECT {LIST_COLUMNS} FROM logs WHERE {} ORDER BY k DESC LIMIT {}", w.sql, limit + 1);
-            let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
-            let rows =
-                stmt.query_map(rusqlite::params_from_iter(w.params.iter()), |r| decode(r, false)).map_err(sql_err)?;
+            // Newest partition first, each in key order down, until the page (and one more row,
+            // which says whether there is a next page) is full.
             let mut records = Vec::with_capacity(limit.min(64));
-            for row in rows {
-                records.push(row.map_err(sql_err)??);
+            for (i, lo, hi) in parts.span(lo, hi).into_iter().rev() {
+                let want = limit + 1 - records.len();
+                if want == 0 {
+                    break;
+                }
+                let mut w = w.clone();
+                let p = w.param(SqlValue::Int(lo));
+                let q = w.param(SqlValue::Int(hi));
+                w.and(&format!("k BETWEEN {p} AND {q}"));
+                let l = w.param(SqlValue::Int(to_i64(want as u64)));
+                let sql =
+                    format!("SELECT {LIST_COLUMNS} FROM {} WHERE {} ORDER BY k DESC LIMIT {l}", parts.table(i), w.sql);
+                let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(w.params.iter()), |r| decode(r, false))
+                    .map_err(sql_err)?;
+                for row in rows {
+                    records.push(row.map_err(sql_err)??);
+                }
             }
             let next_cursor = if records.len() > limit {
                 records.truncate(limit);
@@ -1273,10 +1723,10 @@ impl LogStore for SqliteLogStore {
     async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
         self.run(move |db| {
-            let Some(k) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
+            let Some((table, k)) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
             let sql = format!(
                 "SELECT {LIST_COLUMNS}, request_body, response_body, body_seg, body_off, request_len, response_len \
-                 FROM logs WHERE k = ?1"
+                 FROM {table} WHERE k = ?1"
             );
             let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let found = stmt
@@ -1311,18 +1761,29 @@ impl LogStore for SqliteLogStore {
                 .write(move |tx, bodies| {
                     let Some(no) = gateway_number(tx, &gateway)? else { return Ok((0, 0)) };
                     let Some((lo, hi)) = time_keys(no, from_ms, to_ms) else { return Ok((0, 0)) };
-                    let mut w = (*w).clone();
-                    let p = w.param(SqlValue::Int(lo));
-                    let q = w.param(SqlValue::Int(hi));
-                    w.and(&format!("k BETWEEN {p} AND {q}"));
-                    let sql = format!(
-                        "DELETE FROM logs WHERE k IN (SELECT k FROM logs WHERE {} LIMIT {DELETE_CHUNK_ROWS}) \
-                         {RETURNING_BODIES}",
-                        w.sql
-                    );
-                    // Deleted on request: the bodies are overwritten at once, not when their
-                    // segment goes.
-                    let d = delete_rows(tx, bodies, &sql, rusqlite::params_from_iter(w.params.iter()), true)?;
+                    let mut parts = Parts::load(tx, no)?;
+                    let mut d = 0;
+                    for (i, lo, hi) in parts.span(lo, hi) {
+                        if d >= DELETE_CHUNK_ROWS {
+                            break;
+                        }
+                        let table = parts.table(i);
+                        let mut w = (*w).clone();
+                        let p = w.param(SqlValue::Int(lo));
+                        let q = w.param(SqlValue::Int(hi));
+                        w.and(&format!("k BETWEEN {p} AND {q}"));
+                        let l = w.param(SqlValue::Int(to_i64(DELETE_CHUNK_ROWS - d)));
+                        let sql = format!(
+                            "DELETE FROM {table} WHERE k IN (SELECT k FROM {table} WHERE {} LIMIT {l}) \
+                             {RETURNING_BODIES}",
+                            w.sql
+                        );
+                        // Deleted on request: the bodies are overwritten at once, not when their
+                        // segment goes.
+                        let di = delete_rows(tx, bodies, &sql, rusqlite::params_from_iter(w.params.iter()), true)?;
+                        parts.add(tx, i, -to_i64(di), false)?;
+                        d += di;
+                    }
                     if d > 0 {
                         let n = count_rows(tx, &gateway)?;
                         set_count(tx, &gateway, n.saturating_sub(d))?;
@@ -1347,10 +1808,12 @@ impl LogStore for SqliteLogStore {
         check_patch(feedback, score)?;
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
         self.write(move |tx, _| {
-            let Some(k) = find_id(tx, &gateway, &id)? else { return Ok((false, 0)) };
+            let Some((table, k)) = find_id(tx, &gateway, &id)? else { return Ok((false, 0)) };
             let n = tx
                 .execute(
-                    "UPDATE logs SET feedback = COALESCE(?2, feedback), score = COALESCE(?3, score) WHERE k = ?1",
+                    &format!(
+                        "UPDATE {table} SET feedback = COALESCE(?2, feedback), score = COALESCE(?3, score) WHERE k = ?1"
+                    ),
                     params![k, feedback.map(i64::from), score],
                 )
                 .map_err(sql_err)?;
@@ -1376,13 +1839,16 @@ impl LogStore for SqliteLogStore {
         self.prune_rollups(gateway).await?;
         let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
         let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
+        let policy = self.inner.policy;
         let mut total = 0;
         loop {
             let gateway = gateway.to_owned();
             let d = self
                 .write(move |tx, bodies| {
+                    let Some(no) = gateway_number(tx, &gateway)? else { return Ok((0, 0)) };
+                    let mut parts = Parts::load(tx, no)?;
                     let n = count_rows(tx, &gateway)?;
-                    let removed = retention_step(tx, bodies, &gateway, &r, cutoff, n)?;
+                    let removed = retention_step(tx, bodies, (&mut parts, policy), &r, cutoff, n)?;
                     if removed > 0 {
                         set_count(tx, &gateway, n.saturating_sub(removed))?;
                     }
@@ -1399,9 +1865,14 @@ impl LogStore for SqliteLogStore {
         self.write(move |tx, _| {
             let Some(no) = gateway_number(tx, &gateway)? else { return Ok(((), 0)) };
             let (lo, hi) = gateway_keys(no);
-            let oldest: Option<i64> = tx
-                .query_row("SELECT min(k) FROM logs WHERE k BETWEEN ?1 AND ?2", [lo, hi], |r| r.get(0))
-                .map_err(sql_err)?;
+            let parts = Parts::load(tx, no)?;
+            let mut oldest = None;
+            for i in 0..parts.list.len() {
+                oldest = parts.oldest(tx, i)?;
+                if oldest.is_some() {
+                    break;
+                }
+            }
             let below = oldest.map_or(hi, |k| (k & !(SLOTS - 1)) - 1);
             let gone =
                 tx.execute("DELETE FROM log_placed WHERE ms_key BETWEEN ?1 AND ?2", [lo, below]).map_err(sql_err)?;
@@ -1422,10 +1893,22 @@ mod tests {
     use super::*;
     use crate::log::log_id_at;
 
-    fn index_names(conn: &Connection) -> Vec<String> {
-        let mut st = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'logs'").unwrap();
-        let names = st.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    fn index_names(conn: &Connection, table: &str) -> Vec<String> {
+        let mut st = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = ?1").unwrap();
+        let names = st.query_map([table], |r| r.get::<_, String>(0)).unwrap();
         names.map(Result::unwrap).collect()
+    }
+
+    /// The partition tables of gateway `gateway`, oldest first.
+    fn part_tables(conn: &Connection, gateway: &str) -> Vec<String> {
+        let mut st = conn
+            .prepare(
+                "SELECT seq FROM log_parts JOIN log_gateways ON log_gateways.no = log_parts.gateway \
+                 WHERE log_gateways.name = ?1 ORDER BY lo",
+            )
+            .unwrap();
+        let seqs = st.query_map([gateway], |r| r.get::<_, i64>(0)).unwrap();
+        seqs.map(|s| part_table(s.unwrap())).collect()
     }
 
     fn temp_path(name: &str) -> (PathBuf, PathBuf) {
@@ -1532,10 +2015,19 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        let sql: String =
-            conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
-        assert!(sql.contains("k INTEGER PRIMARY KEY") && !sql.contains("WITHOUT ROWID"), "{sql}");
-        assert_eq!(index_names(&conn).iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1);
+        // One partition per gateway, each keyed by `k` with the event-id index.
+        for gw in ["gw", "other"] {
+            let tables = part_tables(&conn, gw);
+            assert_eq!(tables.len(), 1, "{gw}: {tables:?}");
+            let sql: String =
+                conn.query_row("SELECT sql FROM sqlite_schema WHERE name = ?1", [&tables[0]], |r| r.get(0)).unwrap();
+            assert!(sql.contains("k INTEGER PRIMARY KEY") && !sql.contains("WITHOUT ROWID"), "{sql}");
+            let indexes = index_names(&conn, &tables[0]);
+            assert_eq!(indexes.iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1, "{indexes:?}");
+        }
+        let left: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0, "no table `logs` is left");
         let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
         assert_eq!(free, 0, "the old table's pages went back to the file system");
         drop(conn);
@@ -1549,8 +2041,11 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_by_id_uses_the_key() {
         let (path, dir) = temp_path("plan");
-        drop(SqliteLogStore::open(&path).unwrap());
+        let s = SqliteLogStore::open(&path).unwrap();
+        s.insert_batch("g", &[record("x", now_ms())]).await.unwrap();
+        drop(s);
         let conn = Connection::open(&path).unwrap();
+        let table = part_tables(&conn, "g").remove(0);
         let page_size: u32 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
         assert_eq!(page_size, PAGE_SIZE, "a new file gets the larger page size");
         let plan = |sql: &str| -> String {
@@ -1570,9 +2065,10 @@ mod tests {
              AND k BETWEEN 4 AND 6 LIMIT 10)",
             "SELECT id FROM logs WHERE gateway = 'g' AND status = 200 AND k BETWEEN 4 AND 6 ORDER BY k DESC LIMIT 51",
         ] {
-            let p = plan(sql);
+            let sql = sql.replace("logs", &table);
+            let p = plan(&sql);
             assert!(p.contains("USING INTEGER PRIMARY KEY"), "{sql}: {p}");
-            assert!(!p.contains("SCAN logs") && !p.contains("TEMP B-TREE FOR ORDER BY"), "{sql}: {p}");
+            assert!(!p.contains(&format!("SCAN {table}")) && !p.contains("TEMP B-TREE FOR ORDER BY"), "{sql}: {p}");
         }
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1610,8 +2106,9 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        let table = part_tables(&conn, "gw").remove(0);
         let in_row: Option<Vec<u8>> =
-            conn.query_row("SELECT response_body FROM logs WHERE id = 'new'", [], |r| r.get(0)).unwrap();
+            conn.query_row(&format!("SELECT response_body FROM {table} WHERE id = 'new'"), [], |r| r.get(0)).unwrap();
         assert_eq!(in_row, None, "new bodies go to the segment files");
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1690,13 +2187,144 @@ mod tests {
         drop(s);
         let conn = Connection::open(&path).unwrap();
         let no: i64 = conn.query_row("SELECT no FROM log_gateways WHERE name = 'gw'", [], |r| r.get(0)).unwrap();
+        let table = part_tables(&conn, "gw").remove(0);
         for id in &made {
             let k: i64 = conn
-                .query_row("SELECT k FROM logs WHERE id = ?1 AND created_at_ms = ?2", params![id, to_i64(t)], |r| {
+                .query_row(
+                    &format!("SELECT k FROM {table} WHERE id = ?1 AND created_at_ms = ?2"),
+                    params![id, to_i64(t)],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(k, key(no, t, i64::from(log_id_counter(id, t).unwrap())), "{id}");
+        }
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Partitions and what retention does with them: a partition of a sixteenth of the cap (here
+    /// 8 rows of a cap of 128: the minimum lowered to 8) is closed when full; at the cap the
+    /// oldest goes whole, keeping the gateway between the cap less a partition and an eighth, and
+    /// the cap; the listing, lookups and counts stay those of the newest records.
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_partition_goes_whole() {
+        let (path, dir) = temp_path("parts");
+        let s = SqliteLogStore::open_with(&path, PartPolicy { min_rows: 8, fixed: None }).unwrap();
+        s.set_retention("gw", Retention { max_records: 128, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        let t = now_ms() - 100_000;
+        let mut all: Vec<(u64, String)> = Vec::new();
+        let mut counts = Vec::new();
+        for i in 0..300u64 {
+            let r = record(&log_id_at(t + i).to_string(), t + i);
+            assert_eq!(s.insert_batch("gw", std::slice::from_ref(&r)).await.unwrap(), 1);
+            all.push((r.created_at_ms, r.id));
+            counts.push(s.count("gw").await.unwrap());
+        }
+        // Up to the cap every row stays; past it, whole partitions of 8 go: 129 rows become 121.
+        assert_eq!(&counts[..128], &(1..=128).collect::<Vec<u64>>()[..]);
+        assert!(counts[128..].iter().all(|n| (121..=128).contains(n)), "{counts:?}");
+        assert!(counts.windows(2).any(|w| w == [128, 121]), "{counts:?}");
+        let n = *counts.last().unwrap() as usize;
+        let mut want = all[all.len() - n..].to_vec();
+        want.reverse();
+        assert_eq!(listed(&s, "gw", 7).await, want);
+        assert_eq!(s.get("gw", &want[n - 1].1).await.unwrap().unwrap().created_at_ms, want[n - 1].0);
+        assert_eq!(s.get("gw", &all[all.len() - n - 1].1).await.unwrap(), None, "dropped");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let tables = part_tables(&conn, "gw");
+            assert_eq!(tables.len(), n.div_ceil(8), "{tables:?}");
+            let in_tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_schema WHERE name LIKE 'logs_p%' AND type = 'table'", [], |r| {
                     r.get(0)
                 })
                 .unwrap();
-            assert_eq!(k, key(no, t, i64::from(log_id_counter(id, t).unwrap())), "{id}");
+            assert_eq!(in_tables as usize, tables.len(), "dropped partitions leave no table");
+            let rows: u64 =
+                conn.query_row("SELECT sum(n) FROM log_parts", [], |r| r.get::<_, i64>(0)).map(to_u64).unwrap();
+            assert_eq!(rows, n as u64);
+        }
+        // Out of order: a record older than the newest partition goes to the partition of its
+        // time, and is listed in its place.
+        let late = record(&log_id_at(t + 250).to_string(), t + 250);
+        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&late)).await.unwrap(), 1);
+        assert!(listed(&s, "gw", 5).await.contains(&(t + 250, late.id.clone())));
+        // max_age drops the partitions entirely before the cutoff and trims the one across it.
+        s.set_retention(
+            "gw",
+            Retention { max_records: 128, at_cap: AtCap::DeleteOldest, max_age_ms: Some(now_ms() - (t + 290)) },
+        );
+        let kept = s.list("gw", &LogFilter::default()).await.unwrap().records;
+        let younger = kept.iter().filter(|r| r.created_at_ms >= t + 290).count() as u64;
+        s.enforce_retention("gw").await.unwrap();
+        // (The clock moved on a little: a row or so more may have expired.)
+        let left = s.count("gw").await.unwrap();
+        assert!(left <= younger && left + 5 >= younger, "{left} of {younger}");
+        assert_eq!(listed(&s, "gw", 100).await.len() as u64, left);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A schema-6 file: table `logs` holds every gateway's rows. The gateway with the most becomes
+    /// its partition by a rename; the others' rows are copied into partitions of their own.
+    #[tokio::test]
+    async fn a_schema_6_file_is_split_into_partitions() {
+        let (path, dir) = temp_path("migrate-6");
+        let t = now_ms() - 60_000;
+        let ids = |n: u64, from: u64| -> Vec<(String, u64)> {
+            (0..n).map(|i| (log_id_at(t + from + i).to_string(), t + from + i)).collect()
+        };
+        let (big, small) = (ids(30, 0), ids(5, 100));
+        {
+            let conn = old_file(&path, &create_logs_sql("logs"), "", 6);
+            conn.execute_batch(
+                "CREATE TABLE log_gateways (name TEXT PRIMARY KEY NOT NULL, no INTEGER NOT NULL UNIQUE) WITHOUT ROWID;
+                 CREATE TABLE log_placed (ms_key INTEGER PRIMARY KEY);
+                 INSERT INTO log_gateways VALUES ('small', 0), ('big', 1);
+                 INSERT INTO log_counts VALUES ('big', 30), ('small', 5);",
+            )
+            .unwrap();
+            for (gw, no, rows) in [("big", 1, &big), ("small", 0, &small)] {
+                for (id, ms) in rows {
+                    let k = own_key(no, *ms, id).unwrap();
+                    conn.execute(
+                        "INSERT INTO logs (k, gateway, id, created_at_ms, provider, path, status, success, \
+                         cache_status, stream, duration_ms, custom_cost) \
+                         VALUES (?1, ?2, ?3, ?4, 'openai', 'chat/completions', 200, 1, 'MISS', 0, 1.0, 0)",
+                        params![k, gw, id, to_i64(*ms)],
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        let s = SqliteLogStore::open(&path).unwrap();
+        for (gw, rows) in [("big", &big), ("small", &small)] {
+            assert_eq!(s.count(gw).await.unwrap(), rows.len() as u64);
+            let mut want: Vec<(u64, String)> = rows.iter().map(|(id, ms)| (*ms, id.clone())).collect();
+            want.reverse();
+            assert_eq!(listed(&s, gw, 4).await, want, "{gw}");
+            for (id, ms) in rows {
+                assert_eq!(s.get(gw, id).await.unwrap().unwrap().created_at_ms, *ms);
+            }
+        }
+        assert_eq!(s.get("small", &big[0].0).await.unwrap(), None, "gateways stay apart");
+        let new = record(&log_id_at(t + 200).to_string(), t + 200);
+        assert_eq!(s.insert_batch("small", std::slice::from_ref(&new)).await.unwrap(), 1);
+        assert_eq!(s.count("small").await.unwrap(), 6);
+        drop(s);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let logs: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
+        assert_eq!(logs, 0);
+        let (big_parts, small_parts) = (part_tables(&conn, "big"), part_tables(&conn, "small"));
+        assert_eq!((big_parts.len(), small_parts.len()), (1, 1));
+        let seq = |t: &str| t.trim_start_matches("logs_p").parse::<i64>().unwrap();
+        assert!(seq(&big_parts[0]) < seq(&small_parts[0]), "the largest gateway's partition is the renamed table");
+        for table in [&big_parts[0], &small_parts[0]] {
+            let indexes = index_names(&conn, table);
+            assert_eq!(indexes.iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1, "{indexes:?}");
         }
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1787,20 +2415,23 @@ mod tests {
                  PRAGMA user_version = 2;",
             )
             .unwrap();
+            legacy_row(&conn, "default", "a", 1);
         }
-        drop(SqliteLogStore::open(&path).unwrap());
+        let s = SqliteLogStore::open(&path).unwrap();
+        drop(s);
         let conn = Connection::open(&path).unwrap();
-        let names = index_names(&conn);
+        let table = part_tables(&conn, "default").remove(0);
+        let names = index_names(&conn, &table);
         assert!(names.iter().any(|n| n == "logs_gateway_event_id"), "{names:?}");
         assert!(!names.iter().any(|n| n == "logs_gateway_event"), "{names:?}");
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         // A lookup by event id still uses an index (`event_id = ?` implies IS NOT NULL).
         let plan: Vec<String> = conn
-            .prepare(
-                "EXPLAIN QUERY PLAN SELECT id FROM logs WHERE gateway = ?1 AND event_id = ?2 \
-                 ORDER BY created_at_ms DESC, id DESC LIMIT 50",
-            )
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT id FROM {table} WHERE gateway = ?1 AND event_id = ?2 \
+                 ORDER BY created_at_ms DESC, id DESC LIMIT 50"
+            ))
             .unwrap()
             .query_map(params!["default", "ev-1"], |r| r.get::<_, String>(3))
             .unwrap()

@@ -87,6 +87,14 @@ async fn sqlite_fixture() -> Option<Fixture> {
     Some(Fixture { store: Arc::new(store), gw: unique("gw"), _dir: Some(dir), _tables: None })
 }
 
+/// The SQLite store with a new partition every two rows (an exact cap): every case on many
+/// partitions.
+async fn sqlite_partitioned_fixture() -> Option<Fixture> {
+    let dir = TempDir::new("sqlite-parts");
+    let store = SqliteLogStore::open_with_partition_rows(&dir.path().join(LOG_SQLITE_FILE), 2).unwrap();
+    Some(Fixture { store: Arc::new(store), gw: unique("gw"), _dir: Some(dir), _tables: None })
+}
+
 async fn postgres_fixture() -> Option<Fixture> {
     if !pg_enabled() {
         return None;
@@ -959,6 +967,7 @@ macro_rules! conformance {
 }
 
 conformance!(sqlite, sqlite_fixture);
+conformance!(sqlite_partitioned, sqlite_partitioned_fixture);
 conformance!(postgres, postgres_fixture);
 
 // ---------------------------------------------------------------------------------------------
