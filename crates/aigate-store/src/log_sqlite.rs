@@ -929,6 +929,25 @@ impl SqliteLogStore {
         .map_err(|e| StoreError::Unavailable(format!("log store task failed: {e}")))?
     }
 
+    /// Runs `f`, which only reads, in one read transaction: it reads one state of the file, which
+    /// another process cannot change between `f`'s reading of `log_parts` and of a partition.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Db) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.run(move |db| {
+            db.conn.execute_batch("BEGIN").map_err(sql_err)?;
+            let out = f(db);
+            // Nothing was written: ending the transaction either way loses nothing.
+            if db.conn.execute_batch("COMMIT").is_err() {
+                let _ = db.conn.execute_batch("ROLLBACK");
+            }
+            out
+        })
+        .await
+    }
+
     /// Runs `f` in a write transaction, committed when it returns `Ok((value, rows_deleted))`;
     /// removes the body segments the transaction left unused once committed, and gives pages back
     /// to the file system after large deletes.
@@ -1679,7 +1698,7 @@ impl LogStore for SqliteLogStore {
         let cursor = filter.cursor.as_deref().map(decode_cursor).transpose().map_err(crate::log::invalid)?;
         let limit = filter.effective_limit() as usize;
         let (gateway, from_ms, to_ms) = (gateway.to_owned(), filter.from_ms, filter.to_ms);
-        self.run(move |db| {
+        self.read(move |db| {
             let empty = LogPage { records: Vec::new(), next_cursor: None };
             let Some(no) = gateway_number(&db.conn, &gateway)? else { return Ok(empty) };
             let Some((lo, mut hi)) = time_keys(no, from_ms, to_ms) else { return Ok(empty) };
@@ -1748,7 +1767,7 @@ impl LogStore for SqliteLogStore {
 
     async fn get(&self, gateway: &str, id: &str) -> Result<Option<LogRecord>, StoreError> {
         let (gateway, id) = (gateway.to_owned(), id.to_owned());
-        self.run(move |db| {
+        self.read(move |db| {
             let Some((table, k)) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
             let sql = format!(
                 "SELECT {LIST_COLUMNS}, request_body, response_body, body_seg, body_off, request_len, response_len \
@@ -2338,6 +2357,38 @@ mod tests {
         let files = std::fs::read_dir(BodyFiles::dir_for(&path)).unwrap().count();
         assert_eq!(files, 1, "the first segment went with the last row pointing into it");
         drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two stores on one file (as two processes would be): one keeps adding partitions and
+    /// dropping the oldest, the other lists and looks records up meanwhile; each read sees one
+    /// state of the file, never a partition dropped under it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_never_meets_a_partition_dropped_under_it() {
+        let (path, dir) = temp_path("two-stores");
+        let writer = SqliteLogStore::open_with_partition_rows(&path, 2).unwrap();
+        writer.set_retention("gw", Retention { max_records: 6, at_cap: AtCap::DeleteOldest, max_age_ms: None });
+        let reader = SqliteLogStore::open(&path).unwrap();
+        let t = now_ms() - 100_000;
+        let first = record(&log_id_at(t).to_string(), t);
+        writer.insert_batch("gw", std::slice::from_ref(&first)).await.unwrap();
+        let writing = tokio::spawn(async move {
+            for i in 1..400u64 {
+                let batch: Vec<LogRecord> =
+                    (0..3).map(|j| record(&log_id_at(t + i * 3 + j).to_string(), t + i * 3 + j)).collect();
+                writer.insert_batch("gw", &batch).await.unwrap();
+            }
+        });
+        let mut reads = 0;
+        while !writing.is_finished() {
+            let page = reader.list("gw", &LogFilter { limit: Some(2), ..LogFilter::default() }).await.unwrap();
+            assert!(page.records.len() <= 2);
+            let _ = reader.get("gw", &first.id).await.unwrap();
+            reads += 1;
+        }
+        writing.await.unwrap();
+        assert!(reads > 10, "{reads} reads");
+        assert!(reader.count("gw").await.unwrap() <= 6);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
