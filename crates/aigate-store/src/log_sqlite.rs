@@ -377,19 +377,11 @@ impl Parts {
         Ok(p.n)
     }
 
-    /// The newest key in partition `i`.
-    fn newest(&self, conn: &Connection, i: usize) -> Result<Option<i64>, StoreError> {
+    /// The newest (`newest`) or oldest key in partition `i`.
+    fn end_key(&self, conn: &Connection, i: usize, newest: bool) -> Result<Option<i64>, StoreError> {
         let (lo, hi) = self.range(i);
-        conn.prepare_cached(&format!("SELECT max(k) FROM {} WHERE k BETWEEN ?1 AND ?2", self.table(i)))
-            .map_err(sql_err)?
-            .query_row([lo, hi], |r| r.get(0))
-            .map_err(sql_err)
-    }
-
-    /// The oldest key in partition `i`.
-    fn oldest(&self, conn: &Connection, i: usize) -> Result<Option<i64>, StoreError> {
-        let (lo, hi) = self.range(i);
-        conn.prepare_cached(&format!("SELECT min(k) FROM {} WHERE k BETWEEN ?1 AND ?2", self.table(i)))
+        let f = if newest { "max" } else { "min" };
+        conn.prepare_cached(&format!("SELECT {f}(k) FROM {} WHERE k BETWEEN ?1 AND ?2", self.table(i)))
             .map_err(sql_err)?
             .query_row([lo, hi], |r| r.get(0))
             .map_err(sql_err)
@@ -405,7 +397,7 @@ impl Parts {
         if roll.is_none_or(|rows| self.list[last].n < rows) {
             return Ok(());
         }
-        let Some(newest) = self.newest(tx, last)? else { return Ok(()) };
+        let Some(newest) = self.end_key(tx, last, true)? else { return Ok(()) };
         let lo = (newest | (SLOTS - 1)) + 1;
         if lo > gateway_keys(self.no).1 {
             return Ok(());
@@ -1226,7 +1218,7 @@ fn expire(
 ) -> Result<u64, StoreError> {
     let mut removed = 0;
     while parts.list.len() >= 2 {
-        if parts.newest(tx, 0)?.is_some_and(|k| key_ms(k) >= cutoff_ms) {
+        if parts.end_key(tx, 0, true)?.is_some_and(|k| key_ms(k) >= cutoff_ms) {
             break;
         }
         removed += parts.drop_part(tx, bodies, 0)?;
@@ -1914,7 +1906,7 @@ impl LogStore for SqliteLogStore {
             let parts = Parts::load(tx, no)?;
             let mut oldest = None;
             for i in 0..parts.list.len() {
-                oldest = parts.oldest(tx, i)?;
+                oldest = parts.end_key(tx, i, false)?;
                 if oldest.is_some() {
                     break;
                 }
