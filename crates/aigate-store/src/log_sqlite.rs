@@ -1,9 +1,9 @@
 //! Embedded request-log store: one SQLite file (by default `<data_dir>/logs.sqlite3`).
 //!
 //! Layout: partition tables `logs_p{seq}` ([`Parts`], listed in `log_parts`: each holds one
-//! gateway's rows of one span of time) with one column per scalar field of [`LogRecord`], `metadata` as a JSON
-//! object text (entry order kept); the bodies are in segment files beside the database
-//! ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
+//! gateway's rows of one span of time) with one column per scalar field of [`LogRecord`],
+//! `metadata` as a JSON object text (entry order kept); the bodies are in segment files beside the
+//! database ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
 //! (`body_seg`, `body_off`, `request_len`, `response_len`; rows of schema 3 and older keep theirs
 //! in the BLOB columns `request_body`, `response_body`, still read). Since schema 6 a table is a
 //! rowid table keyed by one integer `k` = gateway number (table `log_gateways`) | `created_at_ms`
@@ -409,10 +409,14 @@ impl Parts {
 /// Creates partition table `seq` with its event-id index.
 fn create_part_sql(seq: i64) -> String {
     let table = part_table(seq);
+    format!("{} {}", create_logs_sql(&table), part_index_sql(&table))
+}
+
+/// The event-id index of partition table `table`: most requests carry no event id, and a partial
+/// index costs them nothing.
+fn part_index_sql(table: &str) -> String {
     format!(
-        "{create}
-         CREATE INDEX {table}_event_id ON {table}(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;",
-        create = create_logs_sql(&table)
+        "CREATE INDEX {table}_event_id ON {table}(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;"
     )
 }
 
@@ -688,11 +692,8 @@ fn migrate_to_7(tx: &Transaction<'_>) -> Result<(), StoreError> {
         tx.execute("DELETE FROM logs WHERE k BETWEEN ?1 AND ?2", [lo, hi]).map_err(sql_err)?;
         let seq = register(no, to_i64(n as u64), "logs_moving")?;
         let table = part_table(seq);
-        tx.execute_batch(&format!(
-            "ALTER TABLE logs_moving RENAME TO {table};
-             CREATE INDEX {table}_event_id ON {table}(gateway, event_id, created_at_ms, id) WHERE event_id IS NOT NULL;"
-        ))
-        .map_err(sql_err)?;
+        tx.execute_batch(&format!("ALTER TABLE logs_moving RENAME TO {table}; {}", part_index_sql(&table)))
+            .map_err(sql_err)?;
     }
     let seq = register(first, n, "logs")?;
     tx.execute_batch(&format!("ALTER TABLE logs RENAME TO {};", part_table(seq))).map_err(sql_err)
@@ -1111,17 +1112,8 @@ fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<(String,
         return within(lo, hi);
     };
     if let Some(k) = own_key(no, t, id) {
-        if let Some(i) = parts.at(k) {
-            let table = parts.table(i);
-            let found: Option<i64> = conn
-                .prepare_cached(&format!("SELECT k FROM {table} WHERE k = ?1 AND id = ?2"))
-                .map_err(sql_err)?
-                .query_row(params![k, id], |r| r.get(0))
-                .optional()
-                .map_err(sql_err)?;
-            if let Some(k) = found {
-                return Ok(Some((table, k)));
-            }
+        if let Some(found) = within(k, k)? {
+            return Ok(Some(found));
         }
     }
     let (lo, hi) = ms_keys(no, t);
@@ -1155,8 +1147,8 @@ fn delete_front(
     Ok(deleted)
 }
 
-/// Deletes the `n` first rows of partition `seq` in the keys `[lo, hi]`; returns how many. The key of the
-/// `n`-th is found first and everything up to it is deleted as one range, without `RETURNING`
+/// Deletes the `n` first rows of partition `seq` in the keys `[lo, hi]`; returns how many. The
+/// key of the `n`-th is found first and everything up to it is deleted as one range, without `RETURNING`
 /// (which would make SQLite collect the keys and seek each row again); the bodies' segments are
 /// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT n)` cost about as much
 /// per row as inserting one.)
