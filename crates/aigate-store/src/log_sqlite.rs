@@ -1929,6 +1929,19 @@ mod tests {
         names.map(Result::unwrap).collect()
     }
 
+    /// Checks that the file holds the current schema.
+    fn assert_current(conn: &Connection) {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    /// Opens the file at `path`, checking that it holds the current schema.
+    fn current_file(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        assert_current(&conn);
+        conn
+    }
+
     /// The partition tables of gateway `gateway`, oldest first.
     fn part_tables(conn: &Connection, gateway: &str) -> Vec<String> {
         let mut st = conn
@@ -2042,9 +2055,7 @@ mod tests {
         assert_eq!(s.insert_batch("gw", std::slice::from_ref(&again)).await.unwrap(), 1);
         assert_eq!(s.count("gw").await.unwrap(), 51);
         drop(s);
-        let conn = Connection::open(&path).unwrap();
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let conn = current_file(&path);
         // One partition per gateway, each keyed by `k` with the event-id index.
         for gw in ["gw", "other"] {
             let tables = part_tables(&conn, gw);
@@ -2133,9 +2144,7 @@ mod tests {
         s.insert_batch("gw", std::slice::from_ref(&new)).await.unwrap();
         assert_eq!(s.get("gw", "new").await.unwrap().unwrap(), new);
         drop(s);
-        let conn = Connection::open(&path).unwrap();
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let conn = current_file(&path);
         let table = part_tables(&conn, "gw").remove(0);
         let in_row: Option<Vec<u8>> =
             conn.query_row(&format!("SELECT response_body FROM {table} WHERE id = 'new'"), [], |r| r.get(0)).unwrap();
@@ -2423,9 +2432,7 @@ mod tests {
         assert_eq!(s.insert_batch("small", std::slice::from_ref(&new)).await.unwrap(), 1);
         assert_eq!(s.count("small").await.unwrap(), 6);
         drop(s);
-        let conn = Connection::open(&path).unwrap();
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let conn = current_file(&path);
         let logs: i64 =
             conn.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
         assert_eq!(logs, 0);
@@ -2507,9 +2514,7 @@ mod tests {
         want.truncate(10);
         assert_eq!(listed(&s, "gw", 3).await, want);
         drop(s);
-        let conn = Connection::open(&path).unwrap();
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        let conn = current_file(&path);
         let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
         assert!(free < 100, "the old table's pages went back ({free} free)");
         drop(conn);
@@ -2537,8 +2542,7 @@ mod tests {
         let names = index_names(&conn, &table);
         assert!(names.iter().any(|n| n == "logs_gateway_event_id"), "{names:?}");
         assert!(!names.iter().any(|n| n == "logs_gateway_event"), "{names:?}");
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_current(&conn);
         // A lookup by event id still uses an index (`event_id = ?` implies IS NOT NULL).
         let plan: Vec<String> = conn
             .prepare(&format!(
