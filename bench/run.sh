@@ -41,7 +41,7 @@
 #
 # Environment:
 #   BENCH_DURATION       seconds per throughput point and round (default 5)
-#   BENCH_ROUNDS         rounds of throughput points (default 3): every round measures every target
+#   BENCH_ROUNDS         rounds of throughput points (default 5): every round measures every target
 #                        at every concurrency, one after another; each figure reported is the
 #                        round with the median req/s (one VM run to run moves req/s by +-5-8 %)
 #   BENCH_RATE_DURATION  seconds of the 50 req/s points (default 30: a median of the 200 ms
@@ -74,7 +74,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
 
 DURATION=${BENCH_DURATION:-5}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 RATE_DURATION=${BENCH_RATE_DURATION:-30}
 WARMUP=${BENCH_WARMUP:-2}
 RATE=${BENCH_RATE:-50}
