@@ -763,7 +763,8 @@ report() {
     # 1 - req/s with logs / req/s without; and at the same machine speed, each point's req/s
     # scaled by the mock's CPU time per request during it (the servers share one saturated CPU, so
     # req/s x mock µs/request is the share of that CPU the mock got: it does not move when the
-    # whole VM slows down or speeds up, which moved single rounds' raw cost from -4 to +14 %).
+    # whole VM slows down or speeds up, which on one VM moved single rounds' raw cost from -74 to
+    # +32 %).
     # The verdicts (5 onwards, in the order of log_lines) are on the latter.
     local -A cost ncost
     local -a log_lines=()
