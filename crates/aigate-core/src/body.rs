@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::cache::coalesce::{FlightEvent, FlightReceiver};
 use crate::cache::tee::Tee;
-use crate::upstream::UpstreamBody;
+use crate::client::UpstreamBody;
 
 /// Boxed error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -188,7 +188,7 @@ pub struct PricingConfig {
     /// Prices by model name (USD per million tokens), applied last:
     /// `[pricing.models."gpt-4o"] input = 2.5, output = 10.0, cached_input = 1.25`.
     #[serde(default)]
-    pub models: BTreeMap<String, crate::cost::Price>,
+    pub models: BTreeMap<String, crate::meter::cost::Price>,
 }
 
 /// `[storage]`: backends, chosen once for all gateways.
@@ -474,7 +474,7 @@ pub struct Settings {
     /// Admin token; `None` disables the admin API.
     pub admin_token: Option<Secret>,
     /// Model prices (built-in table with the configured file and overrides applied).
-    pub prices: Arc<crate::cost::PriceTable>,
+    pub prices: Arc<crate::meter::cost::PriceTable>,
     /// Options of rate limits and budgets.
     pub limits: crate::limits::LimitOptions,
 }
@@ -727,11 +727,11 @@ impl FileConfig {
             },
             default_max_tokens: self.limits.default_max_tokens.unwrap_or(1024),
         };
-        let mut prices = crate::cost::PriceTable::builtin();
+        let mut prices = crate::meter::cost::PriceTable::builtin();
         if let Some(path) = &self.pricing.litellm_file {
             let bytes = std::fs::read(path)
                 .map_err(|e| invalid(format!("pricing.litellm_file: cannot read {}: {e}", path.display())))?;
-            let table = crate::cost::PriceTable::load_litellm(&bytes)
+            let table = crate::meter::cost::PriceTable::load_litellm(&bytes)
                 .map_err(|e| invalid(format!("pricing.litellm_file: {}: {e}", path.display())))?;
             prices = prices.with_overrides(table).map_err(|e| invalid(format!("pricing.litellm_file: {e}")))?;
         }

@@ -21,18 +21,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigate_store::{Decision, LimitSpec, RateLimitStore, Reservation, Technique};
+use aigate_store::{LimitSpec, RateLimitStore, Reservation, Technique};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use crate::client::HttpClient;
 use crate::clock::Clock;
-use crate::cost::PriceTable;
-use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::upstream::HttpClient;
-use crate::usage::Usage;
 
 /// `x-ratelimit-*` response headers, as OpenAI sends them.
 pub mod headers {
@@ -153,7 +150,7 @@ impl BudgetPeriod {
         }
     }
 
-    fn label(self) -> String {
+    pub(crate) fn label(self) -> String {
         match self {
             BudgetPeriod::Hour => "hour".into(),
             BudgetPeriod::Day => "day".into(),
@@ -279,95 +276,6 @@ pub struct Admission {
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// What the limit stage reads of a request, computed only when a rule needs it.
-pub struct Facts<'a> {
-    /// Provider name (for prices).
-    pub provider: &'a str,
-    /// Request body.
-    pub body: &'a [u8],
-    /// Request headers.
-    pub headers: &'a HeaderMap,
-    /// The client credentials (as for the cache key).
-    pub credentials: &'a [&'a [u8]],
-    /// Prices.
-    pub prices: &'a PriceTable,
-    probe: Option<Probe>,
-    metadata: Option<Vec<(String, aigate_store::MetaValue)>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Probe {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(default)]
-    max_output_tokens: Option<u64>,
-}
-
-impl<'a> Facts<'a> {
-    /// Facts of a request.
-    pub fn new(
-        provider: &'a str,
-        body: &'a [u8],
-        headers: &'a HeaderMap,
-        credentials: &'a [&'a [u8]],
-        prices: &'a PriceTable,
-    ) -> Facts<'a> {
-        Facts { provider, body, headers, credentials, prices, probe: None, metadata: None }
-    }
-
-    fn probe(&mut self) -> &Probe {
-        self.probe.get_or_insert_with(|| serde_json::from_slice(self.body).unwrap_or_default())
-    }
-
-    fn key_value(&mut self, key: &LimitKey) -> Option<String> {
-        match key {
-            LimitKey::Gateway => Some(String::new()),
-            LimitKey::Credential => {
-                let mut h = blake3::Hasher::new();
-                for c in self.credentials {
-                    h.update(&(c.len() as u64).to_le_bytes());
-                    h.update(c);
-                }
-                let hex = h.finalize().to_hex();
-                Some(hex.as_str()[..32].to_owned())
-            }
-            LimitKey::Model => self.probe().model.clone(),
-            LimitKey::Metadata(k) => {
-                let headers = self.headers;
-                let md = self.metadata.get_or_insert_with(|| {
-                    headers
-                        .get(crate::headers::CF_AIG_METADATA)
-                        .and_then(|v| crate::logs::parse_metadata(v.as_bytes()))
-                        .unwrap_or_default()
-                });
-                md.iter().find(|(name, _)| name == k).map(|(_, v)| match v {
-                    aigate_store::MetaValue::String(s) => s.clone(),
-                    other => other.to_json().to_string(),
-                })
-            }
-        }
-    }
-
-    /// Estimated input and output tokens.
-    fn token_estimate(&mut self, default_max_tokens: u64) -> (u64, u64) {
-        let input = (self.body.len() as u64).div_ceil(4);
-        let p = self.probe();
-        let output = p.max_tokens.or(p.max_completion_tokens).or(p.max_output_tokens).unwrap_or(default_max_tokens);
-        (input, output)
-    }
-
-    fn cost_estimate_micros(&mut self, default_max_tokens: u64) -> u64 {
-        let (input, output) = self.token_estimate(default_max_tokens);
-        let model = self.probe().model.clone();
-        let usage = Usage { input_tokens: input, output_tokens: output, model, ..Usage::default() };
-        self.prices.cost_for(self.provider, &usage, None).map_or(0, usd_to_micros)
-    }
-}
-
 /// USD as whole micro-dollars, rounded up.
 pub fn usd_to_micros(usd: f64) -> u64 {
     if usd.is_finite() && usd > 0.0 {
@@ -397,9 +305,9 @@ pub struct LimitLayer {
     pub store: Arc<dyn RateLimitStore>,
     /// Counters.
     pub stats: Arc<LimitStats>,
-    opts: ArcSwap<LimitOptions>,
-    clock: Arc<Clock>,
-    metrics: Arc<Metrics>,
+    pub(crate) opts: ArcSwap<LimitOptions>,
+    pub(crate) clock: Arc<Clock>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Settlements may be requested from the log spill thread, outside the runtime.
     runtime: Option<tokio::runtime::Handle>,
     /// Alert deliveries, POSTed in order by one task.
@@ -450,21 +358,6 @@ pub fn format_reset(ms: u64) -> String {
     }
 }
 
-fn unit(measure: Measure) -> &'static str {
-    match measure {
-        Measure::Requests => "requests",
-        Measure::Tokens => "tokens",
-        Measure::CostUsd => "USD",
-    }
-}
-
-fn amount(measure: Measure, v: u64) -> String {
-    match measure {
-        Measure::CostUsd => format!("${:.2}", v as f64 / MICROS_PER_USD),
-        _ => v.to_string(),
-    }
-}
-
 impl LimitLayer {
     /// The layer over `store`.
     pub fn new(
@@ -494,94 +387,8 @@ impl LimitLayer {
         self.opts.load_full()
     }
 
-    /// Checks and reserves every rule of `rules` that applies. `hit`: the response comes from the
-    /// cache (only request rules, and only when cache hits count).
-    pub async fn admit(
-        &self,
-        gateway: &Arc<str>,
-        rules: &[Rule],
-        facts: &mut Facts<'_>,
-        hit: bool,
-    ) -> Result<Admission, GatewayError> {
-        let mut adm = Admission::default();
-        if rules.is_empty() {
-            return Ok(adm);
-        }
-        let opts = self.opts.load();
-        if hit && !opts.count_cache_hits {
-            return Ok(adm);
-        }
-        let now = self.clock.now_ms();
-        let mut tightest: [Option<Decision>; 2] = [None, None];
-        for rule in rules {
-            if hit && rule.measure != Measure::Requests {
-                continue;
-            }
-            if let Some(m) = &rule.model {
-                if facts.probe().model.as_deref() != Some(m.as_str()) {
-                    continue;
-                }
-            }
-            let Some(value) = facts.key_value(&rule.key) else { continue };
-            let cost = match rule.measure {
-                Measure::Requests => 1,
-                Measure::Tokens => {
-                    let (i, o) = facts.token_estimate(opts.default_max_tokens);
-                    i + o
-                }
-                Measure::CostUsd => facts.cost_estimate_micros(opts.default_max_tokens),
-            };
-            let window = rule.budget.as_ref().and_then(|b| b.period.window(now));
-            let (key, spec) = store_key(gateway, rule, &value, window);
-            match self.store.acquire(&key, &spec, cost).await {
-                Ok(d) if d.allowed => {
-                    let slot = match rule.measure {
-                        Measure::Requests => Some(0),
-                        Measure::Tokens => Some(1),
-                        Measure::CostUsd => None,
-                    };
-                    if let Some(i) = slot {
-                        if tightest[i].as_ref().is_none_or(|t| d.remaining < t.remaining) {
-                            tightest[i] = Some(d.clone());
-                        }
-                    }
-                    if let Some(reservation) = d.reservation {
-                        adm.held.push(Held { rule: rule.clone(), gateway: gateway.clone(), reservation, window });
-                    }
-                }
-                Ok(d) => {
-                    self.release(std::mem::take(&mut adm.held));
-                    self.stats.limited.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.record_limited(gateway, &rule.name);
-                    return Err(denied(rule, &d, cost, window, now));
-                }
-                Err(e) => {
-                    self.store_error(&e);
-                    if opts.on_store_error == OnStoreError::Deny {
-                        self.release(std::mem::take(&mut adm.held));
-                        return Err(GatewayError::LimitStoreUnavailable);
-                    }
-                }
-            }
-        }
-        let names = [
-            [headers::LIMIT_REQUESTS, headers::REMAINING_REQUESTS, headers::RESET_REQUESTS],
-            [headers::LIMIT_TOKENS, headers::REMAINING_TOKENS, headers::RESET_TOKENS],
-        ];
-        for (d, [l, r, t]) in tightest.iter().zip(names) {
-            if let Some(d) = d {
-                adm.headers.push((l, HeaderValue::from(d.limit)));
-                adm.headers.push((r, HeaderValue::from(d.remaining)));
-                if let Ok(v) = HeaderValue::from_str(&format_reset(d.reset_ms)) {
-                    adm.headers.push((t, v));
-                }
-            }
-        }
-        Ok(adm)
-    }
-
     /// Gives reservations back (a later rule refused the request).
-    fn release(&self, held: Vec<Held>) {
+    pub(crate) fn release(&self, held: Vec<Held>) {
         if held.is_empty() {
             return;
         }
@@ -679,7 +486,7 @@ impl LimitLayer {
         self.opts.load().alert_webhook.clone()
     }
 
-    fn store_error(&self, e: &aigate_store::StoreError) {
+    pub(crate) fn store_error(&self, e: &aigate_store::StoreError) {
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         let now = self.clock.now_ms();
         let last = self.stats.last_warn_ms.load(Ordering::Relaxed);
@@ -688,55 +495,6 @@ impl LimitLayer {
         {
             tracing::warn!(store = self.store.kind(), error = %e, "rate-limit store failing");
         }
-    }
-}
-
-/// The store key and spec of a rule for a key value (and a budget's calendar window).
-fn store_key(gateway: &str, rule: &Rule, value: &str, window: Option<(u64, u64)>) -> (String, LimitSpec) {
-    match window {
-        // A calendar window: its own key, counted over the whole window.
-        Some((start, end)) => (
-            format!("{gateway}:{}:{value}:{start}", rule.name),
-            LimitSpec { limit: rule.limit, period_ms: end - start, technique: Technique::Sliding },
-        ),
-        None => (
-            format!("{gateway}:{}:{value}", rule.name),
-            LimitSpec { limit: rule.limit, period_ms: rule.period_ms, technique: rule.technique },
-        ),
-    }
-}
-
-fn denied(rule: &Rule, d: &Decision, cost: u64, window: Option<(u64, u64)>, now: u64) -> GatewayError {
-    let (reset_ms, retry_ms) = match window {
-        Some((_, end)) => (end.saturating_sub(now), end.saturating_sub(now)),
-        None => (d.reset_ms, d.retry_after_ms.max(1)),
-    };
-    let what = if rule.budget.is_some() { "budget" } else { "rate limit" };
-    let per = match &rule.budget {
-        Some(b) => b.period.label(),
-        None => format!(
-            "{} ({})",
-            humantime::format_duration(Duration::from_millis(rule.period_ms)),
-            rule.technique.as_str()
-        ),
-    };
-    let message = format!(
-        "{what} {:?} reached: {} {} per {per}, {} used{}; resets in {}",
-        &*rule.name,
-        amount(rule.measure, rule.limit),
-        unit(rule.measure),
-        amount(rule.measure, d.used),
-        if cost > 1 { format!(", this request needs about {}", amount(rule.measure, cost)) } else { String::new() },
-        format_reset(reset_ms),
-    );
-    GatewayError::RateLimited {
-        message,
-        code: if rule.budget.is_some() { "budget_exceeded" } else { "rate_limit_exceeded" },
-        retry_after_ms: retry_ms,
-        limit: rule.limit,
-        remaining: d.remaining,
-        reset_ms,
-        tokens: rule.measure == Measure::Tokens,
     }
 }
 

@@ -27,6 +27,9 @@ pub enum AuthStyle {
 }
 
 impl AuthStyle {
+    /// Every style, in a fixed order.
+    pub const ALL: [AuthStyle; 4] = [AuthStyle::Bearer, AuthStyle::XApiKey, AuthStyle::ApiKey, AuthStyle::XGoogApiKey];
+
     /// The header that carries the credential.
     pub fn header(self) -> HeaderName {
         match self {
@@ -80,6 +83,8 @@ pub struct Provider {
     static_authority: Option<Authority>,
     /// Workers AI: model paths (`@cf/...`) live under `run/`.
     prefix_model_run: bool,
+    /// Accepts `stream_options.include_usage` on chat and completions streams.
+    stream_options: bool,
 }
 
 impl Provider {
@@ -132,7 +137,14 @@ impl Provider {
             segment_placeholders: placeholders,
             static_authority,
             prefix_model_run: name == "workers-ai",
+            stream_options: matches!(name, "openai" | "azure-openai" | "deepseek" | "grok"),
         })
+    }
+
+    /// Whether the provider is known to accept `stream_options.include_usage`, so aigate may ask
+    /// for usage on a stream whose client did not (and hide that event from the client).
+    pub fn accepts_stream_options(&self) -> bool {
+        self.stream_options
     }
 
     /// Builds the upstream URI for a client path (`rest`, percent-encoded, no leading slash, may be
@@ -205,7 +217,7 @@ impl Provider {
 }
 
 /// Refuses `.`, `..` (plain or percent-encoded) and encoded separators.
-fn check_segment(seg: &str) -> Result<(), PathError> {
+pub fn check_segment(seg: &str) -> Result<(), PathError> {
     // Scans bytes instead of lower-casing and replacing: this runs for every segment of every request.
     let b = seg.as_bytes();
     let mut dots = 0usize;

@@ -1,4 +1,4 @@
-//! The listener: accepts connections (HTTP/1.1 and h2c), serves each with [`proxy::handle`], and
+//! The listener: accepts connections (HTTP/1.1 and h2c), serves each with [`service::handle`], and
 //! shuts down gracefully: stop accepting, mark not ready, let in-flight requests and streams finish
 //! up to the grace period, then return.
 
@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
-use crate::proxy::{self, AppState};
+use crate::service;
+use crate::state::AppState;
 
 /// A running server.
 pub struct ServerHandle {
@@ -99,7 +100,7 @@ async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let st = state.clone();
-                let svc = service_fn(move |req| proxy::handle(st.clone(), req));
+                let svc = service_fn(move |req| service::handle(st.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

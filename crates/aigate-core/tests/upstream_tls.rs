@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigate_core::upstream::{build_client_with_roots, HttpClient};
+use aigate_core::client::{build_client_with_roots, HttpClient};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;

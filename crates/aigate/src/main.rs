@@ -302,7 +302,7 @@ async fn serve(settings: Settings, config: Option<PathBuf>, listen_override: boo
 /// Reloads the configuration file on every SIGHUP. An invalid file is refused with its error and
 /// the running configuration stays.
 async fn reload_on_sighup(
-    state: std::sync::Arc<aigate_core::proxy::AppState>,
+    state: std::sync::Arc<aigate_core::state::AppState>,
     config: Option<PathBuf>,
     listen_override: bool,
 ) {

@@ -1,21 +1,19 @@
-//! Stage 4, the response cache: decides HIT or MISS before anything goes upstream, and on a miss
-//! tees the upstream's response into the store as it is relayed.
+//! The response cache's machinery, shared by every request: the store (a memory tier in front of
+//! the configured backend), the registry of identical requests in flight, the writer that stores
+//! entries off the request path, and the counters. Whether a request is a HIT, follows an
+//! identical request in flight, or is a MISS is decided by the cache phase
+//! ([`crate::phases::cache`]); on a miss it hands the respond phase a [`MissHandle`], which tees the
+//! answer into the store as it is relayed ([`tee`]) and stores it only after a clean end.
 //!
-//! Reads: the gateway's cache settings, the `cf-aig-skip-cache` / `cf-aig-cache-ttl` /
-//! `cf-aig-cache-key` headers (and the legacy `cf-skip-cache` / `cf-cache-ttl`), the method, path,
-//! query, body and credentials (for the key). Writes: `cf-aig-cache-status` (`HIT`/`MISS`),
-//! `aigate-cache` (`HIT`/`MISS`/`BYPASS`/`OFF`/`SHADOW-HIT`), `aigate-cache-key` and, on hits, `age`.
+//! Bounds: the write queue ([`WRITE_QUEUE`]; a full queue drops the write, counted), the store's
+//! own size caps, the largest stored answer (`max_entry_size`, also what a flight buffers).
 //!
-//! Only complete 2xx responses of endpoints whose result is a pure function of the request are
-//! stored (chat/completions, completions, embeddings, responses, Anthropic messages; GET models);
-//! a stream is stored only after its clean end (`[DONE]`, `message_stop`, `response.completed`).
-//! Store writes go through a bounded queue to one writer task, off the request path.
-//!
-//! Failure behaviour: fails open. A store error is a miss (counted, logged at most once per
-//! interval) and the request goes upstream; an invalid cache header is a 400 naming the header.
+//! Failure behaviour: fails open. A store error is a miss (counted, logged at most once per 10 s)
+//! and the request goes upstream.
 
 pub mod coalesce;
 pub mod key;
+pub mod replay;
 pub mod tee;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,19 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aigate_store::{CacheKey, CacheStore, CachedResponse, StoreError, TieredCache};
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use crate::body::GatewayBody;
+use crate::client::UpstreamBody;
 use crate::clock::Clock;
-use crate::config::{CacheMode, CacheScope, CacheSettings};
-use crate::error::GatewayError;
-use crate::headers::{
-    AIGATE_CACHE, AIGATE_CACHE_KEY, CF_AIG_CACHE_KEY, CF_AIG_CACHE_STATUS, CF_AIG_CACHE_TTL, CF_AIG_SKIP_CACHE,
-    CF_CACHE_TTL, CF_SKIP_CACHE,
-};
-use coalesce::{FlightEvent, FlightReceiver, Inflight};
+use crate::headers::{AIGATE_CACHE, CF_AIG_CACHE_STATUS};
+use coalesce::{Flight, Inflight};
+use replay::replay_headers;
+use tee::Tee;
 
 /// TTL of entries stored because of `cf-aig-cache-key` on a gateway whose cache is off.
 pub const CUSTOM_KEY_DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -83,139 +78,6 @@ impl CacheStatus {
         h.insert(CF_AIG_CACHE_STATUS, HeaderValue::from_static(self.cf_value()));
         h.insert(AIGATE_CACHE, HeaderValue::from_static(self.aigate_value()));
     }
-}
-
-/// Per-request cache headers.
-#[derive(Debug, Default)]
-pub struct CacheOptions {
-    /// `cf-aig-skip-cache: true`.
-    pub skip: bool,
-    /// `cf-aig-cache-ttl` (`Some(ZERO)` means do not cache).
-    pub ttl: Option<Duration>,
-    /// `cf-aig-cache-key`.
-    pub custom_key: Option<String>,
-}
-
-/// The first of `names` present, as (name, trimmed value).
-fn header<'a, 'n>(h: &'a HeaderMap, names: &'n [HeaderName]) -> Result<Option<(&'n str, &'a str)>, GatewayError> {
-    for name in names {
-        if let Some(v) = h.get(name) {
-            let n = name.as_str();
-            let s = v.to_str().map_err(|_| GatewayError::BadRequest(format!("invalid {n}: not visible ASCII")))?;
-            return Ok(Some((n, s.trim())));
-        }
-    }
-    Ok(None)
-}
-
-impl CacheOptions {
-    /// Reads the cache headers; an invalid value is a 400 naming the header.
-    pub fn parse(h: &HeaderMap) -> Result<CacheOptions, GatewayError> {
-        let mut o = CacheOptions::default();
-        if let Some((n, v)) = header(h, &[CF_AIG_SKIP_CACHE, CF_SKIP_CACHE])? {
-            o.skip = match v.to_ascii_lowercase().as_str() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                _ => return Err(GatewayError::BadRequest(format!("invalid {n}: expected true or false"))),
-            };
-        }
-        if let Some((n, v)) = header(h, &[CF_AIG_CACHE_TTL, CF_CACHE_TTL])? {
-            let secs: u64 = v
-                .parse()
-                .map_err(|_| GatewayError::BadRequest(format!("invalid {n}: expected a number of seconds")))?;
-            let d = Duration::from_secs(secs);
-            if secs != 0 && (d < Duration::from_secs(60) || d > MAX_TTL) {
-                return Err(GatewayError::BadRequest(format!(
-                    "invalid {n}: {secs} is outside 60..={} seconds (0 disables caching for this request)",
-                    MAX_TTL.as_secs()
-                )));
-            }
-            o.ttl = Some(d);
-        }
-        if let Some((n, v)) = header(h, &[CF_AIG_CACHE_KEY])? {
-            if v.is_empty() || v.len() > 1024 {
-                return Err(GatewayError::BadRequest(format!("invalid {n}: expected 1 to 1024 characters")));
-            }
-            o.custom_key = Some(v.to_string());
-        }
-        Ok(o)
-    }
-}
-
-/// What the cache does for one request.
-#[derive(Debug, Clone)]
-pub enum Plan {
-    /// Nothing: cache off (`Off`) or bypassed (`Bypass`).
-    Skip(CacheStatus),
-    /// Look up and/or store under `key`.
-    Use(Use),
-}
-
-/// A request the cache takes part in.
-#[derive(Debug, Clone)]
-pub struct Use {
-    /// The key.
-    pub key: CacheKey,
-    /// TTL of a stored entry.
-    pub ttl: Duration,
-    /// Shadow mode: never serve hits.
-    pub shadow: bool,
-    /// Join identical in-flight requests.
-    pub coalesce: bool,
-    /// Longest wait for a leader's head.
-    pub coalesce_wait: Duration,
-    /// Largest stored response.
-    pub max_entry_size: u64,
-}
-
-/// Whether a request's response may be cached: a pure function of the request.
-pub fn cacheable_endpoint(method: &Method, path: &str) -> bool {
-    let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
-    if method == Method::POST {
-        ["chat/completions", "completions", "embeddings", "responses", "messages"]
-            .iter()
-            .any(|e| path == *e || path.ends_with(&format!("/{e}")))
-    } else if method == Method::GET {
-        path == "models" || path.ends_with("/models")
-    } else {
-        false
-    }
-}
-
-/// The request facts the plan needs.
-pub struct PlanInput<'a> {
-    /// Gateway cache settings.
-    pub settings: &'a CacheSettings,
-    /// Parsed headers.
-    pub options: &'a CacheOptions,
-    /// The request as the key sees it (credentials are dropped when `scope = "gateway"`).
-    pub request: key::KeyInput<'a>,
-}
-
-/// Decides what the cache does for a request.
-pub fn plan(i: &PlanInput<'_>) -> Plan {
-    let (s, r) = (i.settings, &i.request);
-    let custom = i.options.custom_key.as_deref();
-    if s.mode == CacheMode::Off && custom.is_none() {
-        return Plan::Skip(CacheStatus::Off);
-    }
-    if i.options.skip || i.options.ttl == Some(Duration::ZERO) || !cacheable_endpoint(r.method, r.path) {
-        return Plan::Skip(CacheStatus::Bypass);
-    }
-    let key = match custom {
-        Some(c) => key::custom(r.gateway, c),
-        None if s.scope == CacheScope::Gateway => key::compute(&key::KeyInput { credentials: &[], ..*r }),
-        None => key::compute(r),
-    };
-    let default_ttl = if s.mode == CacheMode::Off { CUSTOM_KEY_DEFAULT_TTL } else { s.ttl };
-    Plan::Use(Use {
-        key,
-        ttl: i.options.ttl.unwrap_or(default_ttl),
-        shadow: s.mode == CacheMode::Shadow,
-        coalesce: s.coalesce && s.mode != CacheMode::Shadow,
-        coalesce_wait: s.coalesce_wait,
-        max_entry_size: s.max_entry_size,
-    })
 }
 
 /// Counters of the cache stage (exported as metrics).
@@ -351,136 +213,64 @@ impl CacheLayer {
     }
 }
 
-/// Headers never replayed from the cache: per-response or per-connection facts.
-fn replayable(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    !(matches!(
-        n,
-        "date"
-            | "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "keep-alive"
-            | "set-cookie"
-            | "age"
-            | "server"
-            | "alt-svc"
-            | "cf-ray"
-            | "via"
-            | "trailer"
-            | "upgrade"
-    ) || n.starts_with("x-ratelimit-")
-        || n.starts_with("anthropic-ratelimit-")
-        || n.starts_with("cf-aig-")
-        || n.starts_with("aigate-"))
+/// What the cache phase hands the respond phase on a miss: the request's flight, which stores
+/// the answer when it ends cleanly. Dropped before that (upstream error, non-2xx answer), it fails
+/// the flight, so requests following it go upstream on their own.
+pub struct MissHandle {
+    flight: Arc<Flight>,
+    layer: Arc<CacheLayer>,
+    ns: Arc<str>,
+    ttl: Duration,
+    armed: bool,
 }
 
-/// The headers of an upstream response worth storing.
-pub fn replay_headers(h: &HeaderMap) -> Vec<(String, Bytes)> {
-    h.iter()
-        .filter(|(k, _)| replayable(k))
-        .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
-        .collect()
+impl MissHandle {
+    /// The handle of a flight registered in the in-flight registry (others may follow it).
+    pub fn registered(flight: Arc<Flight>, layer: Arc<CacheLayer>, ns: Arc<str>, ttl: Duration) -> MissHandle {
+        MissHandle { flight, layer, ns, ttl, armed: true }
+    }
+
+    /// A flight nobody can join (shadow mode, coalescing off): it only builds the entry.
+    pub fn private(key: CacheKey, max: usize, layer: Arc<CacheLayer>, ns: Arc<str>, ttl: Duration) -> MissHandle {
+        MissHandle { flight: Flight::new(key, max), layer, ns, ttl, armed: true }
+    }
+
+    /// The entry's key.
+    pub fn key(&self) -> &CacheKey {
+        self.flight.key()
+    }
+
+    /// Relays a 2xx answer while storing it: `terminal` is the event a stream must contain to
+    /// have ended cleanly (`None` for a plain body).
+    pub fn tee(
+        mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: UpstreamBody,
+        terminal: Option<&'static [u8]>,
+    ) -> GatewayBody {
+        self.armed = false;
+        let headers = Arc::new(replay_headers(headers));
+        self.flight.head(status, headers.clone());
+        let tee = Tee::new(
+            body,
+            self.flight.clone(),
+            self.layer.clone(),
+            self.ns.clone(),
+            status.as_u16(),
+            headers,
+            self.ttl,
+            terminal,
+        );
+        GatewayBody::Tee(Box::new(tee))
+    }
 }
 
-fn apply_headers(h: &mut HeaderMap, stored: &[(String, Bytes)]) {
-    for (k, v) in stored {
-        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
-            h.append(k, v);
+impl Drop for MissHandle {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flight.fail();
+            self.layer.inflight.remove(&self.flight);
         }
-    }
-}
-
-/// A response served from a stored entry.
-pub fn hit_response(entry: Arc<CachedResponse>, key: &CacheKey, now_ms: u64) -> Response<GatewayBody> {
-    let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
-    let age = now_ms.saturating_sub(entry.created_at_ms) / 1000;
-    let sized = !entry.headers.iter().any(|(k, v)| k == "content-type" && v.starts_with(b"text/event-stream"));
-    let mut resp = Response::new(GatewayBody::Replay { entry: entry.clone(), next: 0, sized });
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    apply_headers(h, &entry.headers);
-    h.insert(http::header::AGE, HeaderValue::from(age));
-    set_key_header(h, key);
-    CacheStatus::Hit.write(h);
-    resp
-}
-
-/// Writes `aigate-cache-key` (the digest; usable with the purge API).
-pub fn set_key_header(h: &mut HeaderMap, key: &CacheKey) {
-    if let Ok(v) = HeaderValue::from_str(&key.to_hex()) {
-        h.insert(AIGATE_CACHE_KEY, v);
-    }
-}
-
-/// Waits for a leader's head; `None` means go upstream alone (leader failed or too slow).
-pub async fn follow(mut rx: FlightReceiver, wait: Duration, key: &CacheKey) -> Option<Response<GatewayBody>> {
-    let first = tokio::time::timeout(wait, rx.recv()).await.ok().flatten()?;
-    let FlightEvent::Head(status, headers) = first else { return None };
-    let mut resp = Response::new(GatewayBody::Follower(rx));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    apply_headers(h, &headers);
-    h.insert(http::header::AGE, HeaderValue::from_static("0"));
-    set_key_header(h, key);
-    CacheStatus::Hit.write(h);
-    Some(resp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
-
-    #[test]
-    fn options_parse_and_refuse() {
-        let o = CacheOptions::parse(&hm(&[("cf-aig-skip-cache", "true"), ("cf-aig-cache-ttl", "120")])).unwrap();
-        assert!(o.skip);
-        assert_eq!(o.ttl, Some(Duration::from_secs(120)));
-        let o = CacheOptions::parse(&hm(&[("cf-skip-cache", "false"), ("cf-cache-ttl", "0")])).unwrap();
-        assert!(!o.skip);
-        assert_eq!(o.ttl, Some(Duration::ZERO));
-        for (k, v) in [
-            ("cf-aig-skip-cache", "yes"),
-            ("cf-aig-cache-ttl", "10"),
-            ("cf-aig-cache-ttl", "abc"),
-            ("cf-cache-ttl", "99999999"),
-        ] {
-            let e = CacheOptions::parse(&hm(&[(k, v)])).unwrap_err().to_string();
-            assert!(e.contains(k), "{e}");
-        }
-    }
-
-    #[test]
-    fn cacheable_endpoints() {
-        assert!(cacheable_endpoint(&Method::POST, "chat/completions"));
-        assert!(cacheable_endpoint(&Method::POST, "v1/chat/completions"));
-        assert!(cacheable_endpoint(&Method::POST, "v1/messages"));
-        assert!(cacheable_endpoint(&Method::POST, "responses"));
-        assert!(cacheable_endpoint(&Method::GET, "models"));
-        assert!(!cacheable_endpoint(&Method::GET, "models/gpt-4o"));
-        assert!(!cacheable_endpoint(&Method::POST, "images/generations"));
-        assert!(!cacheable_endpoint(&Method::POST, "audio/transcriptions"));
-        assert!(!cacheable_endpoint(&Method::DELETE, "chat/completions"));
-    }
-
-    #[test]
-    fn replay_headers_drop_per_response_facts() {
-        let h = hm(&[
-            ("content-type", "application/json"),
-            ("x-request-id", "r1"),
-            ("date", "x"),
-            ("x-ratelimit-remaining-requests", "9"),
-            ("content-length", "10"),
-        ]);
-        let names: Vec<String> = replay_headers(&h).into_iter().map(|(k, _)| k).collect();
-        assert_eq!(names, vec!["content-type".to_string(), "x-request-id".to_string()]);
     }
 }

@@ -15,24 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::coalesce::Flight;
 use super::CacheLayer;
 use crate::body::BoxError;
-use crate::upstream::UpstreamBody;
-
-/// The terminal event a stream of this endpoint must end with to be stored.
-pub fn stream_terminal_marker(path: &str, content_type: &str) -> Option<&'static [u8]> {
-    if !content_type.starts_with("text/event-stream") {
-        return None;
-    }
-    let path = path.trim_end_matches('/');
-    if path.ends_with("messages") {
-        Some(b"message_stop")
-    } else if path.ends_with("responses") {
-        Some(b"response.completed")
-    } else if path.ends_with("completions") {
-        Some(b"[DONE]")
-    } else {
-        None
-    }
-}
+use crate::client::UpstreamBody;
 
 /// Body wrapper that feeds a flight while relaying.
 pub struct Tee {

@@ -35,7 +35,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::body::GatewayBody;
 use crate::cache::key;
 use crate::error::error_response;
-use crate::proxy::AppState;
+use crate::state::AppState;
 use aigate_store::{AnalyticsQuery, CacheKey, Granularity, GroupBy, LogFilter, LogRecord, MetaValue};
 
 use crate::report::{Report, Thresholds};

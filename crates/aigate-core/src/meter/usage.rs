@@ -1,8 +1,7 @@
 //! Token usage: what a provider says a request consumed, read from its response and normalised
-//! into one [`Usage`] that [`crate::cost`] can price without knowing the provider.
+//! into one [`Usage`] that [`crate::meter::cost`] can price without knowing the provider.
 //!
 //! Entry points, all pure (no I/O, no locks) and cheap enough for the request path:
-//! - [`Endpoint::from_path`] decides from the provider name and path which response shape to expect;
 //! - [`parse_json`] reads a complete (non-streamed) JSON response body;
 //! - [`SseUsage`] is fed an SSE response body chunk by chunk as it is relayed and gives the usage at
 //!   the end ([`SseUsage::finish`]);
@@ -79,6 +78,8 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use bytes::Bytes;
+
+use crate::endpoint::{Endpoint, UsageFormat};
 use memchr::{memchr2, memmem};
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -145,68 +146,8 @@ impl Usage {
     }
 }
 
-/// Which kind of response to read usage from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    /// `…/chat/completions`: OpenAI and every OpenAI-compatible provider.
-    ChatCompletions,
-    /// `…/completions` (legacy text completions, Mistral FIM).
-    Completions,
-    /// `…/embeddings`.
-    Embeddings,
-    /// `…/responses`: the OpenAI Responses API.
-    Responses,
-    /// Anthropic `…/v1/messages`.
-    AnthropicMessages,
-    /// Google AI Studio `…:generateContent` / `…:streamGenerateContent`.
-    GoogleGenerateContent,
-}
-
-/// How the counts of a usage object are to be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    /// Input includes cached; output includes reasoning (OpenAI and compatibles, Responses).
-    OpenAi,
-    /// Input excludes cache reads and writes.
-    Anthropic,
-    /// `usageMetadata`.
-    Google,
-}
-
-impl Endpoint {
-    /// The endpoint for a provider (`openai`, `anthropic`, `google-ai-studio`, …) and the provider
-    /// path the client sent (no leading slash needed; a query string is ignored). `None` for
-    /// paths whose responses carry no usage aigate reads (models, files, count_tokens, batches,
-    /// Workers AI `@cf/…` runs, …).
-    pub fn from_path(provider: &str, path: &str) -> Option<Endpoint> {
-        let path = path.split(['?', '#']).next().unwrap_or("").trim_matches('/');
-        let last = path.rsplit('/').next().unwrap_or("").to_ascii_lowercase().replace("%3a", ":");
-        if last.ends_with(":generatecontent") || last.ends_with(":streamgeneratecontent") {
-            return Some(Endpoint::GoogleGenerateContent);
-        }
-        if ends_with_segments(path, "chat/completions") {
-            Some(Endpoint::ChatCompletions)
-        } else if ends_with_segments(path, "completions") {
-            Some(Endpoint::Completions)
-        } else if ends_with_segments(path, "embeddings") {
-            Some(Endpoint::Embeddings)
-        } else if ends_with_segments(path, "responses") {
-            Some(Endpoint::Responses)
-        } else if ends_with_segments(path, "v1/messages") || (provider == "anthropic" && path == "messages") {
-            Some(Endpoint::AnthropicMessages)
-        } else {
-            None
-        }
-    }
-
-    fn shape(self) -> Shape {
-        match self {
-            Endpoint::AnthropicMessages => Shape::Anthropic,
-            Endpoint::GoogleGenerateContent => Shape::Google,
-            _ => Shape::OpenAi,
-        }
-    }
-}
+/// The usage formats are the endpoint's ([`Endpoint::usage_format`]); called shapes here.
+type Shape = UsageFormat;
 
 impl Shape {
     fn usage_key(self) -> &'static [u8] {
@@ -224,11 +165,6 @@ impl Shape {
     }
 }
 
-/// `path` is `suffix` or ends with `/suffix`.
-fn ends_with_segments(path: &str, suffix: &str) -> bool {
-    path.strip_suffix(suffix).is_some_and(|p| p.is_empty() || p.ends_with('/'))
-}
-
 /// Reads the usage of a complete, non-streamed JSON response body. `None` if the body is not
 /// JSON, has no usage, or its usage has none of the expected counts.
 ///
@@ -237,7 +173,7 @@ fn ends_with_segments(path: &str, suffix: &str) -> bool {
 /// comes after the content in every provider's shape) is cut out and parsed, and the model is
 /// looked for near either end.
 pub fn parse_json(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
-    let shape = endpoint.shape();
+    let shape = endpoint.usage_format()?;
     let first = *body.iter().find(|b| !b.is_ascii_whitespace())?;
     if body.len() > FULL_PARSE_LIMIT {
         return scan_large(shape, body);
@@ -389,10 +325,10 @@ pub struct SseUsage {
 }
 
 impl SseUsage {
-    /// A reader for a stream from `endpoint`.
+    /// A reader for a stream from `endpoint` (one whose answer carries usage).
     pub fn new(endpoint: Endpoint) -> SseUsage {
         SseUsage {
-            shape: endpoint.shape(),
+            shape: endpoint.usage_format().unwrap_or(UsageFormat::OpenAi),
             line: Line::Name(0),
             after_cr: false,
             data: Vec::new(),
@@ -1479,7 +1415,7 @@ mod tests {
 
     macro_rules! fixture {
         ($name:literal) => {
-            &include_bytes!(concat!("../tests/fixtures/usage/", $name))[..]
+            &include_bytes!(concat!("../../tests/fixtures/usage/", $name))[..]
         };
     }
 
@@ -1525,41 +1461,6 @@ mod tests {
                 rest = b;
             }
             assert_eq!(stream(endpoint, &chunks).as_ref(), Some(expected), "random chunks");
-        }
-    }
-
-    #[test]
-    fn endpoint_from_path() {
-        use Endpoint::*;
-        let cases = [
-            ("openai", "chat/completions", Some(ChatCompletions)),
-            ("openai", "/v1/chat/completions", Some(ChatCompletions)),
-            ("azure-openai", "res/dep/chat/completions?api-version=2024-10-21", Some(ChatCompletions)),
-            ("groq", "chat/completions", Some(ChatCompletions)),
-            ("google-ai-studio", "v1beta/openai/chat/completions", Some(ChatCompletions)),
-            ("openai", "completions", Some(Completions)),
-            ("mistral", "v1/fim/completions", Some(Completions)),
-            ("openai", "embeddings", Some(Embeddings)),
-            ("mistral", "v1/embeddings", Some(Embeddings)),
-            ("openai", "responses", Some(Responses)),
-            ("anthropic", "v1/messages", Some(AnthropicMessages)),
-            ("anthropic", "v1/messages/count_tokens", None),
-            ("anthropic", "v1/messages/batches", None),
-            ("openai", "threads/thread_1/messages", None),
-            ("google-ai-studio", "v1beta/models/gemini-2.5-flash:generateContent", Some(GoogleGenerateContent)),
-            (
-                "google-ai-studio",
-                "v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
-                Some(GoogleGenerateContent),
-            ),
-            ("google-ai-studio", "v1beta/models/gemini-2.5-flash%3AgenerateContent", Some(GoogleGenerateContent)),
-            ("google-ai-studio", "v1beta/models/gemini-2.5-flash:countTokens", None),
-            ("openai", "models", None),
-            ("openai", "fine_tuning/jobs", None),
-            ("workers-ai", "@cf/meta/llama-3.1-8b-instruct", None),
-        ];
-        for (provider, path, want) in cases {
-            assert_eq!(Endpoint::from_path(provider, path), want, "{provider} {path}");
         }
     }
 
@@ -1622,11 +1523,11 @@ mod tests {
     #[test]
     fn google_plain_and_json_array_stream() {
         // candidatesTokenCount (350) excludes thoughtsTokenCount (1000); promptTokenCount includes cached.
-        let got = parse_json(Endpoint::GoogleGenerateContent, fixture!("google_generate.json")).unwrap();
+        let got = parse_json(Endpoint::GeminiGenerateContent, fixture!("google_generate.json")).unwrap();
         assert_eq!(got, usage(4200, 1350, 4000, 0, 1000, "gemini-2.5-flash"));
         let array = br#"[{"candidates":[],"usageMetadata":{"promptTokenCount":7,"totalTokenCount":7},"modelVersion":"gemini-2.0-flash"},
                          {"candidates":[],"usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":5,"toolUsePromptTokenCount":3,"totalTokenCount":15},"modelVersion":"gemini-2.0-flash"}]"#;
-        assert_eq!(parse_json(Endpoint::GoogleGenerateContent, array), Some(usage(10, 5, 0, 0, 0, "gemini-2.0-flash")));
+        assert_eq!(parse_json(Endpoint::GeminiGenerateContent, array), Some(usage(10, 5, 0, 0, 0, "gemini-2.0-flash")));
     }
 
     #[test]
@@ -1687,7 +1588,7 @@ mod tests {
         assert_eq!(got, Some(usage(9, 4, 0, 0, 0, "mistral-large-latest")));
         // Google: cumulative usageMetadata in every chunk, CRLF framing; output = 9 + 40 thoughts.
         let expected = usage(12, 49, 0, 0, 40, "gemini-2.5-flash");
-        assert_split_invariant(Endpoint::GoogleGenerateContent, fixture!("google_stream.sse"), &expected);
+        assert_split_invariant(Endpoint::GeminiGenerateContent, fixture!("google_stream.sse"), &expected);
     }
 
     #[test]
@@ -1731,7 +1632,7 @@ mod tests {
 
     #[test]
     fn bad_input_gives_none_and_never_panics() {
-        for e in [Endpoint::ChatCompletions, Endpoint::AnthropicMessages, Endpoint::GoogleGenerateContent] {
+        for e in [Endpoint::ChatCompletions, Endpoint::AnthropicMessages, Endpoint::GeminiGenerateContent] {
             for body in [
                 &b""[..],
                 b"   ",
@@ -1779,12 +1680,12 @@ mod tests {
             (Endpoint::ChatCompletions, fixture!("mistral_chat.json")),
             (Endpoint::ChatCompletions, fixture!("deepseek_chat.json")),
             (Endpoint::ChatCompletions, fixture!("xai_chat.json")),
-            (Endpoint::GoogleGenerateContent, fixture!("google_generate.json")),
+            (Endpoint::GeminiGenerateContent, fixture!("google_generate.json")),
         ];
         for (e, body) in bodies {
-            let fast = top_level_usage(e.shape(), body);
+            let fast = top_level_usage(e.usage_format().unwrap(), body);
             assert!(fast.is_some(), "{e:?}: the walk should read this body");
-            assert_eq!(fast, parse_full(e.shape(), body, b'{'), "{e:?}");
+            assert_eq!(fast, parse_full(e.usage_format().unwrap(), body, b'{'), "{e:?}");
         }
         // Where the walk is unsure it defers (None), and parse_json gives the full parse's answer.
         for body in [

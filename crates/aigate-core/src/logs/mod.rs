@@ -32,10 +32,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::Settings;
-use crate::cost::{CustomCost, PriceTable};
+use crate::endpoint::Endpoint;
+use crate::meter::cost::{CustomCost, PriceTable};
+use crate::meter::usage::{self, SseUsage, Usage};
 use crate::meter::Meter;
 use crate::metrics::Metrics;
-use crate::usage::{self, Endpoint, SseUsage, Usage};
 
 /// Most records the writer stores in one transaction.
 pub const BATCH: usize = 1024;
@@ -581,7 +582,8 @@ impl Finalizer {
         let response = response_bytes(m);
         let mut served_model = None;
         let mut usage: Option<Usage> = None;
-        if let Some(ep) = m.endpoint {
+        let ep = m.endpoint;
+        if ep.usage_format().is_some() {
             if let Some(entry) = &m.hit_entry {
                 usage = usage_of_chunks(ep, &entry.chunks, m.stream);
             } else if let Some(sse) = m.sse.take() {
@@ -604,7 +606,7 @@ impl Finalizer {
             (Some(0.0), priced)
         } else if priced.is_some() {
             (priced, None)
-        } else if !success || m.endpoint.is_none() && m.request_body.is_empty() {
+        } else if !success || m.endpoint.usage_format().is_none() && m.request_body.is_empty() {
             // Failed requests are not billed; bodiless calls (model lists) cost nothing.
             (Some(0.0), None)
         } else {
@@ -1019,7 +1021,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let toml = format!("data_dir = {:?}\n[gateways.default]\n", dir.display().to_string());
         let settings = Settings::from_toml(&toml).unwrap();
-        let state = crate::proxy::AppState::new(Settings::from_toml(&toml).unwrap()).unwrap();
+        let state = crate::state::AppState::new(Settings::from_toml(&toml).unwrap()).unwrap();
         let flaky = Arc::new(Flaky {
             inner: aigate_store::SqliteLogStore::open(&dir.join("flaky.sqlite3")).unwrap(),
             calls: AtomicU64::new(0),

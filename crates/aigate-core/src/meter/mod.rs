@@ -17,14 +17,22 @@ use std::time::Instant;
 
 use aigate_store::CachedResponse;
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{BoxError, GatewayBody};
 use crate::cache::CacheStatus;
 use crate::config::LogSettings;
+use crate::endpoint::Endpoint;
+use crate::headers::{
+    CF_AIG_COLLECT_LOG, CF_AIG_COLLECT_LOG_PAYLOAD, CF_AIG_CUSTOM_COST, CF_AIG_EVENT_ID, CF_AIG_METADATA,
+};
 use crate::logs::LogPipeline;
-use crate::usage::{Endpoint, InjectedUsageFilter, SseUsage};
+use crate::phases::route::Route;
+use usage::{InjectedUsageFilter, SseUsage};
+
+pub mod cost;
+pub mod usage;
 
 /// Most bytes of a non-streamed response kept to read its usage from: larger JSON answers of the
 /// metered endpoints do not exist in practice, and a larger one is then simply not metered.
@@ -44,6 +52,16 @@ pub fn detached(data: &Bytes) -> Bytes {
     } else {
         data.clone()
     }
+}
+
+/// A copy of a request header's value (a parsed value references the connection's read buffer;
+/// see [`detached`]).
+fn detached_header(h: &HeaderMap, name: &http::HeaderName) -> Option<HeaderValue> {
+    h.get(name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+}
+
+fn header_is_false(h: &HeaderMap, name: &http::HeaderName) -> bool {
+    h.get(name).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false"))
 }
 
 /// Bytes of an error response kept to read its message from.
@@ -66,8 +84,8 @@ pub struct Meter {
     pub provider: Arc<crate::providers::Provider>,
     /// Provider path (`chat/completions`, …).
     pub path: String,
-    /// Which usage shape the response has, if any.
-    pub endpoint: Option<Endpoint>,
+    /// What the request is (which usage format its answer has, if any).
+    pub endpoint: Endpoint,
     /// The request body as received (a reference, not a copy).
     pub request_body: Bytes,
     /// `cf-aig-event-id`.
@@ -123,6 +141,52 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// The meter of a routed request that arrived at `start` (Unix ms `created_at_ms`).
+    pub fn new(
+        id: uuid::Uuid,
+        created_at_ms: u64,
+        start: Instant,
+        route: &Route<'_>,
+        headers: &HeaderMap,
+    ) -> Box<Meter> {
+        Box::new(Meter {
+            id,
+            created_at_ms,
+            start,
+            gateway: route.gateway.name.clone(),
+            logs: route.gateway.logs.clone(),
+            provider: route.provider.clone(),
+            path: route.rest.to_owned(),
+            endpoint: route.endpoint,
+            request_body: Bytes::new(),
+            event_id: detached_header(headers, &CF_AIG_EVENT_ID),
+            metadata: detached_header(headers, &CF_AIG_METADATA),
+            custom_cost: detached_header(headers, &CF_AIG_CUSTOM_COST),
+            user_agent: detached_header(headers, &http::header::USER_AGENT),
+            collect_log: !header_is_false(headers, &CF_AIG_COLLECT_LOG),
+            collect_payload: !header_is_false(headers, &CF_AIG_COLLECT_LOG_PAYLOAD),
+            status: 0,
+            cache_status: CacheStatus::Bypass,
+            stream: false,
+            upstream_start: None,
+            upstream_head: None,
+            head_out: None,
+            first_byte: None,
+            end: None,
+            error: None,
+            completed: false,
+            captured: Vec::new(),
+            captured_bytes: 0,
+            capture_limit: 0,
+            capture_overflow: false,
+            sse: None,
+            filter: None,
+            hit_entry: None,
+            held: Vec::new(),
+            rate_headers: Vec::new(),
+        })
+    }
+
     /// Prepares the response-side measurements once the response head is known.
     pub fn on_head(&mut self, status: u16, content_type: Option<&HeaderValue>) {
         self.head_out = Some(Instant::now());
@@ -134,11 +198,11 @@ impl Meter {
             // The entry holds the whole body already.
             self.capture_limit = 0;
         } else if self.stream {
-            if let Some(ep) = self.endpoint {
-                self.sse = Some(SseUsage::new(ep));
+            if self.endpoint.usage_format().is_some() {
+                self.sse = Some(SseUsage::new(self.endpoint));
             }
             self.capture_limit = body_cap;
-        } else if self.endpoint.is_some() && (200..300).contains(&status) {
+        } else if self.endpoint.usage_format().is_some() && (200..300).contains(&status) {
             self.capture_limit = body_cap.max(USAGE_CAPTURE_MAX);
         } else if status >= 400 {
             // Enough to read the error message from.

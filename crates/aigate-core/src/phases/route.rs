@@ -1,4 +1,5 @@
-//! Stage 1, routing: from the request path to (gateway, provider, provider path).
+//! Phase 1, route: from the request path to the gateway, the provider, the provider path, the
+//! [`Endpoint`] and the upstream URL.
 //!
 //! Three URL forms reach the same gateways:
 //! 1. Cloudflare's layout `/v1/{account_id}/{gateway_id}/{provider}/{path}`;
@@ -8,14 +9,19 @@
 //! A `/v1/...` path is read as form 1 when, after `/v1/`, its second segment names a configured
 //! gateway or its third a known provider; otherwise it is form 3.
 //!
-//! Reads: the path. Writes: the [`Route`] the later stages use. Fails closed: an unknown gateway
-//! (or account) answers 404, an unknown provider 400, both naming what exists.
+//! Reads: the method, path and query. Writes: the [`Route`] the later phases use. Fails closed,
+//! before anything is read or sent: an unknown gateway (or account) answers 404, an unknown
+//! provider 400, both naming what exists; an account id or provider path that could leave the
+//! provider's base URL (`..`, encoded separators) answers 400.
 
 use std::sync::Arc;
 
+use http::Uri;
+
 use crate::config::{Gateway, Settings};
+use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
-use crate::providers::Provider;
+use crate::providers::{check_segment, Provider};
 
 /// Which URL form a request used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +47,31 @@ pub struct Route<'p> {
     pub rest: &'p str,
     /// The URL form used.
     pub form: UrlForm,
+    /// What the request is.
+    pub endpoint: Endpoint,
+    /// Where it goes: the provider's base URL with the provider path and query appended.
+    pub upstream: Uri,
 }
 
-/// Resolves a gateway path. `path` is the raw request path (starts with `/`).
-pub fn resolve<'p>(settings: &Settings, path: &'p str) -> Result<Route<'p>, GatewayError> {
+/// Routes a gateway request.
+pub fn route<'p>(settings: &Settings, method: &http::Method, uri: &'p Uri) -> Result<Route<'p>, GatewayError> {
+    let (gateway, provider, account_id, rest, form) = resolve(settings, uri.path())?;
+    let (gateway, provider) = lookup(settings, gateway, provider)?;
+    if let Some(account) = account_id {
+        check_segment(account).map_err(|e| GatewayError::BadRequest(format!("invalid account id in the URL: {e}")))?;
+    }
+    let upstream = provider
+        .upstream_uri(account_id, rest, uri.query())
+        .map_err(|e| GatewayError::BadRequest(format!("invalid provider path: {e}")))?;
+    let endpoint = Endpoint::classify(&provider.name, method, rest);
+    Ok(Route { gateway, provider, account_id, rest, form, endpoint, upstream })
+}
+
+/// The names in a gateway path: (gateway, provider, account id, provider path, form).
+type Names<'s, 'p> = (&'s str, &'s str, Option<&'p str>, &'p str, UrlForm);
+
+/// Splits a gateway path (the raw request path, starting with `/`) into its names.
+fn resolve<'s, 'p: 's>(settings: &'s Settings, path: &'p str) -> Result<Names<'s, 'p>, GatewayError> {
     let trimmed = path.trim_start_matches('/');
     let mut it = trimmed.splitn(2, '/');
     let first = it.next().unwrap_or("");
@@ -59,33 +86,24 @@ pub fn resolve<'p>(settings: &Settings, path: &'p str) -> Result<Route<'p>, Gate
         let is_cf = gateway.is_some_and(|g| settings.gateways.contains_key(g))
             || provider.is_some_and(|p| settings.providers.contains_key(p));
         if is_cf {
-            let gateway = gateway.unwrap_or("");
-            let provider = provider.unwrap_or("");
             if let Some(required) = &settings.account_id {
                 if required != account {
                     return Err(GatewayError::UnknownAccount { account: account.to_string() });
                 }
             }
-            return build(settings, gateway, provider, Some(account), rest, UrlForm::Cloudflare);
+            let (gateway, provider) = (gateway.unwrap_or(""), provider.unwrap_or(""));
+            return Ok((gateway, provider, Some(account), rest, UrlForm::Cloudflare));
         }
-        let gateway = settings.default_gateway.clone();
-        return build(settings, &gateway, "openai", None, after_first, UrlForm::OpenAi);
+        return Ok((&settings.default_gateway, "openai", None, after_first, UrlForm::OpenAi));
     }
 
     let mut segs = after_first.splitn(2, '/');
     let provider = segs.next().unwrap_or("");
     let rest = segs.next().unwrap_or("");
-    build(settings, first, provider, None, rest, UrlForm::Short)
+    Ok((first, provider, None, rest, UrlForm::Short))
 }
 
-fn build<'p>(
-    settings: &Settings,
-    gateway: &str,
-    provider: &str,
-    account_id: Option<&'p str>,
-    rest: &'p str,
-    form: UrlForm,
-) -> Result<Route<'p>, GatewayError> {
+fn lookup(settings: &Settings, gateway: &str, provider: &str) -> Result<(Arc<Gateway>, Arc<Provider>), GatewayError> {
     let gw = settings.gateways.get(gateway).ok_or_else(|| GatewayError::UnknownGateway {
         gateway: gateway.to_string(),
         known: sorted(settings.gateways.keys()),
@@ -94,7 +112,7 @@ fn build<'p>(
         provider: provider.to_string(),
         known: sorted(settings.providers.keys()),
     })?;
-    Ok(Route { gateway: gw.clone(), provider: pr.clone(), account_id, rest, form })
+    Ok((gw.clone(), pr.clone()))
 }
 
 fn sorted<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -106,6 +124,11 @@ fn sorted<'a>(names: impl Iterator<Item = &'a String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolve<'p>(s: &Settings, path: &'p str) -> Result<Route<'p>, GatewayError> {
+        let uri: &'p Uri = Box::leak(Box::new(path.parse::<Uri>().unwrap()));
+        route(s, &http::Method::POST, uri)
+    }
 
     fn settings() -> Settings {
         Settings::from_toml_with("[gateways.default]\n[gateways.prod]\n", &|_| None).unwrap()

@@ -16,7 +16,7 @@
 //!
 //! # Billing rules
 //!
-//! With the normalised [`Usage`] (each token in exactly one category, see [`crate::usage`]):
+//! With the normalised [`Usage`] (each token in exactly one category, see [`crate::meter::usage`]):
 //! - uncached input (`input - cached - cache_write`) at the input price;
 //! - cache reads at the cached-input price, or the input price if the model has none;
 //! - cache writes at the cache-write price, or the input price if the model has none;
@@ -41,7 +41,7 @@ use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 
-use crate::usage::Usage;
+use crate::meter::usage::Usage;
 
 /// The built-in price table, USD per million tokens.
 const BUILTIN_TOML: &str = include_str!("prices.toml");
@@ -377,11 +377,12 @@ impl FromStr for CustomCost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::{parse_json, Endpoint, SseUsage};
+    use crate::endpoint::Endpoint;
+    use crate::meter::usage::{parse_json, SseUsage};
 
     macro_rules! fixture {
         ($name:literal) => {
-            &include_bytes!(concat!("../tests/fixtures/usage/", $name))[..]
+            &include_bytes!(concat!("../../tests/fixtures/usage/", $name))[..]
         };
     }
 
@@ -556,7 +557,7 @@ mod tests {
         assert_usd(t.cost(&u, None), 26.0 * 0.30 / M + 6.0 * 0.075 / M + 103.0 * 0.50 / M);
 
         // gemini-2.5-flash: 4200 prompt incl. 4000 cached; 350 candidates + 1000 thoughts.
-        let u = plain(Endpoint::GoogleGenerateContent, fixture!("google_generate.json"));
+        let u = plain(Endpoint::GeminiGenerateContent, fixture!("google_generate.json"));
         assert_usd(t.cost(&u, None), 200.0 * 0.30 / M + 4000.0 * 0.03 / M + 1350.0 * 2.50 / M);
 
         // Groq llama-3.3-70b-versatile: 40 in, 10 out.

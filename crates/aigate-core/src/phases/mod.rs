@@ -1,0 +1,90 @@
+//! The request path of a gateway request, as an ordered list of phases:
+//!
+//! ```text
+//!        1 route ─▶ 2 authenticate ─▶ 3 read body ─▶ 4 cache lookup ─▶ 5 limits ─▶ 6 upstream ─▶ 7 respond
+//! fails: 404/400     401                413/408        (400 bad header)   429/503     502/504
+//!                                                      HIT ────────────────┴─▶ respond (replay)
+//!                                                      FOLLOW ─────────────┴─▶ respond (relay the leader's)
+//!                                                      MISS ──────────────────────────────▶ respond (tee)
+//! ```
+//!
+//! Each phase lives in the module named after it, owns its logic and its failure behaviour, and
+//! says in its module docs what it reads and writes. [`run`] strings them together and reads as
+//! that list. Every failure is a [`GatewayError`], turned into an OpenAI-shaped error by the respond
+//! phase. From the route phase on, the request is metered: its [`Meter`] collects what happened
+//! and goes to the log pipeline when the response ends.
+
+pub mod authenticate;
+pub mod cache;
+pub mod limits;
+pub mod read_body;
+pub mod respond;
+pub mod route;
+pub mod upstream;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::GatewayBody;
+use crate::config::Settings;
+use crate::error::GatewayError;
+use crate::meter::{detached, Meter};
+use crate::state::AppState;
+use authenticate::{authenticate, Caller};
+use cache::{CacheOptions, Lookup};
+use limits::limits;
+use read_body::read_body;
+use respond::{respond, Exchange};
+use route::{route, Route};
+use upstream::{request_timeout, upstream};
+
+/// A gateway request as the cache and limits phases see it: routed, authenticated, body read.
+pub struct Call<'a> {
+    /// The settings the request runs under (a snapshot: a reload does not change them midway).
+    pub settings: &'a Settings,
+    /// Where it goes.
+    pub route: &'a Route<'a>,
+    /// Its method, URI and headers.
+    pub head: &'a http::request::Parts,
+    /// Its body.
+    pub body: &'a Bytes,
+    /// Its credentials.
+    pub caller: &'a Caller<'a>,
+}
+
+/// Runs the phases for one gateway request, up to the response head; `ex` receives the meter
+/// once the request is routed.
+pub async fn run(
+    state: &AppState,
+    req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    // An owned snapshot: the request may live for minutes, longer than arc-swap's guards should.
+    let settings = state.settings.load_full();
+    let (head, body) = req.into_parts();
+
+    let route = route(&settings, &head.method, &head.uri)?;
+    let meter = ex.meter(Meter::new(ex.id, ex.created_at_ms, ex.start, &route, &head.headers));
+    let caller = authenticate(&route, &head.headers)?;
+    let timeout = request_timeout(&head.headers, &route.gateway)?;
+    let cache_options = CacheOptions::parse(&head.headers)?;
+    let body = read_body(body, &settings).await?;
+    meter.request_body = detached(&body);
+
+    let call = Call { settings: &settings, route: &route, head: &head, body: &body, caller: &caller };
+    let lookup = cache::lookup(state, &call, &cache_options, meter).await;
+    limits(state, &call, lookup.is_hit(), meter).await?;
+    let miss = match lookup {
+        Lookup::Hit(answer) => return Ok(answer),
+        Lookup::Follow(follow) => match follow.answer(meter).await {
+            Some(answer) => return Ok(answer),
+            None => None,
+        },
+        Lookup::Miss(handle) => Some(handle),
+        Lookup::Skip => None,
+    };
+
+    let answer = upstream(state, &route, (head.method, head.headers), body, timeout, meter).await?;
+    Ok(respond(answer, miss, route.endpoint, meter))
+}
