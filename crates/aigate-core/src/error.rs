@@ -100,9 +100,49 @@ pub enum GatewayError {
     /// The rate-limit store failed and the gateway is set to deny then.
     #[error("the rate-limit store is unavailable; this gateway refuses requests until it is back (on_store_error = \"deny\")")]
     LimitStoreUnavailable,
+    /// A WebSocket upgrade: not supported yet.
+    #[error("WebSocket connections are not supported by this aigate; send the request as plain HTTP")]
+    WebSocketUnsupported,
+    /// No such route of aigate's own (the admin API, the dashboard).
+    #[error("{0}")]
+    NotFound(String),
+    /// The admin API is off.
+    #[error("the admin API is disabled: set [admin] token in the configuration")]
+    AdminDisabled,
+    /// The admin token is missing or wrong.
+    #[error("admin endpoints need Authorization: Bearer <admin token>")]
+    AdminUnauthorized,
+    /// No log record with this id.
+    #[error("log record {id:?} not found")]
+    LogNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// A method the endpoint does not serve.
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    /// A store (cache, logs) failed while serving an admin call.
+    #[error("{store} error: {message}")]
+    StoreUnavailable {
+        /// Which store.
+        store: &'static str,
+        /// What failed (never a credential).
+        message: String,
+    },
     /// Anything else.
     #[error("internal gateway error")]
     Internal,
+}
+
+impl GatewayError {
+    /// A store error met while serving an admin call: bad input is the caller's 400, anything
+    /// else a 503 naming the store.
+    pub fn store(store: &'static str, e: aigate_store::StoreError) -> GatewayError {
+        match e {
+            aigate_store::StoreError::Corrupt(m) => GatewayError::BadRequest(m),
+            e => GatewayError::StoreUnavailable { store, message: e.to_string() },
+        }
+    }
 }
 
 impl GatewayError {
@@ -122,6 +162,13 @@ impl GatewayError {
             UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout"),
             RateLimited { code, .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code),
             LimitStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "limit_store_unavailable"),
+            WebSocketUnsupported => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error", "websocket_unsupported"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            AdminDisabled => (StatusCode::NOT_FOUND, "invalid_request_error", "admin_disabled"),
+            AdminUnauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "admin_unauthorized"),
+            LogNotFound { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", "log_not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed"),
+            StoreUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "store_unavailable"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal_error"),
         }
     }
@@ -130,7 +177,7 @@ impl GatewayError {
     pub fn blame(&self) -> Blame {
         match self {
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamTimeout { .. } => Blame::Upstream,
-            GatewayError::Internal => Blame::Internal,
+            GatewayError::Internal | GatewayError::StoreUnavailable { .. } => Blame::Internal,
             _ => Blame::Downstream,
         }
     }

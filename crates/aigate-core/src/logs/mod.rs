@@ -18,25 +18,27 @@
 //!   file, and the writer makes one bounded attempt to replay spill files. Whatever is left stays
 //!   on disk and is replayed at the next start.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use aigate_store::{LogRecord, LogStore, MetaValue, Retention, StoreError, MAX_METADATA};
+use aigate_store::{LogRecord, LogStore, Retention, StoreError};
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::config::Settings;
-use crate::endpoint::Endpoint;
-use crate::meter::cost::{CustomCost, PriceTable};
-use crate::meter::usage::{self, SseUsage, Usage};
 use crate::meter::Meter;
 use crate::metrics::Metrics;
+pub use finalize::parse_metadata;
+use finalize::Finalizer;
+use spill::{recover_spill_files, spill_loop, unix_ms, SpillItem};
+pub use spill::{SPILL_CHANNEL, SPILL_DIR, SPILL_FILE_MAX, SPILL_IDLE};
+
+mod finalize;
+mod spill;
 
 /// Most records the writer stores in one transaction.
 pub const BATCH: usize = 1024;
@@ -58,23 +60,11 @@ const FINALIZE_SLICE: usize = 32;
 /// spilled; longer slices let it catch up (each holds the runtime thread ~0.5 ms).
 const BACKLOG_FINALIZE_SLICE: usize = 256;
 
-/// Capacity of the channel to the spill thread.
-pub const SPILL_CHANNEL: usize = 65_536;
-
-/// A spill file is closed (and becomes replayable) at this size or after [`SPILL_IDLE`] idle.
-pub const SPILL_FILE_MAX: u64 = 16 * 1024 * 1024;
-
-/// Idle time after which the spill thread closes its file.
-pub const SPILL_IDLE: Duration = Duration::from_millis(500);
-
 /// Live tail events buffered per subscriber before it is told it lagged.
 pub const TAIL_BUFFER: usize = 4096;
 
 /// How often the writer runs maintenance (spill replay; retention every minute).
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
-
-/// Spill directory under `data_dir`.
-pub const SPILL_DIR: &str = "log-spill";
 
 /// Counters of the pipeline (exported as metrics).
 #[derive(Debug, Default)]
@@ -155,21 +145,6 @@ impl Groups {
         }
         list.push(record);
     }
-}
-
-enum SpillItem {
-    Meter(Box<Meter>),
-    Records(Vec<Finished>),
-    Flush(std_mpsc::SyncSender<()>),
-}
-
-/// Turns meters into records; shared by the writer and the spill thread.
-pub struct Finalizer {
-    prices: ArcSwap<PriceTable>,
-    metrics: Arc<Metrics>,
-    limits: Arc<crate::limits::LimitLayer>,
-    tail: broadcast::Sender<Arc<LogRecord>>,
-    stats: Arc<LogStats>,
 }
 
 /// The pipeline: queue, writer, spill and live tail.
@@ -445,102 +420,7 @@ impl LogPipeline {
             }
         }
     }
-
-    /// Replays closed spill files into the store, oldest first, for at most `budget`. Returns
-    /// false if the store failed.
-    pub async fn replay_spill(&self, budget: Duration) -> bool {
-        let started = Instant::now();
-        let files = match list_spill_files(&self.spill_dir) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list log spill files");
-                return true;
-            }
-        };
-        for path in files {
-            if started.elapsed() >= budget {
-                break;
-            }
-            let data = match tokio::fs::read(&path).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, file = %path.display(), "cannot read a log spill file");
-                    continue;
-                }
-            };
-            let mut records = Vec::new();
-            for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                match serde_json::from_slice::<Finished>(line) {
-                    Ok(f) => records.push(f),
-                    // A torn last line after a crash.
-                    Err(e) => tracing::debug!(error = %e, "skipping an unreadable spill line"),
-                }
-            }
-            let mut records = records.into_iter().peekable();
-            while records.peek().is_some() {
-                let chunk: Vec<Finished> = records.by_ref().take(BATCH).collect();
-                let n = chunk.len() as u64;
-                let kept = chunk.iter().filter(|f| f.keep).count() as u64;
-                match self.store_finished(chunk).await {
-                    Ok(_) => {
-                        self.stats.replayed.fetch_add(n, Ordering::Relaxed);
-                        self.stats.written.fetch_add(kept, Ordering::Relaxed);
-                    }
-                    Err((e, unstored)) => {
-                        self.store_failed(&e);
-                        // What is stored must not be replayed again: a kept record would be skipped
-                        // (ids are unique), but one only counted in analytics would count twice.
-                        let rest: Vec<Finished> = unstored.into_iter().chain(records).collect();
-                        self.rewrite_spill_file(path, data.len() as u64, rest).await;
-                        return false;
-                    }
-                }
-            }
-            if tokio::fs::remove_file(&path).await.is_ok() {
-                self.sub_spill_bytes(data.len() as u64);
-            }
-        }
-        true
-    }
-
-    fn sub_spill_bytes(&self, n: u64) {
-        let _ =
-            self.stats.spill_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(n)));
-    }
-
-    /// Replaces spill file `path` (of `old_len` bytes) with `records` (written beside it on the
-    /// blocking pool, then renamed over it: a crash leaves either file whole). On failure the old
-    /// file stays.
-    async fn rewrite_spill_file(&self, path: PathBuf, old_len: u64, records: Vec<Finished>) {
-        let tmp = path.with_extension(SPILL_REWRITE_EXT);
-        let (tmp2, path2) = (tmp.clone(), path.clone());
-        let result = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp2)?);
-            for f in &records {
-                serde_json::to_writer(&mut out, f)?;
-                out.write_all(b"\n")?;
-            }
-            out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
-            std::fs::rename(&tmp2, &path2)?;
-            Ok(std::fs::metadata(&path2)?.len())
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        match result {
-            Ok(new_len) => {
-                self.sub_spill_bytes(old_len);
-                self.stats.spill_bytes.fetch_add(new_len, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                tracing::warn!(error = %e, file = %path.display(), "cannot rewrite a log spill file");
-            }
-        }
-    }
 }
-
-/// Extension of a spill file being rewritten after a partial replay (a leftover one is removed).
-const SPILL_REWRITE_EXT: &str = "rewrite";
 
 /// Opens the configured log store without waiting on the network: SQLite opens its file now;
 /// PostgreSQL connects and migrates its schema on first use (and retries after failures).
@@ -549,367 +429,6 @@ pub fn open_store(backend: &aigate_store::LogBackend) -> Result<Arc<dyn LogStore
         aigate_store::LogBackend::Sqlite { path } => Arc::new(aigate_store::SqliteLogStore::open(path)?),
         aigate_store::LogBackend::Postgres { url } => Arc::new(aigate_store::PostgresLogStore::connect(url)?),
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Finalising a record
-// ---------------------------------------------------------------------------------------------
-
-impl Finalizer {
-    /// Builds the record of a finished request, updates metrics and feeds the tail.
-    pub fn finalize(&self, mut m: Box<Meter>) -> Finished {
-        let (keep, record) = self.finalize_record(&mut m);
-        Finished { gateway: m.gateway.to_string(), keep, record }
-    }
-
-    /// [`Finalizer::finalize`] in place (the meter is large: it is not moved); returns whether the
-    /// record is kept, and the record.
-    fn finalize_record(&self, m: &mut Meter) -> (bool, LogRecord) {
-        let keep = m.logs.enabled && m.collect_log;
-        let bodies = keep && m.logs.bodies && m.collect_payload;
-        // A record neither kept nor watched (logs off, `cf-aig-collect-log: false`) only feeds the
-        // metrics and the analytics rollups: the fields they do not read (id, event id, path,
-        // user agent, error message) are left empty rather than built.
-        let tail = self.tail.receiver_count() > 0;
-        let full = keep || tail;
-        let end = m.end.unwrap_or_else(Instant::now);
-        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
-        let head_out = m.head_out.unwrap_or(end);
-        let success = (200..300).contains(&m.status) && m.completed && m.error.is_none();
-        let hit = m.cache_status == crate::cache::CacheStatus::Hit;
-
-        let requested_model = usage::request_model(&m.request_body);
-        let response = response_bytes(m);
-        let mut served_model = None;
-        let mut usage: Option<Usage> = None;
-        let ep = m.endpoint;
-        if ep.usage_format().is_some() {
-            if let Some(entry) = &m.hit_entry {
-                usage = usage_of_chunks(ep, &entry.chunks, m.stream);
-            } else if let Some(sse) = m.sse.take() {
-                served_model = sse.model().map(str::to_owned);
-                usage = sse.finish();
-            } else if (200..300).contains(&m.status) && !m.capture_overflow {
-                usage = usage::parse_json(ep, &response);
-            }
-        }
-        if let Some(u) = &mut usage {
-            if u.model.is_none() {
-                u.model = served_model.clone().or_else(|| requested_model.clone());
-            }
-            served_model = u.model.clone().or(served_model);
-        }
-        let custom = m.custom_cost.as_ref().and_then(|v| CustomCost::parse(v.as_bytes()).ok());
-        let prices = self.prices.load();
-        let priced = usage.as_ref().and_then(|u| prices.cost_for(&m.provider.name, u, custom.as_ref()));
-        let (cost_usd, saved_usd) = if hit {
-            (Some(0.0), priced)
-        } else if priced.is_some() {
-            (priced, None)
-        } else if !success || m.endpoint.usage_format().is_none() && m.request_body.is_empty() {
-            // Failed requests are not billed; bodiless calls (model lists) cost nothing.
-            (Some(0.0), None)
-        } else {
-            (None, None)
-        };
-
-        let error = if full {
-            m.error.clone().or_else(|| (m.status >= 400).then(|| error_message(&response, m.status)))
-        } else {
-            None
-        };
-        let metadata = match &m.metadata {
-            Some(v) => match parse_metadata(v.as_bytes()) {
-                Some(md) => md,
-                None => {
-                    self.stats.invalid_metadata.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("cf-aig-metadata ignored: not a JSON object");
-                    Vec::new()
-                }
-            },
-            None => Vec::new(),
-        };
-        let cap = m.logs.max_body_size;
-        let overhead = match (m.upstream_start, m.upstream_head) {
-            (Some(us), Some(uh)) => ms(m.start, us) + ms(uh, head_out),
-            (Some(us), None) => ms(m.start, us),
-            _ => ms(m.start, head_out),
-        };
-        let record = LogRecord {
-            id: if full { m.id.hyphenated().to_string() } else { String::new() },
-            event_id: m.event_id.as_ref().filter(|_| full).and_then(|v| v.to_str().ok()).map(str::to_owned),
-            created_at_ms: m.created_at_ms,
-            gateway: m.gateway.to_string(),
-            provider: m.provider.name.clone(),
-            path: if full { m.path.clone() } else { String::new() },
-            requested_model,
-            served_model,
-            status: m.status,
-            success,
-            cache_status: m.cache_status.aigate_value().to_owned(),
-            stream: m.stream,
-            duration_ms: ms(m.start, end),
-            ttfb_ms: Some(ms(m.start, m.first_byte.unwrap_or(head_out))),
-            upstream_ms: m.upstream_start.map(|s| ms(s, end)),
-            overhead_ms: Some(overhead),
-            tokens_in: usage.as_ref().map(|u| u.input_tokens),
-            tokens_out: usage.as_ref().map(|u| u.output_tokens),
-            cached_tokens_in: usage.as_ref().map(|u| u.cached_input_tokens),
-            reasoning_tokens: usage.as_ref().map(|u| u.reasoning_tokens),
-            cost_usd,
-            saved_usd,
-            custom_cost: custom.is_some(),
-            metadata,
-            user_agent: m.user_agent.as_ref().filter(|_| full).and_then(|v| v.to_str().ok()).map(str::to_owned),
-            error,
-            request_body: None,
-            response_body: None,
-            feedback: None,
-            score: None,
-        };
-        self.metrics.record(&record);
-        if !m.held.is_empty() {
-            let count_hits = self.limits.options().count_cache_hits;
-            let tokens = usage.as_ref().map(Usage::total_tokens);
-            let settlements = std::mem::take(&mut m.held)
-                .into_iter()
-                .map(|h| {
-                    let actual = crate::limits::actual_amount(
-                        h.rule.measure,
-                        h.reservation.amount(),
-                        hit,
-                        success,
-                        tokens,
-                        cost_usd,
-                        count_hits,
-                    );
-                    (h, actual)
-                })
-                .collect();
-            self.limits.settle(settlements);
-        }
-        if tail {
-            let _ = self.tail.send(Arc::new(record.clone()));
-        }
-        let mut record = record;
-        if bodies {
-            record.request_body = Some(m.request_body.slice(..m.request_body.len().min(cap)));
-            record.response_body = Some(response.slice(..response.len().min(cap)));
-        }
-        (keep, record)
-    }
-}
-
-/// The response body as relayed (or as cached, for a hit), up to what was kept.
-fn response_bytes(m: &Meter) -> Bytes {
-    let chunks: &[Bytes] = match &m.hit_entry {
-        Some(e) => &e.chunks,
-        None => &m.captured,
-    };
-    match chunks {
-        [] => Bytes::new(),
-        [one] => one.clone(),
-        many => {
-            let mut b = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
-            for c in many {
-                b.extend_from_slice(c);
-            }
-            b.freeze()
-        }
-    }
-}
-
-fn usage_of_chunks(ep: Endpoint, chunks: &[Bytes], stream: bool) -> Option<Usage> {
-    if stream {
-        let mut sse = SseUsage::new(ep);
-        for c in chunks {
-            sse.feed(c);
-        }
-        let model = sse.model().map(str::to_owned);
-        sse.finish().map(|mut u| {
-            u.model = u.model.or(model);
-            u
-        })
-    } else {
-        let mut b = BytesMut::new();
-        for c in chunks {
-            b.extend_from_slice(c);
-        }
-        usage::parse_json(ep, &b)
-    }
-}
-
-/// The message of an error body (`{"error":{"message"}}`, `{"error":"…"}`, `{"message"}`), or
-/// the start of the body as text.
-fn error_message(body: &[u8], status: u16) -> String {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum ErrorField {
-        Object {
-            #[serde(default)]
-            message: Option<String>,
-        },
-        Text(String),
-    }
-    #[derive(Deserialize)]
-    struct Probe {
-        #[serde(default)]
-        error: Option<ErrorField>,
-        #[serde(default)]
-        message: Option<String>,
-    }
-    if let Ok(p) = serde_json::from_slice::<Probe>(body) {
-        match p.error {
-            Some(ErrorField::Object { message: Some(m) }) | Some(ErrorField::Text(m)) => return truncate(m, 1000),
-            _ => {}
-        }
-        if let Some(m) = p.message {
-            return truncate(m, 1000);
-        }
-    }
-    let text = String::from_utf8_lossy(&body[..body.len().min(1000)]).trim().to_owned();
-    if text.is_empty() {
-        format!("HTTP {status}")
-    } else {
-        text
-    }
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
-}
-
-/// `cf-aig-metadata`: a flat JSON object; the first [`MAX_METADATA`] string, number or boolean
-/// entries are kept, others dropped. `None` if the header is not a JSON object.
-pub fn parse_metadata(v: &[u8]) -> Option<Vec<(String, MetaValue)>> {
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(v).ok()?;
-    Some(map.iter().filter_map(|(k, v)| MetaValue::from_json(v).map(|mv| (k.clone(), mv))).take(MAX_METADATA).collect())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Spill files
-// ---------------------------------------------------------------------------------------------
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Renames files left open by a crash so they are replayed, and returns the bytes on disk.
-fn recover_spill_files(dir: &Path) -> std::io::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == SPILL_REWRITE_EXT) {
-            // A rewrite cut short: the file it was to replace is still whole.
-            std::fs::remove_file(&path)?;
-        } else if path.extension().is_some_and(|e| e == "partial") {
-            let done = path.with_extension("");
-            std::fs::rename(&path, &done)?;
-            total += std::fs::metadata(&done)?.len();
-        } else if path.extension().is_some_and(|e| e == "jsonl") {
-            total += std::fs::metadata(&path)?.len();
-        }
-    }
-    Ok(total)
-}
-
-fn list_spill_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-struct SpillFile {
-    path: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
-    bytes: u64,
-}
-
-/// The spill thread: appends records as JSON lines to `*.jsonl.partial`, renamed to `*.jsonl`
-/// when closed (size cap, idle, flush).
-fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &Finalizer, max_bytes: u64) {
-    let mut current: Option<SpillFile> = None;
-    let mut seq: u64 = 0;
-    let close = |f: Option<SpillFile>| {
-        if let Some(mut f) = f {
-            let _ = f.out.flush();
-            let _ = f.out.get_ref().sync_data();
-            let done = f.path.with_extension("");
-            if let Err(e) = std::fs::rename(&f.path, &done) {
-                tracing::warn!(error = %e, "cannot close a log spill file");
-            }
-        }
-    };
-    loop {
-        let item = match rx.recv_timeout(SPILL_IDLE) {
-            Ok(i) => i,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                close(current.take());
-                continue;
-            }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                close(current.take());
-                return;
-            }
-        };
-        let records = match item {
-            SpillItem::Meter(m) => vec![fin.finalize(m)],
-            SpillItem::Records(r) => r,
-            SpillItem::Flush(ack) => {
-                close(current.take());
-                let _ = ack.send(());
-                continue;
-            }
-        };
-        for r in records {
-            let Ok(mut line) = serde_json::to_vec(&r) else {
-                fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            line.push(b'\n');
-            let len = line.len() as u64;
-            if fin.stats.spill_bytes.load(Ordering::Relaxed) + len > max_bytes {
-                fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if current.as_ref().is_some_and(|f| f.bytes >= SPILL_FILE_MAX) {
-                close(current.take());
-            }
-            if current.is_none() {
-                seq += 1;
-                let path = dir.join(format!("spill-{:013}-{:06}.jsonl.partial", unix_ms(), seq));
-                match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-                    Ok(f) => current = Some(SpillFile { path, out: std::io::BufWriter::new(f), bytes: 0 }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot create a log spill file: record dropped");
-                        fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                }
-            }
-            if let Some(f) = &mut current {
-                if f.out.write_all(&line).is_ok() {
-                    f.bytes += len;
-                    fin.stats.spill_bytes.fetch_add(len, Ordering::Relaxed);
-                    fin.stats.spilled.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1049,7 +568,7 @@ mod tests {
         assert!(!p.replay_spill(Duration::from_secs(5)).await, "the second chunk fails");
         flaky.fail_on.store(0, Ordering::SeqCst);
         assert!(p.replay_spill(Duration::from_secs(5)).await);
-        assert!(list_spill_files(&dir.join(SPILL_DIR)).unwrap().is_empty());
+        assert!(spill::list_spill_files(&dir.join(SPILL_DIR)).unwrap().is_empty());
 
         let q = aigate_store::AnalyticsQuery {
             from_ms: now - 3_600_000,
@@ -1061,34 +580,5 @@ mod tests {
         assert_eq!(a.totals.requests, n, "each spilled record counted once");
         assert_eq!(p.stats.replayed.load(Ordering::Relaxed), n);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn metadata_keeps_five_scalars() {
-        let md = parse_metadata(br#"{"a":"x","b":1,"c":true,"d":{"x":1},"e":[1],"f":null,"g":2.5,"h":"y","i":"z"}"#)
-            .unwrap();
-        let keys: Vec<&str> = md.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["a", "b", "c", "g", "h"]);
-        assert!(parse_metadata(b"not json").is_none());
-        assert!(parse_metadata(b"[1,2]").is_none());
-    }
-
-    #[test]
-    fn error_messages() {
-        assert_eq!(error_message(br#"{"error":{"message":"bad key","type":"x"}}"#, 401), "bad key");
-        assert_eq!(error_message(br#"{"error":"oops"}"#, 500), "oops");
-        assert_eq!(error_message(b"", 502), "HTTP 502");
-        assert_eq!(error_message(b"plain text", 500), "plain text");
-    }
-
-    #[test]
-    fn request_model_probe() {
-        assert_eq!(usage::request_model(br#" {"model":"gpt-4o","messages":[]}"#).as_deref(), Some("gpt-4o"));
-        assert_eq!(usage::request_model(b"--multipart"), None);
-        assert_eq!(usage::request_model(br#"{"messages":[{"model":"inner"}],"model":7}"#), None);
-        assert_eq!(
-            usage::request_model(br#"{"messages":[{"model":"inner"}],"model":"outer"}"#).as_deref(),
-            Some("outer")
-        );
     }
 }

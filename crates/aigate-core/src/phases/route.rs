@@ -106,13 +106,18 @@ fn resolve<'s, 'p: 's>(settings: &'s Settings, path: &'p str) -> Result<Names<'s
 fn lookup(settings: &Settings, gateway: &str, provider: &str) -> Result<(Arc<Gateway>, Arc<Provider>), GatewayError> {
     let gw = settings.gateways.get(gateway).ok_or_else(|| GatewayError::UnknownGateway {
         gateway: gateway.to_string(),
-        known: sorted(settings.gateways.keys()),
+        known: known_gateways(settings),
     })?;
     let pr = settings.providers.get(provider).ok_or_else(|| GatewayError::UnknownProvider {
         provider: provider.to_string(),
         known: sorted(settings.providers.keys()),
     })?;
     Ok((gw.clone(), pr.clone()))
+}
+
+/// The configured gateways' names, sorted and comma-separated (for error messages).
+pub fn known_gateways(settings: &Settings) -> String {
+    sorted(settings.gateways.keys())
 }
 
 fn sorted<'a>(names: impl Iterator<Item = &'a String>) -> String {
