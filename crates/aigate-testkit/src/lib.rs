@@ -12,6 +12,7 @@
 //! - `x-mock-chunk-delay-ms: N`: wait between SSE events;
 //! - `x-mock-chunks: N`: number of content events in a stream (default 8);
 //! - `x-mock-cut-after: N`: abort a stream after N events (a truncated response);
+//! - `x-mock-split-events: true`: send each SSE event in two writes cut in its middle;
 //! - `x-mock-drop: true`: close the connection without answering.
 //!
 //! The mock counts requests, completed and cancelled streams, and can record each request for
@@ -235,6 +236,7 @@ async fn handle(
     let chunk_delay = header_u64(h, "x-mock-chunk-delay-ms").map(Duration::from_millis).unwrap_or(cfg.chunk_delay);
     let chunks = header_u64(h, "x-mock-chunks").unwrap_or(8).clamp(1, 10_000) as usize;
     let cut_after = header_u64(h, "x-mock-cut-after").map(|n| n as usize);
+    let split = h.get("x-mock-split-events").is_some_and(|v| v == "true");
     let path = parts.uri.path();
     let req: ChatRequest =
         if body.is_empty() { ChatRequest::default() } else { serde_json::from_slice(&body).unwrap_or_default() };
@@ -243,7 +245,7 @@ async fn handle(
     let resp = if path.ends_with("/chat/completions") && parts.method == Method::POST {
         if req.stream {
             let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-            sse(openai_chat_events(&model, chunks, usage), chunk_delay, cut_after, stats)
+            sse(openai_chat_events(&model, chunks, usage), chunk_delay, cut_after, split, stats)
         } else {
             json(StatusCode::OK, chat_completion(&model))
         }
@@ -260,7 +262,7 @@ async fn handle(
     } else if path.ends_with("/messages") && parts.method == Method::POST {
         let model = req.model.unwrap_or_else(|| "claude-3-5-haiku-latest".into());
         if req.stream {
-            sse(anthropic_events(&model, chunks), chunk_delay, cut_after, stats)
+            sse(anthropic_events(&model, chunks), chunk_delay, cut_after, split, stats)
         } else {
             json(StatusCode::OK, anthropic_message(&model))
         }
@@ -291,7 +293,15 @@ fn json(status: StatusCode, body: String) -> Response<MockBody> {
 }
 
 /// Streams `events` as SSE, one event per write, `delay` apart; aborts after `cut_after` events.
-fn sse(events: Vec<String>, delay: Duration, cut_after: Option<usize>, stats: Arc<MockStats>) -> Response<MockBody> {
+/// With `split`, each event goes out in two writes cut in its middle (`delay` apart too), as a
+/// network may deliver it.
+fn sse(
+    events: Vec<String>,
+    delay: Duration,
+    cut_after: Option<usize>,
+    split: bool,
+    stats: Arc<MockStats>,
+) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         for (i, ev) in events.into_iter().enumerate() {
@@ -302,9 +312,21 @@ fn sse(events: Vec<String>, delay: Duration, cut_after: Option<usize>, stats: Ar
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if tx.send(Ok(Bytes::from(ev))).await.is_err() {
-                stats.cancelled_streams.fetch_add(1, Ordering::SeqCst);
-                return;
+            let ev = Bytes::from(ev);
+            let parts = if split {
+                let mid = ev.len() / 2;
+                vec![ev.slice(..mid), ev.slice(mid..)]
+            } else {
+                vec![ev]
+            };
+            for (j, part) in parts.into_iter().enumerate() {
+                if j > 0 && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if tx.send(Ok(part)).await.is_err() {
+                    stats.cancelled_streams.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
             }
         }
         // Everything was handed to the reader; dropping `tx` ends the body.

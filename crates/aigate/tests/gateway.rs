@@ -1268,3 +1268,6 @@ mod logs;
 
 #[path = "gateway/limits.rs"]
 mod limits;
+
+#[path = "gateway/new_user.rs"]
+mod new_user;
