@@ -451,18 +451,44 @@ async fn health_and_readiness() {
 
 /// The `aigate` binary as a user runs it.
 mod cli {
-    use std::process::{Command, Stdio};
+    use std::process::{Command, Output, Stdio};
 
-    use super::common::Aigate;
+    use super::*;
 
     fn aigate() -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_aigate"));
-        c.env_remove("AIGATE_CONFIG").env_remove("PROD_GATEWAY_TOKEN").env_remove("OPENAI_API_KEY");
+        c.env_remove("AIGATE_CONFIG").current_dir(temp_dir("cli"));
         c
     }
 
-    fn example() -> String {
-        format!("{}/../../examples/aigate.toml", env!("CARGO_MANIFEST_DIR"))
+    /// A config of the tests' own (not an example's): they know what it holds and on which line.
+    const CONFIG: &str = r#"listen = "127.0.0.1:8787"
+data_dir = "./aigate-data"
+
+[providers.local-vllm]
+base_url = "http://127.0.0.1:8000/v1"
+
+[gateways.default]
+
+[gateways.prod]
+authentication = true
+tokens = ["env:AIGATE_TEST_GATEWAY_TOKEN"]
+
+[gateways.prod.provider_keys]
+openai = "env:AIGATE_TEST_OPENAI_KEY"
+"#;
+
+    /// `aigate check` on [`CONFIG`] with only the variables of `vars` set.
+    fn check(vars: &[(&str, &str)]) -> Output {
+        let path = temp_dir("cli").join("aigate.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        aigate()
+            .args(["check", "--config", path.to_str().unwrap()])
+            .env_remove("AIGATE_TEST_GATEWAY_TOKEN")
+            .env_remove("AIGATE_TEST_OPENAI_KEY")
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap()
     }
 
     #[test]
@@ -476,15 +502,12 @@ mod cli {
     }
 
     #[test]
-    fn check_prints_what_the_example_configures_without_secrets() {
-        let out = aigate()
-            .args(["check", "--config", &example()])
-            .env("PROD_GATEWAY_TOKEN", "tok-very-secret")
-            .env("OPENAI_API_KEY", "sk-very-secret")
-            .output()
-            .unwrap();
+    fn check_prints_what_the_config_sets_without_secrets() {
+        let out =
+            check(&[("AIGATE_TEST_GATEWAY_TOKEN", "tok-very-secret"), ("AIGATE_TEST_OPENAI_KEY", "sk-very-secret")]);
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
+        // Built-in providers (anthropic) are listed beside the config's own.
         for needle in
             ["listen: 127.0.0.1:8787", "prod", "default", "local-vllm", "http://127.0.0.1:8000/v1", "anthropic"]
         {
@@ -495,22 +518,53 @@ mod cli {
 
     #[test]
     fn check_names_missing_env_key_and_line() {
-        let out = aigate().args(["check", "--config", &example()]).env("OPENAI_API_KEY", "x").output().unwrap();
+        let out = check(&[("AIGATE_TEST_OPENAI_KEY", "x")]);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
+        let line = CONFIG.lines().position(|l| l.contains("env:AIGATE_TEST_GATEWAY_TOKEN")).unwrap() + 1;
         assert!(
-            err.contains("line 15") && err.contains("gateways.prod.tokens[0]") && err.contains("PROD_GATEWAY_TOKEN"),
+            err.contains(&format!("line {line}:"))
+                && err.contains("gateways.prod.tokens[0]")
+                && err.contains("AIGATE_TEST_GATEWAY_TOKEN"),
             "{err}"
         );
+    }
+
+    /// Every example config validates, given the environment variables it names (`env:NAME`).
+    #[test]
+    fn the_examples_validate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let vars: Vec<&str> = text
+                .split("env:")
+                .skip(1)
+                .filter_map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next())
+                .filter(|name| !name.is_empty())
+                .collect();
+            let out = aigate()
+                .args(["check", "--config", path.to_str().unwrap()])
+                .envs(vars.iter().map(|v| (v, "set-by-the-test")))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        for name in ["aigate.toml", "quickstart.toml"] {
+            assert!(checked.iter().any(|c| c == name), "{name} not found in {}", dir.display());
+        }
     }
 
     #[test]
     fn log_format_json_writes_json_lines() {
         use std::io::BufRead;
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut child = aigate()
-            .args(["--log-format", "json", "serve", "--listen", &format!("127.0.0.1:{port}")])
-            .current_dir(std::env::temp_dir())
+            .args(["--log-format", "json", "serve", "--listen", &format!("127.0.0.1:{}", free_port())])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
