@@ -1,7 +1,8 @@
 //! What every end-to-end test uses: a mock upstream and a gateway on port 0 ([`Env`]), `aigate`
 //! and `redis-server` processes of a test's own, one way to send a request ([`post`]), the admin
 //! API and `/metrics`, and [`wait_until`] for what happens after a response (a cache write, a log
-//! record, a settlement, a webhook): tests wait for the thing itself, never for a fixed time.
+//! record, a settlement, a webhook): tests wait for the thing itself, not for a fixed time (a sleep
+//! is left only where time itself must pass and no clock can be moved).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
