@@ -1,101 +1,18 @@
 //! End-to-end tests of the request path through real sockets: a mock upstream and the gateway,
-//! both on port 0, so tests run in parallel.
+//! both on port 0, so tests run in parallel. The helpers they share are in `gateway/common.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "gateway/common.rs"]
+mod common;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use aigate_core::{ServerHandle, Settings};
 use aigate_testkit::{MockConfig, MockUpstream};
+use common::*;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Env {
-    mock: MockUpstream,
-    gw: ServerHandle,
-    http: reqwest::Client,
-}
-
-impl Env {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.gw.addr, path)
-    }
-}
-
-/// Starts a mock and a gateway whose `openai`, `anthropic` and `local` providers point at the mock.
-/// `extra` is appended to the TOML.
-async fn env_with(extra: &str, mock_cfg: MockConfig) -> Env {
-    let mock = MockUpstream::start(mock_cfg).await.unwrap();
-    let data_dir = temp_dir("data");
-    let toml = format!(
-        r#"
-listen = "127.0.0.1:0"
-shutdown_grace = "5s"
-data_dir = "{data_dir}"
-{extra}
-[providers.openai]
-base_url = "{m}/v1"
-[providers.anthropic]
-base_url = "{m}"
-[providers.local]
-base_url = "{m}/v1"
-"#,
-        m = mock.url(),
-        data_dir = data_dir.display()
-    );
-    let toml = if toml.contains("[gateways.default]") { toml } else { format!("{toml}\n[gateways.default]\n") };
-    let settings = Settings::from_toml_with(&toml, &|name| match name {
-        "GW_TOKEN" => Some("gw-secret-token".into()),
-        "STORED_KEY" => Some("sk-stored-key-123".into()),
-        _ => None,
-    })
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = aigate_core::start_on(settings, listener).unwrap();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    Env { mock, gw, http }
-}
-
-/// A fresh directory under the system temp dir.
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    use std::sync::atomic::AtomicUsize;
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "aigate-test-{}-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-async fn env() -> Env {
-    env_with("", MockConfig::default()).await
-}
-
-const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-
-fn assert_log_id(resp: &reqwest::Response) {
-    let id = resp.headers().get("cf-aig-log-id").expect("cf-aig-log-id").to_str().unwrap();
-    let u = uuid_parse(id);
-    assert_eq!(u, 7, "log id {id} is not a UUIDv7");
-}
-
-/// Returns the UUID version nibble of a hyphenated lowercase UUID.
-fn uuid_parse(s: &str) -> u32 {
-    assert_eq!(s.len(), 36, "{s}");
-    assert_eq!(s, s.to_lowercase());
-    s[14..15].chars().next().unwrap().to_digit(16).unwrap()
-}
-
-async fn error_body(resp: reqwest::Response) -> serde_json::Value {
-    let v: serde_json::Value = resp.json().await.unwrap();
-    let e = &v["error"];
-    assert!(e["message"].is_string() && e["type"].is_string() && e["code"].is_string(), "not OpenAI error shape: {v}");
-    v
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_url_forms_reach_the_same_gateway() {
@@ -103,15 +20,7 @@ async fn three_url_forms_reach_the_same_gateway() {
     for path in
         ["/v1/acct123/default/openai/chat/completions", "/default/openai/chat/completions", "/v1/chat/completions"]
     {
-        let resp = env
-            .http
-            .post(env.url(path))
-            .header("content-type", "application/json")
-            .header("authorization", "Bearer sk-client")
-            .body(CHAT)
-            .send()
-            .await
-            .unwrap();
+        let resp = post(&env, path, CHAT, &[("authorization", "Bearer sk-client")]).await;
         assert_eq!(resp.status(), 200, "{path}");
         assert_log_id(&resp);
         let v: serde_json::Value = resp.json().await.unwrap();
@@ -127,14 +36,14 @@ async fn three_url_forms_reach_the_same_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_gateway_404_unknown_provider_400() {
     let env = env_with("[gateways.default]\n[gateways.prod]\n", MockConfig::default()).await;
-    let resp = env.http.post(env.url("/v1/acct/nope/openai/chat/completions")).body(CHAT).send().await.unwrap();
+    let resp = post(&env, "/v1/acct/nope/openai/chat/completions", CHAT, &[]).await;
     assert_eq!(resp.status(), 404);
     assert_log_id(&resp);
     let v = error_body(resp).await;
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("\"nope\"") && msg.contains("default, prod"), "{msg}");
 
-    let resp = env.http.post(env.url("/prod/nosuch/chat/completions")).body(CHAT).send().await.unwrap();
+    let resp = post(&env, "/prod/nosuch/chat/completions", CHAT, &[]).await;
     assert_eq!(resp.status(), 400);
     let v = error_body(resp).await;
     let msg = v["error"]["message"].as_str().unwrap();
@@ -149,14 +58,11 @@ async fn authenticated_gateway_and_stored_key() {
         MockConfig::default(),
     )
     .await;
-    let url = env.url("/v1/acct/prod/openai/chat/completions");
+    let path = "/v1/acct/prod/openai/chat/completions";
     // No token, wrong token, wrong scheme: 401, and nothing reaches the upstream.
     for token in [None, Some("Bearer wrong"), Some("gw-secret-token"), Some("Bearer gw-secret-toke")] {
-        let mut rb = env.http.post(&url).body(CHAT);
-        if let Some(t) = token {
-            rb = rb.header("cf-aig-authorization", t);
-        }
-        let resp = rb.send().await.unwrap();
+        let headers: Vec<_> = token.map(|t| ("cf-aig-authorization", t)).into_iter().collect();
+        let resp = post(&env, path, CHAT, &headers).await;
         assert_eq!(resp.status(), 401, "{token:?}");
         let v = error_body(resp).await;
         assert_eq!(v["error"]["type"], "authentication_error");
@@ -164,47 +70,45 @@ async fn authenticated_gateway_and_stored_key() {
     }
     assert_eq!(env.mock.requests(), 0);
     // Right token, no client credential: the stored key is injected.
-    let resp =
-        env.http.post(&url).header("cf-aig-authorization", "Bearer gw-secret-token").body(CHAT).send().await.unwrap();
+    let resp = post(&env, path, CHAT, &[("cf-aig-authorization", "Bearer gw-secret-token")]).await;
     assert_eq!(resp.status(), 200);
     let last = env.mock.last_request().unwrap();
     assert_eq!(last.headers["authorization"], "Bearer sk-stored-key-123");
     assert!(last.headers.get("cf-aig-authorization").is_none(), "gateway token leaked upstream");
     // A client credential is replaced by the stored key.
-    let resp = env
-        .http
-        .post(&url)
-        .header("cf-aig-authorization", "Bearer gw-secret-token")
-        .header("authorization", "Bearer sk-client-own")
-        .body(CHAT)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &env,
+        path,
+        CHAT,
+        &[("cf-aig-authorization", "Bearer gw-secret-token"), ("authorization", "Bearer sk-client-own")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(env.mock.last_request().unwrap().headers["authorization"], "Bearer sk-stored-key-123");
     // The unauthenticated default gateway stays open.
-    let resp = env.http.post(env.url("/default/openai/chat/completions")).body(CHAT).send().await.unwrap();
+    let resp = post(&env, "/default/openai/chat/completions", CHAT, &[]).await;
     assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_query_and_events_pass_through() {
     let env = env().await;
-    let resp = env
-        .http
-        .post(env.url("/default/local/some/endpoint?a=1&b=two%20words&c"))
-        .header("content-type", "application/json")
-        .header("x-custom-header", "kept")
-        .header("openai-organization", "org-1")
-        .header("cf-aig-event-id", "evt-42")
-        .header("cf-aig-metadata", r#"{"user":"u1"}"#)
-        .header("cf-skip-cache", "true")
-        .header("connection", "keep-alive, x-hop-header")
-        .header("x-hop-header", "should-go")
-        .body(r#"{"echo":true}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &env,
+        "/default/local/some/endpoint?a=1&b=two%20words&c",
+        r#"{"echo":true}"#,
+        &[
+            ("content-type", "application/json"),
+            ("x-custom-header", "kept"),
+            ("openai-organization", "org-1"),
+            ("cf-aig-event-id", "evt-42"),
+            ("cf-aig-metadata", r#"{"user":"u1"}"#),
+            ("cf-skip-cache", "true"),
+            ("connection", "keep-alive, x-hop-header"),
+            ("x-hop-header", "should-go"),
+        ],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["cf-aig-event-id"], "evt-42");
     assert_eq!(resp.headers()["x-mock-path"], "/v1/some/endpoint?a=1&b=two%20words&c");
@@ -227,14 +131,7 @@ async fn headers_query_and_events_pass_through() {
 async fn binary_multipart_and_get_bodies() {
     let env = env().await;
     let bin: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let resp = env
-        .http
-        .post(env.url("/v1/audio/transcriptions-raw"))
-        .header("content-type", "application/octet-stream")
-        .body(bin.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/audio/transcriptions-raw", &bin, &[("content-type", "application/octet-stream")]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &bin[..]);
 
@@ -244,14 +141,7 @@ async fn binary_multipart_and_get_bodies() {
     mp.extend_from_slice(&bin[..5000]);
     mp.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     let ct = format!("multipart/form-data; boundary={boundary}");
-    let resp = env
-        .http
-        .post(env.url("/v1/audio/transcriptions"))
-        .header("content-type", &ct)
-        .body(mp.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/audio/transcriptions", &mp, &[("content-type", &ct)]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], ct.as_str());
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &mp[..]);
@@ -268,15 +158,13 @@ async fn binary_multipart_and_get_bodies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_messages_and_embeddings() {
     let env = env().await;
-    let resp = env
-        .http
-        .post(env.url("/v1/a/default/anthropic/v1/messages"))
-        .header("x-api-key", "sk-ant-client")
-        .header("anthropic-version", "2023-06-01")
-        .body(r#"{"model":"claude-3-5-haiku-latest","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &env,
+        "/v1/a/default/anthropic/v1/messages",
+        r#"{"model":"claude-3-5-haiku-latest","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+        &[("x-api-key", "sk-ant-client"), ("anthropic-version", "2023-06-01")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["type"], "message");
@@ -285,13 +173,7 @@ async fn anthropic_messages_and_embeddings() {
     assert_eq!(last.headers["x-api-key"], "sk-ant-client");
     assert_eq!(last.headers["anthropic-version"], "2023-06-01");
 
-    let resp = env
-        .http
-        .post(env.url("/v1/embeddings"))
-        .body(r#"{"model":"text-embedding-3-small","input":["a","b"]}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/embeddings", r#"{"model":"text-embedding-3-small","input":["a","b"]}"#, &[]).await;
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
 }
@@ -300,7 +182,7 @@ async fn anthropic_messages_and_embeddings() {
 async fn body_limit_413() {
     let env = env_with("max_request_body = \"1KB\"\n", MockConfig::default()).await;
     let big = vec![b'x'; 2000];
-    let resp = env.http.post(env.url("/v1/chat/completions")).body(big.clone()).send().await.unwrap();
+    let resp = post(&env, "/v1/chat/completions", &big, &[]).await;
     assert_eq!(resp.status(), 413);
     error_body(resp).await;
     // Chunked (no content-length): caught while reading.
@@ -312,24 +194,20 @@ async fn body_limit_413() {
     assert_eq!(resp.status(), 413);
     assert_eq!(env.mock.requests(), 0);
     // At the limit passes.
-    let resp = env.http.post(env.url("/v1/chat/completions")).body(vec![b' '; 1000]).send().await.unwrap();
+    let resp = post(&env, "/v1/chat/completions", [b' '; 1000], &[]).await;
     assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream_502_without_key() {
     // A port that was free a moment ago: nothing listens there.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let env = env_with(
         &format!("[providers.dead]\nbase_url = \"http://127.0.0.1:{port}/v1\"\n[gateways.default]\n[gateways.default.provider_keys]\ndead = \"env:STORED_KEY\"\n"),
         MockConfig::default(),
     )
     .await;
-    let resp =
-        env.http.post(env.url("/default/dead/chat/completions?key=sk-in-query")).body(CHAT).send().await.unwrap();
+    let resp = post(&env, "/default/dead/chat/completions?key=sk-in-query", CHAT, &[]).await;
     assert_eq!(resp.status(), 502);
     assert_log_id(&resp);
     let v = error_body(resp).await;
@@ -347,50 +225,28 @@ async fn first_byte_timeout_504() {
         env_with("[gateways.default]\n[gateways.slow]\nrequest_timeout = \"150ms\"\n", MockConfig::default()).await;
     // Per request header.
     let t0 = Instant::now();
-    let resp = env
-        .http
-        .post(env.url("/v1/chat/completions"))
-        .header("cf-aig-request-timeout", "100")
-        .header("x-mock-latency-ms", "2000")
-        .body(CHAT)
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        post(&env, "/v1/chat/completions", CHAT, &[("cf-aig-request-timeout", "100"), ("x-mock-latency-ms", "2000")])
+            .await;
     assert_eq!(resp.status(), 504);
     assert!(t0.elapsed() < Duration::from_millis(1500));
     let v = error_body(resp).await;
     assert!(v["error"]["message"].as_str().unwrap().contains("100 ms"));
     // Per gateway default.
-    let resp = env
-        .http
-        .post(env.url("/slow/openai/chat/completions"))
-        .header("x-mock-latency-ms", "2000")
-        .body(CHAT)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/slow/openai/chat/completions", CHAT, &[("x-mock-latency-ms", "2000")]).await;
     assert_eq!(resp.status(), 504);
     // Timeout covers first byte only: a slow stream that started in time completes.
-    let resp = env
-        .http
-        .post(env.url("/slow/openai/chat/completions"))
-        .header("x-mock-chunk-delay-ms", "60")
-        .header("x-mock-chunks", "5")
-        .body(r#"{"model":"m","stream":true}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &env,
+        "/slow/openai/chat/completions",
+        r#"{"model":"m","stream":true}"#,
+        &[("x-mock-chunk-delay-ms", "60"), ("x-mock-chunks", "5")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
     // Invalid header: 400 naming it.
-    let resp = env
-        .http
-        .post(env.url("/v1/chat/completions"))
-        .header("cf-aig-request-timeout", "soon")
-        .body(CHAT)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/chat/completions", CHAT, &[("cf-aig-request-timeout", "soon")]).await;
     assert_eq!(resp.status(), 400);
     let v = error_body(resp).await;
     assert!(v["error"]["message"].as_str().unwrap().contains("cf-aig-request-timeout"));
@@ -399,8 +255,7 @@ async fn first_byte_timeout_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_pass_through_unchanged() {
     let env = env().await;
-    let resp =
-        env.http.post(env.url("/v1/chat/completions")).header("x-mock-status", "429").body(CHAT).send().await.unwrap();
+    let resp = post(&env, "/v1/chat/completions", CHAT, &[("x-mock-status", "429")]).await;
     assert_eq!(resp.status(), 429);
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["message"], "mock failure with status 429");
@@ -409,14 +264,8 @@ async fn upstream_errors_pass_through_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_first_chunk_arrives_before_upstream_finishes() {
     let env = env_with("", MockConfig { chunk_delay: Duration::from_millis(150), ..Default::default() }).await;
-    let resp = env
-        .http
-        .post(env.url("/v1/chat/completions"))
-        .header("x-mock-chunks", "6")
-        .body(r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#)
-        .send()
-        .await
-        .unwrap();
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#;
+    let resp = post(&env, "/v1/chat/completions", body, &[("x-mock-chunks", "6")]).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let mut stream = resp.bytes_stream();
@@ -439,22 +288,14 @@ async fn stream_first_chunk_arrives_before_upstream_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_upstream() {
     let env = env_with("", MockConfig { chunk_delay: Duration::from_millis(30), ..Default::default() }).await;
-    let resp = env
-        .http
-        .post(env.url("/v1/chat/completions"))
-        .header("x-mock-chunks", "200")
-        .body(r#"{"model":"m","stream":true}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/chat/completions", r#"{"model":"m","stream":true}"#, &[("x-mock-chunks", "200")]).await;
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while env.mock.stats.cancelled_streams.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "upstream stream was not cancelled after the client left");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the upstream stream to be cancelled after the client left", async || {
+        env.mock.stats.cancelled_streams.load(Ordering::SeqCst) > 0
+    })
+    .await;
     assert_eq!(env.mock.stats.completed_streams.load(Ordering::SeqCst), 0);
 }
 
@@ -463,25 +304,13 @@ async fn upstream_connections_are_reused() {
     let env = env().await;
     // One after the other: plain JSON, a stream, a bodiless GET, an upstream error, an empty body.
     for _ in 0..3 {
-        let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-        let r =
-            env.http.post(env.url("/v1/chat/completions")).body(r#"{"model":"m","stream":true}"#).send().await.unwrap();
+        assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[]).await, 200);
+        let r = post(&env, "/v1/chat/completions", r#"{"model":"m","stream":true}"#, &[]).await;
         assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
         let r = env.http.get(env.url("/v1/models")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
-        let r = env
-            .http
-            .post(env.url("/v1/chat/completions"))
-            .header("x-mock-status", "429")
-            .body(CHAT)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 429);
-        r.bytes().await.unwrap();
+        assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[("x-mock-status", "429")]).await, 429);
     }
     assert_eq!(env.mock.requests(), 12);
     assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), 1, "one kept-alive upstream connection");
@@ -489,16 +318,7 @@ async fn upstream_connections_are_reused() {
     // Concurrent requests open connections side by side; they are all reused afterwards.
     let burst = || {
         futures_util::future::join_all((0..8).map(|_| async {
-            let r = env
-                .http
-                .post(env.url("/v1/chat/completions"))
-                .header("x-mock-latency-ms", "50")
-                .body(CHAT)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.bytes().await.unwrap();
+            assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[("x-mock-latency-ms", "50")]).await, 200);
         }))
     };
     burst().await;
@@ -511,14 +331,11 @@ async fn upstream_connections_are_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_expire() {
     let env = env_with("[upstream]\npool_idle_timeout = \"300ms\"\n", MockConfig::default()).await;
-    let send = || async {
-        let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-    };
+    let send = || async { assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[]).await, 200) };
     send().await;
     send().await;
     assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), 1);
+    // Time must pass: the pool's idle clock is the system's.
     tokio::time::sleep(Duration::from_millis(600)).await;
     send().await;
     assert_eq!(env.mock.stats.connections.load(Ordering::SeqCst), 2, "an expired connection is not reused");
@@ -571,14 +388,7 @@ async fn an_idle_upstream_connection_closed_by_the_server_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_upstream_stream_is_not_completed_to_client() {
     let env = env().await;
-    let resp = env
-        .http
-        .post(env.url("/v1/chat/completions"))
-        .header("x-mock-cut-after", "3")
-        .body(r#"{"model":"m","stream":true}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/chat/completions", r#"{"model":"m","stream":true}"#, &[("x-mock-cut-after", "3")]).await;
     assert_eq!(resp.status(), 200);
     // The client sees an error, not a clean end, so it cannot mistake a cut stream for a whole one.
     let mut stream = resp.bytes_stream();
@@ -595,14 +405,7 @@ async fn truncated_upstream_stream_is_not_completed_to_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_live_stream() {
     let env = env_with("", MockConfig { chunk_delay: Duration::from_millis(100), ..Default::default() }).await;
-    let resp = env
-        .http
-        .post(env.url("/v1/chat/completions"))
-        .header("x-mock-chunks", "8")
-        .body(r#"{"model":"m","stream":true}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&env, "/v1/chat/completions", r#"{"model":"m","stream":true}"#, &[("x-mock-chunks", "8")]).await;
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     let ready = env.http.get(env.url("/readyz")).send().await.unwrap();
@@ -610,8 +413,10 @@ async fn graceful_shutdown_drains_live_stream() {
     let addr = env.gw.addr;
     env.gw.shutdown();
     // New connections are refused once the listener is closed.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    wait_until("the gateway to stop accepting connections after shutdown", async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     // The live stream runs to its end.
     let mut rest = Vec::new();
     while let Some(c) = stream.next().await {
@@ -646,17 +451,44 @@ async fn health_and_readiness() {
 
 /// The `aigate` binary as a user runs it.
 mod cli {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::process::{Command, Output, Stdio};
+
+    use super::*;
 
     fn aigate() -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_aigate"));
-        c.env_remove("AIGATE_CONFIG").env_remove("PROD_GATEWAY_TOKEN").env_remove("OPENAI_API_KEY");
+        c.env_remove("AIGATE_CONFIG").current_dir(temp_dir("cli"));
         c
     }
 
-    fn example() -> String {
-        format!("{}/../../examples/aigate.toml", env!("CARGO_MANIFEST_DIR"))
+    /// A config of the tests' own (not an example's): they know what it holds and on which line.
+    const CONFIG: &str = r#"listen = "127.0.0.1:8787"
+data_dir = "./aigate-data"
+
+[providers.local-vllm]
+base_url = "http://127.0.0.1:8000/v1"
+
+[gateways.default]
+
+[gateways.prod]
+authentication = true
+tokens = ["env:AIGATE_TEST_GATEWAY_TOKEN"]
+
+[gateways.prod.provider_keys]
+openai = "env:AIGATE_TEST_OPENAI_KEY"
+"#;
+
+    /// `aigate check` on [`CONFIG`] with only the variables of `vars` set.
+    fn check(vars: &[(&str, &str)]) -> Output {
+        let path = temp_dir("cli").join("aigate.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        aigate()
+            .args(["check", "--config", path.to_str().unwrap()])
+            .env_remove("AIGATE_TEST_GATEWAY_TOKEN")
+            .env_remove("AIGATE_TEST_OPENAI_KEY")
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap()
     }
 
     #[test]
@@ -670,15 +502,12 @@ mod cli {
     }
 
     #[test]
-    fn check_prints_what_the_example_configures_without_secrets() {
-        let out = aigate()
-            .args(["check", "--config", &example()])
-            .env("PROD_GATEWAY_TOKEN", "tok-very-secret")
-            .env("OPENAI_API_KEY", "sk-very-secret")
-            .output()
-            .unwrap();
+    fn check_prints_what_the_config_sets_without_secrets() {
+        let out =
+            check(&[("AIGATE_TEST_GATEWAY_TOKEN", "tok-very-secret"), ("AIGATE_TEST_OPENAI_KEY", "sk-very-secret")]);
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
+        // Built-in providers (anthropic) are listed beside the config's own.
         for needle in
             ["listen: 127.0.0.1:8787", "prod", "default", "local-vllm", "http://127.0.0.1:8000/v1", "anthropic"]
         {
@@ -689,22 +518,53 @@ mod cli {
 
     #[test]
     fn check_names_missing_env_key_and_line() {
-        let out = aigate().args(["check", "--config", &example()]).env("OPENAI_API_KEY", "x").output().unwrap();
+        let out = check(&[("AIGATE_TEST_OPENAI_KEY", "x")]);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
+        let line = CONFIG.lines().position(|l| l.contains("env:AIGATE_TEST_GATEWAY_TOKEN")).unwrap() + 1;
         assert!(
-            err.contains("line 15") && err.contains("gateways.prod.tokens[0]") && err.contains("PROD_GATEWAY_TOKEN"),
+            err.contains(&format!("line {line}:"))
+                && err.contains("gateways.prod.tokens[0]")
+                && err.contains("AIGATE_TEST_GATEWAY_TOKEN"),
             "{err}"
         );
+    }
+
+    /// Every example config validates, given the environment variables it names (`env:NAME`).
+    #[test]
+    fn the_examples_validate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let vars: Vec<&str> = text
+                .split("env:")
+                .skip(1)
+                .filter_map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next())
+                .filter(|name| !name.is_empty())
+                .collect();
+            let out = aigate()
+                .args(["check", "--config", path.to_str().unwrap()])
+                .envs(vars.iter().map(|v| (v, "set-by-the-test")))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        for name in ["aigate.toml", "quickstart.toml"] {
+            assert!(checked.iter().any(|c| c == name), "{name} not found in {}", dir.display());
+        }
     }
 
     #[test]
     fn log_format_json_writes_json_lines() {
         use std::io::BufRead;
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut child = aigate()
-            .args(["--log-format", "json", "serve", "--listen", &format!("127.0.0.1:{port}")])
-            .current_dir(std::env::temp_dir())
+            .args(["--log-format", "json", "serve", "--listen", &format!("127.0.0.1:{}", free_port())])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -718,32 +578,12 @@ mod cli {
         assert!(v["fields"]["message"].as_str().unwrap_or("").contains("listening"), "{line}");
     }
 
-    #[test]
-    fn serve_stops_cleanly_on_sigterm() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut child = aigate()
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-        assert!(st.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "exit status {status}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serve_stops_cleanly_on_sigterm() {
+        let mut server = Aigate::serve(&[], "[gateways.default]\n").await;
+        server.signal("TERM");
+        let status = server.exit_status().await;
+        assert!(status.success(), "exit status {status}");
     }
 }
 
@@ -753,47 +593,40 @@ mod cache {
 
     const CACHED: &str = "[gateways.default]\n[gateways.default.cache]\nenabled = true\n";
 
-    async fn post(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut rb = env.http.post(env.url(path)).header("content-type", "application/json").body(body.to_string());
-        for (k, v) in headers {
-            rb = rb.header(*k, *v);
-        }
-        rb.send().await.unwrap()
-    }
-
-    fn status(r: &reqwest::Response) -> (String, String) {
+    /// The response's `cf-aig-cache-status` and `aigate-cache` headers.
+    fn cache_status(r: &reqwest::Response) -> (String, String) {
         let g = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
         (g("cf-aig-cache-status"), g("aigate-cache"))
     }
 
+    /// A request that must miss; returns its body once the cache has written it (no other write
+    /// may be pending).
+    async fn cache_miss(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> bytes::Bytes {
+        let writes = cache_writes(env);
+        let r = post(env, path, body, headers).await;
+        assert_eq!(cache_status(&r).0, "MISS", "{path} {body}");
+        let answer = r.bytes().await.unwrap();
+        cache_written(env, writes + 1).await;
+        answer
+    }
+
     fn unique_chat() -> String {
-        format!(
-            r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"unique {}"}}]}}"#,
-            temp_dir("k").file_name().unwrap().to_string_lossy()
-        )
+        format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"unique {}"}}]}}"#, unique_name("k"))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn identical_requests_hit_with_identical_body() {
         let env = env_with(CACHED, MockConfig::default()).await;
         let a = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-1")]).await;
-        assert_eq!(status(&a), ("MISS".into(), "MISS".into()));
+        assert_eq!(cache_status(&a), ("MISS".into(), "MISS".into()));
         let key = a.headers()["aigate-cache-key"].to_str().unwrap().to_string();
         let body_a = a.bytes().await.unwrap();
+        cache_written(&env, 1).await;
         // Key order and whitespace do not matter.
         let reordered =
             "{ \"messages\": [ {\"content\": \"hi\", \"role\": \"user\"} ],\n  \"model\": \"gpt-4o-mini\" }";
-        let mut b = None;
-        for _ in 0..50 {
-            let r = post(&env, "/v1/chat/completions", reordered, &[("authorization", "Bearer sk-1")]).await;
-            if status(&r).0 == "HIT" {
-                b = Some(r);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let b = b.expect("second request never hit");
-        assert_eq!(status(&b), ("HIT".into(), "HIT".into()));
+        let b = post(&env, "/v1/chat/completions", reordered, &[("authorization", "Bearer sk-1")]).await;
+        assert_eq!(cache_status(&b), ("HIT".into(), "HIT".into()));
         assert_eq!(b.headers()["aigate-cache-key"].to_str().unwrap(), key);
         assert!(b.headers().get("age").is_some());
         assert_eq!(b.headers()["content-type"], "application/json");
@@ -809,25 +642,24 @@ mod cache {
             &[("authorization", "Bearer sk-1"), ("cf-aig-metadata", r#"{"user":"u9"}"#), ("cf-aig-event-id", "e1")],
         )
         .await;
-        assert_eq!(status(&m).0, "HIT");
+        assert_eq!(cache_status(&m).0, "HIT");
         assert_eq!(env.mock.requests(), 1);
         // A different credential misses.
         let c = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-2")]).await;
-        assert_eq!(status(&c).0, "MISS");
+        assert_eq!(cache_status(&c).0, "MISS");
         assert_eq!(env.mock.requests(), 2);
         // A different body misses.
         let d =
             post(&env, "/v1/chat/completions", &CHAT.replace("hi", "hi!"), &[("authorization", "Bearer sk-1")]).await;
-        assert_eq!(status(&d).0, "MISS");
+        assert_eq!(cache_status(&d).0, "MISS");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gateway_scope_shares_across_credentials() {
         let env = env_with(&format!("{CACHED}scope = \"gateway\"\n"), MockConfig::default()).await;
-        post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-1")]).await.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache_miss(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-1")]).await;
         let r = post(&env, "/v1/chat/completions", CHAT, &[("authorization", "Bearer sk-2")]).await;
-        assert_eq!(status(&r).0, "HIT");
+        assert_eq!(cache_status(&r).0, "HIT");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -836,11 +668,13 @@ mod cache {
         // skip-cache: neither read nor write.
         for h in ["cf-aig-skip-cache", "cf-skip-cache"] {
             let r = post(&env, "/v1/chat/completions", CHAT, &[(h, "true")]).await;
-            assert_eq!(status(&r), ("MISS".into(), "BYPASS".into()));
+            assert_eq!(cache_status(&r), ("MISS".into(), "BYPASS".into()));
+            r.bytes().await.unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
-        assert_eq!(status(&r).0, "MISS", "a skipped request must not have written");
+        // The writer stores entries in order: once this request's answer is written, a skipped
+        // request's would have been too.
+        cache_miss(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(cache_writes(&env), 1, "a skipped request wrote to the cache");
         // Invalid values: 400 naming the header.
         for (h, v) in [("cf-aig-skip-cache", "maybe"), ("cf-aig-cache-ttl", "5"), ("cf-cache-ttl", "x")] {
             let r = post(&env, "/v1/chat/completions", CHAT, &[(h, v)]).await;
@@ -850,98 +684,81 @@ mod cache {
         }
         // A gateway with the cache off says OFF, not MISS only.
         let r = post(&env, "/nocache/openai/chat/completions", CHAT, &[]).await;
-        assert_eq!(status(&r), ("MISS".into(), "OFF".into()));
+        assert_eq!(cache_status(&r), ("MISS".into(), "OFF".into()));
         // ... but cf-aig-cache-key caches there anyway (5 minutes).
         let before = env.mock.requests();
-        let r = post(&env, "/nocache/openai/chat/completions", CHAT, &[("cf-aig-cache-key", "my-key")]).await;
-        assert_eq!(status(&r).0, "MISS");
-        r.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache_miss(&env, "/nocache/openai/chat/completions", CHAT, &[("cf-aig-cache-key", "my-key")]).await;
         let other_body = CHAT.replace("hi", "something else");
         let r = post(&env, "/nocache/openai/chat/completions", &other_body, &[("cf-aig-cache-key", "my-key")]).await;
-        assert_eq!(status(&r).0, "HIT", "custom key replaces the computed key");
+        assert_eq!(cache_status(&r).0, "HIT", "custom key replaces the computed key");
         assert_eq!(env.mock.requests(), before + 1);
         // Expiry: 5 minutes for a custom key; the gateway clock moves past it.
         env.gw.state.clock.advance(Duration::from_secs(301));
         let r = post(&env, "/nocache/openai/chat/completions", CHAT, &[("cf-aig-cache-key", "my-key")]).await;
-        assert_eq!(status(&r).0, "MISS");
+        assert_eq!(cache_status(&r).0, "MISS");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ttl_header_and_default_ttl_expire() {
         let env = env_with(CACHED, MockConfig::default()).await;
         let body = unique_chat();
-        post(&env, "/v1/chat/completions", &body, &[("cf-aig-cache-ttl", "120")]).await.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache_miss(&env, "/v1/chat/completions", &body, &[("cf-aig-cache-ttl", "120")]).await;
         env.gw.state.clock.advance(Duration::from_secs(100));
-        assert_eq!(status(&post(&env, "/v1/chat/completions", &body, &[]).await).0, "HIT");
+        assert_eq!(cache_status(&post(&env, "/v1/chat/completions", &body, &[]).await).0, "HIT");
         env.gw.state.clock.advance(Duration::from_secs(30));
-        assert_eq!(status(&post(&env, "/v1/chat/completions", &body, &[]).await).0, "MISS", "expired after 120 s");
+        // Expired after 120 s: a miss (written again).
+        cache_miss(&env, "/v1/chat/completions", &body, &[]).await;
         // Default TTL 1h.
         let body2 = unique_chat();
-        post(&env, "/v1/chat/completions", &body2, &[]).await.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache_miss(&env, "/v1/chat/completions", &body2, &[]).await;
         env.gw.state.clock.advance(Duration::from_secs(3500));
-        assert_eq!(status(&post(&env, "/v1/chat/completions", &body2, &[]).await).0, "HIT");
+        assert_eq!(cache_status(&post(&env, "/v1/chat/completions", &body2, &[]).await).0, "HIT");
         env.gw.state.clock.advance(Duration::from_secs(200));
-        assert_eq!(status(&post(&env, "/v1/chat/completions", &body2, &[]).await).0, "MISS");
+        assert_eq!(cache_status(&post(&env, "/v1/chat/completions", &body2, &[]).await).0, "MISS");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn errors_and_cut_streams_are_not_cached() {
         let env = env_with(CACHED, MockConfig::default()).await;
         for _ in 0..2 {
-            let r = post(&env, "/v1/chat/completions", CHAT, &[("x-mock-status", "500")]).await;
-            assert_eq!(r.status(), 500);
-            r.bytes().await.unwrap();
+            assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[("x-mock-status", "500")]).await, 500);
         }
         assert_eq!(env.mock.requests(), 2);
         let stream_body = r#"{"model":"m","stream":true,"messages":[]}"#;
         for _ in 0..2 {
             let r = post(&env, "/v1/chat/completions", stream_body, &[("x-mock-cut-after", "3")]).await;
-            assert_eq!(status(&r).0, "MISS");
+            assert_eq!(cache_status(&r).0, "MISS");
             let _ = r.bytes().await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
         }
         assert_eq!(env.mock.requests(), 4);
         // Non-cacheable endpoints bypass.
         let r = post(&env, "/v1/images/generations", "{}", &[]).await;
-        assert_eq!(status(&r), ("MISS".into(), "BYPASS".into()));
+        assert_eq!(cache_status(&r), ("MISS".into(), "BYPASS".into()));
+        r.bytes().await.unwrap();
+        // The writer stores entries in order: once a clean answer is written, an error's or a cut
+        // stream's would have been too.
+        cache_miss(&env, "/v1/chat/completions", stream_body, &[]).await;
+        assert_eq!(cache_writes(&env), 1, "an error or a cut stream was written to the cache");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_identical_requests_make_one_upstream_call() {
         let env = env_with(CACHED, MockConfig { latency: Duration::from_millis(300), ..Default::default() }).await;
         let body = unique_chat();
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (http, url, body) = (env.http.clone(), env.url("/v1/chat/completions"), body.clone());
-            tasks.push(tokio::spawn(async move {
-                let r = http.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
-                assert_eq!(r.status(), 200);
-                r.bytes().await.unwrap()
-            }));
-        }
-        let mut bodies = Vec::new();
-        for t in tasks {
-            bodies.push(t.await.unwrap());
-        }
+        let bodies = futures_util::future::join_all((0..50).map(|_| async {
+            let r = post(&env, "/v1/chat/completions", &body, &[]).await;
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap()
+        }))
+        .await;
         assert!(bodies.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(env.mock.requests(), 1, "coalescing failed");
         // Streaming followers get the live stream from the first event.
         let sbody = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"coalesce me"}]}"#;
-        let mut tasks = Vec::new();
-        for _ in 0..10 {
-            let (http, url) = (env.http.clone(), env.url("/v1/chat/completions"));
-            tasks.push(tokio::spawn(async move {
-                let r = http.post(url).header("x-mock-chunk-delay-ms", "30").body(sbody).send().await.unwrap();
-                r.bytes().await.unwrap()
-            }));
-        }
-        let mut sb = Vec::new();
-        for t in tasks {
-            sb.push(t.await.unwrap());
-        }
+        let sb = futures_util::future::join_all((0..10).map(|_| async {
+            post(&env, "/v1/chat/completions", sbody, &[("x-mock-chunk-delay-ms", "30")]).await.bytes().await.unwrap()
+        }))
+        .await;
         assert!(sb.windows(2).all(|w| w[0] == w[1]));
         assert!(String::from_utf8_lossy(&sb[0]).ends_with("data: [DONE]\n\n"));
         assert_eq!(env.mock.requests(), 2);
@@ -951,23 +768,11 @@ mod cache {
     async fn failed_leader_lets_followers_go_upstream() {
         let env = env_with(CACHED, MockConfig::default()).await;
         let body = unique_chat();
-        let mut tasks = Vec::new();
-        for _ in 0..5 {
-            let (http, url, body) = (env.http.clone(), env.url("/v1/chat/completions"), body.clone());
-            tasks.push(tokio::spawn(async move {
-                http.post(url)
-                    .header("x-mock-latency-ms", "200")
-                    .header("x-mock-status", "503")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), 503);
-        }
+        let headers = [("x-mock-latency-ms", "200"), ("x-mock-status", "503")];
+        let statuses =
+            futures_util::future::join_all((0..5).map(|_| status_of(&env, "/v1/chat/completions", &body, &headers)))
+                .await;
+        assert_eq!(statuses, [503; 5]);
         assert_eq!(env.mock.requests(), 5, "each follower goes upstream after the leader fails");
     }
 
@@ -975,12 +780,9 @@ mod cache {
     async fn streamed_hit_replays_the_same_events() {
         let env = env_with(CACHED, MockConfig { chunk_delay: Duration::from_millis(2), ..Default::default() }).await;
         let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"stream"}]}"#;
-        let a = post(&env, "/v1/chat/completions", body, &[]).await;
-        assert_eq!(status(&a).0, "MISS");
-        let a = a.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let a = cache_miss(&env, "/v1/chat/completions", body, &[]).await;
         let b = post(&env, "/v1/chat/completions", body, &[]).await;
-        assert_eq!(status(&b).0, "HIT");
+        assert_eq!(cache_status(&b).0, "HIT");
         assert!(b.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
         let mut events = 0;
         let mut all = Vec::new();
@@ -994,10 +796,9 @@ mod cache {
         assert_eq!(env.mock.requests(), 1);
         // Anthropic streams too.
         let ab = r#"{"model":"claude-3-5-haiku-latest","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#;
-        let a = post(&env, "/default/anthropic/v1/messages", ab, &[]).await.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let a = cache_miss(&env, "/default/anthropic/v1/messages", ab, &[]).await;
         let b = post(&env, "/default/anthropic/v1/messages", ab, &[]).await;
-        assert_eq!(status(&b).0, "HIT");
+        assert_eq!(cache_status(&b).0, "HIT");
         assert_eq!(b.bytes().await.unwrap(), a);
     }
 
@@ -1005,11 +806,11 @@ mod cache {
     async fn shadow_mode_counts_would_be_hits_but_answers_from_upstream() {
         let env = env_with(&format!("{CACHED}mode = \"shadow\"\n"), MockConfig::default()).await;
         let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
-        assert_eq!(status(&r), ("MISS".into(), "MISS".into()));
+        assert_eq!(cache_status(&r), ("MISS".into(), "MISS".into()));
         r.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache_written(&env, 1).await;
         let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
-        assert_eq!(status(&r), ("MISS".into(), "SHADOW-HIT".into()));
+        assert_eq!(cache_status(&r), ("MISS".into(), "SHADOW-HIT".into()));
         assert_eq!(env.mock.requests(), 2);
         assert_eq!(env.gw.state.cache.stats.shadow_hits.load(Ordering::Relaxed), 1);
     }
@@ -1017,26 +818,23 @@ mod cache {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn purge_via_admin_api() {
         let env = env_with(
-            &format!(
-                "[admin]\ntoken = \"env:GW_TOKEN\"\n{CACHED}[gateways.other]\n[gateways.other.cache]\nenabled = true\n"
-            ),
+            &format!("{ADMIN}{CACHED}[gateways.other]\n[gateways.other.cache]\nenabled = true\n"),
             MockConfig::default(),
         )
         .await;
         for gw in ["default", "other"] {
-            post(&env, &format!("/{gw}/openai/chat/completions"), CHAT, &[]).await.bytes().await.unwrap();
+            cache_miss(&env, &format!("/{gw}/openai/chat/completions"), CHAT, &[]).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let url = env.url("/admin/gateways/default/cache");
         assert_eq!(env.http.delete(&url).send().await.unwrap().status(), 401);
         assert_eq!(env.http.delete(&url).bearer_auth("wrong").send().await.unwrap().status(), 401);
-        let r = env.http.delete(&url).bearer_auth("gw-secret-token").send().await.unwrap();
+        let r = env.http.delete(&url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let v: serde_json::Value = r.json().await.unwrap();
         assert!(v["purged"].as_u64().unwrap() >= 1, "{v}");
-        assert_eq!(status(&post(&env, "/default/openai/chat/completions", CHAT, &[]).await).0, "MISS");
+        assert_eq!(cache_status(&post(&env, "/default/openai/chat/completions", CHAT, &[]).await).0, "MISS");
         assert_eq!(
-            status(&post(&env, "/other/openai/chat/completions", CHAT, &[]).await).0,
+            cache_status(&post(&env, "/other/openai/chat/completions", CHAT, &[]).await).0,
             "HIT",
             "other gateway untouched"
         );
@@ -1046,20 +844,19 @@ mod cache {
         let r = env
             .http
             .delete(env.url(&format!("/admin/gateways/other/cache?key={key}")))
-            .bearer_auth("gw-secret-token")
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(status(&post(&env, "/other/openai/chat/completions", CHAT, &[]).await).0, "MISS");
+        assert_eq!(cache_status(&post(&env, "/other/openai/chat/completions", CHAT, &[]).await).0, "MISS");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cli_cache_purge_talks_to_the_running_server() {
-        let env = env_with(&format!("[admin]\ntoken = \"env:GW_TOKEN\"\n{CACHED}"), MockConfig::default()).await;
-        post(&env, "/v1/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(status(&post(&env, "/v1/chat/completions", CHAT, &[]).await).0, "HIT");
+        let env = env_with(&format!("{ADMIN}{CACHED}"), MockConfig::default()).await;
+        cache_miss(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(cache_status(&post(&env, "/v1/chat/completions", CHAT, &[]).await).0, "HIT");
         let url = format!("http://{}", env.gw.addr);
         let run = |token: &'static str| {
             let url = url.clone();
@@ -1075,14 +872,14 @@ mod cache {
         let out = run("wrong").await.unwrap();
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
-        let out = run("gw-secret-token").await.unwrap();
+        let out = run(ADMIN_TOKEN).await.unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("purged 1 entry"),
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
-        assert_eq!(status(&post(&env, "/v1/chat/completions", CHAT, &[]).await).0, "MISS");
+        assert_eq!(cache_status(&post(&env, "/v1/chat/completions", CHAT, &[]).await).0, "MISS");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1092,49 +889,22 @@ mod cache {
         assert_eq!(r.status(), 404);
     }
 
-    async fn start(toml: &str) -> ServerHandle {
-        let settings = Settings::from_toml_with(toml, &|_| None).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        aigate_core::start_on(settings, listener).unwrap()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn disk_entries_survive_a_restart() {
-        let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-        let dir = temp_dir("restart");
-        let toml = format!(
-            "data_dir = {:?}\nshutdown_grace = \"2s\"\n[storage]\ncache = \"disk\"\n[providers.openai]\nbase_url = \"{}/v1\"\n{CACHED}",
-            dir.display().to_string(),
-            mock.url()
-        );
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        let gw = start(&toml).await;
-        let r = http.post(format!("http://{}/v1/chat/completions", gw.addr)).body(CHAT).send().await.unwrap();
-        assert_eq!(status(&r).0, "MISS");
+        let env = env_with(&format!("[storage]\ncache = \"disk\"\n{CACHED}"), MockConfig::default()).await;
+        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(cache_status(&r).0, "MISS");
         r.bytes().await.unwrap();
-        gw.shutdown();
-        gw.wait().await;
-        let gw = start(&toml).await;
-        let r = http.post(format!("http://{}/v1/chat/completions", gw.addr)).body(CHAT).send().await.unwrap();
-        assert_eq!(status(&r).0, "HIT", "disk entry lost across restart");
-        assert_eq!(mock.requests(), 1);
+        // (No wait for the write: shutting down drains the cache writer.)
+        let env = env.restart().await;
+        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+        assert_eq!(cache_status(&r).0, "HIT", "disk entry lost across restart");
+        assert_eq!(env.mock.requests(), 1);
     }
 
-    /// Redis tests run unless `AIGATE_SKIP_REDIS=1` (a missing Redis fails them otherwise).
-    fn skip_redis() -> bool {
-        let skip = std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1");
-        if skip {
-            eprintln!("AIGATE_SKIP_REDIS=1: skipping a Redis test");
-        }
-        skip
-    }
-
-    fn redis_toml(mock: &MockUpstream, url: &str) -> String {
-        format!(
-            "data_dir = {:?}\n[storage]\ncache = \"{url}\"\n[providers.openai]\nbase_url = \"{}/v1\"\n{CACHED}",
-            temp_dir("redis").display().to_string(),
-            mock.url()
-        )
+    /// The cache on Redis at `url`.
+    fn redis_cache(url: &str) -> String {
+        format!("[storage]\ncache = \"{url}\"\n{CACHED}")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1142,26 +912,17 @@ mod cache {
         if skip_redis() {
             return;
         }
-        let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-        let toml = redis_toml(&mock, "redis://127.0.0.1:6379");
-        let (a, b) = (start(&toml).await, start(&toml).await);
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let extra = redis_cache("redis://127.0.0.1:6379");
+        let (a, b) = (env_with(&extra, MockConfig::default()).await, env_with(&extra, MockConfig::default()).await);
         let body = unique_chat();
-        let r = http.post(format!("http://{}/v1/chat/completions", a.addr)).body(body.clone()).send().await.unwrap();
-        assert_eq!(status(&r).0, "MISS");
-        r.bytes().await.unwrap();
-        let mut hit = false;
-        for _ in 0..50 {
-            let r =
-                http.post(format!("http://{}/v1/chat/completions", b.addr)).body(body.clone()).send().await.unwrap();
-            if status(&r).0 == "HIT" {
-                hit = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(hit, "the second replica never saw the first one's entry (is Redis running on 127.0.0.1:6379?)");
-        assert_eq!(mock.requests(), 1);
+        cache_miss(&a, "/v1/chat/completions", &body, &[]).await;
+        let r = post(&b, "/v1/chat/completions", &body, &[]).await;
+        assert_eq!(
+            cache_status(&r).0,
+            "HIT",
+            "the second replica did not see the first one's entry (is Redis running on 127.0.0.1:6379?)"
+        );
+        assert_eq!(a.mock.requests() + b.mock.requests(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1169,53 +930,30 @@ mod cache {
         if skip_redis() {
             return;
         }
-        // A Redis of our own, so stopping it does not disturb other tests.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let spawn_redis = || {
-            std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed")
-        };
-        let mut redis = spawn_redis();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-        let gw = start(&redis_toml(&mock, &format!("redis://127.0.0.1:{port}"))).await;
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        let url = format!("http://{}/v1/chat/completions", gw.addr);
-        let r = http.post(&url).body(unique_chat()).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        redis.kill().unwrap();
-        redis.wait().unwrap();
+        let port = free_port();
+        let redis = RedisServer::start(port).await;
+        let extra = redis_cache(&format!("redis://127.0.0.1:{port}"));
+        let env = env_with(&extra, MockConfig::default()).await;
+        assert_eq!(status_of(&env, "/v1/chat/completions", &unique_chat(), &[]).await, 200);
+        drop(redis);
         for _ in 0..5 {
             let t0 = Instant::now();
-            let r = http.post(&url).body(unique_chat()).send().await.unwrap();
-            assert_eq!(r.status(), 200, "a dead cache store must not fail requests");
+            let status = status_of(&env, "/v1/chat/completions", &unique_chat(), &[]).await;
+            assert_eq!(status, 200, "a dead cache store must not fail requests");
             assert!(t0.elapsed() < Duration::from_secs(2));
         }
-        assert!(gw.state.cache.stats.store_errors.load(Ordering::Relaxed) > 0);
+        assert!(env.gw.state.cache.stats.store_errors.load(Ordering::Relaxed) > 0);
         // Redis comes back: the store reconnects by itself. Proof: an entry written through this
         // gateway is seen by a fresh gateway (empty memory tier) on the same Redis.
-        let mut redis = spawn_redis();
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let fresh = start(&redis_toml(&mock, &format!("redis://127.0.0.1:{port}"))).await;
-        let mut hit = false;
-        for _ in 0..40 {
+        let _redis = RedisServer::start(port).await;
+        let fresh = env_with(&extra, MockConfig::default()).await;
+        let what = "an entry written through the first gateway to reach a fresh one through Redis";
+        wait_until_within(Duration::from_secs(10), what, async || {
             let body = unique_chat();
-            let r = http.post(&url).body(body.clone()).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            r.bytes().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let r = http.post(format!("http://{}/v1/chat/completions", fresh.addr)).body(body).send().await.unwrap();
-            if status(&r).0 == "HIT" {
-                hit = true;
-                break;
-            }
-        }
-        let _ = redis.kill();
-        let _ = redis.wait();
-        assert!(hit, "the store did not recover after Redis came back");
+            assert_eq!(status_of(&env, "/v1/chat/completions", &body, &[]).await, 200);
+            cache_status(&post(&fresh, "/v1/chat/completions", &body, &[]).await).0 == "HIT"
+        })
+        .await;
     }
 }
 
@@ -1239,8 +977,8 @@ async fn slow_request_body_gets_408() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_wait_for_a_slot() {
     let env = env_with("max_connections = 1\n", MockConfig::default()).await;
+    // The gateway accepts connections in the order they were made: this one takes the slot.
     let first = tokio::net::TcpStream::connect(env.gw.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let waiting = tokio::time::timeout(Duration::from_millis(400), env.http.get(env.url("/healthz")).send()).await;
     assert!(waiting.is_err(), "a second connection was served beyond max_connections = 1");
     drop(first);
@@ -1259,8 +997,7 @@ async fn slow_request_head_is_cut_off() {
     assert!(r.is_ok(), "the connection was not closed after the header read timeout");
     assert!(t0.elapsed() >= Duration::from_millis(250) && t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // A complete request on a fresh connection is still served.
-    let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[]).await, 200);
 }
 
 #[path = "gateway/logs.rs"]

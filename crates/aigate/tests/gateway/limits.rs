@@ -2,29 +2,6 @@
 
 use super::*;
 
-async fn post(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut rb = env.http.post(env.url(path)).header("content-type", "application/json").body(body.to_string());
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    rb.send().await.unwrap()
-}
-
-async fn status_of(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> u16 {
-    let r = post(env, path, body, headers).await;
-    let s = r.status().as_u16();
-    r.bytes().await.unwrap();
-    s
-}
-
-/// A gateway name of its own (Redis keys are shared with other runs).
-fn unique_name(tag: &str) -> String {
-    format!("{tag}{}", temp_dir(tag).file_name().unwrap().to_string_lossy().replace(['-', '.'], ""))
-        .chars()
-        .take(60)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudflare_example_fixed_passes_sliding_refuses() {
     let extra = "[gateways.default]\n\
@@ -92,31 +69,6 @@ async fn successful_responses_carry_the_tightest_rule() {
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "94");
 }
 
-/// Sends `n` requests with `body` at once, spread over `envs`; returns (200s, 429s).
-async fn concurrent_statuses(envs: &[&Env], path: &str, body: &'static str, n: usize) -> (usize, usize) {
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let env = envs[i % envs.len()];
-        let http = env.http.clone();
-        let url = env.url(path);
-        tasks.push(tokio::spawn(async move {
-            let r = http.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
-            let s = r.status().as_u16();
-            r.bytes().await.unwrap();
-            s
-        }));
-    }
-    let (mut ok, mut limited) = (0, 0);
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => ok += 1,
-            429 => limited += 1,
-            s => panic!("unexpected status {s}"),
-        }
-    }
-    (ok, limited)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_the_limit_under_concurrency_in_memory() {
     let env = env_with(
@@ -129,8 +81,7 @@ async fn exactly_the_limit_under_concurrency_in_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_the_limit_across_two_replicas_on_redis() {
-    if std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1") {
-        eprintln!("AIGATE_SKIP_REDIS=1: skipping");
+    if skip_redis() {
         return;
     }
     let gw = unique_name("rl");
@@ -160,18 +111,16 @@ async fn token_rules_reserve_then_settle_to_actual_usage() {
         let r = post(&env, "/v1/chat/completions", body, &[]).await;
         assert_eq!(r.status(), 200, "request {i}: settled reservations must free the estimate");
         r.bytes().await.unwrap();
-        // Settlement happens when the record is finalised, just after the response.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        records_stored(&env, i + 1).await;
     }
     // Concurrent requests can overshoot only by what is in flight: ten at once against what is
     // left admit at most what fits their estimates.
     let used_before = {
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let r =
             post(&env, "/v1/chat/completions", r#"{"model":"gpt-4o-mini","max_tokens":1,"messages":[]}"#, &[]).await;
         let rem: u64 = r.headers()["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
         r.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        records_stored(&env, 9).await;
         1000 - rem
     };
     let left = 1000 - used_before;
@@ -231,9 +180,10 @@ async fn budget_alerts_fire_once_per_threshold_and_the_budget_holds() {
     let env = env_with(&extra, MockConfig::default()).await;
     let body = r#"{"model":"gpt-4o-mini","max_tokens":14,"messages":[{"role":"user","content":"hi"}]}"#;
     let mut statuses = Vec::new();
-    for _ in 0..6 {
+    for i in 0..6 {
         statuses.push(status_of(&env, "/v1/chat/completions", body, &[]).await);
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Its settlement and alert check are done (one request at a time: alerts in order).
+        records_stored(&env, i + 1).await;
     }
     assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
     let r = post(&env, "/v1/chat/completions", body, &[]).await;
@@ -241,11 +191,11 @@ async fn budget_alerts_fire_once_per_threshold_and_the_budget_holds() {
     assert_eq!(v["error"]["code"], "budget_exceeded");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("budget \"daily\"") && msg.contains("per day"), "{msg}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while got.lock().unwrap().len() < 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every request's alert check is done: the alerts fired are all there are; wait until the
+    // webhook has them all.
+    records_stored(&env, 7).await;
+    let fired = metric(&env, "aigate_budget_alerts_total").await as usize;
+    wait_until("the alerts delivered to the webhook", async || got.lock().unwrap().len() >= fired).await;
     let alerts = got.lock().unwrap().clone();
     let thresholds: Vec<f64> = alerts.iter().map(|a| a["threshold"].as_f64().unwrap()).collect();
     assert_eq!(thresholds, [0.5, 0.8, 1.0], "{thresholds:?}");
@@ -263,64 +213,25 @@ async fn cache_hits_do_not_count_unless_configured() {
     let base = "[gateways.default.rate_limit]\nlimit = 2\nperiod = \"1h\"\n\
                 [gateways.default.cache]\nenabled = true\n[gateways.default]\n";
     let env = env_with(base, MockConfig::default()).await;
-    let statuses: Vec<u16> = {
-        let mut v = Vec::new();
-        for _ in 0..5 {
-            v.push(status_of(&env, "/v1/chat/completions", CHAT, &[]).await);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // A miss, its answer written to the cache, then hits.
+    let statuses = async |env: &Env, n: usize| {
+        let mut v = vec![status_of(env, "/v1/chat/completions", CHAT, &[]).await];
+        cache_written(env, 1).await;
+        for _ in 1..n {
+            v.push(status_of(env, "/v1/chat/completions", CHAT, &[]).await);
         }
         v
     };
-    assert_eq!(statuses, [200; 5], "hits must pass a spent limit");
+    assert_eq!(statuses(&env, 5).await, [200; 5], "hits must pass a spent limit");
     let env = env_with(&format!("[limits]\ncount_cache_hits = true\n{base}"), MockConfig::default()).await;
-    let mut v = Vec::new();
-    for _ in 0..4 {
-        v.push(status_of(&env, "/v1/chat/completions", CHAT, &[]).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(v, [200, 200, 429, 429]);
-}
-
-/// A running `aigate serve` process on a config; killed on drop.
-struct Process(std::process::Child, u16);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn spawn_aigate(toml_body: &str) -> Process {
-    let dir = temp_dir("proc");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let path = dir.join("aigate.toml");
-    std::fs::write(
-        &path,
-        format!("listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{toml_body}", dir.display().to_string()),
-    )
-    .unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .env_remove("AIGATE_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "aigate did not start");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    Process(child, port)
+    assert_eq!(statuses(&env, 4).await, [200, 200, 429, 429]);
 }
 
 /// Two `aigate serve` processes share one Redis: 200 concurrent requests against a limit of 50
 /// admit exactly 50 in total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_the_limit_across_two_processes_on_redis() {
-    if std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1") {
-        eprintln!("AIGATE_SKIP_REDIS=1: skipping");
+    if skip_redis() {
         return;
     }
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
@@ -330,37 +241,20 @@ async fn exactly_the_limit_across_two_processes_on_redis() {
          [gateways.default]\n[gateways.{gw}]\n[gateways.{gw}.rate_limit]\nlimit = 50\nperiod = \"1h\"\n",
         mock.url()
     );
-    let (a, b) = (spawn_aigate(&toml).await, spawn_aigate(&toml).await);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let url = format!("http://127.0.0.1:{}/{gw}/openai/chat/completions", if i % 2 == 0 { a.1 } else { b.1 });
-        let http = http.clone();
-        tasks.push(tokio::spawn(async move { http.post(url).body(CHAT).send().await.unwrap().status().as_u16() }));
-    }
-    let mut counts = std::collections::BTreeMap::new();
-    for t in tasks {
-        *counts.entry(t.await.unwrap()).or_insert(0) += 1;
-    }
-    assert_eq!(counts, [(200u16, 50), (429u16, 150)].into_iter().collect(), "{counts:?}");
+    let (a, b) = (Aigate::serve(&[], &toml).await, Aigate::serve(&[], &toml).await);
+    let path = format!("/{gw}/openai/chat/completions");
+    assert_eq!(concurrent_statuses(&[&a, &b], &path, CHAT, 200).await, (50, 150));
     assert_eq!(mock.requests(), 50);
 }
 
 /// Redis stops while the gateway runs: requests follow `on_store_error`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_requests_follow_on_store_error() {
-    if std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1") {
-        eprintln!("AIGATE_SKIP_REDIS=1: skipping");
+    if skip_redis() {
         return;
     }
-    // A Redis of our own, so stopping it does not disturb other tests.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut redis = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port = free_port();
+    let redis = RedisServer::start(port).await;
     let mut envs = Vec::new();
     for policy in ["allow", "deny"] {
         let extra = format!(
@@ -371,8 +265,7 @@ async fn redis_stopped_requests_follow_on_store_error() {
         assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[]).await, 200, "{policy}: Redis up");
         envs.push((policy, env));
     }
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    drop(redis);
     for (policy, env) in &envs {
         let expected = if *policy == "allow" { 200 } else { 503 };
         for _ in 0..3 {
@@ -401,8 +294,7 @@ async fn failing_store_follows_on_store_error() {
                 assert_eq!(v["error"]["code"], "limit_store_unavailable");
             }
         }
-        let metrics = env.http.get(env.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        assert!(metrics.contains("aigate_limit_store_errors_total 3"), "{metrics}");
+        assert_eq!(metric(&env, "aigate_limit_store_errors_total").await, 3.0, "{policy}");
     }
 }
 
@@ -410,88 +302,38 @@ async fn failing_store_follows_on_store_error() {
 /// config stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reload_applies_limits_and_refuses_invalid_files() {
-    use std::io::BufRead as _;
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let dir = temp_dir("reload");
-    let path = dir.join("aigate.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let write = |limit: &str, extra: &str| {
-        std::fs::write(
-            &path,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{extra}\n[providers.openai]\nbase_url = \"{}/v1\"\n\
-                 [gateways.default]\n[gateways.default.rate_limit]\nlimit = {limit}\nperiod = \"1h\"\n",
-                dir.display().to_string(),
-                mock.url()
-            ),
+    // `extra` stands on line 3 of the file.
+    let config = |limit: &str, extra: &str| {
+        format!(
+            "{extra}\n[providers.openai]\nbase_url = \"{}/v1\"\n\
+             [gateways.default]\n[gateways.default.rate_limit]\nlimit = {limit}\nperiod = \"1h\"\n",
+            mock.url()
         )
-        .unwrap();
     };
-    write("100", "");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aigate"))
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .env_remove("AIGATE_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let mut server = Aigate::serve(&[], &config("100", "")).await;
     let limit_header = |r: &reqwest::Response| r.headers()["x-ratelimit-limit-requests"].to_str().unwrap().to_string();
-    let r = http.post(&url).body(CHAT).send().await.unwrap();
+    let path = "/v1/chat/completions";
+    let r = post(&server, path, CHAT, &[]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(limit_header(&r), "100");
-    let hup = || {
-        assert!(std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success())
-    };
-    let wait_for = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &'static str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match rx.try_recv() {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => {
-                    assert!(Instant::now() < deadline, "no log line with {needle:?}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
-    };
 
     // Tighten the limit: the next request sees it.
-    write("1", "");
-    hup();
-    wait_for(&mut rx, "configuration reloaded");
-    let r = http.post(&url).body(CHAT).send().await.unwrap();
+    server.write_config(&config("1", ""));
+    server.signal("HUP");
+    server.stderr_line("configuration reloaded").await;
+    let r = post(&server, path, CHAT, &[]).await;
     assert_eq!(limit_header(&r), "1");
     // The new rule counts afresh (its own key per period): one passes, the next is refused.
-    let statuses = [r.status().as_u16(), http.post(&url).body(CHAT).send().await.unwrap().status().as_u16()];
+    let statuses = [r.status().as_u16(), status_of(&server, path, CHAT, &[]).await];
     assert!(statuses.contains(&429), "{statuses:?}");
 
     // An invalid file is refused; the running config (limit 1) stays.
-    write("1", "bogus_key = true");
-    hup();
-    let line = wait_for(&mut rx, "reload refused");
+    server.write_config(&config("1", "bogus_key = true"));
+    server.signal("HUP");
+    let line = server.stderr_line("reload refused").await;
     assert!(line.contains("line 3"), "{line}");
-    assert_eq!(http.post(&url).body(CHAT).send().await.unwrap().status(), 429);
-
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+    assert_eq!(status_of(&server, path, CHAT, &[]).await, 429);
 }
 
 /// Concurrent requests against a budget: what is admitted never costs more than the budget plus
@@ -506,7 +348,7 @@ async fn budget_holds_under_concurrency() {
     let (ok, _) = concurrent_statuses(&[&env], "/v1/chat/completions", body, 20).await;
     assert_eq!(ok, 4, "the budget admits exactly what its estimates fit");
     assert_eq!(env.mock.requests(), 4);
-    // Settled to the actual cost, the budget stays spent.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Settled to the actual cost (once the records are stored), the budget stays spent.
+    records_stored(&env, 20).await;
     assert_eq!(status_of(&env, "/v1/chat/completions", body, &[]).await, 429);
 }

@@ -2,9 +2,6 @@
 
 use super::*;
 
-const ADMIN: &str = "[admin]\ntoken = \"env:GW_TOKEN\"\n";
-const ADMIN_TOKEN: &str = "gw-secret-token";
-
 /// Hand-computed: gpt-4o-mini is $0.15 / $0.60 per million input / output tokens; the mock
 /// answers a chat with 19 prompt and 14 completion tokens.
 const PLAIN_CHAT_COST: f64 = 19.0 * 0.15e-6 + 14.0 * 0.60e-6;
@@ -13,34 +10,6 @@ const STREAM_CHAT_COST: f64 = 19.0 * 0.15e-6 + 8.0 * 0.60e-6;
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-12 + b.abs() * 1e-9
-}
-
-async fn post(env: &Env, path: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut rb = env.http.post(env.url(path)).header("content-type", "application/json").body(body.to_string());
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    rb.send().await.unwrap()
-}
-
-async fn admin_get(env: &Env, path: &str) -> serde_json::Value {
-    let r = env.http.get(env.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-    assert_eq!(r.status(), 200, "{path}");
-    r.json().await.unwrap()
-}
-
-/// Waits until the gateway holds `n` records (newest first) and returns them.
-async fn records(env: &Env, gw: &str, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = admin_get(env, &format!("/admin/gateways/{gw}/logs?limit=1000")).await;
-        let recs = v["records"].as_array().unwrap().clone();
-        if recs.len() >= n || Instant::now() > deadline {
-            assert_eq!(recs.len(), n, "records of {gw}: {v:#}");
-            return recs;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn record(env: &Env, gw: &str, id: &str) -> serde_json::Value {
@@ -158,19 +127,17 @@ async fn cache_hit_costs_nothing_and_records_what_it_saved() {
         MockConfig::default(),
     )
     .await;
-    for _ in 0..2 {
-        post(&env, "/v1/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // A miss, its answer written to the cache, a hit; the same streamed.
+    post(&env, "/v1/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
+    cache_written(&env, 1).await;
+    post(&env, "/v1/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
     let stream = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"s"}]}"#;
-    let mut texts = Vec::new();
-    for _ in 0..2 {
-        texts.push(post(&env, "/v1/chat/completions", stream, &[]).await.text().await.unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let miss = post(&env, "/v1/chat/completions", stream, &[]).await.text().await.unwrap();
+    cache_written(&env, 2).await;
+    let hit = post(&env, "/v1/chat/completions", stream, &[]).await.text().await.unwrap();
     // The replayed stream hides the usage event too.
-    assert!(!texts[1].contains(r#""prompt_tokens""#), "{}", texts[1]);
-    assert_eq!(texts[0], texts[1]);
+    assert!(!hit.contains(r#""prompt_tokens""#), "{hit}");
+    assert_eq!(miss, hit);
     let recs = records(&env, "default", 4).await;
     let (stream_hit, stream_miss, hit, miss) = (&recs[0], &recs[1], &recs[2], &recs[3]);
     assert_eq!(miss["cache_status"], "MISS");
@@ -258,7 +225,8 @@ async fn bodies_are_capped_and_credentials_never_stored() {
     let r = post(&env, "/prod/openai/chat/completions", CHAT, &[("cf-aig-authorization", "Bearer wrong")]).await;
     assert_eq!(r.status(), 401);
     r.bytes().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Records are stored in order: were the one not to keep stored, it would be there once the
+    // 401 (the newest) is, and make four.
     let recs = records(&env, "prod", 3).await;
     assert_eq!(recs[0]["status"], 401);
 
@@ -343,8 +311,8 @@ async fn live_tail_shows_requests_sent_after_it_started() {
     let env = env_with(&format!("{ADMIN}[gateways.default]\n[gateways.other]\n"), MockConfig::default()).await;
     let resp = env.http.get(env.url("/admin/tail?gateway=default")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    // (The tail is subscribed before its response head is sent.)
     let mut lines = resp.bytes_stream();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     post(&env, "/other/openai/chat/completions", CHAT, &[]).await.bytes().await.unwrap();
     let r = post(&env, "/default/openai/chat/completions", CHAT, &[]).await;
     let id = log_id(&r);
@@ -370,7 +338,7 @@ async fn graceful_shutdown_under_load_loses_no_record() {
             ok.then_some(())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    wait_until("requests in flight", async || env.mock.requests() >= 20).await;
     env.gw.shutdown();
     let data_dir = env.gw.state.settings.load().data_dir.clone();
     let mut answered = 0u64;
@@ -395,41 +363,29 @@ async fn stalled_store_spills_to_disk_and_replays_later() {
     let path = env.gw.state.settings.load().data_dir.join(aigate_store::LOG_SQLITE_FILE);
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Requests keep coming. Once the writer has taken a batch and waits on the lock, the queue (4)
+    // fills and what does not fit is spilled to disk.
     let started = Instant::now();
-    for i in 0..40 {
-        if i == 20 {
-            // By now the writer has taken a batch and waits on the lock: the queue fills.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-    }
+    let mut sent = 0;
+    wait_until("records spilled to disk", async || {
+        assert_eq!(status_of(&env, "/v1/chat/completions", CHAT, &[]).await, 200);
+        sent += 1;
+        metric(&env, "aigate_log_records_spilled_total").await > 0.0
+    })
+    .await;
     // Requests were not held up by the stalled store.
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let metrics = env.http.get(env.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let spilled: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("aigate_log_records_spilled_total "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(spilled > 0, "{metrics}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{sent} requests in {:?}", started.elapsed());
     conn.execute_batch("COMMIT").unwrap();
     drop(conn);
-    // Replayed once the store is back: nothing lost, nothing doubled.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = admin_get(&env, "/admin/gateways/default/logs?limit=1000").await;
-        let n = v["records"].as_array().unwrap().len();
-        if n == 41 {
-            break;
-        }
-        assert!(n < 41 && Instant::now() < deadline, "{n} records");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Replayed once the store is back (the writer's lock wait ends, the next maintenance replays
+    // the spill files): nothing lost, nothing doubled.
+    let mut n = 0;
+    wait_until_within(Duration::from_secs(20), "the spilled records to be replayed", async || {
+        n = admin_get(&env, "/admin/gateways/default/logs?limit=1000").await["records"].as_array().unwrap().len();
+        n > sent
+    })
+    .await;
+    assert_eq!(n, 1 + sent, "records of {} requests", 1 + sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +446,7 @@ async fn analytics_and_report_on_real_traffic() {
     for i in 0..4 {
         post(&env, "/v1/chat/completions", &chat(i), &[]).await.bytes().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    cache_written(&env, 4).await;
     for i in 0..6 {
         let r = post(&env, "/v1/chat/completions", &chat(i % 4), &[]).await;
         assert_eq!(r.headers()["cf-aig-cache-status"], "HIT");
@@ -502,12 +458,12 @@ async fn analytics_and_report_on_real_traffic() {
     records(&env, "default", 11).await;
     // The record not kept reaches the rollups with its batch, maybe the next one.
     let path = "/admin/gateways/default/analytics?since=2h&granularity=minute&group_by=model";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut a = admin_get(&env, path).await;
-    while a["totals"]["requests"] != 12 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut a = serde_json::Value::Null;
+    wait_until("12 requests in the analytics", async || {
         a = admin_get(&env, path).await;
-    }
+        a["totals"]["requests"].as_u64() >= Some(12)
+    })
+    .await;
     let t = &a["totals"];
     assert_eq!(t["requests"], 12, "{a:#}");
     assert_eq!(t["cache_hits"], 7);
@@ -561,10 +517,7 @@ async fn replicas_share_the_postgres_log_store() {
     let url =
         std::env::var("AIGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     // A gateway name of its own: other runs share the table.
-    let gw: String = format!("pg{}", temp_dir("pg").file_name().unwrap().to_string_lossy().replace(['-', '.'], ""))
-        .chars()
-        .take(60)
-        .collect();
+    let gw = unique_name("pg");
     let extra = format!("{ADMIN}[storage]\nlogs = \"{url}\"\n[gateways.{gw}]\n[gateways.default]\n");
     let a = env_with(&extra, MockConfig::default()).await;
     let b = env_with(&extra, MockConfig::default()).await;
