@@ -1,21 +1,25 @@
 //! The listener: accepts connections (HTTP/1.1 and h2c), serves each with [`service::handle`], and
 //! shuts down gracefully: stop accepting, mark not ready, let in-flight requests and streams finish
 //! up to the grace period, then return.
+//!
+//! Bounds: at most `max_connections` connections at once (the next accept waits for a slot); a
+//! connection with no request in progress is closed `header_read_timeout` after it opened or last
+//! went idle, whatever the protocol, so silent sockets cannot hold the slots.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
+use crate::meter::ResponseBody;
 use crate::service;
 use crate::state::AppState;
 
@@ -65,15 +69,18 @@ async fn serve(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     max_connections: usize,
-    header_read_timeout: Duration,
+    idle_timeout: Duration,
 ) {
     // At most `max_connections` connections are served at once; the next accept waits for a slot.
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Small heads and bodies: one copy into one buffer and one write() beat a vectored write.
-    builder.http1().timer(LazyTimer).header_read_timeout(header_read_timeout).writev(false).keep_alive(true);
+    // Small heads and bodies: one copy into one buffer and one write() beat a vectored write. The
+    // head timeout is the connection's own idle timeout ([`Connection::idle`]), for every protocol.
+    builder.http1().writev(false).keep_alive(true).header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    // Each connection task holds a receiver: shutdown waits until all of them are gone.
+    let (drain_tx, drain_rx) = watch::channel(false);
     // The cache writer runs until every connection has drained, then flushes its queue.
     let (writer_stop, writer_rx) = watch::channel(false);
     let writer = tokio::spawn(state.cache.clone().run_writer(writer_rx.clone()));
@@ -99,25 +106,19 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                let svc = service_fn(move |req| service::handle(st.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    drop(permit);
-                });
+                let conn = Connection { state: state.clone(), activity: Arc::new(Activity::new()), idle_timeout };
+                tokio::spawn(conn.serve(stream, builder.clone(), drain_rx.clone(), permit));
             }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
+    drop(drain_rx);
     state.ready.store(false, Ordering::Relaxed);
     state.stopping.send_replace(true);
     tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let _ = drain_tx.send(true);
+    if tokio::time::timeout(grace, drain_tx.closed()).await.is_err() {
         tracing::warn!("grace period ended with requests still in flight");
     }
     let _ = writer_stop.send(true);
@@ -125,38 +126,133 @@ async fn serve(
     let _ = log_writer.await;
 }
 
-/// The timer behind hyper's HTTP/1 header-read timeout, made lazy. hyper arms that timeout before
-/// parsing every request head and drops it as soon as the head parses, which for a head that is
-/// already buffered (nearly always) is at once: registering a tokio timer each time cost about a
-/// tenth of the proxy's throughput. A [`LazySleep`] registers its tokio timer only when first
-/// polled, which hyper does only when it actually has to wait for the rest of a head.
-#[derive(Clone, Copy, Debug)]
-struct LazyTimer;
+/// One client connection.
+struct Connection {
+    state: Arc<AppState>,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+}
 
-impl hyper::rt::Timer for LazyTimer {
-    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(std::time::Instant::now() + duration)
-    }
+/// How long an idle connection being closed may take to say goodbye (an HTTP/2 GOAWAY) before it
+/// is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-    fn sleep_until(&self, deadline: std::time::Instant) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(LazySleep { deadline, inner: None })
+impl Connection {
+    /// Serves the connection until it ends, goes idle past the timeout, or shutdown drains it.
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        builder: Arc<auto::Builder<TokioExecutor>>,
+        mut drain: watch::Receiver<bool>,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let Connection { state, activity, idle_timeout } = self;
+        let tracked = activity.clone();
+        let svc = service_fn(move |req| {
+            let busy = tracked.begin();
+            let st = state.clone();
+            async move {
+                let resp = service::handle(st, req).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
+            }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = activity.idle(idle_timeout) => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+            _ = drain.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
     }
 }
 
-/// A sleep that becomes a tokio timer on first poll.
-struct LazySleep {
-    deadline: std::time::Instant,
-    inner: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+/// What a connection is doing: requests in progress, and since when it has had none. Every
+/// connection must send a complete request head within the idle timeout of opening and of going
+/// idle, whatever the protocol (HTTP/1.1 or HTTP/2, and while the protocol is still being told).
+#[derive(Debug)]
+struct Activity {
+    /// Requests from their head to the end of their response body.
+    busy: AtomicUsize,
+    /// When the connection last went idle, ns after `opened`.
+    idle_since_ns: AtomicU64,
+    opened: Instant,
 }
 
-impl std::future::Future for LazySleep {
-    type Output = ();
+impl Activity {
+    fn new() -> Activity {
+        Activity { busy: AtomicUsize::new(0), idle_since_ns: AtomicU64::new(0), opened: Instant::now() }
+    }
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let this = self.get_mut();
-        let deadline = this.deadline;
-        this.inner.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into()))).as_mut().poll(cx)
+    /// A request's head has arrived; it is in progress until the guard is dropped.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.opened + Duration::from_nanos(self.idle_since_ns.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once the connection has been idle for `timeout`. The timer is armed once per
+    /// period, not per request.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let busy = self.busy.load(Ordering::Relaxed) > 0;
+            let deadline = if busy { Instant::now() + timeout } else { self.idle_since() + timeout };
+            tokio::time::sleep_until(deadline.into()).await;
+            if self.busy.load(Ordering::Relaxed) == 0 && self.idle_since() + timeout <= Instant::now() {
+                return;
+            }
+        }
     }
 }
 
-impl hyper::rt::Sleep for LazySleep {}
+/// A request in progress on a connection.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ns = u64::try_from(a.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        a.idle_since_ns.store(ns, Ordering::Relaxed);
+        a.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in progress until it ends.
+    struct Tracked {
+        #[pin]
+        body: ResponseBody,
+        _busy: Busy,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = <ResponseBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

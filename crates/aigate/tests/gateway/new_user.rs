@@ -35,10 +35,10 @@ async fn silent_and_idle_connections_are_closed_whatever_the_protocol() {
     // An empty SETTINGS frame: a complete HTTP/2 connection start that then sends no request.
     const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
     let starts: [&[u8]; 4] = [
-        b"",                                  // says nothing at all
-        &H2_PREFACE[..10],                    // a part of the HTTP/2 preface
+        b"",                                 // says nothing at all
+        &H2_PREFACE[..10],                   // a part of the HTTP/2 preface
         b"GET /healthz HTTP/1.1\r\nhost: x", // a part of an HTTP/1.1 head
-        &[H2_PREFACE, SETTINGS].concat(),     // an HTTP/2 connection, idle
+        &[H2_PREFACE, SETTINGS].concat(),    // an HTTP/2 connection, idle
     ];
     let mut silent = Vec::new();
     for start in starts {
@@ -69,7 +69,8 @@ async fn an_account_segment_cannot_leave_the_provider_base() {
     let mock = MockUpstream::start(MockConfig::default()).await.unwrap();
     let extra = format!("[providers.workers-ai]\nbase_url = \"{}/accounts/{{account_id}}/ai\"\n", mock.url());
     let env = env_with(&extra, MockConfig::default()).await;
-    for path in ["/v1/../default/workers-ai/y", "/v1/..%2f..%2fadmin/default/workers-ai/z", "/v1/.%2E/default/workers-ai/y"]
+    for path in
+        ["/v1/../default/workers-ai/y", "/v1/..%2f..%2fadmin/default/workers-ai/z", "/v1/.%2E/default/workers-ai/y"]
     {
         let req = format!("POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{{}}");
         let (status, text) = raw(env.gw.addr, &req).await;
@@ -78,7 +79,8 @@ async fn an_account_segment_cannot_leave_the_provider_base() {
     }
     assert_eq!(mock.requests(), 0, "a request with a traversing account id went upstream");
     // A plain account id still works.
-    let req = "POST /v1/acct-1/default/workers-ai/y HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
+    let req =
+        "POST /v1/acct-1/default/workers-ai/y HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
     assert_eq!(raw(env.gw.addr, req).await.0, 200);
     assert_eq!(mock.last_request().unwrap().path_and_query, "/accounts/acct-1/ai/y");
 }
@@ -129,7 +131,10 @@ async fn a_custom_cache_key_is_namespaced_by_the_credential() {
     let a_models = [("authorization", "Bearer sk-tenant-a"), ("cf-aig-cache-key", "models")];
     assert_eq!(cache_status(&env, get.clone(), "/default/openai/models", &a_models).await, "MISS");
     stored(&env, 4).await;
-    assert_eq!(cache_status(&env, get.clone(), "/default/openai/models", &[("cf-aig-cache-key", "models")]).await, "MISS");
+    assert_eq!(
+        cache_status(&env, get.clone(), "/default/openai/models", &[("cf-aig-cache-key", "models")]).await,
+        "MISS"
+    );
     // scope = "gateway" shares a custom key across credentials.
     assert_eq!(cache_status(&env, post.clone(), "/shared/openai/chat/completions", &a).await, "MISS");
     stored(&env, 6).await;
@@ -377,7 +382,8 @@ mod cli {
         for rust_name in ["XApiKey", "Metadata(", "Deny", "Gateway", "Month", "Sliding", "Requests"] {
             assert!(!text.contains(rust_name), "`{rust_name}` is a Rust name, not configuration: {text}");
         }
-        for syntax in ["x-api-key", "on_store_error = \"deny\"", "key = \"metadata.user_id\"", "scope = \"gateway\"", "month"]
+        for syntax in
+            ["x-api-key", "on_store_error = \"deny\"", "key = \"metadata.user_id\"", "scope = \"gateway\"", "month"]
         {
             assert!(text.contains(syntax), "missing {syntax:?}: {text}");
         }
