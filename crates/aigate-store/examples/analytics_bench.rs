@@ -15,7 +15,7 @@
 use std::error::Error;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aigate_store::analytics::DAY_MS;
+use aigate_store::log::analytics::DAY_MS;
 use aigate_store::{
     AnalyticsQuery, Granularity, GroupBy, LogRecord, LogStore, MetaValue, PostgresLogStore, SqliteLogStore,
 };

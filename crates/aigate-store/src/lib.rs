@@ -15,45 +15,35 @@
 //! the default) and [`PostgresLogStore`] (shared by replicas, schema created and migrated by aigate),
 //! chosen by [`build_log_store`] from a [`LogBackend`]. A failing log store degrades logging, never
 //! the proxying. The same stores answer traffic analytics ([`LogStore::analytics`]) from rollups
-//! kept as records are written ([`analytics`]).
+//! kept as records are written ([`log::analytics`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub mod analytics;
 pub mod cache;
-pub mod disk;
 pub mod limit;
-pub mod limit_memory;
-pub mod limit_redis;
 pub mod log;
-mod log_bodies;
-pub mod log_postgres;
-pub mod log_sqlite;
-pub mod memory;
-pub mod redis;
 mod sqlite;
-pub mod tiered;
 
-pub use self::analytics::{
+pub use self::cache::disk::DiskCacheStore;
+pub use self::cache::memory::MemoryCacheStore;
+pub use self::cache::redis::RedisCacheStore;
+pub use self::cache::tiered::TieredCache;
+pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
+pub use self::limit::memory::{LimitClock, MemoryLimitStore, DEFAULT_LIMIT_MAX_KEYS};
+pub use self::limit::redis::{RedisLimitStore, LIMIT_REDIS_OP_TIMEOUT};
+pub use self::limit::{Decision, LimitSpec, RateLimitStore, Reservation, Technique, MAX_SUB_WINDOWS};
+pub use self::log::analytics::{
     Analytics, AnalyticsBucket, AnalyticsGroup, AnalyticsQuery, AnalyticsStats, Granularity, GroupBy,
     HOUR_ROLLUP_RETENTION_MS, MAX_ANALYTICS_BUCKETS, MINUTE_ROLLUP_RETENTION_MS,
 };
-pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
-pub use self::disk::DiskCacheStore;
-pub use self::limit::{Decision, LimitSpec, RateLimitStore, Reservation, Technique, MAX_SUB_WINDOWS};
-pub use self::limit_memory::{LimitClock, MemoryLimitStore, DEFAULT_LIMIT_MAX_KEYS};
-pub use self::limit_redis::{RedisLimitStore, LIMIT_REDIS_OP_TIMEOUT};
+pub use self::log::postgres::{PostgresLogStore, DEFAULT_LOG_TABLE};
+pub use self::log::sqlite::{SqliteLogStore, LOG_SQLITE_FILE};
 pub use self::log::{
     log_id_at, AtCap, LogFilter, LogPage, LogRecord, LogStore, MetaValue, Retention, DEFAULT_LIST_LIMIT,
     DELETE_CHUNK_ROWS, MAX_LIST_LIMIT, MAX_METADATA,
 };
-pub use self::log_postgres::{PostgresLogStore, DEFAULT_LOG_TABLE};
-pub use self::log_sqlite::{SqliteLogStore, LOG_SQLITE_FILE};
-pub use self::memory::MemoryCacheStore;
-pub use self::redis::RedisCacheStore;
-pub use self::tiered::TieredCache;
 
 /// TTL cap of the memory tier in front of Redis: how long a replica may serve an entry purged
 /// elsewhere.

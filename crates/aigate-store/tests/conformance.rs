@@ -503,15 +503,15 @@ async fn redis_large_entries_are_compressed() {
     let client = ::redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let raw_small: Vec<u8> = ::redis::cmd("GET")
-        .arg(aigate_store::redis::redis_key(&ns, &key(&ns, 1)))
+        .arg(aigate_store::cache::redis::redis_key(&ns, &key(&ns, 1)))
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(raw_small[0], aigate_store::redis::FLAG_RAW);
+    assert_eq!(raw_small[0], aigate_store::cache::redis::FLAG_RAW);
     assert_eq!(&raw_small[1..], &small.encode()[..]);
-    let big_key = aigate_store::redis::redis_key(&ns, &key(&ns, 2));
+    let big_key = aigate_store::cache::redis::redis_key(&ns, &key(&ns, 2));
     let raw_big: Vec<u8> = ::redis::cmd("GET").arg(&big_key).query_async(&mut conn).await.unwrap();
-    assert_eq!(raw_big[0], aigate_store::redis::FLAG_LZ4);
+    assert_eq!(raw_big[0], aigate_store::cache::redis::FLAG_LZ4);
     assert!(raw_big.len() < big.encode().len() / 4, "{} vs {}", raw_big.len(), big.encode().len());
     // Expiry is Redis's: PTTL within the entry's lifetime.
     let pttl: i64 = ::redis::cmd("PTTL").arg(&big_key).query_async(&mut conn).await.unwrap();

@@ -576,7 +576,7 @@ async fn redis_keys_expire() {
     for technique in [Technique::Fixed, Technique::Sliding] {
         let sp = spec(10, 60_000, technique);
         f.store.acquire(&k, &sp, 1).await.unwrap();
-        let rkey = aigate_store::limit_redis::redis_limit_key(&k, &sp);
+        let rkey = aigate_store::limit::redis::redis_limit_key(&k, &sp);
         let pttl: i64 = ::redis::cmd("PTTL").arg(&rkey).query_async(&mut conn).await.unwrap();
         assert!(pttl > 0 && pttl <= 61_000, "{technique}: {pttl}");
         let _: () = ::redis::cmd("DEL").arg(&rkey).query_async(&mut conn).await.unwrap();

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aigate_store::analytics::{nearest_rank, DAY_MS, MINUTE_MS};
+use aigate_store::log::analytics::{nearest_rank, DAY_MS, MINUTE_MS};
 use aigate_store::{
     build_log_store, log_id_at, Analytics, AnalyticsQuery, AnalyticsStats, AtCap, Granularity, GroupBy, LogBackend,
     LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore, Retention, SqliteLogStore, StoreError,

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::memory::now_ms;
+use crate::cache::memory::now_ms;
 use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, StoreError};
 
 /// File name of the database inside the directory given to [`DiskCacheStore::open`].

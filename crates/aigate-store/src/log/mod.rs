@@ -25,7 +25,7 @@
 //! committed (the row counts stay exact).
 //!
 //! Analytics: the same stores keep traffic rollups in the transaction of every insert and answer
-//! [`LogStore::analytics`] from them (see [`crate::analytics`]).
+//! [`LogStore::analytics`] from them (see [`crate::log::analytics`]).
 //!
 //! Implementations: [`crate::SqliteLogStore`] (embedded, default) and [`crate::PostgresLogStore`]
 //! (shared by replicas); both pass `tests/log_conformance.rs`.
@@ -39,6 +39,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::{Analytics, AnalyticsQuery, StoreError};
+
+pub mod analytics;
+mod bodies;
+pub mod postgres;
+pub mod sqlite;
 
 /// Metadata entries kept per record; extra entries are dropped on insert.
 pub const MAX_METADATA: usize = 5;
@@ -353,7 +358,7 @@ pub trait LogStore: Send + Sync + 'static {
     /// [`log_id_at`], so no two of its records share an id); with [`AtCap::StopInserting`] the
     /// batch is inserted in order only until the cap is reached.
     ///
-    /// The same transaction adds to the analytics rollups ([`crate::analytics`]) every record that
+    /// The same transaction adds to the analytics rollups ([`crate::log::analytics`]) every record that
     /// is not a duplicate id, including those dropped at the cap (analytics count traffic, not
     /// what is kept).
     async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError>;
@@ -370,7 +375,7 @@ pub trait LogStore: Send + Sync + 'static {
     async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError>;
 
     /// The gateway's traffic analytics over `q`'s range, from the rollups (see
-    /// [`crate::analytics`]). Rejects, as [`StoreError::Corrupt`] starting `invalid`, what
+    /// [`crate::log::analytics`]). Rejects, as [`StoreError::Corrupt`] starting `invalid`, what
     /// [`AnalyticsQuery::validate`] rejects.
     async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError>;
 

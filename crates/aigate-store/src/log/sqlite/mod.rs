@@ -3,7 +3,7 @@
 //! Layout: partition tables `logs_p{seq}` ([`Parts`], listed in `log_parts`: each holds one
 //! gateway's rows of one span of time) with one column per scalar field of [`LogRecord`],
 //! `metadata` as a JSON object text (entry order kept); the bodies are in segment files beside the
-//! database ([`crate::log_bodies`]: written once instead of twice through the WAL), the row holding where
+//! database ([`crate::log::bodies`]: written once instead of twice through the WAL), the row holding where
 //! (`body_seg`, `body_off`, `request_len`, `response_len`; rows of schema 3 and older keep theirs
 //! in the BLOB columns `request_body`, `response_body`, still read). Since schema 6 a table is a
 //! rowid table keyed by one integer `k` = gateway number (table `log_gateways`) | `created_at_ms`
@@ -21,7 +21,7 @@
 //! index, `(gateway, event_id, created_at_ms, id)` on rows with an event id, serves event
 //! lookups. Table `log_counts(gateway, n)` holds each gateway's row count, kept in the same
 //! transaction as every insert and delete, so the retention check of a batch never counts rows.
-//! Table `log_rollups` holds the analytics rollups ([`crate::analytics`]), primary key
+//! Table `log_rollups` holds the analytics rollups ([`crate::log::analytics`]), primary key
 //! `(gateway, grain_ms, dim, bucket_ms, dim_value)` (a query reads one contiguous range per
 //! dimension), updated by upserts in the transaction of every insert. The schema version is
 //! `PRAGMA user_version`; opening a file of schema 5 or older copies its table into the schema-6
@@ -51,16 +51,16 @@ use rusqlite::functions::FunctionFlags;
 use rusqlite::types::{ToSqlOutput, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
 
-use crate::analytics::{
+use crate::cache::memory::now_ms;
+use crate::log::analytics::{
     aggregate, assemble, merge_hist_json, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS,
     HIST_MERGE_FN, HOUR_MS, INT_COLUMNS, MINUTE_MS,
 };
+use crate::log::bodies::{BodyFiles, BodyRef};
 use crate::log::{
     check_patch, decode_cursor, filter_sql, finite, log_id_counter, metadata_from_object_json, metadata_object_json,
     to_i64, to_u64, AtCap, Dialect, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
-use crate::log_bodies::{BodyFiles, BodyRef};
-use crate::memory::now_ms;
 use crate::{
     Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
     MINUTE_ROLLUP_RETENTION_MS,

@@ -8,7 +8,7 @@
 //! `<table>_counts(gateway, n)` holds each gateway's row count, kept in the transaction of every
 //! insert and delete; its row is locked first by every write, which serialises the writes of one
 //! gateway across replicas (so a cap holds exactly and trims never deadlock). `<table>_rollups`
-//! holds the analytics rollups ([`crate::analytics`]), primary key `(gateway, grain_ms, dim,
+//! holds the analytics rollups ([`crate::log::analytics`]), primary key `(gateway, grain_ms, dim,
 //! bucket_ms, dim_value)`, histogram as JSONB; every batch adds to them with one `INSERT … ON
 //! CONFLICT DO UPDATE` of its aggregated rows in key order, in the batch's transaction, so the sums
 //! stay exact when replicas write at once. `<table>_schema` holds the schema version.
@@ -39,7 +39,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use crate::analytics::{
+use crate::cache::memory::now_ms;
+use crate::log::analytics::{
     aggregate, assemble, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS, HOUR_MS,
     INT_COLUMNS, MINUTE_MS,
 };
@@ -47,7 +48,6 @@ use crate::log::{
     check_patch, encode_cursor, filter_sql, finite, invalid, stored_metadata, to_i64, to_u64, AtCap, Dialect,
     MetaValue, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
-use crate::memory::now_ms;
 use crate::{
     Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
     MINUTE_ROLLUP_RETENTION_MS,

@@ -309,7 +309,7 @@ pub struct AnalyticsStats {
     pub shadow_saved_usd: f64,
     /// Mean duration, ms (exact; `None` without requests).
     pub mean_ms: Option<f64>,
-    /// Median duration, ms (estimated, see [`crate::analytics`]).
+    /// Median duration, ms (estimated, see [`crate::log::analytics`]).
     pub p50_ms: Option<f64>,
     /// 95th percentile duration, ms (estimated).
     pub p95_ms: Option<f64>,

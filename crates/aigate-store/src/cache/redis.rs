@@ -26,7 +26,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 
-use crate::memory::now_ms;
+use crate::cache::memory::now_ms;
 use crate::{CacheKey, CacheStore, CachedResponse, StoreError};
 
 /// Encoded entries larger than this many bytes are LZ4-compressed.

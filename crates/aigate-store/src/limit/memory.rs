@@ -30,8 +30,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::cache::memory::now_ms;
 use crate::limit::{decision, leave_at, oldest_sub_window};
-use crate::memory::now_ms;
 use crate::{Decision, LimitSpec, RateLimitStore, Reservation, StoreError, Technique};
 
 /// Default key bound of [`crate::build_limit_store`]'s memory store (about 65 MB of sliding state when
