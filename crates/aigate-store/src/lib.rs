@@ -168,7 +168,7 @@ pub async fn build_log_store(backend: &LogBackend) -> Result<Arc<dyn LogStore>, 
         }
         LogBackend::Postgres { url } => {
             let store = PostgresLogStore::connect(url)?;
-            if let Err(e) = store.migrate().await {
+            if let Err(e) = store.ensure_schema().await {
                 tracing::warn!(error = %e, "log store: PostgreSQL schema not ready yet, will retry on first use");
             }
             Ok(Arc::new(store))

@@ -1,5 +1,6 @@
 //! One conformance suite for every [`LogStore`]: SQLite and PostgreSQL; then the backend-specific
-//! checks (persistence, backend selection, concurrent migration, failure behaviour).
+//! checks (persistence, backend selection, concurrent schema creation, refused schemas, failure
+//! behaviour).
 //!
 //! PostgreSQL tests use the server at `postgres://postgres@127.0.0.1:5432/test` (override with
 //! `AIGATE_TEST_POSTGRES_URL`) and FAIL when it is unreachable, unless `AIGATE_SKIP_POSTGRES=1`.
@@ -64,10 +65,10 @@ impl Drop for PgTables {
     }
 }
 
-/// A PostgreSQL store on fresh tables, migrated; panics when the server is unreachable.
+/// A PostgreSQL store on fresh tables, its schema created; panics when the server is unreachable.
 async fn pg_store(table: &str) -> PostgresLogStore {
     let store = PostgresLogStore::connect_with_table(&pg_url(), table).unwrap();
-    if let Err(e) = store.migrate().await {
+    if let Err(e) = store.ensure_schema().await {
         panic!("PostgreSQL at {} unreachable ({e}); start it or set AIGATE_SKIP_POSTGRES=1", pg_url());
     }
     store
@@ -1087,7 +1088,7 @@ async fn sqlite_unusable_path_is_an_error() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_replicas_migrate_at_once_and_share_rows() {
+async fn postgres_replicas_create_the_schema_at_once_and_share_rows() {
     if !pg_enabled() {
         return;
     }
@@ -1097,7 +1098,7 @@ async fn postgres_replicas_migrate_at_once_and_share_rows() {
         (0..4).map(|_| PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap()).collect();
     let runs = stores.iter().map(|s| {
         let s = s.clone();
-        tokio::spawn(async move { s.migrate().await })
+        tokio::spawn(async move { s.ensure_schema().await })
     });
     for r in runs.collect::<Vec<_>>() {
         r.await.unwrap().unwrap();
@@ -1125,6 +1126,33 @@ async fn postgres_replicas_migrate_at_once_and_share_rows() {
     assert_eq!(total, 25);
     assert_eq!(again.count("capped").await.unwrap(), 25);
     assert_eq!(all_ids(&again, "capped", &LogFilter { limit: Some(1000), ..LogFilter::default() }).await.len(), 25);
+}
+
+/// Tables of another schema version (a development build's) are refused, never converted: every
+/// operation fails with a message naming the tables and what to do.
+#[tokio::test]
+async fn postgres_table_of_another_schema_is_refused() {
+    if !pg_enabled() {
+        return;
+    }
+    let table = unique("old");
+    let _tables = PgTables(table.clone());
+    pg_store(&table).await;
+    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!(r#"UPDATE "{table}_schema" SET version = 1"#)).await.unwrap();
+    let s = PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap();
+    let want = format!(
+        "PostgreSQL table {table} has log schema 1; this aigate reads schema 2 only (the table comes from a \
+         development build): drop the tables {table}, {table}_counts, {table}_rollups and {table}_schema (or \
+         configure another table), and aigate creates new ones"
+    );
+    let err = s.ensure_schema().await.unwrap_err();
+    assert!(matches!(&err, StoreError::Unavailable(m) if *m == want), "{err:?}");
+    let err = s.insert_batch("gw", &[rec("a", now_ms())]).await.unwrap_err();
+    assert!(err.to_string().contains(&want), "{err}");
+    let version: i32 = client.query_one(&format!(r#"SELECT version FROM "{table}_schema""#), &[]).await.unwrap().get(0);
+    assert_eq!(version, 1, "the tables are left as they were");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

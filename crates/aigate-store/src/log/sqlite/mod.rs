@@ -46,7 +46,6 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::types::{ToSqlOutput, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior};
@@ -82,12 +81,6 @@ const PAGE_SIZE: u32 = 32 * 1024;
 
 /// Rows deleted before the file is asked to give pages back.
 const VACUUM_AFTER_ROWS: u64 = 1_000;
-
-/// Every column of `logs` but its key `k`, in table order.
-const LOG_COLUMNS: &str = "gateway, id, event_id, created_at_ms, provider, path, requested_model, served_model, \
-     status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, tokens_in, tokens_out, \
-     cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, user_agent, error, feedback, \
-     score, request_body, response_body, body_seg, body_off, request_len, response_len";
 
 /// The columns of the `logs` table after its key, as created.
 const LOG_COLUMN_DEFS: &str = "gateway TEXT NOT NULL,
@@ -135,12 +128,78 @@ fn create_logs_sql(table: &str) -> String {
     format!("CREATE TABLE {table} (\n             k INTEGER PRIMARY KEY,\n             {LOG_COLUMN_DEFS}\n         );")
 }
 
-/// The schema-5 `logs` table (read by the migration to schema 6), keyed by
-/// `(gateway, created_at_ms, id)` without a rowid.
-fn create_logs_v5_sql(table: &str) -> String {
+/// The schema of a new file: every table but the partitions (created as a gateway needs them,
+/// [`create_part_sql`]), and the version.
+fn create_schema_sql() -> String {
     format!(
-        "CREATE TABLE {table} (\n             {LOG_COLUMN_DEFS},\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;"
+        "CREATE TABLE IF NOT EXISTS log_gateways (
+             name TEXT PRIMARY KEY NOT NULL,
+             no INTEGER NOT NULL UNIQUE
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS log_placed (ms_key INTEGER PRIMARY KEY);
+         CREATE TABLE IF NOT EXISTS log_parts (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             gateway INTEGER NOT NULL,
+             lo INTEGER NOT NULL,
+             n INTEGER NOT NULL
+         );
+         CREATE UNIQUE INDEX IF NOT EXISTS log_parts_gateway_lo ON log_parts(gateway, lo);
+         CREATE TABLE IF NOT EXISTS log_part_segs (
+             seq INTEGER NOT NULL,
+             seg INTEGER NOT NULL,
+             n INTEGER NOT NULL,
+             PRIMARY KEY (seq, seg)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS log_counts (
+             gateway TEXT PRIMARY KEY NOT NULL,
+             n INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS log_rollups (
+             gateway TEXT NOT NULL,
+             grain_ms INTEGER NOT NULL,
+             dim TEXT NOT NULL,
+             bucket_ms INTEGER NOT NULL,
+             dim_value TEXT NOT NULL,
+             requests INTEGER NOT NULL,
+             errors INTEGER NOT NULL,
+             cache_hits INTEGER NOT NULL,
+             shadow_hits INTEGER NOT NULL,
+             tokens_in INTEGER NOT NULL,
+             tokens_out INTEGER NOT NULL,
+             cached_tokens_in INTEGER NOT NULL,
+             reasoning_tokens INTEGER NOT NULL,
+             cost_unknown INTEGER NOT NULL,
+             cost_usd REAL NOT NULL,
+             saved_usd REAL NOT NULL,
+             shadow_saved_usd REAL NOT NULL,
+             duration_sum_ms REAL NOT NULL,
+             hist TEXT NOT NULL,
+             PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS body_segments (
+             seg INTEGER PRIMARY KEY NOT NULL,
+             live INTEGER NOT NULL
+         );
+         PRAGMA user_version = {SCHEMA_VERSION};"
     )
+}
+
+/// Accepts a file of the current schema, or a new one (`user_version` 0 and no table); refuses any
+/// other, saying what to do: aigate converts no older schema (only development builds wrote them).
+fn check_version(path: &Path, version: i64, tables: i64) -> Result<(), StoreError> {
+    if version == SCHEMA_VERSION || (version == 0 && tables == 0) {
+        return Ok(());
+    }
+    let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let (has, from) = match version {
+        0 => ("tables but no log schema".to_owned(), "another program"),
+        v => (format!("log schema {v}"), "a development build"),
+    };
+    Err(StoreError::Unavailable(format!(
+        "{file} has {has}; this aigate reads schema {SCHEMA_VERSION} only (the file comes from {from}): \
+         move it away or delete it, and aigate creates a new one (file: {path})",
+        path = path.display()
+    )))
 }
 
 /// The insert of [`insert_one`] into `table`.
@@ -155,11 +214,6 @@ const INSERT_TAIL: &str = "(gateway, id, event_id, created_at_ms, provider, path
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
      ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33) \
      ON CONFLICT (k) DO NOTHING";
-
-/// How far from its id's timestamp a row written before schema 5 may have its `created_at_ms`
-/// (the gateway read the clock for each separately, microseconds apart); a lookup by id that
-/// misses its time searches this far either side.
-const LEGACY_ID_SKEW_MS: u64 = 1_000;
 
 /// Bits of [`key`]: a slot within the millisecond (12), the millisecond (42: Unix ms up to the
 /// year 2109; later times share the last one) and, above, the gateway's number (9).
@@ -596,109 +650,6 @@ impl std::fmt::Debug for SqliteLogStore {
     }
 }
 
-/// Copies the schema-5 table `logs` into the schema-6 layout (in key order, each row placed as
-/// [`place`] does) and puts the copy in its place. Runs in the open's transaction.
-fn migrate_to_6(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute_batch(&create_logs_sql("logs_v6")).map_err(sql_err)?;
-    let mut numbers: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    {
-        let mut read = tx
-            .prepare(&format!("SELECT {LOG_COLUMNS} FROM logs ORDER BY gateway, created_at_ms, id"))
-            .map_err(sql_err)?;
-        let columns = read.column_count();
-        let placeholders: Vec<String> = (1..=columns + 1).map(|i| format!("?{i}")).collect();
-        let mut write = tx
-            .prepare(&format!(
-                "INSERT INTO logs_v6 ({LOG_COLUMNS}, k) VALUES ({}) ON CONFLICT (k) DO NOTHING",
-                placeholders.join(", ")
-            ))
-            .map_err(sql_err)?;
-        let mut rows = read.query([]).map_err(sql_err)?;
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            let mut values: Vec<Value> = (0..columns).map(|i| row.get(i)).collect::<Result<_, _>>().map_err(sql_err)?;
-            let (Value::Text(gateway), Value::Text(id), Value::Integer(ms)) = (&values[0], &values[1], &values[3])
-            else {
-                return Err(StoreError::Corrupt("log row without gateway, id or time".into()));
-            };
-            let (id, ms) = (id.clone(), to_u64(*ms));
-            let no = match numbers.get(gateway) {
-                Some(no) => *no,
-                None => {
-                    let no = gateway_number_or_new(tx, gateway)?;
-                    numbers.insert(gateway.clone(), no);
-                    no
-                }
-            };
-            // Placed, not put at the slot its id names: rows of older schemas can share a
-            // millisecond with ids that name none, and the keys must sort as the rows do.
-            if let Placement::At(k) = place(tx, "logs_v6", no, ms, &id)? {
-                values.push(Value::Integer(k));
-                write.execute(rusqlite::params_from_iter(values.iter())).map_err(sql_err)?;
-            }
-        }
-    }
-    tx.execute_batch("DROP TABLE logs; ALTER TABLE logs_v6 RENAME TO logs;").map_err(sql_err)?;
-    Ok(())
-}
-
-/// Splits the schema-6 table `logs` (every gateway's rows) into one partition per gateway
-/// ([`Parts`]): the table becomes the partition of the gateway with the most rows (renamed,
-/// nothing copied); the rows of any other gateway are copied into a partition of their own. Runs
-/// in the open's transaction.
-fn migrate_to_7(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute_batch(
-        "CREATE INDEX IF NOT EXISTS logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
-             WHERE event_id IS NOT NULL;",
-    )
-    .map_err(sql_err)?;
-    let per_gateway: Vec<(i64, i64)> = {
-        let mut st = tx
-            .prepare(&format!(
-                "SELECT k >> {shift} AS no, count(*) FROM logs GROUP BY no ORDER BY count(*) DESC",
-                shift = MS_BITS + SLOT_BITS
-            ))
-            .map_err(sql_err)?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql_err)?;
-        rows.collect::<Result<_, _>>().map_err(sql_err)?
-    };
-    // Registers partition `table`'s rows: the partition and its rows per body segment.
-    let register = |no: i64, n: i64, table: &str| -> Result<i64, StoreError> {
-        tx.execute("INSERT INTO log_parts (gateway, lo, n) VALUES (?1, ?2, ?3)", params![no, gateway_keys(no).0, n])
-            .map_err(sql_err)?;
-        let seq = tx.last_insert_rowid();
-        tx.execute(
-            &format!(
-                "INSERT INTO log_part_segs (seq, seg, n) SELECT ?1, body_seg, count(*) FROM {table} \
-                 WHERE body_seg IS NOT NULL GROUP BY body_seg"
-            ),
-            [seq],
-        )
-        .map_err(sql_err)?;
-        Ok(seq)
-    };
-    let Some(&(first, n)) = per_gateway.first() else {
-        return tx.execute_batch("DROP TABLE logs;").map_err(sql_err);
-    };
-    for &(no, _) in &per_gateway[1..] {
-        let (lo, hi) = gateway_keys(no);
-        tx.execute_batch("DROP TABLE IF EXISTS logs_moving;").map_err(sql_err)?;
-        tx.execute_batch(&create_logs_sql("logs_moving")).map_err(sql_err)?;
-        let n = tx
-            .execute(
-                &format!("INSERT INTO logs_moving (k, {LOG_COLUMNS}) SELECT k, {LOG_COLUMNS} FROM logs WHERE k BETWEEN ?1 AND ?2"),
-                [lo, hi],
-            )
-            .map_err(sql_err)?;
-        tx.execute("DELETE FROM logs WHERE k BETWEEN ?1 AND ?2", [lo, hi]).map_err(sql_err)?;
-        let seq = register(no, to_i64(n as u64), "logs_moving")?;
-        let table = part_table(seq);
-        tx.execute_batch(&format!("ALTER TABLE logs_moving RENAME TO {table}; {}", part_index_sql(&table)))
-            .map_err(sql_err)?;
-    }
-    let seq = register(first, n, "logs")?;
-    tx.execute_batch(&format!("ALTER TABLE logs RENAME TO {};", part_table(seq))).map_err(sql_err)
-}
-
 impl SqliteLogStore {
     /// Opens (creating the parent directory, the file and the schema if needed) the store at `path`.
     /// Blocking: call it at startup or on the blocking pool.
@@ -733,42 +684,8 @@ impl SqliteLogStore {
         )
         .map_err(sql_err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Unavailable(format!(
-                "log store {}: schema version {version} is newer than this aigate's {SCHEMA_VERSION}",
-                path.display()
-            )));
-        }
-        let has_logs: bool = conn
-            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'logs'", [], |r| r.get(0))
-            .map_err(sql_err)?;
-        // Schema 4 adds where a row's bodies are to an existing table.
-        let has_body_seg: bool = conn
-            .query_row("SELECT count(*) FROM pragma_table_info('logs') WHERE name = 'body_seg'", [], |r| r.get(0))
-            .map_err(sql_err)?;
-        let migrate_4 = if has_logs && !has_body_seg {
-            "ALTER TABLE logs ADD COLUMN body_seg INTEGER; ALTER TABLE logs ADD COLUMN body_off INTEGER; \
-             ALTER TABLE logs ADD COLUMN request_len INTEGER; ALTER TABLE logs ADD COLUMN response_len INTEGER;"
-        } else {
-            ""
-        };
-        // Schema 5 keyed the table by (gateway, created_at_ms, id) instead of a rowid plus two
-        // indexes: an older table is copied into that layout first, in key order.
-        let migrate_5 = if has_logs && version < 5 {
-            format!(
-                "{create} INSERT INTO logs_v5 ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM logs \
-                 ORDER BY gateway, created_at_ms, id; DROP TABLE logs; ALTER TABLE logs_v5 RENAME TO logs;",
-                create = create_logs_v5_sql("logs_v5")
-            )
-        } else {
-            String::new()
-        };
-        let migrate_6 = has_logs && version < 6;
-        let migrate_7 = has_logs && version < 7;
-        if migrate_6 {
-            let rows: i64 = conn.query_row("SELECT count(*) FROM logs", [], |r| r.get(0)).map_err(sql_err)?;
-            tracing::info!(path = %path.display(), rows, "rebuilding the log table in the schema-6 layout (once)");
-        }
+        let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(sql_err)?;
+        check_version(path, version, tables)?;
         // page_size and auto_vacuum only take effect before the first table is created.
         conn.execute_batch(&format!(
             "PRAGMA page_size = {PAGE_SIZE};
@@ -777,75 +694,12 @@ impl SqliteLogStore {
              PRAGMA synchronous = NORMAL;"
         ))
         .map_err(sql_err)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
-        tx.execute_batch(&format!(
-            "{migrate_4}
-             {migrate_5}
-             CREATE TABLE IF NOT EXISTS log_gateways (
-                 name TEXT PRIMARY KEY NOT NULL,
-                 no INTEGER NOT NULL UNIQUE
-             ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS log_placed (ms_key INTEGER PRIMARY KEY);
-             CREATE TABLE IF NOT EXISTS log_parts (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                 gateway INTEGER NOT NULL,
-                 lo INTEGER NOT NULL,
-                 n INTEGER NOT NULL
-             );
-             CREATE UNIQUE INDEX IF NOT EXISTS log_parts_gateway_lo ON log_parts(gateway, lo);
-             CREATE TABLE IF NOT EXISTS log_part_segs (
-                 seq INTEGER NOT NULL,
-                 seg INTEGER NOT NULL,
-                 n INTEGER NOT NULL,
-                 PRIMARY KEY (seq, seg)
-             ) WITHOUT ROWID;"
-        ))
-        .map_err(sql_err)?;
-        if migrate_6 {
-            migrate_to_6(&tx)?;
-        }
-        if migrate_7 {
-            migrate_to_7(&tx)?;
-        }
-        tx.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS log_counts (
-                 gateway TEXT PRIMARY KEY NOT NULL,
-                 n INTEGER NOT NULL
-             ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS log_rollups (
-                 gateway TEXT NOT NULL,
-                 grain_ms INTEGER NOT NULL,
-                 dim TEXT NOT NULL,
-                 bucket_ms INTEGER NOT NULL,
-                 dim_value TEXT NOT NULL,
-                 requests INTEGER NOT NULL,
-                 errors INTEGER NOT NULL,
-                 cache_hits INTEGER NOT NULL,
-                 shadow_hits INTEGER NOT NULL,
-                 tokens_in INTEGER NOT NULL,
-                 tokens_out INTEGER NOT NULL,
-                 cached_tokens_in INTEGER NOT NULL,
-                 reasoning_tokens INTEGER NOT NULL,
-                 cost_unknown INTEGER NOT NULL,
-                 cost_usd REAL NOT NULL,
-                 saved_usd REAL NOT NULL,
-                 shadow_saved_usd REAL NOT NULL,
-                 duration_sum_ms REAL NOT NULL,
-                 hist TEXT NOT NULL,
-                 PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
-             ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS body_segments (
-                 seg INTEGER PRIMARY KEY NOT NULL,
-                 live INTEGER NOT NULL
-             );
-             PRAGMA user_version = {SCHEMA_VERSION};"
-        ))
-        .map_err(sql_err)?;
-        tx.commit().map_err(sql_err)?;
-        if migrate_6 || migrate_7 {
-            // Give the old table's pages back to the file system.
-            crate::sqlite::give_back_free_pages(&conn, 0).map_err(sql_err)?;
-            tracing::info!(path = %path.display(), "log table rebuilt in partitions");
+        if version == 0 {
+            // A new file. Under the write lock, and idempotent: two processes creating the file at
+            // once create the schema once.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            tx.execute_batch(&create_schema_sql()).map_err(sql_err)?;
+            tx.commit().map_err(sql_err)?;
         }
         // Segments no row points into (the last one written before a restart can be one) go.
         conn.execute("DELETE FROM body_segments WHERE live <= 0", []).map_err(sql_err)?;
@@ -1084,10 +938,10 @@ fn release_segments(
     Ok(())
 }
 
-/// The table and key of the gateway's row with id `id`, if there is one. An id the gateway made
-/// names its time and, mostly, its slot: the row is read at that key, then searched for in its
-/// millisecond (placed elsewhere: [`place`]), then within [`LEGACY_ID_SKEW_MS`] of it (rows stored
-/// before schema 5); any other id (never one the gateway makes) by a scan of the gateway's rows.
+/// The table and key of the gateway's row with id `id`, if there is one. A UUIDv7 id (the gateway
+/// makes every id so, [`crate::log::log_id_at`]) names its time and, mostly, its slot: the row is
+/// read at that key, else searched for in its millisecond (placed elsewhere: [`place`]); any other
+/// id by a scan of the gateway's rows.
 fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<(String, i64)>, StoreError> {
     let Some(no) = gateway_number(conn, gateway)? else { return Ok(None) };
     let parts = Parts::load(conn, no)?;
@@ -1117,11 +971,6 @@ fn find_id(conn: &Connection, gateway: &str, id: &str) -> Result<Option<(String,
         }
     }
     let (lo, hi) = ms_keys(no, t);
-    if let Some(found) = within(lo, hi)? {
-        return Ok(Some(found));
-    }
-    let lo = ms_keys(no, t.saturating_sub(LEGACY_ID_SKEW_MS)).0;
-    let hi = ms_keys(no, t.saturating_add(LEGACY_ID_SKEW_MS)).1;
     within(lo, hi)
 }
 
@@ -1449,8 +1298,8 @@ fn decode_rollup(row: &Row<'_>) -> rusqlite::Result<Result<RollupRow, StoreError
     }))
 }
 
-/// Decodes a row of [`LIST_COLUMNS`] (followed by the bodies when `bodies`).
-fn decode(row: &Row<'_>, bodies: bool) -> rusqlite::Result<Result<LogRecord, StoreError>> {
+/// Decodes a row of [`LIST_COLUMNS`] (the bodies are read apart, from their segment).
+fn decode(row: &Row<'_>) -> rusqlite::Result<Result<LogRecord, StoreError>> {
     let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(row.get::<_, Option<i64>>(i)?.map(to_u64)) };
     let metadata: Option<String> = row.get(23)?;
     let metadata = match metadata.as_deref().map(metadata_from_object_json).transpose() {
@@ -1459,11 +1308,6 @@ fn decode(row: &Row<'_>, bodies: bool) -> rusqlite::Result<Result<LogRecord, Sto
     };
     let status: i64 = row.get(8)?;
     let feedback: Option<i64> = row.get(26)?;
-    let (request_body, response_body) = if bodies {
-        (row.get::<_, Option<Vec<u8>>>(28)?.map(Bytes::from), row.get::<_, Option<Vec<u8>>>(29)?.map(Bytes::from))
-    } else {
-        (None, None)
-    };
     Ok(Ok(LogRecord {
         id: row.get(0)?,
         event_id: row.get(1)?,
@@ -1491,8 +1335,8 @@ fn decode(row: &Row<'_>, bodies: bool) -> rusqlite::Result<Result<LogRecord, Sto
         metadata,
         user_agent: row.get(24)?,
         error: row.get(25)?,
-        request_body,
-        response_body,
+        request_body: None,
+        response_body: None,
         feedback: feedback.and_then(|f| i8::try_from(f).ok()),
         score: row.get(27)?,
     }))
@@ -1731,9 +1575,7 @@ impl LogStore for SqliteLogStore {
                 let sql =
                     format!("SELECT {LIST_COLUMNS} FROM {} WHERE {} ORDER BY k DESC LIMIT {l}", parts.table(i), w.sql);
                 let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
-                let rows = stmt
-                    .query_map(rusqlite::params_from_iter(w.params.iter()), |r| decode(r, false))
-                    .map_err(sql_err)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(w.params.iter()), decode).map_err(sql_err)?;
                 for row in rows {
                     records.push(row.map_err(sql_err)??);
                 }
@@ -1754,19 +1596,18 @@ impl LogStore for SqliteLogStore {
         self.read(move |db| {
             let Some((table, k)) = find_id(&db.conn, &gateway, &id)? else { return Ok(None) };
             let sql = format!(
-                "SELECT {LIST_COLUMNS}, request_body, response_body, body_seg, body_off, request_len, response_len \
-                 FROM {table} WHERE k = ?1"
+                "SELECT {LIST_COLUMNS}, body_seg, body_off, request_len, response_len FROM {table} WHERE k = ?1"
             );
             let mut stmt = db.conn.prepare_cached(&sql).map_err(sql_err)?;
             let found = stmt
                 .query_row([k], |r| {
-                    let body = match (r.get::<_, Option<i64>>(30)?, r.get::<_, Option<i64>>(31)?) {
+                    let body = match (r.get::<_, Option<i64>>(28)?, r.get::<_, Option<i64>>(29)?) {
                         (Some(seg), Some(off)) => {
-                            Some(BodyRef { seg, off, request_len: r.get(32)?, response_len: r.get(33)? })
+                            Some(BodyRef { seg, off, request_len: r.get(30)?, response_len: r.get(31)? })
                         }
                         _ => None,
                     };
-                    Ok((decode(r, true)?, body))
+                    Ok((decode(r)?, body))
                 })
                 .optional()
                 .map_err(sql_err)?;
@@ -1922,24 +1763,12 @@ mod tests {
 
     use super::*;
     use crate::log::log_id_at;
+    use bytes::Bytes;
 
     fn index_names(conn: &Connection, table: &str) -> Vec<String> {
         let mut st = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = ?1").unwrap();
         let names = st.query_map([table], |r| r.get::<_, String>(0)).unwrap();
         names.map(Result::unwrap).collect()
-    }
-
-    /// Checks that the file holds the current schema.
-    fn assert_current(conn: &Connection) {
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-    }
-
-    /// Opens the file at `path`, checking that it holds the current schema.
-    fn current_file(path: &Path) -> Connection {
-        let conn = Connection::open(path).unwrap();
-        assert_current(&conn);
-        conn
     }
 
     /// The partition tables of gateway `gateway`, oldest first.
@@ -1961,121 +1790,63 @@ mod tests {
         (dir.join(LOG_SQLITE_FILE), dir)
     }
 
-    /// A file of an older schema: `logs` as `table_sql` creates it, then `indexes`, the event-id
-    /// index, the count and segment tables, and `version`.
-    fn old_file(path: &Path, table_sql: &str, indexes: &str, version: i64) -> Connection {
-        let conn = Connection::open(path).unwrap();
-        conn.execute_batch(&format!(
-            "PRAGMA page_size = {PAGE_SIZE}; PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
-             {table_sql}
-             {indexes}
-             CREATE INDEX logs_gateway_event_id ON logs(gateway, event_id, created_at_ms, id)
-                 WHERE event_id IS NOT NULL;
-             CREATE TABLE log_counts (gateway TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
-             CREATE TABLE body_segments (seg INTEGER PRIMARY KEY NOT NULL, live INTEGER NOT NULL);
-             PRAGMA user_version = {version};"
-        ))
-        .unwrap();
-        conn
-    }
-
-    /// A file in the schema-4 layout, as aigate before schema 5 created it: a rowid table with a
-    /// unique index of ids and a time index.
-    fn schema_4_file(path: &Path) -> Connection {
-        let table = create_logs_v5_sql("logs")
-            .replace(",\n             PRIMARY KEY (gateway, created_at_ms, id)\n         ) WITHOUT ROWID;", ");");
-        let conn = old_file(
-            path,
-            &table,
-            "CREATE UNIQUE INDEX logs_gateway_id ON logs(gateway, id);
-             CREATE INDEX logs_gateway_time ON logs(gateway, created_at_ms, id);",
-            4,
-        );
-        let sql: String =
-            conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
-        assert!(!sql.contains("WITHOUT ROWID") && sql.contains("response_len INTEGER)"), "{sql}");
-        conn
-    }
-
-    /// Inserts a minimal row in whatever layout the file has.
-    fn legacy_row(conn: &Connection, gateway: &str, id: &str, created_at_ms: u64) {
-        conn.execute(
-            "INSERT INTO logs (gateway, id, created_at_ms, provider, path, status, success, cache_status, stream, \
-             duration_ms, custom_cost) VALUES (?1, ?2, ?3, 'openai', 'chat/completions', 200, 1, 'MISS', 0, 1.0, 0)",
-            params![gateway, id, to_i64(created_at_ms)],
-        )
-        .unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_schema_4_file_is_rebuilt_keyed_by_time_and_its_ids_still_resolve() {
-        let (path, dir) = temp_path("migrate-4");
-        let t = now_ms() - 60_000;
-        // Before schema 5 the gateway read the clock for the id and the time separately: a row's
-        // created_at_ms can be a millisecond past its id's timestamp.
-        let ids: Vec<(String, u64)> = (0..50u64).map(|i| (log_id_at(t + i).to_string(), t + i + i % 2)).collect();
+    /// A file of another schema (an older development build's) is refused at open, unchanged, with
+    /// a message saying what to do; so is a file holding other tables.
+    #[test]
+    fn a_file_of_another_schema_is_refused() {
+        let (path, dir) = temp_path("schema-5");
         {
-            let conn = schema_4_file(&path);
-            for (id, ms) in &ids {
-                legacy_row(&conn, "gw", id, *ms);
-            }
-            legacy_row(&conn, "other", "not-a-uuid", t);
-            conn.execute_batch("INSERT INTO log_counts VALUES ('gw', 50), ('other', 1);").unwrap();
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE logs (id TEXT); PRAGMA user_version = 5;").unwrap();
         }
-        let s = SqliteLogStore::open(&path).unwrap();
-        assert_eq!(s.count("gw").await.unwrap(), 50);
-        for (id, ms) in &ids {
-            let got = s.get("gw", id).await.unwrap().unwrap();
-            assert_eq!((&got.id, got.created_at_ms), (id, *ms));
-        }
-        assert!(s.patch("gw", &ids[1].0, Some(1), None).await.unwrap());
-        assert_eq!(s.get("gw", &ids[1].0).await.unwrap().unwrap().feedback, Some(1));
-        assert_eq!(s.get("other", "not-a-uuid").await.unwrap().unwrap().created_at_ms, t);
-        assert_eq!(s.get("gw", &log_id_at(t + 5000).to_string()).await.unwrap(), None);
-        assert_eq!(s.get("other", &ids[0].0).await.unwrap(), None, "gateways stay apart");
-        // Newest first, by (created_at_ms, id), across pages.
-        let mut listed = Vec::new();
-        let mut f = LogFilter { limit: Some(7), ..LogFilter::default() };
-        loop {
-            let page = s.list("gw", &f).await.unwrap();
-            listed.extend(page.records.into_iter().map(|r| (r.id, r.created_at_ms)));
-            match page.next_cursor {
-                Some(c) => f.cursor = Some(c),
-                None => break,
-            }
-        }
-        let mut want = ids.clone();
-        want.sort_by(|a, b| (b.1, &b.0).cmp(&(a.1, &a.0)));
-        assert_eq!(listed, want);
-        // A replayed record (same id and time) is not stored twice; a new one goes in.
-        let mut again = s.get("gw", &ids[3].0).await.unwrap().unwrap();
-        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&again)).await.unwrap(), 0);
-        again.id = log_id_at(t + 100).to_string();
-        again.created_at_ms = t + 100;
-        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&again)).await.unwrap(), 1);
-        assert_eq!(s.count("gw").await.unwrap(), 51);
-        drop(s);
-        let conn = current_file(&path);
-        // One partition per gateway, each keyed by `k` with the event-id index.
-        for gw in ["gw", "other"] {
-            let tables = part_tables(&conn, gw);
-            assert_eq!(tables.len(), 1, "{gw}: {tables:?}");
-            let sql: String =
-                conn.query_row("SELECT sql FROM sqlite_schema WHERE name = ?1", [&tables[0]], |r| r.get(0)).unwrap();
-            assert!(sql.contains("k INTEGER PRIMARY KEY") && !sql.contains("WITHOUT ROWID"), "{sql}");
-            let indexes = index_names(&conn, &tables[0]);
-            assert_eq!(indexes.iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1, "{indexes:?}");
-        }
-        let left: i64 =
-            conn.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
-        assert_eq!(left, 0, "no table `logs` is left");
-        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
-        assert_eq!(free, 0, "the old table's pages went back to the file system");
+        let err = SqliteLogStore::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "logs.sqlite3 has log schema 5; this aigate reads schema 7 only (the file comes from a development \
+                 build): move it away or delete it, and aigate creates a new one"
+            ),
+            "{err}"
+        );
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!((version, mode.as_str()), (5, "delete"), "the file is left as it was");
+        conn.execute_batch("PRAGMA user_version = 0;").unwrap();
         drop(conn);
-        // A later open finds the schema current and changes nothing.
+        let err = SqliteLogStore::open(&path).unwrap_err().to_string();
+        assert!(err.contains("logs.sqlite3 has tables but no log schema; this aigate reads schema 7 only"), "{err}");
+        // Moved away: a new file is created, and reopened as it is.
+        std::fs::remove_file(&path).unwrap();
+        drop(SqliteLogStore::open(&path).unwrap());
         let s = SqliteLogStore::open(&path).unwrap();
-        assert_eq!(s.count("gw").await.unwrap(), 51);
         drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lookup by event id uses the partition's partial index (`event_id = ?` implies `IS NOT
+    /// NULL`).
+    #[tokio::test]
+    async fn an_event_id_lookup_uses_the_partial_index() {
+        let (path, dir) = temp_path("event-index");
+        let s = SqliteLogStore::open(&path).unwrap();
+        s.insert_batch("default", &[record("a", now_ms())]).await.unwrap();
+        drop(s);
+        let conn = Connection::open(&path).unwrap();
+        let table = part_tables(&conn, "default").remove(0);
+        let names = index_names(&conn, &table);
+        assert_eq!(names, [format!("{table}_event_id")]);
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT id FROM {table} WHERE gateway = ?1 AND event_id = ?2 \
+                 ORDER BY created_at_ms DESC, id DESC LIMIT 50"
+            ))
+            .unwrap()
+            .query_map(params!["default", "ev-1"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(plan.iter().any(|p| p.contains(&names[0])), "{plan:?}");
+        drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -2111,44 +1882,6 @@ mod tests {
             assert!(p.contains("USING INTEGER PRIMARY KEY"), "{sql}: {p}");
             assert!(!p.contains(&format!("SCAN {table}")) && !p.contains("TEMP B-TREE FOR ORDER BY"), "{sql}: {p}");
         }
-        drop(conn);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
-    async fn a_schema_3_file_keeps_its_in_row_bodies_and_gets_segments() {
-        let (path, dir) = temp_path("migrate-3");
-        {
-            // A schema-3 file: the schema-4 layout without the body segment columns, a row holding
-            // its bodies in the row.
-            let conn = schema_4_file(&path);
-            conn.execute_batch(
-                "DROP TABLE body_segments;
-                 ALTER TABLE logs DROP COLUMN body_seg; ALTER TABLE logs DROP COLUMN body_off;
-                 ALTER TABLE logs DROP COLUMN request_len; ALTER TABLE logs DROP COLUMN response_len;
-                 INSERT INTO logs (gateway, id, created_at_ms, provider, path, status, success, cache_status,
-                     stream, duration_ms, custom_cost, request_body, response_body)
-                 VALUES ('gw', 'old', 1, 'openai', '/v1/chat/completions', 200, 1, 'MISS', 0, 1.0, 0,
-                     x'7b7d', x'5b5d');
-                 PRAGMA user_version = 3;",
-            )
-            .unwrap();
-        }
-        let s = SqliteLogStore::open(&path).unwrap();
-        let old = s.get("gw", "old").await.unwrap().unwrap();
-        assert_eq!(old.request_body.as_deref(), Some(&b"{}"[..]));
-        assert_eq!(old.response_body.as_deref(), Some(&b"[]"[..]));
-        let mut new = old.clone();
-        new.id = "new".into();
-        new.response_body = Some(Bytes::from_static(b"segment"));
-        s.insert_batch("gw", std::slice::from_ref(&new)).await.unwrap();
-        assert_eq!(s.get("gw", "new").await.unwrap().unwrap(), new);
-        drop(s);
-        let conn = current_file(&path);
-        let table = part_tables(&conn, "gw").remove(0);
-        let in_row: Option<Vec<u8>> =
-            conn.query_row(&format!("SELECT response_body FROM {table} WHERE id = 'new'"), [], |r| r.get(0)).unwrap();
-        assert_eq!(in_row, None, "new bodies go to the segment files");
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -2385,71 +2118,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A schema-6 file: table `logs` holds every gateway's rows. The gateway with the most becomes
-    /// its partition by a rename; the others' rows are copied into partitions of their own.
-    #[tokio::test]
-    async fn a_schema_6_file_is_split_into_partitions() {
-        let (path, dir) = temp_path("migrate-6");
-        let t = now_ms() - 60_000;
-        let ids = |n: u64, from: u64| -> Vec<(String, u64)> {
-            (0..n).map(|i| (log_id_at(t + from + i).to_string(), t + from + i)).collect()
-        };
-        let (big, small) = (ids(30, 0), ids(5, 100));
-        {
-            let conn = old_file(&path, &create_logs_sql("logs"), "", 6);
-            conn.execute_batch(
-                "CREATE TABLE log_gateways (name TEXT PRIMARY KEY NOT NULL, no INTEGER NOT NULL UNIQUE) WITHOUT ROWID;
-                 CREATE TABLE log_placed (ms_key INTEGER PRIMARY KEY);
-                 INSERT INTO log_gateways VALUES ('small', 0), ('big', 1);
-                 INSERT INTO log_counts VALUES ('big', 30), ('small', 5);",
-            )
-            .unwrap();
-            for (gw, no, rows) in [("big", 1, &big), ("small", 0, &small)] {
-                for (id, ms) in rows {
-                    let k = own_key(no, *ms, id).unwrap();
-                    conn.execute(
-                        "INSERT INTO logs (k, gateway, id, created_at_ms, provider, path, status, success, \
-                         cache_status, stream, duration_ms, custom_cost) \
-                         VALUES (?1, ?2, ?3, ?4, 'openai', 'chat/completions', 200, 1, 'MISS', 0, 1.0, 0)",
-                        params![k, gw, id, to_i64(*ms)],
-                    )
-                    .unwrap();
-                }
-            }
-        }
-        let s = SqliteLogStore::open(&path).unwrap();
-        for (gw, rows) in [("big", &big), ("small", &small)] {
-            assert_eq!(s.count(gw).await.unwrap(), rows.len() as u64);
-            let mut want: Vec<(u64, String)> = rows.iter().map(|(id, ms)| (*ms, id.clone())).collect();
-            want.reverse();
-            assert_eq!(listed(&s, gw, 4).await, want, "{gw}");
-            for (id, ms) in rows {
-                assert_eq!(s.get(gw, id).await.unwrap().unwrap().created_at_ms, *ms);
-            }
-        }
-        assert_eq!(s.get("small", &big[0].0).await.unwrap(), None, "gateways stay apart");
-        let new = record(&log_id_at(t + 200).to_string(), t + 200);
-        assert_eq!(s.insert_batch("small", std::slice::from_ref(&new)).await.unwrap(), 1);
-        assert_eq!(s.count("small").await.unwrap(), 6);
-        drop(s);
-        let conn = current_file(&path);
-        let logs: i64 =
-            conn.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'logs'", [], |r| r.get(0)).unwrap();
-        assert_eq!(logs, 0);
-        let (big_parts, small_parts) = (part_tables(&conn, "big"), part_tables(&conn, "small"));
-        assert_eq!((big_parts.len(), small_parts.len()), (1, 1));
-        assert!(
-            index_names(&conn, &big_parts[0]).contains(&"logs_gateway_event_id".to_owned()),
-            "the largest gateway's partition is the renamed table, with its index"
-        );
-        for table in [&big_parts[0], &small_parts[0]] {
-            let indexes = index_names(&conn, table);
-            assert_eq!(indexes.iter().filter(|n| !n.starts_with("sqlite_autoindex")).count(), 1, "{indexes:?}");
-        }
-        drop(conn);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
     #[tokio::test]
     async fn gateway_numbers_run_out_and_are_reused_from_empty_gateways() {
         let (path, dir) = temp_path("gateways");
@@ -2469,93 +2137,6 @@ mod tests {
         assert_eq!(listed(&s, "g7", 10).await, []);
         assert_eq!(listed(&s, "g8", 10).await.len(), 1);
         drop(s);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
-    async fn a_schema_5_file_is_rebuilt_with_row_keys() {
-        let (path, dir) = temp_path("migrate-5");
-        let t = now_ms() - 60_000;
-        // Schema-5 ids: random rand_a (two of them on one slot), ids of no UUID, two gateways.
-        let mut rows: Vec<(&str, String, u64)> =
-            (0..30u64).map(|i| ("gw", log_id_at(t + i / 3).to_string(), t + i / 3)).collect();
-        rows.push(("gw", id_with_counter(t + 20, 9, 1), t + 20));
-        rows.push(("gw", id_with_counter(t + 20, 9, 2), t + 20));
-        rows.extend((0..4).map(|i| ("gw", format!("custom-{i}"), t + 20)));
-        rows.push(("other", "only".to_owned(), t));
-        {
-            let conn = old_file(&path, &create_logs_v5_sql("logs"), "", 5);
-            for (gw, id, ms) in &rows {
-                legacy_row(&conn, gw, id, *ms);
-            }
-            conn.execute("UPDATE logs SET event_id = 'e1' WHERE id = 'custom-2'", []).unwrap();
-            conn.execute_batch("INSERT INTO log_counts VALUES ('gw', 36), ('other', 1);").unwrap();
-        }
-        let s = SqliteLogStore::open(&path).unwrap();
-        assert_eq!((s.count("gw").await.unwrap(), s.count("other").await.unwrap()), (36, 1));
-        let mut want: Vec<(u64, String)> =
-            rows.iter().filter(|r| r.0 == "gw").map(|(_, id, ms)| (*ms, id.clone())).collect();
-        want.sort_by(|a, b| b.cmp(a));
-        assert_eq!(listed(&s, "gw", 4).await, want);
-        for (gw, id, ms) in &rows {
-            assert_eq!(s.get(gw, id).await.unwrap().unwrap().created_at_ms, *ms, "{id}");
-        }
-        let by_event = s.list("gw", &LogFilter { event_id: Some("e1".into()), ..LogFilter::default() }).await.unwrap();
-        assert_eq!(by_event.records.len(), 1);
-        assert!(s.patch("gw", "custom-1", Some(-1), Some(0.5)).await.unwrap());
-        assert_eq!(s.get("gw", "custom-1").await.unwrap().unwrap().feedback, Some(-1));
-        // New records go in next to the old ones; the oldest go first at a cap.
-        let new = record(&log_id_at(t + 20).to_string(), t + 20);
-        assert_eq!(s.insert_batch("gw", std::slice::from_ref(&new)).await.unwrap(), 1);
-        s.set_retention("gw", Retention { max_records: 10, at_cap: AtCap::DeleteOldest, max_age_ms: None });
-        assert_eq!(s.enforce_retention("gw").await.unwrap(), 27);
-        want.push((new.created_at_ms, new.id.clone()));
-        want.sort_by(|a, b| b.cmp(a));
-        want.truncate(10);
-        assert_eq!(listed(&s, "gw", 3).await, want);
-        drop(s);
-        let conn = current_file(&path);
-        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap();
-        assert!(free < 100, "the old table's pages went back ({free} free)");
-        drop(conn);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_schema_2_file_is_migrated_to_the_partial_event_index() {
-        let (path, dir) = temp_path("migrate-2");
-        {
-            // A schema-2 file: the schema-4 layout with a full event index.
-            let conn = schema_4_file(&path);
-            conn.execute_batch(
-                "DROP INDEX logs_gateway_event_id;
-                 CREATE INDEX logs_gateway_event ON logs(gateway, event_id, created_at_ms, id);
-                 PRAGMA user_version = 2;",
-            )
-            .unwrap();
-            legacy_row(&conn, "default", "a", 1);
-        }
-        let s = SqliteLogStore::open(&path).unwrap();
-        drop(s);
-        let conn = Connection::open(&path).unwrap();
-        let table = part_tables(&conn, "default").remove(0);
-        let names = index_names(&conn, &table);
-        assert!(names.iter().any(|n| n == "logs_gateway_event_id"), "{names:?}");
-        assert!(!names.iter().any(|n| n == "logs_gateway_event"), "{names:?}");
-        assert_current(&conn);
-        // A lookup by event id still uses an index (`event_id = ?` implies IS NOT NULL).
-        let plan: Vec<String> = conn
-            .prepare(&format!(
-                "EXPLAIN QUERY PLAN SELECT id FROM {table} WHERE gateway = ?1 AND event_id = ?2 \
-                 ORDER BY created_at_ms DESC, id DESC LIMIT 50"
-            ))
-            .unwrap()
-            .query_map(params!["default", "ev-1"], |r| r.get::<_, String>(3))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert!(plan.iter().any(|p| p.contains("logs_gateway_event_id")), "{plan:?}");
-        drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
