@@ -185,7 +185,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .batch_execute(&format!(r#"DROP TABLE IF EXISTS "{t}", "{t}_counts", "{t}_rollups", "{t}_schema""#))
                 .await?;
             let pg = PostgresLogStore::connect_with_table(&url, BENCH_TABLE)?;
-            pg.migrate().await?;
+            pg.ensure_schema().await?;
             run("postgres", &pg, n).await?;
             let size: i64 =
                 client.query_one(&format!(r#"SELECT pg_total_relation_size('"{t}_rollups"')"#), &[]).await?.get(0);
