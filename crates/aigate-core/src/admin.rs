@@ -226,7 +226,7 @@ fn store_result<T>(
             Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "api_error", "internal"),
         },
         // Invalid filters (a bad cursor) come back from the store as errors too.
-        Err(aigate_store::StoreError::Corrupt(m)) => bad_request(&m),
+        Err(aigate_store::StoreError::InvalidInput(m)) => bad_request(&m),
         Err(e) => store_error(&e),
     }
 }

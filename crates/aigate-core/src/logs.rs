@@ -541,15 +541,6 @@ impl LogPipeline {
 /// Extension of a spill file being rewritten after a partial replay (a leftover one is removed).
 const SPILL_REWRITE_EXT: &str = "rewrite";
 
-/// Opens the configured log store without waiting on the network: SQLite opens its file now;
-/// PostgreSQL connects and migrates its schema on first use (and retries after failures).
-pub fn open_store(backend: &aigate_store::LogBackend) -> Result<Arc<dyn LogStore>, StoreError> {
-    Ok(match backend {
-        aigate_store::LogBackend::Sqlite { path } => Arc::new(aigate_store::SqliteLogStore::open(path)?),
-        aigate_store::LogBackend::Postgres { url } => Arc::new(aigate_store::PostgresLogStore::connect(url)?),
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Finalising a record
 // ---------------------------------------------------------------------------------------------

@@ -89,21 +89,16 @@ impl AppState {
     pub fn new(settings: Settings) -> Result<Arc<AppState>, StartError> {
         let client = upstream::build_client(&settings.upstream)?;
         let clock = Arc::new(Clock::default());
-        let store = aigate_store::build_cache(&settings.storage.cache, settings.storage.cache_memory)?;
+        let store = aigate_store::build_cache(&settings.storage.cache, settings.storage.cache_memory, &clock)?;
         let cache = CacheLayer::new(store, clock.clone());
-        let log_store = crate::logs::open_store(&settings.storage.logs).map_err(|e| StartError::Logs(e.to_string()))?;
+        let log_store = aigate_store::open_log_store(&settings.storage.logs, &clock)
+            .map_err(|e| StartError::Logs(e.to_string()))?;
         let log_stats = Arc::new(LogStats::default());
         let limit_stats = Arc::new(LimitStats::default());
         let metrics = Metrics::new(cache.clone(), log_stats.clone(), limit_stats.clone());
-        let limit_store: Arc<dyn aigate_store::RateLimitStore> = if settings.storage.limits == "memory" {
-            let c = clock.clone();
-            Arc::new(
-                aigate_store::MemoryLimitStore::new(aigate_store::DEFAULT_LIMIT_MAX_KEYS)
-                    .with_clock(Arc::new(move || c.now_ms())),
-            )
-        } else {
-            aigate_store::build_limit_store(&settings.storage.limits).map_err(StartError::Limits)?
-        };
+        let limit_backend = aigate_store::LimitBackend::parse(&settings.storage.limits).map_err(StartError::Limits)?;
+        let limit_store =
+            aigate_store::build_limit_store(&limit_backend, &clock).map_err(|e| StartError::Limits(e.to_string()))?;
         let limits = Arc::new(LimitLayer::new(
             limit_store,
             settings.limits.clone(),

@@ -23,7 +23,7 @@
 //! stored sparse, as a JSON object `{"<bucket index>": count}`, merged in SQL inside the upsert.
 //!
 //! Bounds: a query covers at most [`MAX_ANALYTICS_BUCKETS`] buckets; invalid queries are rejected
-//! as [`StoreError::Corrupt`] with a message starting `invalid` (check first with
+//! as [`StoreError::InvalidInput`] with a message starting `invalid` (check first with
 //! [`AnalyticsQuery::validate`] to answer 400).
 
 use std::borrow::Cow;
@@ -1133,7 +1133,7 @@ mod tests {
         assert_eq!(q2.bucket_count(), 1);
         assert!(AnalyticsQuery { from_ms: 2, to_ms: 1, ..q.clone() }.validate().is_err());
         let long = AnalyticsQuery { to_ms: 50_001 * MINUTE_MS, ..q.clone() };
-        assert!(matches!(plan(&long), Err(StoreError::Corrupt(m)) if m.starts_with("invalid")));
+        assert!(matches!(plan(&long), Err(StoreError::InvalidInput(m)) if m.starts_with("invalid")));
         assert!(AnalyticsQuery { to_ms: 50_000 * MINUTE_MS, ..q.clone() }.validate().is_ok());
         assert!(AnalyticsQuery { to_ms: u64::MAX, granularity: Granularity::Day, ..q }.validate().is_err());
     }

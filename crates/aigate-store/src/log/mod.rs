@@ -18,7 +18,7 @@
 //!
 //! Failure behaviour: errors come back as [`StoreError`], never as panics. Invalid input (a
 //! malformed cursor, a feedback other than -1/+1, a non-finite score) is rejected as
-//! [`StoreError::Corrupt`] with a message starting `invalid`; API layers check it first with
+//! [`StoreError::InvalidInput`] with a message starting `invalid`; API layers check it first with
 //! [`LogFilter::validate`] to answer 400. Non-finite floats inside a record are stored as unknown
 //! (`None`; a non-finite `duration_ms` as 0), because neither backend can hold them faithfully.
 //! An insert is atomic; a delete or retention run that fails part-way keeps the chunks it already
@@ -375,7 +375,7 @@ pub trait LogStore: Send + Sync + 'static {
     async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError>;
 
     /// The gateway's traffic analytics over `q`'s range, from the rollups (see
-    /// [`crate::log::analytics`]). Rejects, as [`StoreError::Corrupt`] starting `invalid`, what
+    /// [`crate::log::analytics`]). Rejects, as [`StoreError::InvalidInput`], what
     /// [`AnalyticsQuery::validate`] rejects.
     async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError>;
 
@@ -485,7 +485,7 @@ pub(crate) fn log_id_time_ms(id: &str) -> Option<u64> {
 
 /// The error for rejected input.
 pub(crate) fn invalid(msg: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("invalid {msg}"))
+    StoreError::InvalidInput(format!("invalid {msg}"))
 }
 
 /// Checks a patch's arguments.
@@ -832,7 +832,7 @@ mod tests {
         assert!(decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("x:y")).is_err());
         let f = LogFilter { cursor: Some("nope".into()), ..LogFilter::default() };
         assert!(f.validate().is_err());
-        assert!(matches!(filter_sql(Dialect::Sqlite, "gw", &f, true), Err(StoreError::Corrupt(_))));
+        assert!(matches!(filter_sql(Dialect::Sqlite, "gw", &f, true), Err(StoreError::InvalidInput(_))));
     }
 
     #[test]

@@ -40,7 +40,6 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use crate::cache::memory::now_ms;
 use crate::log::analytics::{
     aggregate, assemble, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS, HOUR_MS,
     INT_COLUMNS, MINUTE_MS,
@@ -50,7 +49,7 @@ use crate::log::{
     MetaValue, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
 use crate::{
-    Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
+    Analytics, AnalyticsQuery, Clock, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
     MINUTE_ROLLUP_RETENTION_MS,
 };
 
@@ -270,6 +269,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct PostgresLogStore {
     inner: Arc<Shared>,
+    /// Where the retention cutoffs (`max_age_ms`, rollup pruning) are measured from.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for PostgresLogStore {
@@ -321,7 +322,13 @@ impl PostgresLogStore {
                 schema_ready: tokio::sync::OnceCell::new(),
                 retention: Retentions::default(),
             }),
+            clock: Clock::system(),
         })
+    }
+
+    /// The same store on `clock` instead of the system clock.
+    pub fn with_clock(self, clock: Clock) -> PostgresLogStore {
+        PostgresLogStore { clock, ..self }
     }
 
     /// The table holding the records.
@@ -395,7 +402,7 @@ impl PostgresLogStore {
             Some(r) if r.at_cap == AtCap::StopInserting => {
                 // Make room from expired rows before refusing any.
                 if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
-                    let (cutoff, limit) = (to_i64(now_ms().saturating_sub(age)), to_i64(DELETE_CHUNK_ROWS));
+                    let (cutoff, limit) = (to_i64(self.clock.now_ms().saturating_sub(age)), to_i64(DELETE_CHUNK_ROWS));
                     let d = tx.execute(&q.delete_older, &[&gateway, &cutoff, &limit]).await.map_err(pg_err)?;
                     n = n.saturating_sub(d);
                 }
@@ -467,7 +474,7 @@ impl PostgresLogStore {
 
     /// Deletes the gateway's expired rollup rows, [`DELETE_CHUNK_ROWS`] per statement.
     async fn prune_rollups(&self, gateway: &str) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let minute_cutoff = to_i64(now.saturating_sub(MINUTE_ROLLUP_RETENTION_MS));
         let hour_cutoff = to_i64(now.saturating_sub(HOUR_ROLLUP_RETENTION_MS));
         let (minute, hour, limit) = (to_i64(MINUTE_MS), to_i64(HOUR_MS), to_i64(DELETE_CHUNK_ROWS));
@@ -930,7 +937,7 @@ impl LogStore for PostgresLogStore {
     async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
         timed(self.prune_rollups(gateway)).await?;
         let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
-        let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
+        let cutoff = r.max_age_ms.map(|age| self.clock.now_ms().saturating_sub(age));
         let mut total = 0;
         loop {
             let d = timed(self.retention_step(gateway, r, cutoff)).await?;

@@ -59,12 +59,11 @@ use self::keys::load_placed;
 use self::parts::PartPolicy;
 use self::schema::{check_version, create_schema_sql, PAGE_SIZE};
 use self::write::{count_rows, upsert_rollups};
-use crate::cache::memory::now_ms;
 use crate::log::analytics::{aggregate, merge_hist_json, plan, HIST_MERGE_FN};
 use crate::log::bodies::BodyFiles;
 use crate::log::{check_patch, filter_sql, to_i64, Dialect, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS};
 use crate::{
-    Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
+    Analytics, AnalyticsQuery, Clock, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
     MINUTE_ROLLUP_RETENTION_MS,
 };
 
@@ -115,6 +114,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct SqliteLogStore {
     inner: Arc<Shared>,
+    /// Where the retention cutoffs (`max_age_ms`, rollup pruning) are measured from.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for SqliteLogStore {
@@ -191,7 +192,13 @@ impl SqliteLogStore {
                 placed: Mutex::new(placed),
                 policy,
             }),
+            clock: Clock::system(),
         })
+    }
+
+    /// The same store on `clock` instead of the system clock.
+    pub fn with_clock(self, clock: Clock) -> SqliteLogStore {
+        SqliteLogStore { clock, ..self }
     }
 
     /// Path of the database file.
@@ -201,7 +208,7 @@ impl SqliteLogStore {
 
     /// Deletes the gateway's expired rollup rows, [`DELETE_CHUNK_ROWS`] per transaction.
     async fn prune_rollups(&self, gateway: &str) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let minute_cutoff = to_i64(now.saturating_sub(MINUTE_ROLLUP_RETENTION_MS));
         let hour_cutoff = to_i64(now.saturating_sub(HOUR_ROLLUP_RETENTION_MS));
         let cutoffs = (minute_cutoff, hour_cutoff);
@@ -297,8 +304,8 @@ impl LogStore for SqliteLogStore {
         }
         let retention = self.inner.retention.get(gateway);
         let gateway = gateway.to_owned();
-        let shared = self.inner.clone();
-        self.write(move |tx, bodies| write::insert_batch(tx, bodies, &shared, &gateway, &records, retention)).await
+        let (shared, now) = (self.inner.clone(), self.clock.now_ms());
+        self.write(move |tx, bodies| write::insert_batch(tx, bodies, &shared, &gateway, &records, retention, now)).await
     }
 
     async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError> {
@@ -373,7 +380,7 @@ impl LogStore for SqliteLogStore {
     async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
         self.prune_rollups(gateway).await?;
         let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
-        let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
+        let cutoff = r.max_age_ms.map(|age| self.clock.now_ms().saturating_sub(age));
         let policy = self.inner.policy;
         let mut total = 0;
         loop {

@@ -97,7 +97,7 @@ pub(super) struct ListQuery {
 }
 
 impl ListQuery {
-    /// Checks `filter` (an invalid one is [`StoreError::Corrupt`] starting `invalid`).
+    /// Checks `filter` (an invalid one is [`StoreError::InvalidInput`]).
     pub(super) fn new(gateway: &str, filter: &LogFilter) -> Result<ListQuery, StoreError> {
         Ok(ListQuery {
             gateway: gateway.to_owned(),

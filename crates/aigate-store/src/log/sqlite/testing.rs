@@ -9,7 +9,6 @@ pub(super) use rusqlite::{params, Connection};
 
 use super::schema::part_table;
 pub(super) use super::{SqliteLogStore, LOG_SQLITE_FILE};
-pub(super) use crate::cache::memory::now_ms;
 pub(super) use crate::log::{log_id_at, to_u64};
 pub(super) use crate::{AtCap, LogFilter, LogRecord, LogStore, Retention};
 
@@ -74,4 +73,9 @@ pub(super) fn id_with_counter(ms: u64, counter: u16, tail: u8) -> String {
     let [hi, lo] = counter.to_be_bytes();
     (b[6], b[7], b[15]) = (0x70 | hi, lo, tail);
     uuid::Uuid::from_bytes(b).to_string()
+}
+
+/// Now, Unix ms, on the system clock.
+pub(super) fn now_ms() -> u64 {
+    crate::Clock::system().now_ms()
 }

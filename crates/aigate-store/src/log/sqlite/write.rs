@@ -16,7 +16,6 @@ use super::parts::Parts;
 use super::retention::{expire, trim_to_cap};
 use super::schema::insert_sql;
 use super::{sql_err, Shared};
-use crate::cache::memory::now_ms;
 use crate::log::analytics::{aggregate, upsert_set_sql, Rollup, RollupKey, FLOAT_COLUMNS, INT_COLUMNS};
 use crate::log::bodies::{BodyFiles, BodyRef};
 use crate::log::{finite, metadata_object_json, to_i64, to_u64, AtCap, Retention, DELETE_CHUNK_ROWS};
@@ -212,8 +211,9 @@ pub(super) fn upsert_rollups(
 
 /// Inserts `records` into `gateway`'s partitions in transaction `tx`, honouring its `retention`
 /// (see [`crate::LogStore::insert_batch`]): their bodies go to the current segment, the gateway's
-/// row count and the rollups are updated, and at the cap the oldest rows go. Returns the rows
-/// inserted and the rows removed.
+/// row count and the rollups are updated, and at the cap the oldest rows go (or, with
+/// [`AtCap::StopInserting`], rows older than `max_age_ms` at `now_ms` first make room). Returns the
+/// rows inserted and the rows removed.
 pub(super) fn insert_batch(
     tx: &Transaction<'_>,
     bodies: &mut BodyFiles,
@@ -221,6 +221,7 @@ pub(super) fn insert_batch(
     gateway: &str,
     records: &[LogRecord],
     retention: Option<Retention>,
+    now_ms: u64,
 ) -> Result<(u64, u64), StoreError> {
     let no = gateway_number_or_new(tx, &gateway)?;
     let policy = shared.policy;
@@ -233,7 +234,7 @@ pub(super) fn insert_batch(
         Some(r) if r.at_cap == AtCap::StopInserting => {
             // Make room from expired rows before refusing any.
             if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
-                let d = expire(tx, bodies, &mut parts, now_ms().saturating_sub(age), DELETE_CHUNK_ROWS)?;
+                let d = expire(tx, bodies, &mut parts, now_ms.saturating_sub(age), DELETE_CHUNK_ROWS)?;
                 removed += d;
                 n = n.saturating_sub(d);
             }
