@@ -13,7 +13,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::error::Error;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aigate_store::log::analytics::DAY_MS;
 use aigate_store::{
@@ -89,7 +89,7 @@ fn record(rng: &mut Rng, i: u64, ms: u64) -> LogRecord {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    aigate_store::Clock::system().now_ms()
 }
 
 async fn seed(store: &dyn LogStore, n: u64, start: u64, end: u64) -> Result<Duration, Box<dyn Error>> {

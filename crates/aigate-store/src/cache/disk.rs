@@ -9,7 +9,8 @@
 //! Bounds: the logical size of the rows (encoded value + key + namespace + a fixed row overhead) is
 //! kept at or under `max_bytes`. When a put goes over, expired rows are deleted first, then the rows
 //! expiring soonest, until the total fits (those count as evictions). An entry larger than the whole
-//! cap is not stored. Expired rows are never returned and are swept every
+//! cap is not stored. Expired rows (on the store's clock, [`DiskCacheStore::with_clock`], the system
+//! clock by default) are never returned and are swept every
 //! [`RECLAIM_EVERY_PUTS`] puts, at open, and on [`DiskCacheStore::reclaim_expired`]. The SQLite file
 //! itself is larger than the logical size by page overhead and the WAL.
 //!

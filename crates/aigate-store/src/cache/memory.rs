@@ -3,7 +3,8 @@
 //! Bounds: the total [`CachedResponse::weight`] of the held entries stays at or under the
 //! `max_bytes` given to [`MemoryCacheStore::new`] (moka applies the bound asynchronously, so it may be
 //! exceeded briefly until its maintenance runs; TinyLFU admission decides what is kept). Each entry
-//! lives until its own `expires_at_ms`, optionally capped by [`MemoryCacheStore::with_ttl_cap`] (used
+//! lives until its own `expires_at_ms` on the store's clock ([`MemoryCacheStore::with_clock`], the
+//! system clock by default), optionally capped by [`MemoryCacheStore::with_ttl_cap`] (used
 //! when the memory tier sits in front of a shared store such as Redis, so a purge on another replica
 //! is seen here within the cap).
 //!

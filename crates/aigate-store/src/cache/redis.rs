@@ -5,7 +5,8 @@
 //! prepended, as `compress_prepend_size` writes it) when it is larger than
 //! [`COMPRESS_THRESHOLD`] bytes and compression actually shrinks it.
 //!
-//! Bounds: each entry is stored with `SET .. PX`, so Redis expires it at `expires_at_ms`; the total
+//! Bounds: each entry is stored with `SET .. PX` (the time left on the store's clock,
+//! [`RedisCacheStore::with_clock`]), so Redis expires it at `expires_at_ms`; the total
 //! size is bounded by the Redis server's own `maxmemory` policy. Decoded entries are limited to
 //! [`MAX_DECODED_BYTES`]. [`CacheStore::stats`] is unknown (all zeros).
 //!

@@ -18,10 +18,10 @@
 //! smallest harm. Size `max_keys` above the number of keys active within one period; evictions are
 //! counted ([`MemoryLimitStore::evictions`]).
 //!
-//! Time comes from a clock returning Unix ms ([`MemoryLimitStore::with_clock`], system time by
-//! default), so tests drive it by hand. Cost (criterion, `benches/limits.rs`): ~0.15 µs per fixed and
-//! ~0.7 µs per sliding acquire at p50 (the sliding sum reads up to 61 counters). A clock stepping backwards never panics: counts of windows
-//! "in the future" are ignored or reset.
+//! Time comes from an injected [`crate::Clock`] ([`MemoryLimitStore::with_clock`], the system clock
+//! by default), so tests drive it by hand. An acquire costs a shard lock and a counter update; a
+//! sliding one also sums the up to 61 counters of its ring (`benches/limits.rs` measures both). A
+//! clock stepping backwards never panics: counts of windows "in the future" are ignored or reset.
 //!
 //! Failure behaviour: none; every operation is infallible and the async methods always return `Ok`.
 

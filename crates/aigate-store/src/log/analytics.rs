@@ -870,7 +870,8 @@ pub(crate) fn upsert_set_sql(postgres: bool, t: &str) -> String {
         )
     } else {
         // A function of the SQLite store's connection (`merge_hist_json`): merging in SQL with
-        // `json_each`, `GROUP BY` and `json_group_object` cost ~280k instructions per upserted row.
+        // `json_each`, `GROUP BY` and `json_group_object` would build and group a table of every
+        // bucket for each upserted row.
         format!("hist = {HIST_MERGE_FN}({t}.hist, excluded.hist)")
     });
     sets.join(", ")

@@ -128,7 +128,7 @@ pub(super) fn delete_front(
 /// Deletes the `n` first rows of partition `seq` in the keys `[lo, hi]`; returns how many. The
 /// key of the `n`-th is found first and everything up to it is deleted as one range, without `RETURNING`
 /// (which would make SQLite collect the keys and seek each row again); the bodies' segments are
-/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT n)` cost about as much
+/// counted from the same range beforehand. (Deleting `IN (SELECT … LIMIT n)` costs about as much
 /// per row as inserting one.)
 pub(super) fn delete_front_in(
     tx: &Transaction<'_>,
