@@ -257,7 +257,7 @@ pub(super) fn forget_placed(
     gateway: &str,
     placed: &Mutex<BTreeSet<i64>>,
 ) -> Result<(), StoreError> {
-    let Some(no) = gateway_number(tx, &gateway)? else { return Ok(()) };
+    let Some(no) = gateway_number(tx, gateway)? else { return Ok(()) };
     let (lo, hi) = gateway_keys(no);
     let parts = Parts::load(tx, no)?;
     let mut oldest = None;

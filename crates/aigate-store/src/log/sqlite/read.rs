@@ -180,7 +180,7 @@ pub(super) fn get(
     gateway: &str,
     id: &str,
 ) -> Result<Option<LogRecord>, StoreError> {
-    let Some((table, k)) = find_id(conn, &gateway, &id)? else { return Ok(None) };
+    let Some((table, k)) = find_id(conn, gateway, id)? else { return Ok(None) };
     let sql = format!("SELECT {LIST_COLUMNS}, body_seg, body_off, request_len, response_len FROM {table} WHERE k = ?1");
     let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
     let found = stmt

@@ -250,7 +250,7 @@ pub(super) fn delete_chunk(
     w: &SqlWhere,
     (from_ms, to_ms): (Option<u64>, Option<u64>),
 ) -> Result<u64, StoreError> {
-    let Some(no) = gateway_number(tx, &gateway)? else { return Ok(0) };
+    let Some(no) = gateway_number(tx, gateway)? else { return Ok(0) };
     let Some((lo, hi)) = time_keys(no, from_ms, to_ms) else { return Ok(0) };
     let mut parts = Parts::load(tx, no)?;
     let mut d = 0;
@@ -277,8 +277,8 @@ pub(super) fn delete_chunk(
         d += di;
     }
     if d > 0 {
-        let n = count_rows(tx, &gateway)?;
-        set_count(tx, &gateway, n.saturating_sub(d))?;
+        let n = count_rows(tx, gateway)?;
+        set_count(tx, gateway, n.saturating_sub(d))?;
     }
     Ok(d)
 }
@@ -293,12 +293,12 @@ pub(super) fn enforce_step(
     r: &Retention,
     cutoff_ms: Option<u64>,
 ) -> Result<u64, StoreError> {
-    let Some(no) = gateway_number(tx, &gateway)? else { return Ok(0) };
+    let Some(no) = gateway_number(tx, gateway)? else { return Ok(0) };
     let mut parts = Parts::load(tx, no)?;
-    let n = count_rows(tx, &gateway)?;
-    let removed = retention_step(tx, bodies, (&mut parts, policy), &r, cutoff_ms, n)?;
+    let n = count_rows(tx, gateway)?;
+    let removed = retention_step(tx, bodies, (&mut parts, policy), r, cutoff_ms, n)?;
     if removed > 0 {
-        set_count(tx, &gateway, n.saturating_sub(removed))?;
+        set_count(tx, gateway, n.saturating_sub(removed))?;
     }
     Ok(removed)
 }

@@ -223,12 +223,12 @@ pub(super) fn insert_batch(
     retention: Option<Retention>,
     now_ms: u64,
 ) -> Result<(u64, u64), StoreError> {
-    let no = gateway_number_or_new(tx, &gateway)?;
+    let no = gateway_number_or_new(tx, gateway)?;
     let policy = shared.policy;
     let mut parts = Parts::load(tx, no)?;
     parts.roll(tx, policy.roll_rows(retention))?;
     let mut placed = shared.placed.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut n = count_rows(tx, &gateway)?;
+    let mut n = count_rows(tx, gateway)?;
     let mut removed = 0;
     let cap = match retention {
         Some(r) if r.at_cap == AtCap::StopInserting => {
@@ -275,7 +275,7 @@ pub(super) fn insert_batch(
             let Some((_, table, stmt)) = current.as_mut() else { unreachable!("set above") };
             let body = bodies.add(r.request_body.as_ref(), r.response_body.as_ref());
             let (new, bound) =
-                insert_one(tx, stmt, (&gateway, no, table.as_str()), &mut placed, r, body, prev.as_ref())?;
+                insert_one(tx, stmt, (gateway, no, table.as_str()), &mut placed, r, body, prev.as_ref())?;
             prev = Some(bound);
             if new {
                 n += 1;
@@ -337,14 +337,14 @@ pub(super) fn insert_batch(
             }
         }
     }
-    upsert_rollups(tx, &gateway, &aggregate(counted))?;
+    upsert_rollups(tx, gateway, &aggregate(counted))?;
     if let Some(r) = retention.filter(|r| r.at_cap == AtCap::DeleteOldest && n > r.max_records) {
         let chunk = DELETE_CHUNK_ROWS.max(records.len() as u64);
         let d = trim_to_cap(tx, bodies, (&mut parts, policy), &r, n, chunk)?;
         removed += d;
         n = n.saturating_sub(d);
     }
-    set_count(tx, &gateway, n)?;
+    set_count(tx, gateway, n)?;
     Ok((inserted, removed))
 }
 
@@ -356,7 +356,7 @@ pub(super) fn patch(
     feedback: Option<i8>,
     score: Option<f64>,
 ) -> Result<bool, StoreError> {
-    let Some((table, k)) = find_id(tx, &gateway, &id)? else { return Ok(false) };
+    let Some((table, k)) = find_id(tx, gateway, id)? else { return Ok(false) };
     let n = tx
         .execute(
             &format!("UPDATE {table} SET feedback = COALESCE(?2, feedback), score = COALESCE(?3, score) WHERE k = ?1"),
