@@ -139,7 +139,7 @@ impl GatewayError {
     /// else a 503 naming the store.
     pub fn store(store: &'static str, e: aigate_store::StoreError) -> GatewayError {
         match e {
-            aigate_store::StoreError::Corrupt(m) => GatewayError::BadRequest(m),
+            aigate_store::StoreError::InvalidInput(m) => GatewayError::BadRequest(m),
             e => GatewayError::StoreUnavailable { store, message: e.to_string() },
         }
     }

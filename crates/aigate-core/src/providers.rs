@@ -40,6 +40,16 @@ impl AuthStyle {
         }
     }
 
+    /// The value as the configuration writes it (`auth = "x-api-key"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthStyle::Bearer => "bearer",
+            AuthStyle::XApiKey => "x-api-key",
+            AuthStyle::ApiKey => "api-key",
+            AuthStyle::XGoogApiKey => "x-goog-api-key",
+        }
+    }
+
     /// The header value for `key`.
     pub fn value(self, key: &str) -> String {
         match self {

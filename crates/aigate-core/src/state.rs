@@ -25,7 +25,7 @@ pub struct AppState {
     /// The response cache.
     pub cache: Arc<CacheLayer>,
     /// Time source.
-    pub clock: Arc<Clock>,
+    pub clock: Clock,
     /// False once shutdown has begun (`/readyz` answers 503).
     pub ready: AtomicBool,
     /// Request logs: queue, writer, spill, live tail.
@@ -45,45 +45,32 @@ pub enum StartError {
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
     /// A store could not be opened.
-    #[error("cannot open the cache store: {0}")]
+    #[error("cannot open the stores: {0}")]
     Store(#[from] aigate_store::StoreError),
     /// The log store or its spill directory could not be opened.
     #[error("cannot open the log store: {0}")]
     Logs(String),
-    /// The rate-limit store could not be set up.
-    #[error("cannot set up the rate-limit store: {0}")]
-    Limits(String),
 }
 
 impl AppState {
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<AppState>, StartError> {
         let client = client::build_client(&settings.upstream)?;
-        let clock = Arc::new(Clock::default());
-        let store = aigate_store::build_cache(&settings.storage.cache, settings.storage.cache_memory)?;
-        let cache = CacheLayer::new(store, clock.clone());
-        let log_store = crate::logs::open_store(&settings.storage.logs).map_err(|e| StartError::Logs(e.to_string()))?;
+        let clock = Clock::system();
+        let stores = aigate_store::open(&settings.storage.backends, &clock)?;
+        let cache = CacheLayer::new(stores.cache, clock.clone());
         let log_stats = Arc::new(LogStats::default());
         let limit_stats = Arc::new(LimitStats::default());
         let metrics = Metrics::new(cache.clone(), log_stats.clone(), limit_stats.clone());
-        let limit_store: Arc<dyn aigate_store::RateLimitStore> = if settings.storage.limits == "memory" {
-            let c = clock.clone();
-            Arc::new(
-                aigate_store::MemoryLimitStore::new(aigate_store::DEFAULT_LIMIT_MAX_KEYS)
-                    .with_clock(Arc::new(move || c.now_ms())),
-            )
-        } else {
-            aigate_store::build_limit_store(&settings.storage.limits).map_err(StartError::Limits)?
-        };
         let limits = Arc::new(LimitLayer::new(
-            limit_store,
+            stores.limits,
             settings.limits.clone(),
             limit_stats,
             clock.clone(),
             client.clone(),
             metrics.clone(),
         ));
-        let logs = LogPipeline::new(&settings, log_store, log_stats, metrics.clone(), limits.clone())
+        let logs = LogPipeline::new(&settings, stores.logs, log_stats, metrics.clone(), limits.clone(), clock.clone())
             .map_err(|e| StartError::Logs(format!("spill directory: {e}")))?;
         Ok(Arc::new(AppState {
             settings: ArcSwap::from_pointee(settings),
@@ -118,12 +105,14 @@ impl AppState {
         fixed("[upstream]", new.upstream != old.upstream);
         fixed("max_connections", new.max_connections != old.max_connections);
         fixed("header_read_timeout", new.header_read_timeout != old.header_read_timeout);
+        fixed("blocking_threads", new.blocking_threads != old.blocking_threads);
         new.listen = old.listen;
         new.data_dir = old.data_dir.clone();
         new.storage = old.storage.clone();
         new.upstream = old.upstream.clone();
         new.max_connections = old.max_connections;
         new.header_read_timeout = old.header_read_timeout;
+        new.blocking_threads = old.blocking_threads;
         self.logs.configure(&new);
         self.limits.configure(new.limits.clone());
         self.settings.store(Arc::new(new));

@@ -13,9 +13,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::error::Error;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use aigate_store::analytics::DAY_MS;
+use aigate_store::log::analytics::DAY_MS;
 use aigate_store::{
     AnalyticsQuery, Granularity, GroupBy, LogRecord, LogStore, MetaValue, PostgresLogStore, SqliteLogStore,
 };
@@ -89,7 +89,7 @@ fn record(rng: &mut Rng, i: u64, ms: u64) -> LogRecord {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    aigate_store::Clock::system().now_ms()
 }
 
 async fn seed(store: &dyn LogStore, n: u64, start: u64, end: u64) -> Result<Duration, Box<dyn Error>> {
@@ -185,7 +185,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .batch_execute(&format!(r#"DROP TABLE IF EXISTS "{t}", "{t}_counts", "{t}_rollups", "{t}_schema""#))
                 .await?;
             let pg = PostgresLogStore::connect_with_table(&url, BENCH_TABLE)?;
-            pg.migrate().await?;
+            pg.ensure_schema().await?;
             run("postgres", &pg, n).await?;
             let size: i64 =
                 client.query_one(&format!(r#"SELECT pg_total_relation_size('"{t}_rollups"')"#), &[]).await?.get(0);

@@ -17,7 +17,7 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 #[test]
 fn memory_tier_hit_allocates_nothing() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = aigate_store::Clock::system().now_ms();
     let tiered = TieredCache::new(MemoryCacheStore::new(64 << 20), None);
     let key = CacheKey([42u8; 32]);
     let entry = Arc::new(CachedResponse {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aigate_store::{
-    build_cache, CacheBackend, CacheKey, CacheStore, CachedResponse, DiskCacheStore, MemoryCacheStore, RedisCacheStore,
-    StoreError, TieredCache,
+    build_cache, CacheBackend, CacheKey, CacheStore, CachedResponse, Clock, DiskCacheStore, MemoryCacheStore,
+    RedisCacheStore, StoreError, TieredCache,
 };
 use bytes::Bytes;
 
@@ -63,14 +63,14 @@ fn redis_fixture() -> Option<Fixture> {
 }
 
 fn tiered_memory_fixture() -> Option<Fixture> {
-    let cache = build_cache(&CacheBackend::Memory, 64 << 20).unwrap();
+    let cache = build_cache(&CacheBackend::Memory, 64 << 20, &Clock::system()).unwrap();
     Some(Fixture { store: Arc::new(cache), ns: unique("tmem"), _dir: None })
 }
 
 fn tiered_disk_fixture() -> Option<Fixture> {
     let dir = TempDir::new("tdisk");
     let backend = CacheBackend::Disk { dir: dir.path().to_path_buf(), max_bytes: 64 << 20 };
-    let cache = build_cache(&backend, 64 << 20).unwrap();
+    let cache = build_cache(&backend, 64 << 20, &Clock::system()).unwrap();
     assert_eq!(cache.kind(), "disk");
     Some(Fixture { store: Arc::new(cache), ns: unique("tdisk"), _dir: Some(dir) })
 }
@@ -395,7 +395,8 @@ async fn redis_down_fails_fast() {
     }
 
     // The tiered cache over a dead Redis still serves its memory tier.
-    let cache = build_cache(&CacheBackend::Redis { url: "redis://127.0.0.1:1".into() }, 1 << 20).unwrap();
+    let cache =
+        build_cache(&CacheBackend::Redis { url: "redis://127.0.0.1:1".into() }, 1 << 20, &Clock::system()).unwrap();
     let t = Instant::now();
     assert!(cache.put(&ns, &k, entry("x", MINUTE)).await.is_err());
     assert!(cache.memory_get(&k).is_some());
@@ -470,7 +471,7 @@ async fn redis_live_store_keeps_working() {
         return;
     }
     // The production settings (250 ms per command).
-    let cache = build_cache(&CacheBackend::Redis { url: redis_url() }, 1 << 20).unwrap();
+    let cache = build_cache(&CacheBackend::Redis { url: redis_url() }, 1 << 20, &Clock::system()).unwrap();
     assert_eq!(cache.kind(), "redis");
     let redis = cache.backing().unwrap().clone();
     let ns = unique("live");
@@ -503,15 +504,15 @@ async fn redis_large_entries_are_compressed() {
     let client = ::redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let raw_small: Vec<u8> = ::redis::cmd("GET")
-        .arg(aigate_store::redis::redis_key(&ns, &key(&ns, 1)))
+        .arg(aigate_store::cache::redis::redis_key(&ns, &key(&ns, 1)))
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(raw_small[0], aigate_store::redis::FLAG_RAW);
+    assert_eq!(raw_small[0], aigate_store::cache::redis::FLAG_RAW);
     assert_eq!(&raw_small[1..], &small.encode()[..]);
-    let big_key = aigate_store::redis::redis_key(&ns, &key(&ns, 2));
+    let big_key = aigate_store::cache::redis::redis_key(&ns, &key(&ns, 2));
     let raw_big: Vec<u8> = ::redis::cmd("GET").arg(&big_key).query_async(&mut conn).await.unwrap();
-    assert_eq!(raw_big[0], aigate_store::redis::FLAG_LZ4);
+    assert_eq!(raw_big[0], aigate_store::cache::redis::FLAG_LZ4);
     assert!(raw_big.len() < big.encode().len() / 4, "{} vs {}", raw_big.len(), big.encode().len());
     // Expiry is Redis's: PTTL within the entry's lifetime.
     let pttl: i64 = ::redis::cmd("PTTL").arg(&big_key).query_async(&mut conn).await.unwrap();
@@ -589,20 +590,48 @@ fn backend_parse() {
 
 #[test]
 fn build_cache_per_backend() {
-    let c = build_cache(&CacheBackend::Memory, 1 << 20).unwrap();
+    let c = build_cache(&CacheBackend::Memory, 1 << 20, &Clock::system()).unwrap();
     assert_eq!(c.kind(), "memory");
     assert!(c.backing().is_none());
     assert_eq!(c.memory().max_bytes(), 1 << 20);
     assert_eq!(c.memory().ttl_cap(), None);
 
     let dir = TempDir::new("build");
-    let c = build_cache(&CacheBackend::Disk { dir: dir.path().join("sub"), max_bytes: 1 << 20 }, 1 << 20).unwrap();
+    let c =
+        build_cache(&CacheBackend::Disk { dir: dir.path().join("sub"), max_bytes: 1 << 20 }, 1 << 20, &Clock::system())
+            .unwrap();
     assert_eq!(c.kind(), "disk");
     assert_eq!(c.memory().ttl_cap(), None);
     assert!(dir.path().join("sub").join("cache.sqlite3").exists());
 
     // Redis is not contacted at build time.
-    let c = build_cache(&CacheBackend::Redis { url: "redis://127.0.0.1:1".into() }, 1 << 20).unwrap();
+    let c = build_cache(&CacheBackend::Redis { url: "redis://127.0.0.1:1".into() }, 1 << 20, &Clock::system()).unwrap();
     assert_eq!(c.kind(), "redis");
     assert_eq!(c.memory().ttl_cap(), Some(Duration::from_secs(10)));
+}
+
+/// Every tier built by `build_cache` reads the time through the clock it was given: an entry
+/// expires when that clock says so, without waiting.
+#[tokio::test]
+async fn build_cache_expires_entries_on_the_injected_clock() {
+    let dir = TempDir::new("clock");
+    let mut backends =
+        vec![CacheBackend::Memory, CacheBackend::Disk { dir: dir.path().to_path_buf(), max_bytes: 1 << 20 }];
+    if redis_enabled() {
+        backends.push(CacheBackend::Redis { url: redis_url() });
+    }
+    for backend in backends {
+        let clock = Clock::system();
+        let cache = build_cache(&backend, 1 << 20, &clock).unwrap();
+        let ns = unique("clock");
+        let k = key(&ns, 1);
+        cache.put(&ns, &k, entry("x", MINUTE)).await.unwrap();
+        assert!(cache.get(&ns, &k).await.unwrap().is_some(), "{backend:?}");
+        clock.advance(Duration::from_secs(61));
+        assert!(cache.memory_get(&k).is_none(), "{backend:?}: memory tier");
+        if let Some(backing) = cache.backing() {
+            assert!(backing.get(&ns, &k).await.unwrap().is_none(), "{backend:?}: backing store");
+        }
+        assert!(cache.get(&ns, &k).await.unwrap().is_none(), "{backend:?}");
+    }
 }

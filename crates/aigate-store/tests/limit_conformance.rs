@@ -11,12 +11,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aigate_store::{
-    build_limit_store, Decision, LimitSpec, MemoryLimitStore, RateLimitStore, RedisLimitStore, StoreError, Technique,
+    build_limit_store, Clock, Decision, LimitBackend, LimitSpec, MemoryLimitStore, RateLimitStore, RedisLimitStore,
+    StoreError, Technique,
 };
 
 use common::{now_ms, unique};
@@ -48,7 +48,7 @@ struct Fixture {
     store: Arc<dyn RateLimitStore>,
     twin: Arc<dyn RateLimitStore>,
     prefix: String,
-    manual: Option<Arc<AtomicU64>>,
+    manual: Option<Clock>,
 }
 
 impl Fixture {
@@ -59,16 +59,14 @@ impl Fixture {
     /// Now, Unix ms.
     fn now(&self) -> u64 {
         match &self.manual {
-            Some(c) => c.load(Ordering::SeqCst),
+            Some(c) => c.now_ms(),
             None => now_ms(),
         }
     }
 
     async fn advance(&self, ms: u64) {
         match &self.manual {
-            Some(c) => {
-                c.fetch_add(ms, Ordering::SeqCst);
-            }
+            Some(c) => c.advance(Duration::from_millis(ms)),
             None => tokio::time::sleep(Duration::from_millis(ms)).await,
         }
     }
@@ -102,10 +100,8 @@ impl Fixture {
 }
 
 fn memory_fixture() -> Option<Fixture> {
-    let clock = Arc::new(AtomicU64::new(T0));
-    let c = clock.clone();
-    let store: Arc<dyn RateLimitStore> =
-        Arc::new(MemoryLimitStore::new(10_000).with_clock(Arc::new(move || c.load(Ordering::SeqCst))));
+    let clock = Clock::manual(T0);
+    let store = build_limit_store(&LimitBackend::Memory, &clock).unwrap();
     Some(Fixture { twin: store.clone(), store, prefix: unique("mem"), manual: Some(clock) })
 }
 
@@ -367,10 +363,9 @@ conformance!(redis, redis_fixture);
 // Memory: exact figures on the manual clock, bounds, invariants
 // ---------------------------------------------------------------------------------------------
 
-fn manual_store(max_keys: usize) -> (MemoryLimitStore, Arc<AtomicU64>) {
-    let clock = Arc::new(AtomicU64::new(T0));
-    let c = clock.clone();
-    (MemoryLimitStore::new(max_keys).with_clock(Arc::new(move || c.load(Ordering::SeqCst))), clock)
+fn manual_store(max_keys: usize) -> (MemoryLimitStore, Clock) {
+    let clock = Clock::manual(T0);
+    (MemoryLimitStore::new(max_keys).with_clock(clock.clone()), clock)
 }
 
 /// Cloudflare's example to the millisecond: 10 per 10 min, ten requests at 12:09, ten at 12:11.
@@ -379,7 +374,7 @@ fn cloudflare_example_exact_figures() {
     let (s, clock) = manual_store(100);
     let fixed = spec(10, 10 * MIN, Technique::Fixed);
     let sliding = spec(10, 10 * MIN, Technique::Sliding);
-    clock.store(T0 + 9 * MIN, Ordering::SeqCst);
+    clock.set_ms(T0 + 9 * MIN);
     for i in 1..=10 {
         let d = s.acquire_sync("f", &fixed, 1);
         assert!(d.allowed && d.used == i && d.reset_ms == MIN, "{d:?}");
@@ -390,7 +385,7 @@ fn cloudflare_example_exact_figures() {
     let d = s.acquire_sync("f", &fixed, 1);
     assert!(!d.allowed && d.retry_after_ms == MIN && d.reset_ms == MIN, "{d:?}");
 
-    clock.store(T0 + 11 * MIN, Ordering::SeqCst);
+    clock.set_ms(T0 + 11 * MIN);
     for i in 1..=10 {
         let d = s.acquire_sync("f", &fixed, 1);
         assert!(d.allowed && d.used == i && d.reset_ms == 9 * MIN, "{d:?}");
@@ -400,10 +395,10 @@ fn cloudflare_example_exact_figures() {
         assert!(!d.allowed && d.used == 10 && d.reset_ms == left && d.retry_after_ms == left, "{d:?}");
     }
     // One ms before the 12:09 sub-window leaves: still denied; at that ms: admitted.
-    clock.store(T0 + 19 * MIN + 10_000 - 2, Ordering::SeqCst);
+    clock.set_ms(T0 + 19 * MIN + 10_000 - 2);
     let d = s.acquire_sync("s", &sliding, 1);
     assert!(!d.allowed && d.retry_after_ms == 1, "{d:?}");
-    clock.store(T0 + 19 * MIN + 10_000 - 1, Ordering::SeqCst);
+    clock.set_ms(T0 + 19 * MIN + 10_000 - 1);
     let d = s.acquire_sync("s", &sliding, 10);
     assert!(d.allowed && d.used == 10, "{d:?}");
 }
@@ -414,10 +409,10 @@ fn sliding_retry_after_walks_sub_windows() {
     let (s, clock) = manual_store(100);
     let sp = spec(10, 60_000, Technique::Sliding); // 60 sub-windows of 1 s
     for (at, cost) in [(0u64, 3u64), (5_000, 3), (20_000, 4)] {
-        clock.store(T0 + at, Ordering::SeqCst);
+        clock.set_ms(T0 + at);
         assert!(s.acquire_sync("k", &sp, cost).allowed);
     }
-    clock.store(T0 + 30_000, Ordering::SeqCst);
+    clock.set_ms(T0 + 30_000);
     // Leaves at: 0 s -> 60.999 s, 5 s -> 65.999 s, 20 s -> 80.999 s (each + 1 s - 1 ms).
     let d = s.acquire_sync("k", &sp, 2);
     assert_eq!((d.allowed, d.reset_ms, d.retry_after_ms), (false, 30_999, 30_999));
@@ -451,7 +446,7 @@ fn sliding_invariants_randomized() {
         let mut now = T0 + rnd(period);
         for _ in 0..400 {
             now += rnd(period / 5 + 2);
-            clock.store(now, Ordering::SeqCst);
+            clock.set_ms(now);
             let cost = rnd(4);
             let in_period: u64 = log.iter().filter(|(t, _)| *t + period > now).map(|(_, c)| c).sum();
             let in_wider: u64 = log.iter().filter(|(t, _)| *t + period + sub > now).map(|(_, c)| c).sum();
@@ -488,17 +483,17 @@ fn memory_is_bounded_by_keys() {
     }
     assert_eq!(s.len(), 200);
     // The short windows are over: new keys replace them without forgetting any live usage.
-    clock.fetch_add(1_000, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(1_000));
     for i in 0..200 {
-        clock.fetch_add(1, Ordering::SeqCst);
+        clock.advance(Duration::from_millis(1));
         assert!(s.acquire_sync(&format!("long{i}"), &long, 5).allowed);
     }
     assert_eq!((s.len(), s.evictions()), (200, 0));
     // Full of live keys: the least recently used are forgotten, never more than the bound held.
-    clock.fetch_add(1, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(1));
     assert!(!s.acquire_sync("long0", &long, 1).allowed, "a refused key counts as used");
     for i in 0..50 {
-        clock.fetch_add(1, Ordering::SeqCst);
+        clock.advance(Duration::from_millis(1));
         assert!(s.acquire_sync(&format!("new{i}"), &long, 1).allowed);
         assert!(s.len() <= 200);
     }
@@ -506,7 +501,7 @@ fn memory_is_bounded_by_keys() {
     assert!(!s.acquire_sync("long0", &long, 1).allowed, "recently refused key kept its usage");
     assert!(!s.acquire_sync("long199", &long, 1).allowed, "recent keys keep their usage");
     assert_eq!(s.peek_sync("long1", &long).used, 0, "the least recently used key was forgotten");
-    clock.fetch_add(11 * MIN, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(11 * MIN));
     let n = s.len();
     assert_eq!(s.purge_expired(), n);
     assert!(s.is_empty());
@@ -520,23 +515,23 @@ fn memory_clock_jumps() {
         let sp = spec(3, 60_000, technique);
         let k = technique.as_str();
         assert!(s.acquire_sync(k, &sp, 3).allowed);
-        clock.fetch_sub(5_000, Ordering::SeqCst);
+        clock.set_ms(clock.now_ms() - 5_000);
         assert!(!s.acquire_sync(k, &sp, 1).allowed || technique == Technique::Fixed);
-        clock.fetch_sub(10 * MIN, Ordering::SeqCst);
+        clock.set_ms(clock.now_ms() - 10 * MIN);
         let _ = s.acquire_sync(k, &sp, 1);
         let _ = s.peek_sync(k, &sp);
-        clock.fetch_add(100 * MIN, Ordering::SeqCst);
+        clock.advance(Duration::from_millis(100 * MIN));
         assert!(s.acquire_sync(k, &sp, 3).allowed);
         assert!(!s.acquire_sync(k, &sp, 1).allowed);
-        clock.store(T0, Ordering::SeqCst);
+        clock.set_ms(T0);
     }
     // Near the epoch and with a 1 ms period.
     let (s, clock) = manual_store(10);
-    clock.store(0, Ordering::SeqCst);
+    clock.set_ms(0);
     let sp = spec(1, 1, Technique::Sliding);
     assert!(s.acquire_sync("k", &sp, 1).allowed);
     assert!(!s.acquire_sync("k", &sp, 1).allowed);
-    clock.store(1, Ordering::SeqCst);
+    clock.set_ms(1);
     assert!(s.acquire_sync("k", &sp, 1).allowed);
 }
 
@@ -558,7 +553,7 @@ async fn redis_down_fails_fast() {
         assert!(t.elapsed() < Duration::from_millis(900), "took {:?}", t.elapsed());
     }
     // Through the builder (production timeout), also fast.
-    let s = build_limit_store("redis://127.0.0.1:1").unwrap();
+    let s = build_limit_store(&LimitBackend::Redis { url: "redis://127.0.0.1:1".into() }, &Clock::system()).unwrap();
     assert_eq!(s.kind(), "redis");
     let t = Instant::now();
     assert!(s.acquire("k", &sp, 1).await.is_err());
@@ -576,7 +571,7 @@ async fn redis_keys_expire() {
     for technique in [Technique::Fixed, Technique::Sliding] {
         let sp = spec(10, 60_000, technique);
         f.store.acquire(&k, &sp, 1).await.unwrap();
-        let rkey = aigate_store::limit_redis::redis_limit_key(&k, &sp);
+        let rkey = aigate_store::limit::redis::redis_limit_key(&k, &sp);
         let pttl: i64 = ::redis::cmd("PTTL").arg(&rkey).query_async(&mut conn).await.unwrap();
         assert!(pttl > 0 && pttl <= 61_000, "{technique}: {pttl}");
         let _: () = ::redis::cmd("DEL").arg(&rkey).query_async(&mut conn).await.unwrap();
@@ -585,9 +580,12 @@ async fn redis_keys_expire() {
 
 #[test]
 fn builder_picks_the_backend() {
-    assert_eq!(build_limit_store("memory").unwrap().kind(), "memory");
-    assert_eq!(build_limit_store(" Memory ").unwrap().kind(), "memory");
-    assert_eq!(build_limit_store("rediss://h:6380").unwrap().kind(), "redis");
-    let err = build_limit_store("memcached://x").err().unwrap();
+    let build = |spec: &str| build_limit_store(&LimitBackend::parse(spec).unwrap(), &Clock::system()).unwrap().kind();
+    assert_eq!(build("memory"), "memory");
+    assert_eq!(build(" Memory "), "memory");
+    assert_eq!(build("rediss://h:6380"), "redis");
+    let err = LimitBackend::parse("memcached://x").unwrap_err();
     assert!(err.contains("memcached://x") && err.contains("redis://"), "{err}");
+    let bad = LimitBackend::Redis { url: "redis://h:notaport".into() };
+    assert!(build_limit_store(&bad, &Clock::system()).is_err());
 }

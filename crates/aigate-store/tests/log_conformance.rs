@@ -1,5 +1,6 @@
 //! One conformance suite for every [`LogStore`]: SQLite and PostgreSQL; then the backend-specific
-//! checks (persistence, backend selection, concurrent migration, failure behaviour).
+//! checks (persistence, backend selection, concurrent schema creation, refused schemas, failure
+//! behaviour).
 //!
 //! PostgreSQL tests use the server at `postgres://postgres@127.0.0.1:5432/test` (override with
 //! `AIGATE_TEST_POSTGRES_URL`) and FAIL when it is unreachable, unless `AIGATE_SKIP_POSTGRES=1`.
@@ -14,11 +15,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aigate_store::analytics::{nearest_rank, DAY_MS, MINUTE_MS};
+use aigate_store::log::analytics::{nearest_rank, DAY_MS, MINUTE_MS};
 use aigate_store::{
-    build_log_store, log_id_at, Analytics, AnalyticsQuery, AnalyticsStats, AtCap, Granularity, GroupBy, LogBackend,
-    LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore, Retention, SqliteLogStore, StoreError,
-    DELETE_CHUNK_ROWS, LOG_SQLITE_FILE,
+    log_id_at, open_log_store, Analytics, AnalyticsQuery, AnalyticsStats, AtCap, Backends, CacheBackend, CacheStore,
+    Clock, Granularity, GroupBy, LimitBackend, LogBackend, LogFilter, LogRecord, LogStore, MetaValue, PostgresLogStore,
+    Retention, SqliteLogStore, StoreError, DELETE_CHUNK_ROWS, LOG_SQLITE_FILE,
 };
 use bytes::Bytes;
 
@@ -64,10 +65,10 @@ impl Drop for PgTables {
     }
 }
 
-/// A PostgreSQL store on fresh tables, migrated; panics when the server is unreachable.
+/// A PostgreSQL store on fresh tables, its schema created; panics when the server is unreachable.
 async fn pg_store(table: &str) -> PostgresLogStore {
     let store = PostgresLogStore::connect_with_table(&pg_url(), table).unwrap();
-    if let Err(e) = store.migrate().await {
+    if let Err(e) = store.ensure_schema().await {
         panic!("PostgreSQL at {} unreachable ({e}); start it or set AIGATE_SKIP_POSTGRES=1", pg_url());
     }
     store
@@ -83,8 +84,9 @@ struct Fixture {
 
 async fn sqlite_fixture() -> Option<Fixture> {
     let dir = TempDir::new("sqlite");
-    let store = SqliteLogStore::open(&dir.path().join(LOG_SQLITE_FILE)).unwrap();
-    Some(Fixture { store: Arc::new(store), gw: unique("gw"), _dir: Some(dir), _tables: None })
+    let backend = LogBackend::Sqlite { path: dir.path().join(LOG_SQLITE_FILE) };
+    let store = open_log_store(&backend, &Clock::system()).unwrap();
+    Some(Fixture { store, gw: unique("gw"), _dir: Some(dir), _tables: None })
 }
 
 /// The SQLite store with a new partition every two rows (an exact cap): every case on many
@@ -597,10 +599,10 @@ mod cases {
         assert_eq!((listed[0].feedback, listed[0].score), (Some(-1), Some(0.75)));
         assert!(!s.patch(gw, "missing", Some(1), None).await.unwrap());
         assert!(
-            matches!(s.patch(gw, "p", Some(2), None).await, Err(StoreError::Corrupt(m)) if m.starts_with("invalid"))
+            matches!(s.patch(gw, "p", Some(2), None).await, Err(StoreError::InvalidInput(m)) if m.starts_with("invalid"))
         );
-        assert!(matches!(s.patch(gw, "p", Some(0), None).await, Err(StoreError::Corrupt(_))));
-        assert!(matches!(s.patch(gw, "p", None, Some(f64::NAN)).await, Err(StoreError::Corrupt(_))));
+        assert!(matches!(s.patch(gw, "p", Some(0), None).await, Err(StoreError::InvalidInput(_))));
+        assert!(matches!(s.patch(gw, "p", None, Some(f64::NAN)).await, Err(StoreError::InvalidInput(_))));
         let got = s.get(gw, "p").await.unwrap().unwrap();
         assert_eq!((got.feedback, got.score), (Some(-1), Some(0.75)));
     }
@@ -825,7 +827,7 @@ mod cases {
             let q = AnalyticsQuery { from_ms: f, to_ms: t, granularity: g, group_by: GroupBy::None };
             assert!(q.validate().is_err());
             match s.analytics(gw, &q).await {
-                Err(StoreError::Corrupt(m)) => assert!(m.starts_with("invalid"), "{m}"),
+                Err(StoreError::InvalidInput(m)) => assert!(m.starts_with("invalid"), "{m}"),
                 other => panic!("{q:?}: {other:?}"),
             }
         }
@@ -923,12 +925,12 @@ mod cases {
             let f = LogFilter { cursor: Some(bad.into()), ..LogFilter::default() };
             assert!(f.validate().is_err(), "{bad:?}");
             match s.list(gw, &f).await {
-                Err(StoreError::Corrupt(m)) => assert!(m.starts_with("invalid cursor"), "{m}"),
+                Err(StoreError::InvalidInput(m)) => assert!(m.starts_with("invalid cursor"), "{m}"),
                 other => panic!("cursor {bad:?}: {other:?}"),
             }
         }
         let f = LogFilter { min_cost_usd: Some(f64::NAN), ..LogFilter::default() };
-        assert!(matches!(s.delete(gw, &f).await, Err(StoreError::Corrupt(_))));
+        assert!(matches!(s.delete(gw, &f).await, Err(StoreError::InvalidInput(_))));
         assert_eq!(s.count(gw).await.unwrap(), 1);
     }
 }
@@ -987,18 +989,60 @@ fn log_backend_parse() {
 }
 
 #[tokio::test]
-async fn build_log_store_sqlite_persists_across_reopen() {
+async fn open_log_store_sqlite_persists_across_reopen() {
     let dir = TempDir::new("build");
     let backend = LogBackend::parse("sqlite", &dir.path().join("nested")).unwrap();
-    let s = build_log_store(&backend).await.unwrap();
+    let s = open_log_store(&backend, &Clock::system()).unwrap();
     assert_eq!(s.kind(), "sqlite");
     let r = full("persisted", now_ms());
     assert_eq!(s.insert_batch("gw", std::slice::from_ref(&r)).await.unwrap(), 1);
     drop(s);
     assert!(dir.path().join("nested").join(LOG_SQLITE_FILE).is_file());
-    let s = build_log_store(&backend).await.unwrap();
+    let s = open_log_store(&backend, &Clock::system()).unwrap();
     assert_eq!(s.get("gw", "persisted").await.unwrap().unwrap(), stored(&r, "gw"));
     assert_eq!(s.count("gw").await.unwrap(), 1);
+}
+
+/// `open` builds every store without waiting on the network: unreachable Redis and PostgreSQL
+/// servers are contacted on first use only.
+#[tokio::test]
+async fn open_builds_every_store_without_the_network() {
+    let dir = TempDir::new("open");
+    let clock = Clock::system();
+    let local = Backends {
+        cache: CacheBackend::Disk { dir: dir.path().join("cache"), max_bytes: 1 << 20 },
+        cache_memory: 1 << 20,
+        limits: LimitBackend::Memory,
+        logs: LogBackend::Sqlite { path: dir.path().join(LOG_SQLITE_FILE) },
+    };
+    let stores = aigate_store::open(&local, &clock).unwrap();
+    assert_eq!((stores.cache.kind(), stores.limits.kind(), stores.logs.kind()), ("disk", "memory", "sqlite"));
+    assert_eq!(stores.logs.insert_batch("gw", &[rec("a", now_ms())]).await.unwrap(), 1);
+    let start = Instant::now();
+    let remote = Backends {
+        cache: CacheBackend::Redis { url: "redis://127.0.0.1:1".into() },
+        cache_memory: 1 << 20,
+        limits: LimitBackend::Redis { url: "redis://127.0.0.1:1".into() },
+        logs: LogBackend::Postgres { url: "postgres://postgres@127.0.0.1:1/test".into() },
+    };
+    let stores = aigate_store::open(&remote, &clock).unwrap();
+    assert_eq!((stores.cache.kind(), stores.limits.kind(), stores.logs.kind()), ("redis", "redis", "postgres"));
+    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    let bad = Backends { logs: LogBackend::Postgres { url: "postgres://h:notaport/db".into() }, ..remote };
+    assert!(aigate_store::open(&bad, &clock).is_err());
+}
+
+/// A log store reads its retention cutoffs through the clock it was given.
+#[tokio::test]
+async fn open_log_store_measures_max_age_on_the_injected_clock() {
+    let dir = TempDir::new("log-clock");
+    let clock = Clock::system();
+    let s = open_log_store(&LogBackend::Sqlite { path: dir.path().join(LOG_SQLITE_FILE) }, &clock).unwrap();
+    s.insert_batch("gw", &[rec("a", now_ms())]).await.unwrap();
+    s.set_retention("gw", Retention { max_records: 100, at_cap: AtCap::DeleteOldest, max_age_ms: Some(3_600_000) });
+    assert_eq!(s.enforce_retention("gw").await.unwrap(), 0);
+    clock.advance(Duration::from_secs(3_601));
+    assert_eq!(s.enforce_retention("gw").await.unwrap(), 1);
 }
 
 /// Every file under `dir`, concatenated.
@@ -1074,7 +1118,7 @@ async fn sqlite_unusable_path_is_an_error() {
     let dir = TempDir::new("bad");
     let file = dir.path().join("file");
     std::fs::write(&file, b"not a directory").unwrap();
-    let Err(err) = build_log_store(&LogBackend::Sqlite { path: file.join("logs.sqlite3") }).await else {
+    let Err(err) = open_log_store(&LogBackend::Sqlite { path: file.join("logs.sqlite3") }, &Clock::system()) else {
         panic!("opened a database under a file");
     };
     assert!(matches!(err, StoreError::Io(_)), "{err:?}");
@@ -1087,7 +1131,7 @@ async fn sqlite_unusable_path_is_an_error() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_replicas_migrate_at_once_and_share_rows() {
+async fn postgres_replicas_create_the_schema_at_once_and_share_rows() {
     if !pg_enabled() {
         return;
     }
@@ -1097,7 +1141,7 @@ async fn postgres_replicas_migrate_at_once_and_share_rows() {
         (0..4).map(|_| PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap()).collect();
     let runs = stores.iter().map(|s| {
         let s = s.clone();
-        tokio::spawn(async move { s.migrate().await })
+        tokio::spawn(async move { s.ensure_schema().await })
     });
     for r in runs.collect::<Vec<_>>() {
         r.await.unwrap().unwrap();
@@ -1125,6 +1169,33 @@ async fn postgres_replicas_migrate_at_once_and_share_rows() {
     assert_eq!(total, 25);
     assert_eq!(again.count("capped").await.unwrap(), 25);
     assert_eq!(all_ids(&again, "capped", &LogFilter { limit: Some(1000), ..LogFilter::default() }).await.len(), 25);
+}
+
+/// Tables of another schema version (a development build's) are refused, never converted: every
+/// operation fails with a message naming the tables and what to do.
+#[tokio::test]
+async fn postgres_table_of_another_schema_is_refused() {
+    if !pg_enabled() {
+        return;
+    }
+    let table = unique("old");
+    let _tables = PgTables(table.clone());
+    pg_store(&table).await;
+    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!(r#"UPDATE "{table}_schema" SET version = 1"#)).await.unwrap();
+    let s = PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap();
+    let want = format!(
+        "PostgreSQL table {table} has log schema 1; this aigate reads schema 2 only (the table comes from a \
+         development build): drop the tables {table}, {table}_counts, {table}_rollups and {table}_schema (or \
+         configure another table), and aigate creates new ones"
+    );
+    let err = s.ensure_schema().await.unwrap_err();
+    assert!(matches!(&err, StoreError::Unavailable(m) if *m == want), "{err:?}");
+    let err = s.insert_batch("gw", &[rec("a", now_ms())]).await.unwrap_err();
+    assert!(err.to_string().contains(&want), "{err}");
+    let version: i32 = client.query_one(&format!(r#"SELECT version FROM "{table}_schema""#), &[]).await.unwrap().get(0);
+    assert_eq!(version, 1, "the tables are left as they were");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1177,7 +1248,7 @@ async fn postgres_unreachable_fails_without_hanging() {
     // Nothing listens on port 1: the store is still built, and every operation fails promptly.
     let url = "postgres://postgres@127.0.0.1:1/test";
     let start = Instant::now();
-    let s = build_log_store(&LogBackend::Postgres { url: url.into() }).await.unwrap();
+    let s = open_log_store(&LogBackend::Postgres { url: url.into() }, &Clock::system()).unwrap();
     assert_eq!(s.kind(), "postgres");
     let err = s.insert_batch("gw", &[rec("a", now_ms())]).await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_) | StoreError::Timeout), "{err:?}");

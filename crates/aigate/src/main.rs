@@ -234,11 +234,14 @@ fn run_other(command: Command) -> anyhow::Result<()> {
             let workers = worker_threads
                 .filter(|&n| n > 0)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let rt = if workers == 1 {
-                tokio::runtime::Builder::new_current_thread().enable_all().build()?
+            let mut builder = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
             } else {
-                tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(workers);
+                b
             };
+            let rt = builder.max_blocking_threads(settings.blocking_threads).enable_all().build()?;
             rt.block_on(serve(settings, config, listen_override))
         }
     }
@@ -284,13 +287,19 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
 }
 
 async fn serve(settings: Settings, config: Option<PathBuf>, listen_override: bool) -> anyhow::Result<()> {
+    // The signal handlers come first: a signal that arrives while the server starts must not find
+    // the default action (which ends the process).
+    let signals = Signals::install()?;
     let gateways = settings.gateways.len();
+    let data_dir = settings.data_dir.clone();
     let handle = aigate_core::start(settings).await.context("cannot start the server")?;
-    tracing::info!(addr = %handle.addr, gateways, "aigate listening on http://{}", handle.addr);
+    let data_dir = data_dir.canonicalize().or_else(|_| std::path::absolute(&data_dir)).unwrap_or(data_dir);
+    tracing::info!(addr = %handle.addr, gateways, data_dir = %data_dir.display(), "aigate listening on http://{}", handle.addr);
     let state = handle.state.clone();
+    let Signals { mut stop, hup } = signals;
     tokio::select! {
-        _ = shutdown_signal() => {}
-        _ = reload_on_sighup(state, config, listen_override) => {}
+        _ = stop.recv() => {}
+        _ = reload_on_sighup(hup, state, config, listen_override) => {}
     }
     tracing::info!("shutdown signal received");
     handle.shutdown();
@@ -299,63 +308,58 @@ async fn serve(settings: Settings, config: Option<PathBuf>, listen_override: boo
     Ok(())
 }
 
+/// The signals `serve` answers: SIGTERM and Ctrl-C stop it, SIGHUP reloads the configuration.
+struct Signals {
+    stop: tokio::sync::mpsc::Receiver<()>,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        let (tx, stop) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = tx.send(()).await;
+        });
+        Ok(Signals { stop, hup })
+    }
+}
+
 /// Reloads the configuration file on every SIGHUP. An invalid file is refused with its error and
 /// the running configuration stays.
 async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
     state: std::sync::Arc<aigate_core::state::AppState>,
     config: Option<PathBuf>,
     listen_override: bool,
 ) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return std::future::pending().await;
+    while hup.recv().await.is_some() {
+        let Some(path) = config.clone() else {
+            tracing::warn!("SIGHUP: no configuration file to reload (running the embedded default)");
+            continue;
         };
-        while hup.recv().await.is_some() {
-            let Some(path) = config.clone() else {
-                tracing::warn!("SIGHUP: no configuration file to reload (running the embedded default)");
-                continue;
-            };
-            let loaded = tokio::task::spawn_blocking(move || Settings::from_file(&path)).await;
-            match loaded {
-                Ok(Ok(mut new)) => {
-                    if listen_override {
-                        new.listen = state.settings.load().listen;
-                    }
-                    for w in state.reload(new) {
-                        tracing::warn!("configuration reload: {w}");
-                    }
-                    tracing::info!("configuration reloaded");
+        let loaded = tokio::task::spawn_blocking(move || Settings::from_file(&path)).await;
+        match loaded {
+            Ok(Ok(mut new)) => {
+                if listen_override {
+                    new.listen = state.settings.load().listen;
                 }
-                Ok(Err(e)) => tracing::error!("configuration reload refused, the running configuration stays: {e}"),
-                Err(e) => tracing::error!("configuration reload failed: {e}"),
+                for w in state.reload(new) {
+                    tracing::warn!("configuration reload: {w}");
+                }
+                tracing::info!("configuration reloaded");
             }
+            Ok(Err(e)) => tracing::error!("configuration reload refused, the running configuration stays: {e}"),
+            Err(e) => tracing::error!("configuration reload failed: {e}"),
         }
     }
-    std::future::pending::<()>().await;
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    std::future::pending::<()>().await
 }
 
 fn init_tracing(format: LogFormat) {
@@ -368,90 +372,152 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// What `aigate check` prints. Secrets are never shown: only how many tokens and which
-/// providers have stored keys.
+/// What `aigate check` prints: every setting in force, written as the configuration writes it
+/// (defaults included). Secrets are never shown: only how many tokens there are and which
+/// providers have stored keys; store URLs only by their kind (they can hold passwords).
 fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
+    use aigate_store::{CacheBackend, LimitBackend, LogBackend};
     use std::fmt::Write;
     let mut out = String::new();
     let source = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
+    let dur = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(out, "config: {source}");
-    let _ = writeln!(out, "listen: {}", s.listen);
-    let _ = writeln!(out, "data_dir: {}", s.data_dir.display());
-    let _ = writeln!(out, "default_gateway: {}", s.default_gateway);
-    let _ = writeln!(out, "max_request_body: {} bytes", s.max_request_body);
-    let cache_store = match &s.storage.cache {
-        aigate_store::CacheBackend::Memory => "memory".to_string(),
-        aigate_store::CacheBackend::Disk { dir, max_bytes } => {
-            format!("disk ({}, up to {max_bytes} bytes)", dir.display())
-        }
-        aigate_store::CacheBackend::Redis { .. } => "redis".to_string(),
-    };
-    let _ = writeln!(out, "cache store: {cache_store}; memory tier {} bytes", s.storage.cache_memory);
-    // Store URLs can hold passwords: only their kind is printed.
-    let log_store = match &s.storage.logs {
-        aigate_store::LogBackend::Sqlite { path } => format!("sqlite ({})", path.display()),
-        aigate_store::LogBackend::Postgres { .. } => "postgres".to_string(),
-    };
-    let _ = writeln!(out, "log store: {log_store}; queue {} records", s.storage.log_queue);
-    let limit_store = if s.storage.limits == "memory" { "memory" } else { "redis" };
+    let _ = writeln!(out, "listen = \"{}\"", s.listen);
+    let _ = writeln!(out, "data_dir = \"{}\"  # {}", s.data_dir.display(), absolute(&s.data_dir).display());
+    let _ = writeln!(out, "default_gateway = \"{}\"", s.default_gateway);
+    if let Some(a) = &s.account_id {
+        let _ = writeln!(out, "account_id = \"{a}\"");
+    }
+    let _ = writeln!(out, "max_request_body = \"{}\"", size(s.max_request_body));
     let _ = writeln!(
         out,
-        "limit store: {limit_store}; on_store_error: {:?}; cache hits count: {}; alert webhook: {}",
-        s.limits.on_store_error,
-        s.limits.count_cache_hits,
-        if s.limits.alert_webhook.is_some() { "set" } else { "none" }
+        "max_connections = {}, header_read_timeout = \"{}\", request_body_timeout = \"{}\", shutdown_grace = \"{}\", blocking_threads = {}",
+        s.max_connections,
+        dur(s.header_read_timeout),
+        dur(s.request_body_timeout),
+        dur(s.shutdown_grace),
+        s.blocking_threads
     );
-    let _ = writeln!(out, "admin API: {}", if s.admin_token.is_some() { "on" } else { "off (no [admin] token)" });
+    let b = &s.storage.backends;
+    let cache = match &b.cache {
+        CacheBackend::Memory => "\"memory\"".to_string(),
+        CacheBackend::Disk { dir, max_bytes } => {
+            format!("\"disk\", cache_disk = \"{}\"  # {}", size(*max_bytes), absolute(dir).display())
+        }
+        CacheBackend::Redis { .. } => "\"redis://…\"".to_string(),
+    };
+    let logs = match &b.logs {
+        LogBackend::Sqlite { path } => format!("\"sqlite\"  # {}", absolute(path).display()),
+        LogBackend::Postgres { .. } => "\"postgres://…\"".to_string(),
+    };
+    let limits = match &b.limits {
+        LimitBackend::Memory => "\"memory\"",
+        LimitBackend::Redis { .. } => "\"redis://…\"",
+    };
+    let _ = writeln!(out, "[storage]");
+    let _ = writeln!(out, "  cache = {cache}");
+    let _ = writeln!(out, "  cache_memory = \"{}\"", size(b.cache_memory));
+    let _ = writeln!(out, "  logs = {logs}");
+    let _ =
+        writeln!(out, "  log_queue = {}, log_spill_max = \"{}\"", s.storage.log_queue, size(s.storage.log_spill_max));
+    let _ = writeln!(out, "  limits = {limits}");
+    let l = &s.limits;
+    let _ = writeln!(out, "[limits]");
+    let _ = writeln!(
+        out,
+        "  on_store_error = \"{}\", count_cache_hits = {}, default_max_tokens = {}, alert_webhook = {}",
+        l.on_store_error.as_str(),
+        l.count_cache_hits,
+        l.default_max_tokens,
+        if l.alert_webhook.is_some() { "(set)" } else { "(none)" }
+    );
+    let _ = writeln!(out, "[admin]");
+    let _ =
+        writeln!(out, "  token = {}", if s.admin_token.is_some() { "(set)" } else { "(none: the admin API is off)" });
     let mut gws: Vec<_> = s.gateways.values().collect();
     gws.sort_by(|a, b| a.name.cmp(&b.name));
     let _ = writeln!(out, "gateways ({}):", gws.len());
     for g in gws {
         let mut keys: Vec<&str> = g.provider_keys.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        let auth = if g.authentication { format!("on ({} token(s))", g.tokens.len()) } else { "off".to_string() };
-        let keys = if keys.is_empty() { "none".to_string() } else { keys.join(", ") };
-        let cache = match g.cache.mode {
-            aigate_core::config::CacheMode::Off => "off".to_string(),
-            mode => format!(
-                "{} (ttl {}, scope {:?})",
-                if mode == aigate_core::config::CacheMode::Shadow { "shadow" } else { "on" },
-                humantime::format_duration(g.cache.ttl),
-                g.cache.scope
-            ),
-        };
-        let logs = if g.logs.enabled {
-            format!(
-                "on (bodies {}, max {} records)",
-                if g.logs.bodies { "on" } else { "off" },
-                g.logs.retention.max_records
-            )
-        } else {
-            "off".to_string()
-        };
+        let _ = writeln!(out, "[gateways.{}]", g.name);
         let _ = writeln!(
             out,
-            "  {:<16} authentication: {auth}; stored provider keys: {keys}; request_timeout: {}; cache: {cache}; logs: {logs}",
-            g.name,
-            humantime::format_duration(g.request_timeout)
+            "  authentication = {}, tokens = ({} set), provider_keys = [{}], request_timeout = \"{}\"",
+            g.authentication,
+            g.tokens.len(),
+            keys.join(", "),
+            dur(g.request_timeout)
+        );
+        let c = &g.cache;
+        let _ = writeln!(
+            out,
+            "  cache: enabled = {}, mode = \"{}\", ttl = \"{}\", scope = \"{}\", max_entry_size = \"{}\", coalesce = {}",
+            c.mode != aigate_core::config::CacheMode::Off,
+            c.mode.as_str(),
+            dur(c.ttl),
+            c.scope.as_str(),
+            size(c.max_entry_size),
+            c.coalesce
+        );
+        let lg = &g.logs;
+        let _ = writeln!(
+            out,
+            "  logs: enabled = {}, bodies = {}, max_records = {}",
+            lg.enabled, lg.bodies, lg.retention.max_records
         );
         for r in &g.rules {
-            let what = match (&r.budget, r.measure) {
-                (Some(b), _) => format!("budget ${} per {:?}", b.limit_usd, b.period),
-                (None, m) => format!(
-                    "{} {m:?} per {} ({})",
-                    r.limit,
-                    humantime::format_duration(std::time::Duration::from_millis(r.period_ms)),
-                    r.technique
-                ),
-            };
-            let _ = writeln!(out, "    limit {:<12} {what}, key {:?}", &*r.name, r.key);
+            let only = r.model.as_ref().map(|m| format!(", model = \"{m}\"")).unwrap_or_default();
+            match &r.budget {
+                Some(b) => {
+                    let _ = writeln!(
+                        out,
+                        "  budget \"{}\": limit_usd = {}, period = \"{}\", key = \"{}\"{only}",
+                        r.name,
+                        b.limit_usd,
+                        b.period.label(),
+                        r.key
+                    );
+                }
+                None => {
+                    let limit = match r.measure {
+                        aigate_core::limits::Measure::CostUsd => format!("{}", r.limit as f64 / 1e6),
+                        _ => r.limit.to_string(),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "  limit \"{}\": measure = \"{}\", limit = {limit}, period = \"{}\", technique = \"{}\", key = \"{}\"{only}",
+                        r.name,
+                        r.measure.as_str(),
+                        dur(std::time::Duration::from_millis(r.period_ms)),
+                        r.technique.as_str(),
+                        r.key
+                    );
+                }
+            }
         }
     }
     let mut ps: Vec<_> = s.providers.values().collect();
     ps.sort_by(|a, b| a.name.cmp(&b.name));
     let _ = writeln!(out, "providers ({}):", ps.len());
     for p in ps {
-        let _ = writeln!(out, "  {:<16} {} ({:?})", p.name, p.base_url, p.auth);
+        let _ = writeln!(out, "  {:<16} base_url = \"{}\", auth = \"{}\"", p.name, p.base_url, p.auth.as_str());
     }
     out
+}
+
+/// `path` made absolute against the working directory (for messages).
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// A byte count as the configuration writes sizes (`25MB`, `256MB`, `2GB`).
+fn size(bytes: u64) -> String {
+    match bytes {
+        0 => "0".to_string(),
+        b if b % 1_000_000_000 == 0 => format!("{}GB", b / 1_000_000_000),
+        b if b % 1_000_000 == 0 => format!("{}MB", b / 1_000_000),
+        b if b % 1_000 == 0 => format!("{}KB", b / 1_000),
+        b => b.to_string(),
+    }
 }

@@ -114,7 +114,7 @@ pub struct CacheLayer {
     /// Counters.
     pub stats: CacheStats,
     /// Time source for expiry and `age`.
-    pub clock: Arc<Clock>,
+    pub clock: Clock,
     writer: mpsc::Sender<WriteJob>,
     writer_rx: std::sync::Mutex<Option<mpsc::Receiver<WriteJob>>>,
     last_error_log: AtomicU64,
@@ -125,7 +125,7 @@ const ERROR_LOG_INTERVAL_MS: u64 = 10_000;
 
 impl CacheLayer {
     /// Creates the layer; [`CacheLayer::run_writer`] must be spawned to drain the write queue.
-    pub fn new(store: TieredCache, clock: Arc<Clock>) -> Arc<CacheLayer> {
+    pub fn new(store: TieredCache, clock: Clock) -> Arc<CacheLayer> {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         Arc::new(CacheLayer {
             store: Arc::new(store),

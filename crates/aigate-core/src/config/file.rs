@@ -43,6 +43,10 @@ pub struct FileConfig {
     /// between requests). Default `30s`.
     #[serde(default)]
     pub header_read_timeout: Option<DurationValue>,
+    /// Most threads for blocking work (the SQLite log store, the disk cache, DNS lookups); more
+    /// such work waits for a free thread. Default 16.
+    #[serde(default)]
+    pub blocking_threads: Option<usize>,
     /// Upstream connection settings.
     #[serde(default)]
     pub upstream: UpstreamConfig,
@@ -207,6 +211,17 @@ pub enum CacheMode {
     Off,
 }
 
+impl CacheMode {
+    /// The value as the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::On => "on",
+            CacheMode::Shadow => "shadow",
+            CacheMode::Off => "off",
+        }
+    }
+}
+
 /// What the cache key covers besides the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -215,6 +230,16 @@ pub enum CacheScope {
     Credential,
     /// Entries are shared across credentials of the gateway.
     Gateway,
+}
+
+impl CacheScope {
+    /// The value as the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheScope::Credential => "credential",
+            CacheScope::Gateway => "gateway",
+        }
+    }
 }
 
 /// `[upstream]`: how aigate talks to providers.

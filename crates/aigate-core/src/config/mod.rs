@@ -48,12 +48,12 @@ pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Io {
         /// The path that failed.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (shown in the message, not chained again).
+        error: std::io::Error,
     },
 }
 
@@ -99,6 +99,8 @@ pub struct Settings {
     pub request_body_timeout: Duration,
     /// Longest time to receive a request head.
     pub header_read_timeout: Duration,
+    /// Most threads of the runtime's blocking pool.
+    pub blocking_threads: usize,
     /// Upstream connection settings.
     pub upstream: UpstreamSettings,
     /// Providers by name (built-in merged with configured).
@@ -118,18 +120,12 @@ pub struct Settings {
 /// Storage backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StorageSettings {
-    /// Cache backend.
-    pub cache: aigate_store::CacheBackend,
-    /// In-process cache tier size, bytes.
-    pub cache_memory: u64,
-    /// Log store backend.
-    pub logs: aigate_store::LogBackend,
+    /// The backend of each store (cache, limits, logs).
+    pub backends: aigate_store::Backends,
     /// Log queue capacity (records).
     pub log_queue: usize,
     /// Spill files cap, bytes.
     pub log_spill_max: u64,
-    /// Rate-limit store spec (`memory` or a Redis URL).
-    pub limits: String,
 }
 
 /// A gateway's log settings.
@@ -210,7 +206,7 @@ impl Settings {
     /// Reads a file, then as [`Settings::from_toml`].
     pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Io { path: path.to_path_buf(), error })?;
         Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
             ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),

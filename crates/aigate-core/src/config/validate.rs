@@ -109,25 +109,22 @@ impl FileConfig {
         let logs_spec = self.storage.logs.as_deref().unwrap_or("sqlite");
         let logs_backend = aigate_store::LogBackend::parse(logs_spec, &self.data_dir)
             .map_err(|e| invalid(format!("storage.logs: {e}")))?;
+        let limits_spec = self.storage.limits.as_deref().unwrap_or("memory");
+        let limits_backend =
+            aigate_store::LimitBackend::parse(limits_spec).map_err(|e| invalid(format!("storage.limits: {e}")))?;
         let storage = StorageSettings {
-            cache: cache_backend,
-            cache_memory: self.storage.cache_memory.map_or(256_000_000, |b| b.0),
-            logs: logs_backend,
+            backends: aigate_store::Backends {
+                cache: cache_backend,
+                cache_memory: self.storage.cache_memory.map_or(256_000_000, |b| b.0),
+                limits: limits_backend,
+                logs: logs_backend,
+            },
             log_queue: match self.storage.log_queue {
                 Some(0) => return Err(invalid("storage.log_queue: must be greater than zero".into())),
                 Some(n) => n,
                 None => 10_000,
             },
             log_spill_max: self.storage.log_spill_max.map_or(1_000_000_000, |b| b.0),
-            limits: {
-                let spec = self.storage.limits.as_deref().unwrap_or("memory").trim().to_owned();
-                if !(spec == "memory" || spec.starts_with("redis://") || spec.starts_with("rediss://")) {
-                    return Err(invalid(format!(
-                        "storage.limits: unknown backend {spec:?}: expected \"memory\" or a redis:// URL"
-                    )));
-                }
-                spec
-            },
         };
         let limits = crate::limits::LimitOptions {
             on_store_error: self.limits.on_store_error.unwrap_or_default(),
@@ -181,6 +178,11 @@ impl FileConfig {
                 }
                 Some(d) => d.0,
                 None => Duration::from_secs(30),
+            },
+            blocking_threads: match self.blocking_threads {
+                Some(0) => return Err(invalid("blocking_threads: must be greater than zero".into())),
+                Some(n) => n,
+                None => 16,
             },
             upstream,
             providers,

@@ -102,7 +102,7 @@ pub struct LimitLayer {
     /// Counters.
     pub stats: Arc<LimitStats>,
     pub(crate) opts: ArcSwap<LimitOptions>,
-    pub(crate) clock: Arc<Clock>,
+    pub(crate) clock: Clock,
     pub(crate) metrics: Arc<Metrics>,
     /// Settlements may be requested from the log spill thread, outside the runtime.
     runtime: Option<tokio::runtime::Handle>,
@@ -160,7 +160,7 @@ impl LimitLayer {
         store: Arc<dyn RateLimitStore>,
         opts: LimitOptions,
         stats: Arc<LimitStats>,
-        clock: Arc<Clock>,
+        clock: Clock,
         client: HttpClient,
         metrics: Arc<Metrics>,
     ) -> LimitLayer {

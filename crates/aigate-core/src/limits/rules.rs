@@ -20,6 +20,17 @@ pub enum Measure {
     CostUsd,
 }
 
+impl Measure {
+    /// The value as the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Measure::Requests => "requests",
+            Measure::Tokens => "tokens",
+            Measure::CostUsd => "cost_usd",
+        }
+    }
+}
+
 /// What a rule counts per.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitKey {
@@ -46,6 +57,18 @@ impl std::str::FromStr for LimitKey {
                     "unknown key {other:?}: expected \"gateway\", \"credential\", \"model\" or \"metadata.NAME\""
                 )),
             },
+        }
+    }
+}
+
+impl std::fmt::Display for LimitKey {
+    /// As the configuration writes it (`key = "metadata.user_id"`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitKey::Gateway => f.write_str("gateway"),
+            LimitKey::Credential => f.write_str("credential"),
+            LimitKey::Model => f.write_str("model"),
+            LimitKey::Metadata(k) => write!(f, "metadata.{k}"),
         }
     }
 }
@@ -107,7 +130,8 @@ impl BudgetPeriod {
         }
     }
 
-    pub(crate) fn label(self) -> String {
+    /// As the configuration writes it (`hour`, …, or a duration like `24h`).
+    pub fn label(self) -> String {
         match self {
             BudgetPeriod::Hour => "hour".into(),
             BudgetPeriod::Day => "day".into(),
@@ -185,6 +209,16 @@ pub enum OnStoreError {
     Allow,
     /// Refuse them with 503.
     Deny,
+}
+
+impl OnStoreError {
+    /// The value as the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStoreError::Allow => "allow",
+            OnStoreError::Deny => "deny",
+        }
+    }
 }
 
 /// Global limit options (`[limits]`).

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast;
 
 use super::{Finished, LogStats};
+use crate::clock::Clock;
 use crate::endpoint::Endpoint;
 use crate::meter::cost::{CustomCost, PriceTable};
 use crate::meter::usage::{self, SseUsage, Usage};
@@ -28,6 +29,8 @@ pub struct Finalizer {
     pub(super) limits: Arc<crate::limits::LimitLayer>,
     pub(super) tail: broadcast::Sender<Arc<LogRecord>>,
     pub(super) stats: Arc<LogStats>,
+    /// Names spill files and paces warnings.
+    pub(super) clock: Clock,
 }
 
 impl Finalizer {

@@ -29,12 +29,13 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::meter::Meter;
 use crate::metrics::Metrics;
 pub use finalize::parse_metadata;
 use finalize::Finalizer;
-use spill::{recover_spill_files, spill_loop, unix_ms, SpillItem};
+use spill::{recover_spill_files, spill_loop, SpillItem};
 pub use spill::{SPILL_CHANNEL, SPILL_DIR, SPILL_FILE_MAX, SPILL_IDLE};
 
 mod finalize;
@@ -177,6 +178,7 @@ impl LogPipeline {
         stats: Arc<LogStats>,
         metrics: Arc<Metrics>,
         limits: Arc<crate::limits::LimitLayer>,
+        clock: Clock,
     ) -> std::io::Result<Arc<LogPipeline>> {
         let (tx, rx) = mpsc::channel(settings.storage.log_queue);
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
@@ -186,6 +188,7 @@ impl LogPipeline {
             tail,
             stats: stats.clone(),
             limits,
+            clock,
         });
         let spill_dir = settings.data_dir.join(SPILL_DIR);
         std::fs::create_dir_all(&spill_dir)?;
@@ -401,7 +404,7 @@ impl LogPipeline {
 
     fn store_failed(&self, e: &StoreError) {
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-        let now = unix_ms();
+        let now = self.finalizer.clock.now_ms();
         let last = self.stats.last_warn_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 10_000
             && self.stats.last_warn_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
@@ -420,15 +423,6 @@ impl LogPipeline {
             }
         }
     }
-}
-
-/// Opens the configured log store without waiting on the network: SQLite opens its file now;
-/// PostgreSQL connects and migrates its schema on first use (and retries after failures).
-pub fn open_store(backend: &aigate_store::LogBackend) -> Result<Arc<dyn LogStore>, StoreError> {
-    Ok(match backend {
-        aigate_store::LogBackend::Sqlite { path } => Arc::new(aigate_store::SqliteLogStore::open(path)?),
-        aigate_store::LogBackend::Postgres { url } => Arc::new(aigate_store::PostgresLogStore::connect(url)?),
-    })
 }
 
 #[cfg(test)]
@@ -553,11 +547,12 @@ mod tests {
             Arc::new(LogStats::default()),
             state.metrics.clone(),
             state.limits.clone(),
+            state.clock.clone(),
         )
         .unwrap();
         // Records counted in analytics only (logs off): nothing dedupes them on a second replay.
         let n = BATCH as u64 + 500;
-        let now = unix_ms();
+        let now = state.clock.now_ms();
         let mut file = Vec::new();
         for i in 0..n {
             serde_json::to_writer(&mut file, &counted_record(i, now)).unwrap();

@@ -37,12 +37,6 @@ pub(super) enum SpillItem {
 /// Extension of a spill file being rewritten after a partial replay (a leftover one is removed).
 const SPILL_REWRITE_EXT: &str = "rewrite";
 
-pub(super) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Renames files left open by a crash so they are replayed, and returns the bytes on disk.
 pub(super) fn recover_spill_files(dir: &Path) -> std::io::Result<u64> {
     let mut total = 0;
@@ -129,7 +123,7 @@ pub(super) fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &F
             }
             if current.is_none() {
                 seq += 1;
-                let path = dir.join(format!("spill-{:013}-{:06}.jsonl.partial", unix_ms(), seq));
+                let path = dir.join(format!("spill-{:013}-{:06}.jsonl.partial", fin.clock.now_ms(), seq));
                 match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
                     Ok(f) => current = Some(SpillFile { path, out: std::io::BufWriter::new(f), bytes: 0 }),
                     Err(e) => {

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -13,9 +12,9 @@ pub fn unique(tag: &str) -> String {
     format!("t{}_{}_{tag}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Now, Unix ms.
+/// Now, Unix ms, on the system clock.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    aigate_store::Clock::system().now_ms()
 }
 
 /// A temporary directory removed on drop.

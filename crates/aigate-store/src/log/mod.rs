@@ -18,14 +18,14 @@
 //!
 //! Failure behaviour: errors come back as [`StoreError`], never as panics. Invalid input (a
 //! malformed cursor, a feedback other than -1/+1, a non-finite score) is rejected as
-//! [`StoreError::Corrupt`] with a message starting `invalid`; API layers check it first with
+//! [`StoreError::InvalidInput`] with a message starting `invalid`; API layers check it first with
 //! [`LogFilter::validate`] to answer 400. Non-finite floats inside a record are stored as unknown
 //! (`None`; a non-finite `duration_ms` as 0), because neither backend can hold them faithfully.
 //! An insert is atomic; a delete or retention run that fails part-way keeps the chunks it already
 //! committed (the row counts stay exact).
 //!
 //! Analytics: the same stores keep traffic rollups in the transaction of every insert and answer
-//! [`LogStore::analytics`] from them (see [`crate::analytics`]).
+//! [`LogStore::analytics`] from them (see [`crate::log::analytics`]).
 //!
 //! Implementations: [`crate::SqliteLogStore`] (embedded, default) and [`crate::PostgresLogStore`]
 //! (shared by replicas); both pass `tests/log_conformance.rs`.
@@ -39,6 +39,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::{Analytics, AnalyticsQuery, StoreError};
+
+pub mod analytics;
+mod bodies;
+pub mod postgres;
+pub mod sqlite;
 
 /// Metadata entries kept per record; extra entries are dropped on insert.
 pub const MAX_METADATA: usize = 5;
@@ -353,7 +358,7 @@ pub trait LogStore: Send + Sync + 'static {
     /// [`log_id_at`], so no two of its records share an id); with [`AtCap::StopInserting`] the
     /// batch is inserted in order only until the cap is reached.
     ///
-    /// The same transaction adds to the analytics rollups ([`crate::analytics`]) every record that
+    /// The same transaction adds to the analytics rollups ([`crate::log::analytics`]) every record that
     /// is not a duplicate id, including those dropped at the cap (analytics count traffic, not
     /// what is kept).
     async fn insert_batch(&self, gateway: &str, records: &[LogRecord]) -> Result<u64, StoreError>;
@@ -370,7 +375,7 @@ pub trait LogStore: Send + Sync + 'static {
     async fn add_to_rollups(&self, gateway: &str, records: &[LogRecord]) -> Result<(), StoreError>;
 
     /// The gateway's traffic analytics over `q`'s range, from the rollups (see
-    /// [`crate::analytics`]). Rejects, as [`StoreError::Corrupt`] starting `invalid`, what
+    /// [`crate::log::analytics`]). Rejects, as [`StoreError::InvalidInput`], what
     /// [`AnalyticsQuery::validate`] rejects.
     async fn analytics(&self, gateway: &str, q: &AnalyticsQuery) -> Result<Analytics, StoreError>;
 
@@ -480,7 +485,7 @@ pub(crate) fn log_id_time_ms(id: &str) -> Option<u64> {
 
 /// The error for rejected input.
 pub(crate) fn invalid(msg: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("invalid {msg}"))
+    StoreError::InvalidInput(format!("invalid {msg}"))
 }
 
 /// Checks a patch's arguments.
@@ -827,7 +832,7 @@ mod tests {
         assert!(decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("x:y")).is_err());
         let f = LogFilter { cursor: Some("nope".into()), ..LogFilter::default() };
         assert!(f.validate().is_err());
-        assert!(matches!(filter_sql(Dialect::Sqlite, "gw", &f, true), Err(StoreError::Corrupt(_))));
+        assert!(matches!(filter_sql(Dialect::Sqlite, "gw", &f, true), Err(StoreError::InvalidInput(_))));
     }
 
     #[test]

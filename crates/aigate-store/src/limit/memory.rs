@@ -18,10 +18,10 @@
 //! smallest harm. Size `max_keys` above the number of keys active within one period; evictions are
 //! counted ([`MemoryLimitStore::evictions`]).
 //!
-//! Time comes from a clock returning Unix ms ([`MemoryLimitStore::with_clock`], system time by
-//! default), so tests drive it by hand. Cost (criterion, `benches/limits.rs`): ~0.15 µs per fixed and
-//! ~0.7 µs per sliding acquire at p50 (the sliding sum reads up to 61 counters). A clock stepping backwards never panics: counts of windows
-//! "in the future" are ignored or reset.
+//! Time comes from an injected [`crate::Clock`] ([`MemoryLimitStore::with_clock`], the system clock
+//! by default), so tests drive it by hand. An acquire costs a shard lock and a counter update; a
+//! sliding one also sums the up to 61 counters of its ring (`benches/limits.rs` measures both). A
+//! clock stepping backwards never panics: counts of windows "in the future" are ignored or reset.
 //!
 //! Failure behaviour: none; every operation is infallible and the async methods always return `Ok`.
 
@@ -31,8 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::limit::{decision, leave_at, oldest_sub_window};
-use crate::memory::now_ms;
-use crate::{Decision, LimitSpec, RateLimitStore, Reservation, StoreError, Technique};
+use crate::{Clock, Decision, LimitSpec, RateLimitStore, Reservation, StoreError, Technique};
 
 /// Default key bound of [`crate::build_limit_store`]'s memory store (about 65 MB of sliding state when
 /// full: ~650 bytes per key with its ring).
@@ -40,9 +39,6 @@ pub const DEFAULT_LIMIT_MAX_KEYS: usize = 100_000;
 
 /// Most shards of a store (fewer for small bounds, at least 256 keys per shard).
 pub const MAX_SHARDS: usize = 64;
-
-/// A clock returning Unix milliseconds.
-pub type LimitClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The counters of one key.
 enum State {
@@ -206,7 +202,7 @@ pub struct MemoryLimitStore {
     shards: Box<[Shard]>,
     hasher: RandomState,
     shard_cap: usize,
-    clock: LimitClock,
+    clock: Clock,
     evictions: AtomicU64,
 }
 
@@ -231,13 +227,13 @@ impl MemoryLimitStore {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             shard_cap,
-            clock: Arc::new(now_ms),
+            clock: Clock::system(),
             evictions: AtomicU64::new(0),
         }
     }
 
-    /// Uses `clock` (returning Unix ms) instead of the system clock.
-    pub fn with_clock(mut self, clock: LimitClock) -> MemoryLimitStore {
+    /// The same store on `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> MemoryLimitStore {
         self.clock = clock;
         self
     }
@@ -265,7 +261,7 @@ impl MemoryLimitStore {
     /// Drops every key whose counters count nothing any more; returns how many. Optional: a full
     /// shard does this by itself before evicting.
     pub fn purge_expired(&self) -> usize {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
@@ -283,7 +279,7 @@ impl MemoryLimitStore {
 
     /// [`RateLimitStore::acquire`] without the future.
     pub fn acquire_sync(&self, key: &str, spec: &LimitSpec, cost: u64) -> Decision {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let mut map = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
         let ev = eval(map.get(key), spec, now, cost);
         if ev.used.saturating_add(cost) > spec.limit {
@@ -326,7 +322,7 @@ impl MemoryLimitStore {
 
     /// [`RateLimitStore::settle`] without the future.
     pub fn settle_sync(&self, reservation: &Reservation, actual: u64) {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let spec = &reservation.spec;
         let mut map = self.shard(&reservation.key).lock().unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = map.get_mut(&*reservation.key) else { return };
@@ -350,7 +346,7 @@ impl MemoryLimitStore {
 
     /// [`RateLimitStore::peek`] without the future.
     pub fn peek_sync(&self, key: &str, spec: &LimitSpec) -> Decision {
-        let now = (self.clock)();
+        let now = self.clock.now_ms();
         let map = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
         let ev = eval(map.get(key), spec, now, 1);
         decision(spec.limit, ev.used.saturating_add(1) <= spec.limit, ev.used, ev.reset_ms, ev.retry_after_ms)

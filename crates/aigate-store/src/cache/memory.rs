@@ -3,7 +3,8 @@
 //! Bounds: the total [`CachedResponse::weight`] of the held entries stays at or under the
 //! `max_bytes` given to [`MemoryCacheStore::new`] (moka applies the bound asynchronously, so it may be
 //! exceeded briefly until its maintenance runs; TinyLFU admission decides what is kept). Each entry
-//! lives until its own `expires_at_ms`, optionally capped by [`MemoryCacheStore::with_ttl_cap`] (used
+//! lives until its own `expires_at_ms` on the store's clock ([`MemoryCacheStore::with_clock`], the
+//! system clock by default), optionally capped by [`MemoryCacheStore::with_ttl_cap`] (used
 //! when the memory tier sits in front of a shared store such as Redis, so a purge on another replica
 //! is seen here within the cap).
 //!
@@ -14,18 +15,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, StoreError};
-
-/// Current Unix time in milliseconds (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, Clock, StoreError};
 
 /// What the moka cache holds for a key: the response and the namespace it was stored under.
 #[derive(Clone)]
@@ -37,11 +33,12 @@ struct Entry {
 /// Computes each entry's moka lifetime from its absolute expiry, capped by the optional TTL cap.
 struct EntryExpiry {
     ttl_cap: Option<Duration>,
+    clock: Clock,
 }
 
 impl EntryExpiry {
     fn lifetime(&self, entry: &Entry) -> Duration {
-        let left = Duration::from_millis(entry.response.expires_at_ms.saturating_sub(now_ms()));
+        let left = Duration::from_millis(entry.response.expires_at_ms.saturating_sub(self.clock.now_ms()));
         match self.ttl_cap {
             Some(cap) => left.min(cap),
             None => left,
@@ -75,6 +72,7 @@ pub struct MemoryCacheStore {
     evictions: Arc<AtomicU64>,
     max_bytes: u64,
     ttl_cap: Option<Duration>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for MemoryCacheStore {
@@ -89,19 +87,25 @@ impl std::fmt::Debug for MemoryCacheStore {
 
 impl MemoryCacheStore {
     /// A store holding at most `max_bytes` of entries (by [`CachedResponse::weight`]), each kept
-    /// until its own expiry.
+    /// until its own expiry on the system clock.
     pub fn new(max_bytes: u64) -> MemoryCacheStore {
-        MemoryCacheStore::build(max_bytes, None)
+        MemoryCacheStore::build(max_bytes, None, Clock::system())
     }
 
     /// The same store, but no entry is kept longer than `cap` (whatever its own expiry), for a
-    /// memory tier in front of a shared store. Entries already held keep their lifetime, so call
-    /// this right after [`MemoryCacheStore::new`].
+    /// memory tier in front of a shared store. Entries already held are dropped, so call this
+    /// right after [`MemoryCacheStore::new`].
     pub fn with_ttl_cap(self, cap: Duration) -> MemoryCacheStore {
-        MemoryCacheStore::build(self.max_bytes, Some(cap))
+        MemoryCacheStore::build(self.max_bytes, Some(cap), self.clock)
     }
 
-    fn build(max_bytes: u64, ttl_cap: Option<Duration>) -> MemoryCacheStore {
+    /// The same store, on `clock` instead of the system clock. Entries already held are dropped, so
+    /// call this right after [`MemoryCacheStore::new`].
+    pub fn with_clock(self, clock: Clock) -> MemoryCacheStore {
+        MemoryCacheStore::build(self.max_bytes, self.ttl_cap, clock)
+    }
+
+    fn build(max_bytes: u64, ttl_cap: Option<Duration>, clock: Clock) -> MemoryCacheStore {
         let evictions = Arc::new(AtomicU64::new(0));
         let counter = evictions.clone();
         let cache = Cache::builder()
@@ -109,14 +113,14 @@ impl MemoryCacheStore {
             .weigher(|_key: &CacheKey, e: &Entry| {
                 u32::try_from(e.response.weight().saturating_add(KEY_OVERHEAD + e.ns.len())).unwrap_or(u32::MAX)
             })
-            .expire_after(EntryExpiry { ttl_cap })
+            .expire_after(EntryExpiry { ttl_cap, clock: clock.clone() })
             .eviction_listener(move |_key, _value, cause| {
                 if cause == RemovalCause::Size {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
             })
             .build();
-        MemoryCacheStore { cache, evictions, max_bytes, ttl_cap }
+        MemoryCacheStore { cache, evictions, max_bytes, ttl_cap, clock }
     }
 
     /// The byte capacity given at construction.
@@ -133,7 +137,7 @@ impl MemoryCacheStore {
     /// clone.
     pub fn get_sync(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
         let entry = self.cache.get(key)?;
-        if entry.response.is_expired(now_ms()) {
+        if entry.response.is_expired(self.clock.now_ms()) {
             self.cache.invalidate(key);
             return None;
         }
@@ -143,7 +147,7 @@ impl MemoryCacheStore {
     /// Stores `entry` under `key` in namespace `ns` until its expiry (or the TTL cap). An already
     /// expired entry is not stored, and removes what `key` held.
     pub fn put_sync(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) {
-        if entry.is_expired(now_ms()) {
+        if entry.is_expired(self.clock.now_ms()) {
             self.cache.invalidate(key);
             return;
         }

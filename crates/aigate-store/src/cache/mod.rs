@@ -11,6 +11,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::StoreError;
 
+pub mod disk;
+pub mod memory;
+pub mod redis;
+pub mod tiered;
+
 /// A cache key: a 32-byte digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey(pub [u8; 32]);

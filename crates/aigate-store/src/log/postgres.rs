@@ -8,15 +8,16 @@
 //! `<table>_counts(gateway, n)` holds each gateway's row count, kept in the transaction of every
 //! insert and delete; its row is locked first by every write, which serialises the writes of one
 //! gateway across replicas (so a cap holds exactly and trims never deadlock). `<table>_rollups`
-//! holds the analytics rollups ([`crate::analytics`]), primary key `(gateway, grain_ms, dim,
+//! holds the analytics rollups ([`crate::log::analytics`]), primary key `(gateway, grain_ms, dim,
 //! bucket_ms, dim_value)`, histogram as JSONB; every batch adds to them with one `INSERT … ON
 //! CONFLICT DO UPDATE` of its aggregated rows in key order, in the batch's transaction, so the sums
 //! stay exact when replicas write at once. `<table>_schema` holds the schema version.
 //!
-//! aigate creates and migrates the schema itself ([`PostgresLogStore::migrate`], run once per store
-//! before its first query): every pending migration runs in one transaction that first takes
-//! `pg_advisory_xact_lock` on a key derived from the table name, so replicas starting together
-//! apply it once and the others wait and then find it done.
+//! aigate creates the schema itself ([`PostgresLogStore::ensure_schema`], run once per store before
+//! its first query), in one transaction that first takes `pg_advisory_xact_lock` on a key derived
+//! from the table name, so replicas starting together create it once and the others wait and then
+//! find it done. Tables of another schema version (development builds) are refused, never
+//! converted: every operation fails with a message naming the tables and what to do.
 //!
 //! Bounds: a pool of at most [`POOL_SIZE`] connections; a batch is inserted with one `INSERT …
 //! SELECT FROM UNNEST(…)` statement per chunk of at most [`INSERT_CHUNK_ROWS`] rows /
@@ -25,7 +26,7 @@
 //! Failure behaviour: nothing connects at construction, so a store is built while PostgreSQL is
 //! down; every operation then fails with [`StoreError::Unavailable`] (or [`StoreError::Timeout`]
 //! after [`CONNECT_TIMEOUT`] connecting / [`OP_TIMEOUT`] per operation) and succeeds again once the
-//! server is back, migrating first if it had not yet. A failed batch is rolled back whole.
+//! server is back, creating the schema first if it had not yet. A failed batch is rolled back whole.
 //! Connections are plain TCP (or Unix socket): a URL with `sslmode=require` is refused when
 //! connecting, as TLS is not built in.
 
@@ -39,7 +40,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use crate::analytics::{
+use crate::log::analytics::{
     aggregate, assemble, plan, upsert_set_sql, Histogram, Rollup, RollupKey, RollupRow, FLOAT_COLUMNS, HOUR_MS,
     INT_COLUMNS, MINUTE_MS,
 };
@@ -47,9 +48,8 @@ use crate::log::{
     check_patch, encode_cursor, filter_sql, finite, invalid, stored_metadata, to_i64, to_u64, AtCap, Dialect,
     MetaValue, Retention, Retentions, SqlValue, DELETE_CHUNK_ROWS, LIST_COLUMNS,
 };
-use crate::memory::now_ms;
 use crate::{
-    Analytics, AnalyticsQuery, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
+    Analytics, AnalyticsQuery, Clock, LogFilter, LogPage, LogRecord, LogStore, StoreError, HOUR_ROLLUP_RETENTION_MS,
     MINUTE_ROLLUP_RETENTION_MS,
 };
 
@@ -74,11 +74,13 @@ pub const INSERT_CHUNK_BYTES: usize = 32 << 20;
 /// Longest table name accepted (PostgreSQL identifiers hold 63 bytes; suffixes are added).
 const MAX_TABLE_LEN: usize = 40;
 
-/// The schema migrations of `table`, in order: migration `i` brings the schema to version `i + 1`.
-fn migrations(t: &str) -> Vec<String> {
-    vec![
-        format!(
-            r#"CREATE TABLE IF NOT EXISTS "{t}" (
+/// Version of the schema this aigate creates and reads (in `<table>_schema`).
+const SCHEMA_VERSION: i32 = 2;
+
+/// The schema of `table` (every statement idempotent): the records, the counts, the rollups.
+fn create_schema_sql(t: &str) -> String {
+    format!(
+        r#"CREATE TABLE IF NOT EXISTS "{t}" (
                gateway TEXT NOT NULL,
                id TEXT COLLATE "C" NOT NULL,
                event_id TEXT,
@@ -116,10 +118,8 @@ fn migrations(t: &str) -> Vec<String> {
            CREATE TABLE IF NOT EXISTS "{t}_counts" (
                gateway TEXT PRIMARY KEY,
                n BIGINT NOT NULL
-           );"#
-        ),
-        format!(
-            r#"CREATE TABLE IF NOT EXISTS "{t}_rollups" (
+           );
+           CREATE TABLE IF NOT EXISTS "{t}_rollups" (
                gateway TEXT NOT NULL,
                grain_ms BIGINT NOT NULL,
                dim TEXT NOT NULL,
@@ -141,8 +141,7 @@ fn migrations(t: &str) -> Vec<String> {
                hist JSONB NOT NULL,
                PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
            );"#
-        ),
-    ]
+    )
 }
 
 /// Statements whose text depends only on the table name.
@@ -246,7 +245,7 @@ fn pool_err(e: PoolError) -> StoreError {
     }
 }
 
-/// A stable 64-bit FNV-1a hash (the advisory lock key of a table's migrations).
+/// A stable 64-bit FNV-1a hash (the advisory lock key of a table's schema creation).
 fn lock_key(s: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
@@ -261,7 +260,8 @@ struct Shared {
     pool: Pool,
     table: String,
     q: Queries,
-    migrated: tokio::sync::OnceCell<()>,
+    /// Set once the schema is known to be in place ([`PostgresLogStore::ensure_schema`]).
+    schema_ready: tokio::sync::OnceCell<()>,
     retention: Retentions,
 }
 
@@ -269,6 +269,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct PostgresLogStore {
     inner: Arc<Shared>,
+    /// Where the retention cutoffs (`max_age_ms`, rollup pruning) are measured from.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for PostgresLogStore {
@@ -280,7 +282,7 @@ impl std::fmt::Debug for PostgresLogStore {
 impl PostgresLogStore {
     /// A store on table [`DEFAULT_LOG_TABLE`] of the database at `url` (`postgres://` or
     /// `postgresql://`, or a key=value connection string). Does not connect (see
-    /// [`PostgresLogStore::migrate`]); fails only on a malformed URL.
+    /// [`PostgresLogStore::ensure_schema`]); fails only on a malformed URL.
     pub fn connect(url: &str) -> Result<PostgresLogStore, StoreError> {
         PostgresLogStore::connect_with_table(url, DEFAULT_LOG_TABLE)
     }
@@ -317,10 +319,16 @@ impl PostgresLogStore {
                 pool,
                 table: table.to_owned(),
                 q: Queries::new(table),
-                migrated: tokio::sync::OnceCell::new(),
+                schema_ready: tokio::sync::OnceCell::new(),
                 retention: Retentions::default(),
             }),
+            clock: Clock::system(),
         })
+    }
+
+    /// The same store on `clock` instead of the system clock.
+    pub fn with_clock(self, clock: Clock) -> PostgresLogStore {
+        PostgresLogStore { clock, ..self }
     }
 
     /// The table holding the records.
@@ -328,13 +336,15 @@ impl PostgresLogStore {
         &self.inner.table
     }
 
-    /// Creates or upgrades the schema (idempotent; safe when replicas run it at once). Runs at most
-    /// once per store once it succeeds; every operation calls it first.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.inner.migrated.get_or_try_init(|| timed(self.migrate_now())).await.map(|_| ())
+    /// Creates the schema when the table has none, or checks that it is the current one (safe when
+    /// replicas run it at once). Runs at most once per store once it succeeds; every operation calls
+    /// it first. A table of another schema version is refused with [`StoreError::Unavailable`], whose
+    /// message names the tables and what to do.
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        self.inner.schema_ready.get_or_try_init(|| timed(self.ensure_schema_now())).await.map(|_| ())
     }
 
-    async fn migrate_now(&self) -> Result<(), StoreError> {
+    async fn ensure_schema_now(&self) -> Result<(), StoreError> {
         let t = &self.inner.table;
         let mut client = self.inner.pool.get().await.map_err(pool_err)?;
         let tx = client.transaction().await.map_err(pg_err)?;
@@ -349,42 +359,36 @@ impl PostgresLogStore {
         ))
         .await
         .map_err(pg_err)?;
-        let version: i32 = tx
+        let version: Option<i32> = tx
             .query_opt(&format!(r#"SELECT version FROM "{t}_schema""#), &[])
             .await
             .map_err(pg_err)?
             .map(|r| r.try_get(0))
             .transpose()
-            .map_err(pg_err)?
-            .unwrap_or(0);
-        let all = migrations(t);
-        let known = i32::try_from(all.len()).unwrap_or(i32::MAX);
-        if version > known {
-            return Err(StoreError::Unavailable(format!(
-                "postgres log store: table {t} has schema version {version}, newer than this aigate's {known}"
-            )));
+            .map_err(pg_err)?;
+        match version {
+            Some(SCHEMA_VERSION) => return Ok(()),
+            Some(v) => {
+                return Err(StoreError::Unavailable(format!(
+                    "PostgreSQL table {t} has log schema {v}; this aigate reads schema {SCHEMA_VERSION} only (the \
+                     table comes from a development build): drop the tables {t}, {t}_counts, {t}_rollups and \
+                     {t}_schema (or configure another table), and aigate creates new ones"
+                )));
+            }
+            None => {}
         }
-        for m in all.iter().skip(usize::try_from(version).unwrap_or(0)) {
-            tx.batch_execute(m).await.map_err(pg_err)?;
-        }
-        if version < known {
-            tx.execute(
-                &format!(
-                    r#"INSERT INTO "{t}_schema" (one, version) VALUES (true, $1)
-                       ON CONFLICT (one) DO UPDATE SET version = EXCLUDED.version"#
-                ),
-                &[&known],
-            )
+        tx.batch_execute(&create_schema_sql(t)).await.map_err(pg_err)?;
+        tx.execute(&format!(r#"INSERT INTO "{t}_schema" (one, version) VALUES (true, $1)"#), &[&SCHEMA_VERSION])
             .await
             .map_err(pg_err)?;
-            tracing::info!(table = %t, from = version, to = known, "postgres log store: schema migrated");
-        }
-        tx.commit().await.map_err(pg_err)
+        tx.commit().await.map_err(pg_err)?;
+        tracing::info!(table = %t, version = SCHEMA_VERSION, "postgres log store: schema created");
+        Ok(())
     }
 
     /// A pooled connection, after the schema is in place.
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.migrate().await?;
+        self.ensure_schema().await?;
         self.inner.pool.get().await.map_err(pool_err)
     }
 
@@ -398,7 +402,7 @@ impl PostgresLogStore {
             Some(r) if r.at_cap == AtCap::StopInserting => {
                 // Make room from expired rows before refusing any.
                 if let Some(age) = r.max_age_ms.filter(|_| n.saturating_add(records.len() as u64) > r.max_records) {
-                    let (cutoff, limit) = (to_i64(now_ms().saturating_sub(age)), to_i64(DELETE_CHUNK_ROWS));
+                    let (cutoff, limit) = (to_i64(self.clock.now_ms().saturating_sub(age)), to_i64(DELETE_CHUNK_ROWS));
                     let d = tx.execute(&q.delete_older, &[&gateway, &cutoff, &limit]).await.map_err(pg_err)?;
                     n = n.saturating_sub(d);
                 }
@@ -470,7 +474,7 @@ impl PostgresLogStore {
 
     /// Deletes the gateway's expired rollup rows, [`DELETE_CHUNK_ROWS`] per statement.
     async fn prune_rollups(&self, gateway: &str) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let minute_cutoff = to_i64(now.saturating_sub(MINUTE_ROLLUP_RETENTION_MS));
         let hour_cutoff = to_i64(now.saturating_sub(HOUR_ROLLUP_RETENTION_MS));
         let (minute, hour, limit) = (to_i64(MINUTE_MS), to_i64(HOUR_MS), to_i64(DELETE_CHUNK_ROWS));
@@ -933,7 +937,7 @@ impl LogStore for PostgresLogStore {
     async fn enforce_retention(&self, gateway: &str) -> Result<u64, StoreError> {
         timed(self.prune_rollups(gateway)).await?;
         let Some(r) = self.inner.retention.get(gateway) else { return Ok(0) };
-        let cutoff = r.max_age_ms.map(|age| now_ms().saturating_sub(age));
+        let cutoff = r.max_age_ms.map(|age| self.clock.now_ms().saturating_sub(age));
         let mut total = 0;
         loop {
             let d = timed(self.retention_step(gateway, r, cutoff)).await?;

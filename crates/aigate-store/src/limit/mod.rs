@@ -31,6 +31,9 @@ use std::sync::Arc;
 
 use crate::StoreError;
 
+pub mod memory;
+pub mod redis;
+
 /// Most sub-windows a sliding period is split into (fewer when the period is shorter than this many
 /// milliseconds).
 pub const MAX_SUB_WINDOWS: u64 = 60;

@@ -9,7 +9,8 @@
 //! Bounds: the logical size of the rows (encoded value + key + namespace + a fixed row overhead) is
 //! kept at or under `max_bytes`. When a put goes over, expired rows are deleted first, then the rows
 //! expiring soonest, until the total fits (those count as evictions). An entry larger than the whole
-//! cap is not stored. Expired rows are never returned and are swept every
+//! cap is not stored. Expired rows (on the store's clock, [`DiskCacheStore::with_clock`], the system
+//! clock by default) are never returned and are swept every
 //! [`RECLAIM_EVERY_PUTS`] puts, at open, and on [`DiskCacheStore::reclaim_expired`]. The SQLite file
 //! itself is larger than the logical size by page overhead and the WAL.
 //!
@@ -26,8 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::memory::now_ms;
-use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, StoreError};
+use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, Clock, StoreError};
 
 /// File name of the database inside the directory given to [`DiskCacheStore::open`].
 pub const DISK_CACHE_FILE: &str = "cache.sqlite3";
@@ -70,6 +70,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct DiskCacheStore {
     inner: Arc<Shared>,
+    /// When entries expire.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for DiskCacheStore {
@@ -108,7 +110,7 @@ impl DiskCacheStore {
         )
         .map_err(sql_err)?;
         let tx = conn.transaction().map_err(sql_err)?;
-        delete_expired(&tx, now_ms())?;
+        delete_expired(&tx, Clock::system().now_ms())?;
         let (entries, bytes): (i64, i64) = tx
             .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM cache", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(sql_err)?;
@@ -124,6 +126,7 @@ impl DiskCacheStore {
                 evictions: AtomicU64::new(0),
                 puts: AtomicU64::new(0),
             }),
+            clock: Clock::system(),
         })
     }
 
@@ -137,11 +140,18 @@ impl DiskCacheStore {
         self.inner.max_bytes
     }
 
+    /// The same store on `clock` instead of the system clock (the sweep at open used the system
+    /// clock).
+    pub fn with_clock(self, clock: Clock) -> DiskCacheStore {
+        DiskCacheStore { clock, ..self }
+    }
+
     /// Deletes every expired row now; returns how many were deleted.
     pub async fn reclaim_expired(&self) -> Result<u64, StoreError> {
-        self.run(|shared, conn| {
+        let now = self.clock.now_ms();
+        self.run(move |shared, conn| {
             let tx = conn.transaction().map_err(sql_err)?;
-            let (n, bytes) = delete_expired(&tx, now_ms())?;
+            let (n, bytes) = delete_expired(&tx, now)?;
             tx.commit().map_err(sql_err)?;
             shared.sub(n, bytes);
             if n > 0 {
@@ -220,11 +230,12 @@ impl CacheStore for DiskCacheStore {
 
     async fn get(&self, _ns: &str, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, StoreError> {
         let key = *key;
+        let now = self.clock.now_ms();
         self.run(move |shared, conn| {
             let value: Option<Vec<u8>> = conn
                 .query_row(
                     "SELECT value FROM cache WHERE key = ?1 AND expires_at > ?2",
-                    params![&key.0[..], to_sql_ms(now_ms())],
+                    params![&key.0[..], to_sql_ms(now)],
                     |r| r.get(0),
                 )
                 .optional()
@@ -249,8 +260,8 @@ impl CacheStore for DiskCacheStore {
     async fn put(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) -> Result<(), StoreError> {
         let key = *key;
         let ns = ns.to_owned();
+        let now = self.clock.now_ms();
         self.run(move |shared, conn| {
-            let now = now_ms();
             let sweep = shared.puts.fetch_add(1, Ordering::Relaxed) % RECLAIM_EVERY_PUTS == RECLAIM_EVERY_PUTS - 1;
             let tx = conn.transaction().map_err(sql_err)?;
             let mut entries = shared.entries.load(Ordering::Relaxed);

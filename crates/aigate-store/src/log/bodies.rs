@@ -4,10 +4,9 @@
 //!
 //! Why not BLOB columns: in WAL mode SQLite writes every byte twice (to the WAL, then to the
 //! database at each checkpoint) and copies each bound BLOB once more; bodies are most of a row's
-//! bytes, so they were most of the cost of logging with bodies on (`examples/schema_exp.rs`:
-//! 4.3 µs of CPU per record with 0.9 KB of bodies against 2.6 µs without). Appended to a segment
-//! file they are written once, in one `write` per batch. No crate keeps blobs beside an SQLite
-//! table this way, hence this module (a few file operations).
+//! bytes, so they would be most of the cost of logging with bodies on. Appended to a segment file
+//! they are written once, in one `write` per batch. No crate keeps blobs beside an SQLite table
+//! this way, hence this module (a few file operations).
 //!
 //! Consistency: a batch's bodies are written (to the OS) before the transaction that inserts its
 //! rows commits, so a process crash never leaves a row whose body bytes are missing; like the

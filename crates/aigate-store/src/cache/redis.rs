@@ -5,7 +5,8 @@
 //! prepended, as `compress_prepend_size` writes it) when it is larger than
 //! [`COMPRESS_THRESHOLD`] bytes and compression actually shrinks it.
 //!
-//! Bounds: each entry is stored with `SET .. PX`, so Redis expires it at `expires_at_ms`; the total
+//! Bounds: each entry is stored with `SET .. PX` (the time left on the store's clock,
+//! [`RedisCacheStore::with_clock`]), so Redis expires it at `expires_at_ms`; the total
 //! size is bounded by the Redis server's own `maxmemory` policy. Decoded entries are limited to
 //! [`MAX_DECODED_BYTES`]. [`CacheStore::stats`] is unknown (all zeros).
 //!
@@ -26,8 +27,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 
-use crate::memory::now_ms;
-use crate::{CacheKey, CacheStore, CachedResponse, StoreError};
+use crate::{CacheKey, CacheStore, CachedResponse, Clock, StoreError};
 
 /// Encoded entries larger than this many bytes are LZ4-compressed.
 pub const COMPRESS_THRESHOLD: usize = 1024;
@@ -73,6 +73,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct RedisCacheStore {
     inner: Arc<Inner>,
+    /// What "expired" means for an entry read back (Redis expires it on its own clock too).
+    clock: Clock,
 }
 
 impl std::fmt::Debug for RedisCacheStore {
@@ -154,7 +156,14 @@ impl RedisCacheStore {
         let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("redis url: {e}")))?;
         Ok(RedisCacheStore {
             inner: Arc::new(Inner { client, op_timeout, state: Mutex::new(ConnState::Idle { last_failure: None }) }),
+            clock: Clock::system(),
         })
+    }
+
+    /// The same store on `clock` instead of the system clock (for the expiry of what it reads and
+    /// the TTL of what it writes).
+    pub fn with_clock(self, clock: Clock) -> RedisCacheStore {
+        RedisCacheStore { clock, ..self }
     }
 
     /// The per-command timeout.
@@ -257,7 +266,7 @@ impl CacheStore for RedisCacheStore {
         let value: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(redis_key(ns, key))).await?;
         let Some(value) = value else { return Ok(None) };
         let entry = decode_value(value)?;
-        if entry.is_expired(now_ms()) {
+        if entry.is_expired(self.clock.now_ms()) {
             return Ok(None);
         }
         Ok(Some(Arc::new(entry)))
@@ -265,7 +274,7 @@ impl CacheStore for RedisCacheStore {
 
     async fn put(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) -> Result<(), StoreError> {
         let k = redis_key(ns, key);
-        let ttl_ms = entry.expires_at_ms.saturating_sub(now_ms());
+        let ttl_ms = entry.expires_at_ms.saturating_sub(self.clock.now_ms());
         if ttl_ms == 0 {
             // Already expired: storing it is pointless, but it must still replace what was there.
             return self.query::<()>(redis::cmd("DEL").arg(k)).await;

@@ -23,7 +23,7 @@
 //! stored sparse, as a JSON object `{"<bucket index>": count}`, merged in SQL inside the upsert.
 //!
 //! Bounds: a query covers at most [`MAX_ANALYTICS_BUCKETS`] buckets; invalid queries are rejected
-//! as [`StoreError::Corrupt`] with a message starting `invalid` (check first with
+//! as [`StoreError::InvalidInput`] with a message starting `invalid` (check first with
 //! [`AnalyticsQuery::validate`] to answer 400).
 
 use std::borrow::Cow;
@@ -309,7 +309,7 @@ pub struct AnalyticsStats {
     pub shadow_saved_usd: f64,
     /// Mean duration, ms (exact; `None` without requests).
     pub mean_ms: Option<f64>,
-    /// Median duration, ms (estimated, see [`crate::analytics`]).
+    /// Median duration, ms (estimated, see [`crate::log::analytics`]).
     pub p50_ms: Option<f64>,
     /// 95th percentile duration, ms (estimated).
     pub p95_ms: Option<f64>,
@@ -870,7 +870,8 @@ pub(crate) fn upsert_set_sql(postgres: bool, t: &str) -> String {
         )
     } else {
         // A function of the SQLite store's connection (`merge_hist_json`): merging in SQL with
-        // `json_each`, `GROUP BY` and `json_group_object` cost ~280k instructions per upserted row.
+        // `json_each`, `GROUP BY` and `json_group_object` would build and group a table of every
+        // bucket for each upserted row.
         format!("hist = {HIST_MERGE_FN}({t}.hist, excluded.hist)")
     });
     sets.join(", ")
@@ -1133,7 +1134,7 @@ mod tests {
         assert_eq!(q2.bucket_count(), 1);
         assert!(AnalyticsQuery { from_ms: 2, to_ms: 1, ..q.clone() }.validate().is_err());
         let long = AnalyticsQuery { to_ms: 50_001 * MINUTE_MS, ..q.clone() };
-        assert!(matches!(plan(&long), Err(StoreError::Corrupt(m)) if m.starts_with("invalid")));
+        assert!(matches!(plan(&long), Err(StoreError::InvalidInput(m)) if m.starts_with("invalid")));
         assert!(AnalyticsQuery { to_ms: 50_000 * MINUTE_MS, ..q.clone() }.validate().is_ok());
         assert!(AnalyticsQuery { to_ms: u64::MAX, granularity: Granularity::Day, ..q }.validate().is_err());
     }
