@@ -17,6 +17,15 @@ pub enum Blame {
     Internal,
 }
 
+/// The `x-ratelimit-*` headers that describe a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateHeaders {
+    /// `x-ratelimit-*-requests`.
+    Requests,
+    /// `x-ratelimit-*-tokens`.
+    Tokens,
+}
+
 /// A failure on the request path.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -94,8 +103,8 @@ pub enum GatewayError {
         remaining: u64,
         /// Ms until it frees capacity.
         reset_ms: u64,
-        /// A token rule (`x-ratelimit-*-tokens`) rather than a request rule.
-        tokens: bool,
+        /// Which `x-ratelimit-*` headers describe the rule (none for a spend limit).
+        headers: Option<RateHeaders>,
     },
     /// The rate-limit store failed and the gateway is set to deny then.
     #[error("the rate-limit store is unavailable; this gateway refuses requests until it is back (on_store_error = \"deny\")")]
@@ -186,14 +195,14 @@ impl GatewayError {
     pub fn into_response(self) -> Response<GatewayBody> {
         let (status, kind, code) = self.parts();
         let mut resp = error_response(status, &self.to_string(), kind, code);
-        if let GatewayError::RateLimited { retry_after_ms, limit, remaining, reset_ms, tokens, .. } = self {
+        if let GatewayError::RateLimited { retry_after_ms, limit, remaining, reset_ms, headers, .. } = self {
             use crate::limits::headers::*;
             let h = resp.headers_mut();
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)));
-            let [l, r, t] = if tokens {
-                [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]
-            } else {
-                [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]
+            let [l, r, t] = match headers {
+                Some(RateHeaders::Tokens) => [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS],
+                Some(RateHeaders::Requests) => [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS],
+                None => return resp,
             };
             h.insert(l, HeaderValue::from(limit));
             h.insert(r, HeaderValue::from(remaining));

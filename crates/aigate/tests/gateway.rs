@@ -509,7 +509,7 @@ openai = "env:AIGATE_TEST_OPENAI_KEY"
         assert!(out.status.success(), "{text}");
         // Built-in providers (anthropic) are listed beside the config's own.
         for needle in
-            ["listen: 127.0.0.1:8787", "prod", "default", "local-vllm", "http://127.0.0.1:8000/v1", "anthropic"]
+            ["listen = \"127.0.0.1:8787\"", "prod", "default", "local-vllm", "http://127.0.0.1:8000/v1", "anthropic"]
         {
             assert!(text.contains(needle), "missing {needle}: {text}");
         }

@@ -33,6 +33,7 @@ use subtle::ConstantTimeEq;
 
 use crate::body::GatewayBody;
 use crate::cache::key;
+use crate::config::{CacheScope, Gateway};
 use crate::error::GatewayError;
 use crate::report::Report;
 use crate::state::AppState;
@@ -71,7 +72,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
                 known: crate::phases::route::known_gateways(&settings),
             })?;
             match (&method, rest) {
-                (&Method::DELETE, ["cache"]) => purge(state, gw, &query).await,
+                (&Method::DELETE, ["cache"]) => purge(state, gateway, &query).await,
                 (&Method::GET, [what @ ("analytics" | "report")]) => {
                     let (q, thresholds) =
                         parse_analytics_query(&query, state.clock.now_ms()).map_err(GatewayError::BadRequest)?;
@@ -118,8 +119,10 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
 }
 
 /// `DELETE /admin/gateways/{id}/cache`: everything, one entry by digest (`key`), or the entry of
-/// a custom key (`cache_key`).
-async fn purge(state: &AppState, gw: &str, query: &str) -> Result<Response<GatewayBody>, GatewayError> {
+/// a custom key (`cache_key`; only where the key is shared by every credential, `scope =
+/// "gateway"`: otherwise each credential has its own entry, purged by its digest).
+async fn purge(state: &AppState, gateway: &Gateway, query: &str) -> Result<Response<GatewayBody>, GatewayError> {
+    let gw = &*gateway.name;
     let mut one: Option<CacheKey> = None;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
@@ -130,7 +133,13 @@ async fn purge(state: &AppState, gw: &str, query: &str) -> Result<Response<Gatew
                     )
                 })?)
             }
-            "cache_key" => one = Some(key::custom(gw, &v)),
+            "cache_key" if gateway.cache.scope == CacheScope::Gateway => one = Some(key::custom(gw, &v, &[])),
+            "cache_key" => {
+                return Err(GatewayError::BadRequest(format!(
+                    "gateway {gw:?} keeps a custom cache key per credential (cache scope = \"credential\"): \
+                     purge its entry by the digest of its aigate-cache-key response header (key=...), or the whole gateway"
+                )))
+            }
             _ => {}
         }
     }

@@ -54,12 +54,18 @@ pub fn compute(input: &KeyInput<'_>) -> CacheKey {
     CacheKey(*h.finalize().as_bytes())
 }
 
-/// The key for a client-chosen `cf-aig-cache-key`: namespaced by gateway, nothing else.
-pub fn custom(gateway: &str, custom_key: &str) -> CacheKey {
+/// The key for a client-chosen `cf-aig-cache-key`: namespaced by the gateway and by the
+/// credentials (none with `scope = "gateway"`, where every credential shares it), so no caller
+/// reads an answer cached under another caller's custom key.
+pub fn custom(gateway: &str, custom_key: &str, credentials: &[&[u8]]) -> CacheKey {
     let mut h = blake3::Hasher::new();
-    h.update(b"aigate-cache-custom-v1");
+    h.update(b"aigate-cache-custom-v2");
     put(&mut h, gateway.as_bytes());
     put(&mut h, custom_key.as_bytes());
+    h.update(&(credentials.len() as u64).to_le_bytes());
+    for c in credentials {
+        put(&mut h, c);
+    }
     CacheKey(*h.finalize().as_bytes())
 }
 
@@ -151,7 +157,9 @@ mod tests {
         assert_ne!(key(r#"{"a":[1,2]}"#, b""), key(r#"{"a":[2,1]}"#, b""));
         // A string "1" is not the number 1.
         assert_ne!(key(r#"{"a":"1"}"#, b""), key(r#"{"a":1}"#, b""));
-        assert_ne!(custom("g", "x"), custom("h", "x"));
+        assert_ne!(custom("g", "x", &[]), custom("h", "x", &[]));
+        assert_ne!(custom("g", "x", &[b"k"]), custom("g", "x", &[]));
+        assert_ne!(custom("g", "x", &[b"k"]), custom("g", "x", &[b"k2"]));
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {

@@ -28,7 +28,50 @@ pub struct Tee {
     ttl: Duration,
     marker: Option<&'static [u8]>,
     saw_marker: bool,
+    /// The last bytes relayed (fewer than the marker's length), so that a marker split across
+    /// two reads is found.
+    carry: Carry,
     done: bool,
+}
+
+/// Longest terminal event looked for.
+const MAX_MARKER: usize = 32;
+
+/// Up to `MAX_MARKER - 1` bytes kept from the end of the previous chunk.
+#[derive(Default)]
+struct Carry {
+    buf: [u8; MAX_MARKER],
+    len: usize,
+}
+
+impl Carry {
+    /// Whether `marker` ends in `chunk`, wholly or after a start kept from earlier chunks; then
+    /// keeps the end of `chunk` for the next call.
+    fn find(&mut self, marker: &[u8], chunk: &[u8]) -> bool {
+        if memchr::memmem::find(chunk, marker).is_some() {
+            return true;
+        }
+        let keep = marker.len().saturating_sub(1).min(MAX_MARKER - 1);
+        let head = &chunk[..chunk.len().min(keep)];
+        let mut joined = [0u8; 2 * MAX_MARKER];
+        joined[..self.len].copy_from_slice(&self.buf[..self.len]);
+        joined[self.len..self.len + head.len()].copy_from_slice(head);
+        if memchr::memmem::find(&joined[..self.len + head.len()], marker).is_some() {
+            return true;
+        }
+        // The new tail: the last `keep` bytes of what was kept followed by the chunk.
+        let total = self.len + chunk.len();
+        let start = total.saturating_sub(keep);
+        let mut tail = [0u8; MAX_MARKER];
+        let mut n = 0;
+        for i in start..total {
+            tail[n] = if i < self.len { self.buf[i] } else { chunk[i - self.len] };
+            n += 1;
+        }
+        self.buf = tail;
+        self.len = n;
+        false
+    }
 }
 
 impl Tee {
@@ -44,7 +87,20 @@ impl Tee {
         ttl: Duration,
         marker: Option<&'static [u8]>,
     ) -> Tee {
-        Tee { inner, flight, layer, ns, status, headers, ttl, marker, saw_marker: false, done: false }
+        let marker = marker.filter(|m| !m.is_empty() && m.len() <= MAX_MARKER);
+        Tee {
+            inner,
+            flight,
+            layer,
+            ns,
+            status,
+            headers,
+            ttl,
+            marker,
+            saw_marker: false,
+            carry: Carry::default(),
+            done: false,
+        }
     }
 
     fn on_end(&mut self) {
@@ -97,7 +153,7 @@ impl Body for Tee {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if let Some(m) = this.marker {
-                        if !this.saw_marker && memchr::memmem::find(data, m).is_some() {
+                        if !this.saw_marker && this.carry.find(m, data) {
                             this.saw_marker = true;
                         }
                     }
@@ -130,5 +186,30 @@ impl Body for Tee {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_split_anywhere_is_found() {
+        let stream = b"data: {\"x\":1}\n\ndata: [DONE]\n\n";
+        let marker = b"[DONE]";
+        for cut1 in 0..stream.len() {
+            for cut2 in cut1..stream.len() {
+                let mut c = Carry::default();
+                let parts = [&stream[..cut1], &stream[cut1..cut2], &stream[cut2..]];
+                assert!(parts.iter().any(|p| c.find(marker, p)), "cuts {cut1} {cut2}");
+            }
+        }
+        // One byte at a time.
+        let mut c = Carry::default();
+        assert!(stream.iter().any(|b| c.find(marker, std::slice::from_ref(b))));
+        // Never found where it is not.
+        let mut c = Carry::default();
+        assert!(!b"data: [DON".chunks(3).any(|p| c.find(marker, p)));
+        assert!(!c.find(marker, b"E ]"));
     }
 }

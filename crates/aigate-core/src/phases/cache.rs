@@ -158,7 +158,7 @@ fn plan(call: &Call<'_>, options: &CacheOptions) -> Result<Plan, CacheStatus> {
         credentials: if s.scope == CacheScope::Gateway { &[] } else { call.caller.credentials() },
     };
     let key = match custom {
-        Some(c) => key::custom(input.gateway, c),
+        Some(c) => key::custom(input.gateway, c, input.credentials),
         None => key::compute(&input),
     };
     let default_ttl = if s.mode == CacheMode::Off { CUSTOM_KEY_DEFAULT_TTL } else { s.ttl };

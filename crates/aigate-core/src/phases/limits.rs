@@ -19,16 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aigate_store::{Decision, LimitSpec, Technique};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use serde::Deserialize;
 
 use super::Call;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, RateHeaders};
 use crate::limits::headers;
 use crate::limits::{
     format_reset, usd_to_micros, Admission, Held, LimitKey, LimitLayer, Measure, OnStoreError, Rule, MICROS_PER_USD,
 };
-use crate::meter::cost::PriceTable;
 use crate::meter::usage::Usage;
 use crate::meter::Meter;
 use crate::state::AppState;
@@ -40,29 +39,14 @@ pub async fn limits(state: &AppState, call: &Call<'_>, hit: bool, meter: &mut Me
     if gateway.rules.is_empty() {
         return Ok(());
     }
-    let mut facts = Facts::new(
-        &call.route.provider.name,
-        call.body,
-        &call.head.headers,
-        call.caller.credentials(),
-        &call.settings.prices,
-    );
+    let mut facts = Facts::new(call);
     meter.admitted(reserve(&state.limits, &gateway.name, &gateway.rules, &mut facts, hit).await?);
     Ok(())
 }
 
-/// What the limit stage reads of a request, computed only when a rule needs it.
+/// What the limits phase reads of a request, computed only when a rule needs it.
 struct Facts<'a> {
-    /// Provider name (for prices).
-    pub provider: &'a str,
-    /// Request body.
-    pub body: &'a [u8],
-    /// Request headers.
-    pub headers: &'a HeaderMap,
-    /// The client credentials (as for the cache key).
-    pub credentials: &'a [&'a [u8]],
-    /// Prices.
-    pub prices: &'a PriceTable,
+    call: &'a Call<'a>,
     probe: Option<Probe>,
     metadata: Option<Vec<(String, aigate_store::MetaValue)>>,
 }
@@ -80,19 +64,12 @@ struct Probe {
 }
 
 impl<'a> Facts<'a> {
-    /// Facts of a request.
-    fn new(
-        provider: &'a str,
-        body: &'a [u8],
-        headers: &'a HeaderMap,
-        credentials: &'a [&'a [u8]],
-        prices: &'a PriceTable,
-    ) -> Facts<'a> {
-        Facts { provider, body, headers, credentials, prices, probe: None, metadata: None }
+    fn new(call: &'a Call<'a>) -> Facts<'a> {
+        Facts { call, probe: None, metadata: None }
     }
 
     fn probe(&mut self) -> &Probe {
-        self.probe.get_or_insert_with(|| serde_json::from_slice(self.body).unwrap_or_default())
+        self.probe.get_or_insert_with(|| serde_json::from_slice(self.call.body).unwrap_or_default())
     }
 
     fn key_value(&mut self, key: &LimitKey) -> Option<String> {
@@ -100,7 +77,7 @@ impl<'a> Facts<'a> {
             LimitKey::Gateway => Some(String::new()),
             LimitKey::Credential => {
                 let mut h = blake3::Hasher::new();
-                for c in self.credentials {
+                for c in self.call.caller.credentials() {
                     h.update(&(c.len() as u64).to_le_bytes());
                     h.update(c);
                 }
@@ -109,7 +86,7 @@ impl<'a> Facts<'a> {
             }
             LimitKey::Model => self.probe().model.clone(),
             LimitKey::Metadata(k) => {
-                let headers = self.headers;
+                let headers = &self.call.head.headers;
                 let md = self.metadata.get_or_insert_with(|| {
                     headers
                         .get(crate::headers::CF_AIG_METADATA)
@@ -124,19 +101,33 @@ impl<'a> Facts<'a> {
         }
     }
 
-    /// Estimated input and output tokens.
+    /// Estimated input and output tokens: the body's bytes / 4 in, and out what the request may
+    /// generate (`max_tokens`, `max_completion_tokens` or `max_output_tokens`, else
+    /// `default_max_tokens`), only for an endpoint that generates tokens.
     fn token_estimate(&mut self, default_max_tokens: u64) -> (u64, u64) {
-        let input = (self.body.len() as u64).div_ceil(4);
+        let input = (self.call.body.len() as u64).div_ceil(4);
+        if !self.call.route.endpoint.generates_tokens() {
+            return (input, 0);
+        }
         let p = self.probe();
         let output = p.max_tokens.or(p.max_completion_tokens).or(p.max_output_tokens).unwrap_or(default_max_tokens);
         (input, output)
+    }
+
+    /// Whether the output estimate is `default_max_tokens` because the request sets no maximum.
+    fn assumes_default_output(&mut self) -> bool {
+        if !self.call.route.endpoint.generates_tokens() {
+            return false;
+        }
+        let p = self.probe();
+        p.max_tokens.or(p.max_completion_tokens).or(p.max_output_tokens).is_none()
     }
 
     fn cost_estimate_micros(&mut self, default_max_tokens: u64) -> u64 {
         let (input, output) = self.token_estimate(default_max_tokens);
         let model = self.probe().model.clone();
         let usage = Usage { input_tokens: input, output_tokens: output, model, ..Usage::default() };
-        self.prices.cost_for(self.provider, &usage, None).map_or(0, usd_to_micros)
+        self.call.settings.prices.cost_for(&self.call.route.provider.name, &usage, None).map_or(0, usd_to_micros)
     }
 }
 
@@ -163,13 +154,17 @@ async fn reserve(
         if hit && rule.measure != Measure::Requests {
             continue;
         }
+        // A request whose answer carries no usage (a model list, a file upload) spends no tokens.
+        if rule.measure != Measure::Requests && facts.call.route.endpoint.usage_format().is_none() {
+            continue;
+        }
         if let Some(m) = &rule.model {
             if facts.probe().model.as_deref() != Some(m.as_str()) {
                 continue;
             }
         }
         let Some(value) = facts.key_value(&rule.key) else { continue };
-        let cost = match rule.measure {
+        let estimate = match rule.measure {
             Measure::Requests => 1,
             Measure::Tokens => {
                 let (i, o) = facts.token_estimate(opts.default_max_tokens);
@@ -177,6 +172,9 @@ async fn reserve(
             }
             Measure::CostUsd => facts.cost_estimate_micros(opts.default_max_tokens),
         };
+        // An estimate above the whole limit reserves the limit: the request passes on an empty
+        // window and is settled to what it used, instead of being refused forever.
+        let cost = estimate.min(rule.limit);
         let window = rule.budget.as_ref().and_then(|b| b.period.window(now));
         let (key, spec) = store_key(gateway, rule, &value, window);
         match layer.store.acquire(&key, &spec, cost).await {
@@ -199,7 +197,9 @@ async fn reserve(
                 layer.release(std::mem::take(&mut adm.held));
                 layer.stats.limited.fetch_add(1, Ordering::Relaxed);
                 layer.metrics.record_limited(gateway, &rule.name);
-                return Err(denied(rule, &d, cost, window, now));
+                let assumed = (rule.measure != Measure::Requests && facts.assumes_default_output())
+                    .then_some(opts.default_max_tokens);
+                return Err(denied(rule, &d, (estimate, assumed), window, now));
             }
             Err(e) => {
                 layer.store_error(&e);
@@ -241,11 +241,22 @@ fn store_key(gateway: &str, rule: &Rule, value: &str, window: Option<(u64, u64)>
     }
 }
 
-fn denied(rule: &Rule, d: &Decision, cost: u64, window: Option<(u64, u64)>, now: u64) -> GatewayError {
+/// The refusal of `rule`: `estimate` is what the request would have reserved, and `assumed` the
+/// output tokens assumed for a request that sets no maximum.
+fn denied(
+    rule: &Rule,
+    d: &Decision,
+    (estimate, assumed): (u64, Option<u64>),
+    window: Option<(u64, u64)>,
+    now: u64,
+) -> GatewayError {
+    // Nothing counted in a window is older than the window: no wait is longer than it (a sliding
+    // window's sub-windows may put the store's figure a little past it).
     let (reset_ms, retry_ms) = match window {
         Some((_, end)) => (end.saturating_sub(now), end.saturating_sub(now)),
-        None => (d.reset_ms, d.retry_after_ms.max(1)),
+        None => (d.reset_ms.min(rule.period_ms), d.retry_after_ms.min(rule.period_ms)),
     };
+    let (reset_ms, retry_ms) = (reset_ms.max(1), retry_ms.max(1));
     let what = if rule.budget.is_some() { "budget" } else { "rate limit" };
     let per = match &rule.budget {
         Some(b) => b.period.label(),
@@ -255,13 +266,21 @@ fn denied(rule: &Rule, d: &Decision, cost: u64, window: Option<(u64, u64)>, now:
             rule.technique.as_str()
         ),
     };
+    let mut needs = if estimate > 1 {
+        format!(", this request needs about {}", amount(rule.measure, estimate))
+    } else {
+        String::new()
+    };
+    if let Some(n) = assumed {
+        needs.push_str(&format!(
+            " (it sets no max_tokens, so {n} output tokens are assumed: send max_tokens, or lower [limits] default_max_tokens)"
+        ));
+    }
     let message = format!(
-        "{what} {:?} reached: {} {} per {per}, {} used{}; resets in {}",
+        "{what} {:?} reached: {} per {per}, {} used{needs}; resets in {}",
         &*rule.name,
         amount(rule.measure, rule.limit),
-        unit(rule.measure),
         amount(rule.measure, d.used),
-        if cost > 1 { format!(", this request needs about {}", amount(rule.measure, cost)) } else { String::new() },
         format_reset(reset_ms),
     );
     GatewayError::RateLimited {
@@ -271,21 +290,45 @@ fn denied(rule: &Rule, d: &Decision, cost: u64, window: Option<(u64, u64)>, now:
         limit: rule.limit,
         remaining: d.remaining,
         reset_ms,
-        tokens: rule.measure == Measure::Tokens,
+        headers: match rule.measure {
+            Measure::Requests => Some(RateHeaders::Requests),
+            Measure::Tokens => Some(RateHeaders::Tokens),
+            // OpenAI's headers count requests and tokens; a spend limit has none of its own.
+            Measure::CostUsd => None,
+        },
     }
 }
 
-fn unit(measure: Measure) -> &'static str {
-    match measure {
-        Measure::Requests => "requests",
-        Measure::Tokens => "tokens",
-        Measure::CostUsd => "USD",
-    }
-}
-
+/// An amount of a rule's measure as a person reads it: `12 requests`, `500 tokens`, `$1.50`,
+/// `$0.00001` (a cost keeps the digits it needs, up to a micro-dollar).
 fn amount(measure: Measure, v: u64) -> String {
     match measure {
-        Measure::CostUsd => format!("${:.2}", v as f64 / MICROS_PER_USD),
-        _ => v.to_string(),
+        Measure::Requests => format!("{v} requests"),
+        Measure::Tokens => format!("{v} tokens"),
+        Measure::CostUsd => usd(v),
+    }
+}
+
+/// Micro-dollars as dollars: two decimals from a cent up, else as many as a micro-dollar needs.
+fn usd(micros: u64) -> String {
+    if micros.is_multiple_of(10_000) || micros >= 1_000_000 {
+        return format!("${:.2}", micros as f64 / MICROS_PER_USD);
+    }
+    let s = format!("{:.6}", micros as f64 / MICROS_PER_USD);
+    format!("${}", s.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_read_as_written() {
+        assert_eq!(usd(10), "$0.00001");
+        assert_eq!(usd(12), "$0.000012");
+        assert_eq!(usd(1_500_000), "$1.50");
+        assert_eq!(usd(50_000), "$0.05");
+        assert_eq!(usd(0), "$0.00");
+        assert_eq!(amount(Measure::Tokens, 500), "500 tokens");
     }
 }

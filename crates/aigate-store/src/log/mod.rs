@@ -60,8 +60,9 @@ pub const DELETE_CHUNK_ROWS: u64 = 10_000;
 
 /// A metadata value: what `cf-aig-metadata`-style headers carry.
 ///
-/// Serialised untagged: a JSON string, number or boolean.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Serialised untagged: a JSON string, number or boolean; a whole number is written as an integer
+/// (`7`, not `7.0`), as the client sent it.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum MetaValue {
     /// A string.
@@ -72,12 +73,36 @@ pub enum MetaValue {
     Bool(bool),
 }
 
+/// Largest magnitude below which every integer is exact in an `f64` (2^53).
+const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
+
+/// `n` as an integer when it is a whole number an `f64` holds exactly.
+fn as_integer(n: f64) -> Option<i64> {
+    (n.fract() == 0.0 && n.abs() < MAX_EXACT_INTEGER).then_some(n as i64)
+}
+
+impl Serialize for MetaValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MetaValue::String(v) => s.serialize_str(v),
+            MetaValue::Number(n) => match as_integer(*n) {
+                Some(i) => s.serialize_i64(i),
+                None => s.serialize_f64(*n),
+            },
+            MetaValue::Bool(b) => s.serialize_bool(*b),
+        }
+    }
+}
+
 impl MetaValue {
-    /// The value as JSON.
+    /// The value as JSON (a whole number as an integer).
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             MetaValue::String(s) => serde_json::Value::String(s.clone()),
-            MetaValue::Number(n) => serde_json::Number::from_f64(*n).map_or(serde_json::Value::Null, Into::into),
+            MetaValue::Number(n) => match as_integer(*n) {
+                Some(i) => i.into(),
+                None => serde_json::Number::from_f64(*n).map_or(serde_json::Value::Null, Into::into),
+            },
             MetaValue::Bool(b) => serde_json::Value::Bool(*b),
         }
     }

@@ -33,7 +33,10 @@ async fn cloudflare_example_fixed_passes_sliding_refuses() {
     assert_eq!(h["x-ratelimit-remaining-requests"], "0");
     let v = error_body(r).await;
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("\"rate_limit\"") && msg.contains("10 requests per 10m") && msg.contains("10 used"), "{msg}");
+    assert!(
+        msg.contains("\"rate_limit\"") && msg.contains("10 requests per 10m") && msg.contains("10 requests used"),
+        "{msg}"
+    );
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     // 12:19:10: the first ten are out of the window.
     clock.advance(Duration::from_secs(8 * 60 + 10));

@@ -61,7 +61,7 @@ async fn plain_request_record_has_every_field() {
     assert!(close(rec["cost_usd"].as_f64().unwrap(), PLAIN_CHAT_COST), "{rec}");
     assert!(rec["saved_usd"].is_null());
     assert_eq!(rec["custom_cost"], false);
-    assert_eq!(rec["metadata"], serde_json::json!({"n": 3.0, "ok": true, "user": "alice"}));
+    assert_eq!(rec["metadata"], serde_json::json!({"n": 3, "ok": true, "user": "alice"}));
     assert_eq!(rec["user_agent"], "test-agent/1.0");
     assert!(rec["error"].is_null());
     let d = rec["duration_ms"].as_f64().unwrap();

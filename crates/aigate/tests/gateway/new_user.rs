@@ -172,16 +172,8 @@ async fn a_token_rule_below_default_max_tokens_admits_what_fits() {
         MockConfig::default(),
     )
     .await;
-    // Endpoints that generate nothing are not refused by a token rule.
-    for _ in 0..3 {
-        let r = env.http.get(env.url("/v1/models")).send().await.unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    }
-    let embed = r#"{"model":"text-embedding-3-small","input":"hello"}"#;
-    let r = env.http.post(env.url("/v1/embeddings")).body(embed).send().await.unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     // A chat without max_tokens on an empty window is admitted, then settled to its usage.
-    let r = env.http.post(env.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+    let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     // Once settled, a chat that says how much it may generate fits in what is left.
     let small = r#"{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -198,6 +190,20 @@ async fn a_token_rule_below_default_max_tokens_admits_what_fits() {
         assert!(Instant::now() < deadline, "the first chat's reservation was never settled: {text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Endpoints that generate nothing are not refused by a token rule, whatever is used.
+    for _ in 0..3 {
+        let r = env.http.get(env.url("/v1/models")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let embed = r#"{"model":"text-embedding-3-small","input":"hello"}"#;
+    let r = post(&env, "/v1/embeddings", embed, &[]).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // A chat that may generate more than is left is refused, with a message that says why and
+    // what to do.
+    let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+    assert_eq!(r.status(), 429);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("max_tokens") && !text.contains("resets in 0ms"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
