@@ -110,13 +110,9 @@ impl Tee {
         match chunks {
             Some(chunks) => {
                 let now = self.layer.clock.now_ms();
-                let entry = Arc::new(CachedResponse {
-                    status: self.status,
-                    headers: self.headers.as_ref().clone(),
-                    chunks,
-                    created_at_ms: now,
-                    expires_at_ms: now + u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX / 2),
-                });
+                let expires_at_ms = now + u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX / 2);
+                let headers = self.headers.as_ref().clone();
+                let entry = Arc::new(CachedResponse::from_chunks(self.status, headers, &chunks, now, expires_at_ms));
                 self.flight.finish(Some(entry.clone()));
                 self.layer.enqueue(self.ns.clone(), entry, self.flight.clone());
             }

@@ -62,9 +62,6 @@ impl Expiry<CacheKey, Entry> for EntryExpiry {
     }
 }
 
-/// Size of the key and the per-entry bookkeeping, added to [`CachedResponse::weight`].
-const KEY_OVERHEAD: usize = 32 + 16;
-
 /// An in-process cache store bounded by bytes, with per-entry expiry. Cloning shares the cache.
 #[derive(Clone)]
 pub struct MemoryCacheStore {
@@ -111,7 +108,7 @@ impl MemoryCacheStore {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &CacheKey, e: &Entry| {
-                u32::try_from(e.response.weight().saturating_add(KEY_OVERHEAD + e.ns.len())).unwrap_or(u32::MAX)
+                u32::try_from(e.response.weight().saturating_add(e.ns.len())).unwrap_or(u32::MAX)
             })
             .expire_after(EntryExpiry { ttl_cap, clock: clock.clone() })
             .eviction_listener(move |_key, _value, cause| {

@@ -71,6 +71,15 @@ pub struct CachedResponse {
     pub expires_at_ms: u64,
 }
 
+/// What an allocation costs beyond the bytes asked for (the allocator's rounding and headers),
+/// counted once per chunk and header string.
+const ALLOCATION_OVERHEAD: usize = 16;
+
+/// The structures around an entry held in the memory tier: the shared entry itself, its key and
+/// namespace, and the cache's bookkeeping of it (moka's node, its places in the access and
+/// expiry orders).
+pub const ENTRY_OVERHEAD: usize = 384;
+
 /// Format version byte of [`CachedResponse::encode`].
 const FORMAT_V1: u8 = 1;
 
@@ -80,9 +89,51 @@ impl CachedResponse {
         self.chunks.iter().map(Bytes::len).sum()
     }
 
-    /// Approximate memory/storage weight in bytes (body + headers + fixed overhead).
+    /// The bytes the entry holds in memory, what the memory tier's cap counts: the body, a slot
+    /// per chunk (and the allocation a chunk of its own needs), the headers with their strings, and
+    /// the entry's own structures (see [`ENTRY_OVERHEAD`]).
     pub fn weight(&self) -> usize {
-        self.body_len() + self.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>() + 64
+        let chunks = self.chunks.capacity() * std::mem::size_of::<Bytes>() + self.chunks.len() * ALLOCATION_OVERHEAD;
+        let headers = self.headers.capacity() * std::mem::size_of::<(String, Bytes)>()
+            + self.headers.iter().map(|(k, v)| k.capacity() + v.len() + 2 * ALLOCATION_OVERHEAD).sum::<usize>();
+        self.body_len() + chunks + headers + ENTRY_OVERHEAD
+    }
+
+    /// An entry whose body chunks are slices of one buffer: one allocation for the whole body
+    /// instead of one per chunk (an SSE answer has hundreds of small ones).
+    pub fn from_chunks(
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        chunks: &[Bytes],
+        created_at_ms: u64,
+        expires_at_ms: u64,
+    ) -> CachedResponse {
+        let mut body = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+        for c in chunks {
+            body.extend_from_slice(c);
+        }
+        let body = body.freeze();
+        let mut at = 0;
+        let chunks = chunks
+            .iter()
+            .map(|c| {
+                let slice = body.slice(at..at + c.len());
+                at += c.len();
+                slice
+            })
+            .collect();
+        CachedResponse { status, headers, chunks, created_at_ms, expires_at_ms }
+    }
+
+    /// The length of [`CachedResponse::encode`]'s output.
+    fn encoded_len(&self) -> usize {
+        1 + 2
+            + 8
+            + 8
+            + 4
+            + self.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>()
+            + 4
+            + self.chunks.iter().map(|c| 4 + c.len()).sum::<usize>()
     }
 
     /// Whether it has expired at `now_ms`.
@@ -95,7 +146,7 @@ impl CachedResponse {
     /// Hand-written rather than a serde format: the layout is five fields and a few length-prefixed
     /// byte strings, and decoding can slice the body chunks out of the input `Bytes` without copying.
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(self.weight() + 32);
+        let mut b = BytesMut::with_capacity(self.encoded_len());
         b.put_u8(FORMAT_V1);
         b.put_u16(self.status);
         b.put_u64(self.created_at_ms);
@@ -192,6 +243,16 @@ pub trait CacheStore: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_chunks_keeps_the_chunks_in_one_buffer() {
+        let parts =
+            [Bytes::from_static(b"data: a\n\n"), Bytes::from_static(b""), Bytes::from_static(b"data: [DONE]\n\n")];
+        let e = CachedResponse::from_chunks(200, vec![], &parts, 1, 2);
+        assert_eq!(e.chunks, parts.to_vec());
+        assert_eq!(e.chunks[2].as_ptr(), e.chunks[0].as_ptr().wrapping_add(parts[0].len()));
+        assert_eq!(CachedResponse::decode(e.encode()).unwrap(), e);
+    }
 
     #[test]
     fn roundtrip() {

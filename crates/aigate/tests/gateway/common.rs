@@ -346,6 +346,11 @@ impl Aigate {
         write_config(&self.config, self.port, toml);
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends the process a signal (`"HUP"`, `"TERM"`).
     pub fn signal(&self, name: &str) {
         let st = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();

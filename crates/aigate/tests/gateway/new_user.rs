@@ -322,6 +322,41 @@ async fn metadata_numbers_keep_their_form() {
     assert!(!text.contains("7.0"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blocking_pool_is_bounded() {
+    // The disk cache and the SQLite log store work on the blocking pool: a burst of misses would
+    // start a thread for each request waiting on them, up to tokio's default of 512.
+    let mock =
+        MockUpstream::start(MockConfig { latency: Duration::from_millis(50), ..MockConfig::default() }).await.unwrap();
+    let toml = format!(
+        "blocking_threads = 4\n[providers.openai]\nbase_url = \"{}/v1\"\n\
+         [gateways.default]\n[gateways.default.cache]\nenabled = true\n",
+        mock.url()
+    );
+    let gw = Aigate::serve(&["--log-format", "json"], &toml).await;
+    let threads = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap()
+    };
+    let idle = threads();
+    let mut peak = idle;
+    for round in 0..3 {
+        let sends = (0..96).map(|i| {
+            let body = format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{round}-{i}"}}]}}"#);
+            let gw = &gw;
+            async move { post(gw, "/v1/chat/completions", body, &[]).await.status() }
+        });
+        for status in futures_util::future::join_all(sends).await {
+            assert_eq!(status, 200);
+        }
+        peak = peak.max(threads());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Runtime workers, the blocking pool, and the log spill thread.
+    assert!(peak <= cpus + 4 + 2, "{peak} threads after bursts of misses (idle: {idle}, blocking_threads = 4)");
+}
+
 mod cli {
     use std::io::{BufRead, Read};
     use std::process::{Command, Stdio};
