@@ -29,8 +29,8 @@ use crate::config::UpstreamSettings;
 ///
 /// Why not hyper-util's `legacy::Client`: per request it clones itself, hashes the pool key with
 /// SipHash twice, formats the `Host` header, races the pool checkout against a lazily built
-/// connect future and spawns a task to return the connection; together about a tenth of the
-/// proxy's own instructions per request (callgrind). This pool keeps what the proxy needs: one
+/// connect future and spawns a task to return the connection, work a proxy of small requests pays
+/// on every request. This pool keeps what the proxy needs: one
 /// list of idle HTTP/1.1 connections per upstream origin (most recently used first), one shared
 /// HTTP/2 connection per origin where TLS negotiates h2, the connection returned when the
 /// response body ends, and one retry on a fresh connection when a reused one was closed before

@@ -148,8 +148,8 @@ pub struct LogFilters {
 /// A time flag: a duration ago (`7d`), Unix ms or RFC 3339, as Unix ms.
 pub fn time_arg(v: &str) -> anyhow::Result<String> {
     if let Ok(d) = humantime::parse_duration(v) {
-        let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH)?;
-        return Ok(now.saturating_sub(d).as_millis().to_string());
+        let now = aigate_store::Clock::system().now_ms();
+        return Ok(now.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).to_string());
     }
     Ok(v.to_string())
 }

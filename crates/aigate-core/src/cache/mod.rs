@@ -80,7 +80,7 @@ impl CacheStatus {
     }
 }
 
-/// Counters of the cache stage (exported as metrics).
+/// Counters of the cache (exported as metrics).
 #[derive(Debug, Default)]
 pub struct CacheStats {
     /// Hits served from the store.

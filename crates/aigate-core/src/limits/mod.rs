@@ -63,7 +63,7 @@ pub struct Held {
     pub window: Option<(u64, u64)>,
 }
 
-/// What the limit stage let through: reservations to settle and the headers to send.
+/// What the limits phase let through: reservations to settle and the headers to send.
 #[derive(Debug, Default)]
 pub struct Admission {
     /// Reservations, settled when the response ends.

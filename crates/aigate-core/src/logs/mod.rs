@@ -44,12 +44,11 @@ mod spill;
 /// Most records the writer stores in one transaction.
 pub const BATCH: usize = 1024;
 
-/// How long the writer waits for a batch to fill once it has a first record. SQLite's cost per
-/// record falls with the batch (commit and WAL work is per transaction; with 32 KiB pages ~4.1 µs
-/// at 256, ~3.0-3.7 at 1024: `examples/schema_exp.rs`), so under load waiting a little is much
-/// cheaper than writing at once; at low traffic it only delays when a record becomes visible.
-/// (Batches of 4096 with a 200 ms linger cost ~0.5 µs less per record in SQLite alone but were
-/// slower in the gateway: 4096 meters and records do not stay in the CPU's caches.)
+/// How long the writer waits for a batch to fill once it has a first record. A store's cost per
+/// record falls with the batch (commit and WAL work is per transaction), so under load waiting a
+/// little is much cheaper than writing at once; at low traffic it only delays when a record
+/// becomes visible. Larger batches stop paying off once a batch's meters and records no longer
+/// stay in the CPU's caches.
 pub const LINGER: Duration = Duration::from_millis(100);
 
 /// Records finalised between two yields of the writer task.
@@ -57,8 +56,8 @@ const FINALIZE_SLICE: usize = 32;
 
 /// Records finalised between two yields while more than a batch waits in the queue. The writer
 /// yields to every ready connection between slices, so with short slices under heavy load it
-/// finalised no faster than requests arrived (~64k cache hits a second on one core) and the queue
-/// spilled; longer slices let it catch up (each holds the runtime thread ~0.5 ms).
+/// could finalise no faster than requests arrive and the queue would spill; longer slices let it
+/// catch up, at the price of holding a runtime thread a little longer.
 const BACKLOG_FINALIZE_SLICE: usize = 256;
 
 /// Live tail events buffered per subscriber before it is told it lagged.

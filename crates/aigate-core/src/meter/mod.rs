@@ -225,7 +225,7 @@ impl Meter {
         }
     }
 
-    /// What the limit stage let through.
+    /// What the limits phase let through.
     pub fn admitted(&mut self, a: crate::limits::Admission) {
         self.held.extend(a.held);
         if !a.headers.is_empty() {

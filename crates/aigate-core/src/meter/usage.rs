@@ -1118,8 +1118,8 @@ impl RawUsage {
     }
 
     /// The usage object `buf` read by a walk over its members, for the common case of plain
-    /// integer (or null) counts and plain keys: about a fifth of the instructions of the typed
-    /// parse, which was half the cost of metering a chat completion. `None` as soon as anything
+    /// integer (or null) counts and plain keys, much cheaper than the typed parse, which would be
+    /// most of the cost of metering a chat completion. `None` as soon as anything
     /// else appears (a float, a string count, an escaped or repeated key of interest): the typed
     /// parse then decides, so both always agree.
     fn scan(buf: &[u8]) -> Option<RawUsage> {

@@ -2,7 +2,7 @@
 //! the cache (**HIT**), from an identical request already in flight (**FOLLOW**), or from upstream
 //! (**MISS**, with a handle that stores the answer after a clean end).
 //!
-//! Only endpoints whose answer is a function of the request are cached ([`Endpoint::cacheable`]):
+//! Only endpoints whose answer is a function of the request are cached ([`crate::endpoint::Endpoint::cacheable`]):
 //! chat, completions, embeddings, responses, Anthropic messages, Gemini generateContent, and
 //! `GET models`. The key covers the gateway, provider, method, path, query, a canonical form of
 //! the body and, with `scope = "credential"` (the default), the caller's credentials
