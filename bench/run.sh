@@ -37,7 +37,8 @@
 #   6. analytics query time over 1M log records: the `analytics_bench` example of aigate-store
 #      (SQLite, and PostgreSQL when reachable at AIGATE_TEST_POSTGRES_URL, default 127.0.0.1:5432).
 # Prints a markdown report with PASS/FAIL lines for the targets and writes it to
-# bench/results/latest.md (raw load-generator output goes to bench/results/latest-raw.log).
+# bench/results/latest.md (raw load-generator output goes to bench/results/latest-raw.log; both are
+# generated and not kept in git: docs/benchmarks.md holds the latest figures).
 #
 # Environment:
 #   BENCH_DURATION       seconds per throughput point and round (default 5)

@@ -338,6 +338,14 @@ impl Collector for StateCollector {
         gauge(&mut enc, "aigate_cache_entries", "Entries in the cache store", i(s.entries))?;
         gauge(&mut enc, "aigate_cache_bytes", "Bytes in the cache store", i(s.bytes))?;
         counter(&mut enc, "aigate_cache_evictions", "Cache entries evicted for size", s.evictions)?;
+        let m = self.cache.store.memory_stats();
+        gauge(&mut enc, "aigate_cache_memory_entries", "Entries in the in-process memory tier", i(m.entries))?;
+        gauge(
+            &mut enc,
+            "aigate_cache_memory_bytes",
+            "Bytes the memory tier's entries hold (what cache_memory caps)",
+            i(m.bytes),
+        )?;
         let c = &self.cache.stats;
         counter(&mut enc, "aigate_cache_hits", "Responses served from the cache store", load(&c.hits))?;
         counter(
