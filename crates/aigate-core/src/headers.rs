@@ -60,3 +60,13 @@ pub const CF_AIG_CUSTOM_COST: HeaderName = HeaderName::from_static("cf-aig-custo
 pub const CF_AIG_COLLECT_LOG: HeaderName = HeaderName::from_static("cf-aig-collect-log");
 /// `false` keeps the record without bodies.
 pub const CF_AIG_COLLECT_LOG_PAYLOAD: HeaderName = HeaderName::from_static("cf-aig-collect-log-payload");
+
+/// A header map from static pairs (tests).
+#[cfg(test)]
+pub(crate) fn map(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in pairs {
+        h.insert(*k, http::HeaderValue::from_static(v));
+    }
+    h
+}

@@ -111,35 +111,15 @@ async fn postgres_fixture() -> Option<Fixture> {
 fn rec(id: &str, ms: u64) -> LogRecord {
     LogRecord {
         id: id.to_owned(),
-        event_id: None,
         created_at_ms: ms,
         gateway: String::new(),
         provider: "openai".into(),
         path: "/v1/chat/completions".into(),
-        requested_model: None,
-        served_model: None,
         status: 200,
         success: true,
         cache_status: "MISS".into(),
-        stream: false,
         duration_ms: 10.0,
-        ttfb_ms: None,
-        upstream_ms: None,
-        overhead_ms: None,
-        tokens_in: None,
-        tokens_out: None,
-        cached_tokens_in: None,
-        reasoning_tokens: None,
-        cost_usd: None,
-        saved_usd: None,
-        custom_cost: false,
-        metadata: Vec::new(),
-        user_agent: None,
-        error: None,
-        request_body: None,
-        response_body: None,
-        feedback: None,
-        score: None,
+        ..LogRecord::default()
     }
 }
 

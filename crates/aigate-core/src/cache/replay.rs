@@ -94,17 +94,9 @@ pub async fn follow(mut rx: FlightReceiver, wait: Duration, key: &CacheKey) -> O
 mod tests {
     use super::*;
 
-    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
-
     #[test]
     fn replay_headers_drop_per_response_facts() {
-        let h = hm(&[
+        let h = crate::headers::map(&[
             ("content-type", "application/json"),
             ("x-request-id", "r1"),
             ("date", "x"),

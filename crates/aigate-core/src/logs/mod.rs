@@ -494,35 +494,19 @@ mod tests {
     fn counted_record(i: u64, ms: u64) -> Finished {
         let record = LogRecord {
             id: format!("0193b1c2-{i:04x}-7000-8000-{i:012x}"),
-            event_id: None,
             created_at_ms: ms,
             gateway: "default".into(),
             provider: "openai".into(),
             path: "chat/completions".into(),
             requested_model: Some("gpt-4o-mini".into()),
-            served_model: None,
             status: 200,
             success: true,
             cache_status: "MISS".into(),
-            stream: false,
             duration_ms: 1.0,
-            ttfb_ms: None,
-            upstream_ms: None,
-            overhead_ms: None,
             tokens_in: Some(1),
             tokens_out: Some(1),
-            cached_tokens_in: None,
-            reasoning_tokens: None,
             cost_usd: Some(0.0),
-            saved_usd: None,
-            custom_cost: false,
-            metadata: Vec::new(),
-            user_agent: None,
-            error: None,
-            request_body: None,
-            response_body: None,
-            feedback: None,
-            score: None,
+            ..LogRecord::default()
         };
         Finished { gateway: "default".into(), keep: false, record }
     }

@@ -232,22 +232,16 @@ impl CacheOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
 
     #[test]
     fn options_parse_and_refuse() {
-        let o = CacheOptions::parse(&hm(&[("cf-aig-skip-cache", "true"), ("cf-aig-cache-ttl", "120")])).unwrap();
+        let o =
+            CacheOptions::parse(&crate::headers::map(&[("cf-aig-skip-cache", "true"), ("cf-aig-cache-ttl", "120")]))
+                .unwrap();
         assert!(o.skip);
         assert_eq!(o.ttl, Some(Duration::from_secs(120)));
-        let o = CacheOptions::parse(&hm(&[("cf-skip-cache", "false"), ("cf-cache-ttl", "0")])).unwrap();
+        let o =
+            CacheOptions::parse(&crate::headers::map(&[("cf-skip-cache", "false"), ("cf-cache-ttl", "0")])).unwrap();
         assert!(!o.skip);
         assert_eq!(o.ttl, Some(Duration::ZERO));
         for (k, v) in [
@@ -256,7 +250,7 @@ mod tests {
             ("cf-aig-cache-ttl", "abc"),
             ("cf-cache-ttl", "99999999"),
         ] {
-            let e = CacheOptions::parse(&hm(&[(k, v)])).unwrap_err().to_string();
+            let e = CacheOptions::parse(&crate::headers::map(&[(k, v)])).unwrap_err().to_string();
             assert!(e.contains(k), "{e}");
         }
     }

@@ -902,35 +902,17 @@ mod tests {
     fn rec(id: &str, ms: u64, duration_ms: f64) -> LogRecord {
         LogRecord {
             id: id.into(),
-            event_id: None,
             created_at_ms: ms,
             gateway: String::new(),
             provider: "openai".into(),
             path: "/".into(),
             requested_model: Some("alias".into()),
-            served_model: None,
             status: 200,
             success: true,
             cache_status: "MISS".into(),
-            stream: false,
             duration_ms,
-            ttfb_ms: None,
-            upstream_ms: None,
-            overhead_ms: None,
             tokens_in: Some(3),
-            tokens_out: None,
-            cached_tokens_in: None,
-            reasoning_tokens: None,
-            cost_usd: None,
-            saved_usd: None,
-            custom_cost: false,
-            metadata: Vec::new(),
-            user_agent: None,
-            error: None,
-            request_body: None,
-            response_body: None,
-            feedback: None,
-            score: None,
+            ..LogRecord::default()
         }
     }
 

@@ -100,15 +100,6 @@ async fn cache_status(env: &Env, method: http::Method, path: &str, headers: &[(&
     status
 }
 
-/// Waits until the gateway's cache has stored `n` entries in all.
-async fn stored(env: &Env, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.gw.state.cache.stats.writes.load(Ordering::Relaxed) < n {
-        assert!(Instant::now() < deadline, "the cache never stored {n} entries");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_cache_key_is_namespaced_by_the_credential() {
     let env = env_with(
@@ -123,21 +114,21 @@ async fn a_custom_cache_key_is_namespaced_by_the_credential() {
     let post = http::Method::POST;
     let get = http::Method::GET;
     assert_eq!(cache_status(&env, post.clone(), "/default/openai/chat/completions", &a).await, "MISS");
-    stored(&env, 1).await;
+    cache_written(&env, 1).await;
     assert_eq!(cache_status(&env, post.clone(), "/default/openai/chat/completions", &a).await, "HIT");
     // Another credential, or none, never reads tenant a's answer.
     assert_eq!(cache_status(&env, post.clone(), "/default/openai/chat/completions", &b).await, "MISS");
     assert_eq!(cache_status(&env, post.clone(), "/default/openai/chat/completions", &none).await, "MISS");
     let a_models = [("authorization", "Bearer sk-tenant-a"), ("cf-aig-cache-key", "models")];
     assert_eq!(cache_status(&env, get.clone(), "/default/openai/models", &a_models).await, "MISS");
-    stored(&env, 4).await;
+    cache_written(&env, 4).await;
     assert_eq!(
         cache_status(&env, get.clone(), "/default/openai/models", &[("cf-aig-cache-key", "models")]).await,
         "MISS"
     );
     // scope = "gateway" shares a custom key across credentials.
     assert_eq!(cache_status(&env, post.clone(), "/shared/openai/chat/completions", &a).await, "MISS");
-    stored(&env, 6).await;
+    cache_written(&env, 6).await;
     assert_eq!(cache_status(&env, post.clone(), "/shared/openai/chat/completions", &b).await, "HIT");
 }
 
@@ -158,7 +149,7 @@ async fn a_stream_whose_end_event_is_split_across_reads_is_cached() {
     assert_eq!(r.headers()["aigate-cache"], "MISS");
     let first = r.text().await.unwrap();
     assert!(first.ends_with("data: [DONE]\n\n"), "{first}");
-    stored(&env, 1).await;
+    cache_written(&env, 1).await;
     let r = send().await.unwrap();
     assert_eq!(r.headers()["aigate-cache"], "HIT");
     assert_eq!(r.text().await.unwrap(), first);
