@@ -124,20 +124,6 @@ impl Endpoint {
                 | Endpoint::GeminiGenerateContent
         )
     }
-
-    /// A short name (logs and metrics).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-            Endpoint::AnthropicMessages => "messages",
-            Endpoint::GeminiGenerateContent => "generate_content",
-            Endpoint::Models => "models",
-            Endpoint::Other => "other",
-        }
-    }
 }
 
 /// `path` is `suffix` or ends with `/suffix`.

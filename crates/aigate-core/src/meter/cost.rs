@@ -380,12 +380,6 @@ mod tests {
     use crate::endpoint::Endpoint;
     use crate::meter::usage::{parse_json, SseUsage};
 
-    macro_rules! fixture {
-        ($name:literal) => {
-            &include_bytes!(concat!("../../tests/fixtures/usage/", $name))[..]
-        };
-    }
-
     /// Relative comparison for USD amounts.
     #[track_caller]
     fn assert_usd(got: Option<f64>, want: f64) {

@@ -31,6 +31,14 @@ use crate::logs::LogPipeline;
 use crate::phases::route::Route;
 use usage::{InjectedUsageFilter, SseUsage};
 
+/// A usage fixture's bytes (`tests/fixtures/usage/`), for the tests of `cost` and `usage`.
+#[cfg(test)]
+macro_rules! fixture {
+    ($name:literal) => {
+        &include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/usage/", $name))[..]
+    };
+}
+
 pub mod cost;
 pub mod usage;
 

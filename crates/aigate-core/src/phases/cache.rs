@@ -96,10 +96,12 @@ pub async fn lookup(state: &AppState, call: &Call<'_>, options: &CacheOptions, m
         meter.cache_status = status;
         return Lookup::Miss(private());
     }
-    let filtered = super::upstream::usage_injection(call).is_some();
+    // Whether a stored stream holds a usage event aigate asked for: asked only when the answer
+    // comes from the cache or from another request (a miss works it out once, upstream).
+    let filtered = || super::upstream::usage_injection(call).is_some();
     if let Some(entry) = found {
         stats.hits.fetch_add(1, Ordering::Relaxed);
-        meter.on_hit(Some(entry.clone()), filtered);
+        meter.on_hit(Some(entry.clone()), filtered());
         return Lookup::Hit(replay::hit_response(entry, &plan.key, layer.clock.now_ms()));
     }
     stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -111,12 +113,16 @@ pub async fn lookup(state: &AppState, call: &Call<'_>, options: &CacheOptions, m
         Joined::Leader(flight) => Lookup::Miss(MissHandle::registered(flight, layer.clone(), ns.clone(), plan.ttl)),
         Joined::Finished(entry) => {
             stats.coalesced.fetch_add(1, Ordering::Relaxed);
-            meter.on_hit(Some(entry.clone()), filtered);
+            meter.on_hit(Some(entry.clone()), filtered());
             Lookup::Hit(replay::hit_response(entry, &plan.key, layer.clock.now_ms()))
         }
-        Joined::Follower(rx) => {
-            Lookup::Follow(Follow { rx, wait: plan.coalesce_wait, key: plan.key, layer: layer.clone(), filtered })
-        }
+        Joined::Follower(rx) => Lookup::Follow(Follow {
+            rx,
+            wait: plan.coalesce_wait,
+            key: plan.key,
+            layer: layer.clone(),
+            filtered: filtered(),
+        }),
     }
 }
 
