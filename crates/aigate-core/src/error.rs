@@ -121,6 +121,15 @@ pub enum GatewayError {
     /// The admin token is missing or wrong.
     #[error("admin endpoints need Authorization: Bearer <admin token>")]
     AdminUnauthorized,
+    /// A dashboard data call without a valid session.
+    #[error("no dashboard session, or it expired: log in at /dashboard/login")]
+    SessionRequired,
+    /// Refused whoever asks (a change without its CSRF token, a cross-site form).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Cannot be done in the current state (settings that are read-only).
+    #[error("{0}")]
+    Conflict(String),
     /// No log record with this id.
     #[error("log record {id:?} not found")]
     LogNotFound {
@@ -175,6 +184,9 @@ impl GatewayError {
             NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
             AdminDisabled => (StatusCode::NOT_FOUND, "invalid_request_error", "admin_disabled"),
             AdminUnauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "admin_unauthorized"),
+            SessionRequired => (StatusCode::UNAUTHORIZED, "authentication_error", "session_required"),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "forbidden"),
+            Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", "conflict"),
             LogNotFound { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", "log_not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed"),
             StoreUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "store_unavailable"),

@@ -1,6 +1,6 @@
 //! The HTTP service: every request the server accepts comes here. aigate's own routes (the index
-//! at `/`, health, readiness, metrics, the admin API, and `/dashboard`, reserved for the web
-//! console) are answered directly; a WebSocket upgrade is refused with 501 (not supported yet);
+//! at `/`, health, readiness, metrics, the admin API, and the web console at `/dashboard`) are
+//! answered directly; a WebSocket upgrade is refused with 501 (not supported yet);
 //! every other request is a gateway request and runs through the phases ([`crate::phases`]).
 
 use std::convert::Infallible;
@@ -41,12 +41,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
             return Ok(crate::admin::handle(&state, req).await.map(ResponseBody::plain));
         }
         p if p == "/dashboard" || p.starts_with("/dashboard/") => {
-            let e = GatewayError::NotFound(
-                "the dashboard is not part of this aigate version yet; \
-                 the admin API (/admin/...) and the aigate CLI (tail, logs, report) give the same data"
-                    .into(),
-            );
-            return Ok(e.into_response().map(ResponseBody::plain));
+            return Ok(crate::dashboard::handle(&state, req).await.map(ResponseBody::plain));
         }
         _ => {}
     }
@@ -76,6 +71,7 @@ fn index(state: &AppState) -> Response<GatewayBody> {
             "readiness": "/readyz",
             "metrics": "/metrics",
             "admin_api": "/admin/",
+            "dashboard": "/dashboard",
             "openai_base_url": "/v1",
             "docs": concat!(env!("CARGO_PKG_REPOSITORY"), "#readme"),
         },

@@ -36,6 +36,8 @@ pub struct AppState {
     pub limits: Arc<LimitLayer>,
     /// Set to true when shutdown begins (ends live tails so connections can drain).
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// The web console's sessions and settings lock.
+    pub dashboard: crate::dashboard::DashboardState,
 }
 
 /// Why the state could not be built.
@@ -82,6 +84,7 @@ impl AppState {
             metrics,
             limits,
             stopping: tokio::sync::watch::Sender::new(false),
+            dashboard: crate::dashboard::DashboardState::default(),
         }))
     }
 }

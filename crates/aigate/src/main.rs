@@ -433,6 +433,13 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
     let _ = writeln!(out, "[admin]");
     let _ =
         writeln!(out, "  token = {}", if s.admin_token.is_some() { "(set)" } else { "(none: the admin API is off)" });
+    let _ = writeln!(
+        out,
+        "[dashboard]{}\n  read_only = {}, session_ttl = \"{}\"",
+        if s.admin_token.is_some() { " at /dashboard" } else { " (off: needs [admin] token)" },
+        s.dashboard.read_only,
+        dur(s.dashboard.session_ttl)
+    );
     let mut gws: Vec<_> = s.gateways.values().collect();
     gws.sort_by(|a, b| a.name.cmp(&b.name));
     let _ = writeln!(out, "gateways ({}):", gws.len());

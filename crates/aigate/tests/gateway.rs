@@ -1008,3 +1008,6 @@ mod limits;
 
 #[path = "gateway/new_user.rs"]
 mod new_user;
+
+#[path = "gateway/dashboard.rs"]
+mod dashboard;

@@ -60,13 +60,25 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Gate
     if !bool::from(token.expose().as_bytes().ct_eq(presented.as_bytes())) {
         return Err(GatewayError::AdminUnauthorized);
     }
-    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let path = req.uri().path().trim_start_matches("/admin").to_owned();
+    route(state, req, &path).await
+}
+
+/// Answers an authorised admin request; `path` is the part after `/admin` (`/gateways/G/logs`).
+/// The dashboard's data API calls this too, after its own session check.
+pub(crate) async fn route(
+    state: &AppState,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let settings = state.settings.load_full();
+    let path = path.trim_end_matches('/');
     let query = req.uri().query().unwrap_or("").to_owned();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match segs.as_slice() {
-        ["admin", "tail"] if method == Method::GET => tail::tail(state, &query),
-        ["admin", "gateways", gw, rest @ ..] => {
+        ["tail"] if method == Method::GET => tail::tail(state, &query),
+        ["gateways", gw, rest @ ..] => {
             let gateway = settings.gateways.get(*gw).ok_or_else(|| GatewayError::UnknownGateway {
                 gateway: gw.to_string(),
                 known: crate::phases::route::known_gateways(&settings),
@@ -180,12 +192,12 @@ async fn patch(
     }
 }
 
-fn log_store(e: aigate_store::StoreError) -> GatewayError {
+pub(crate) fn log_store(e: aigate_store::StoreError) -> GatewayError {
     GatewayError::store("log store", e)
 }
 
 /// A 200 with `v` as JSON.
-fn json<T: serde::Serialize>(v: &T) -> Result<Response<GatewayBody>, GatewayError> {
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Result<Response<GatewayBody>, GatewayError> {
     let body = serde_json::to_vec(v).map_err(|_| GatewayError::Internal)?;
     let mut r = Response::new(GatewayBody::full(Bytes::from(body)));
     *r.status_mut() = StatusCode::OK;

@@ -68,6 +68,19 @@ pub struct FileConfig {
     /// Options of rate limits and budgets.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The web console at `/dashboard`.
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
+}
+
+/// `[dashboard]`: the web console (served whenever `[admin] token` is set).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Show settings without letting them be changed (replicas managed by deployment). Default false.
+    pub read_only: Option<bool>,
+    /// How long a login lasts. Default `12h`.
+    pub session_ttl: Option<DurationValue>,
 }
 
 /// `[limits]`: options shared by every gateway's rate limits and budgets.

@@ -115,6 +115,19 @@ pub struct Settings {
     pub prices: Arc<crate::meter::cost::PriceTable>,
     /// Options of rate limits and budgets.
     pub limits: crate::limits::LimitOptions,
+    /// The web console.
+    pub dashboard: DashboardSettings,
+    /// The file these settings were read from (`None`: the embedded default or text).
+    pub source: Option<PathBuf>,
+}
+
+/// `[dashboard]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DashboardSettings {
+    /// Settings are shown, never changed.
+    pub read_only: bool,
+    /// Lifetime of a login session.
+    pub session_ttl: Duration,
 }
 
 /// Storage backends.
@@ -207,11 +220,18 @@ impl Settings {
     pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|error| ConfigError::Io { path: path.to_path_buf(), error })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        Self::from_file_text(path, &text)
+    }
+
+    /// The settings of `text`, the contents (current or about to be written) of the file `path`.
+    pub fn from_file_text(path: &std::path::Path, text: &str) -> Result<Settings, ConfigError> {
+        let mut settings = Self::from_toml(text).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
             ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
             other => other,
-        })
+        })?;
+        settings.source = Some(path.to_path_buf());
+        Ok(settings)
     }
 
     /// The embedded default configuration.

@@ -191,6 +191,17 @@ impl FileConfig {
             admin_token,
             prices: Arc::new(prices),
             limits,
+            dashboard: DashboardSettings {
+                read_only: self.dashboard.read_only.unwrap_or(false),
+                session_ttl: match self.dashboard.session_ttl {
+                    Some(d) if d.0 < Duration::from_secs(60) => {
+                        return Err(invalid("dashboard.session_ttl: must be at least 60s".into()))
+                    }
+                    Some(d) => d.0,
+                    None => Duration::from_secs(12 * 3600),
+                },
+            },
+            source: None,
         })
     }
 }

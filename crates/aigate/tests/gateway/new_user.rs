@@ -245,7 +245,7 @@ async fn a_budget_refusal_shows_real_amounts_and_no_request_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_root_answers_an_index_and_the_dashboard_path_is_reserved() {
+async fn the_root_answers_an_index_that_links_the_dashboard() {
     let env = env_with("[gateways.default]\n[gateways.prod]\n", MockConfig::default()).await;
     let r = env.http.get(env.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -253,15 +253,16 @@ async fn the_root_answers_an_index_and_the_dashboard_path_is_reserved() {
     assert_eq!(v["name"], "aigate");
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(v["gateways"], serde_json::json!(["default", "prod"]));
-    for link in ["/healthz", "/readyz", "/metrics"] {
+    for link in ["/healthz", "/readyz", "/metrics", "/dashboard"] {
         assert!(v["links"].as_object().unwrap().values().any(|l| l == link), "{v}");
     }
+    // Without an admin token the dashboard is off, and says what turns it on.
     for path in ["/dashboard", "/dashboard/gateways/prod"] {
         let r = env.http.get(env.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 404, "{path}");
         let v = error_body(r).await;
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("dashboard") && !msg.contains("gateway \"\""), "{path}: {msg}");
+        assert!(msg.contains("[admin] token") && !msg.contains("gateway \"\""), "{path}: {msg}");
     }
     assert_eq!(env.mock.requests(), 0);
 }
