@@ -312,6 +312,8 @@ def run(base, config, original):
             page.goto(base + "/dashboard/gateways/default/logs")
             shot("04-logs-all")
 
+            accessibility(browser, base, page.url)
+
             # --- unknown pages, then log out
             page.goto(base + "/dashboard/gateways/nope")
             expect(page.get_by_role("heading", name="Not found")).to_be_visible()
@@ -335,6 +337,49 @@ def run(base, config, original):
         assert not problems, "browser console: " + "\n".join(problems)
         browser.close()
     print(f"dashboard browser test: ok ({len(requests)} browser requests, all to 127.0.0.1; screenshots in {SHOTS})")
+
+
+def accessibility(browser, base, log_url):
+    """axe-core on every page: no moderate, serious or critical violation (labels, contrast, roles).
+
+    axe is injected as a script, which the pages' Content-Security-Policy forbids: this check runs
+    in a context of its own that bypasses it.
+    """
+    axe = Path(os.environ["AXE"]).read_text()
+    context = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(base + "/dashboard/login")
+    failures = []
+    check(page, axe, "login", failures)
+    page.get_by_label("Admin token").fill(TOKEN)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/dashboard")
+    record = None
+    for name, path in [("overview", "/dashboard"), ("gateway", "/dashboard/gateways/default"),
+                       ("logs", "/dashboard/gateways/default/logs"), ("tail", "/dashboard/gateways/default/tail"),
+                       ("report", "/dashboard/gateways/default/report"),
+                       ("settings", "/dashboard/gateways/default/settings")]:
+        page.goto(base + path)
+        check(page, axe, name, failures)
+        if name == "logs":
+            record = page.locator("table.logs tbody tr a").first.get_attribute("href")
+    page.goto(base + record)
+    check(page, axe, "log record", failures)
+    context.close()
+    assert not failures, "accessibility:\n" + "\n".join(failures)
+
+
+def check(page, axe, name, failures):
+    page.wait_for_function("() => !document.querySelector('main').textContent.includes('Loading…')")
+    page.wait_for_timeout(300)  # charts and tables settle
+    page.add_script_tag(content=axe)
+    result = page.evaluate("() => axe.run(document, { resultTypes: ['violations'] })")
+    print(f"axe {name}: {len(result['violations'])} rules violated "
+          f"({', '.join(v['id'] + ':' + str(v['impact']) for v in result['violations']) or 'none'})")
+    for v in result["violations"]:
+        if v["impact"] in ("moderate", "serious", "critical"):
+            targets = [n["target"] for n in v["nodes"]][:3]
+            failures.append(f"{name}: {v['id']} ({v['impact']}): {v['help']} at {targets}")
 
 
 def raw_chat(base, text):

@@ -16,7 +16,12 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Playwright's Python package drives the system Chromium (its own browser download is not used).
 "$venv/bin/pip" install --quiet --disable-pip-version-check "playwright>=1.45,<2" "openai>=1.40,<3"
+# axe-core (npm) checks every page for accessibility problems: labels, contrast, roles.
+axe=$root/target/browser-axe
+if [ ! -f "$axe/node_modules/axe-core/axe.min.js" ]; then
+  npm install --silent --no-audit --no-fund --prefix "$axe" "axe-core@4" >/dev/null
+fi
 rm -rf "$root/target/dashboard-screenshots"
 mkdir -p "$root/target/dashboard-screenshots"
-CHROMIUM="$chromium" AIGATE_BIN="$bin" SCREENSHOTS="$root/target/dashboard-screenshots" \
+AXE="$axe/node_modules/axe-core/axe.min.js" CHROMIUM="$chromium" AIGATE_BIN="$bin" SCREENSHOTS="$root/target/dashboard-screenshots" \
   "$venv/bin/python" "$root/tests/browser/dashboard_test.py"

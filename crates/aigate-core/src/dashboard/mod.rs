@@ -316,7 +316,7 @@ fn layout(
 <link rel="stylesheet" href="/dashboard/assets/app.css?v={v}">
 <meta name="csrf-token" content="{csrf}">
 </head>
-<body data-page="{page}" data-gateway="{gateway}" data-log-id="{log_id}" data-default-gateway="{default}" data-account="{account}">
+<body data-page="{page}" data-gateway="{gateway}" data-log-id="{log_id}" data-default-gateway="{default}" data-account="{account}" data-authentication="{auth}">
 <a class="skip" href="#main">Skip to content</a>
 <header class="top">
 <a class="brand" href="/dashboard">aigate</a>
@@ -336,6 +336,7 @@ fn layout(
         log_id = escape(log_id.unwrap_or("")),
         default = escape(&settings.default_gateway),
         account = escape(settings.account_id.as_deref().unwrap_or("local")),
+        auth = gw.and_then(|g| settings.gateways.get(g)).is_some_and(|g| g.authentication),
     )
 }
 

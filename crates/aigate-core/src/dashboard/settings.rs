@@ -154,16 +154,16 @@ pub async fn save(
 ) -> Result<(SettingsView, Vec<String>), GatewayError> {
     let _one_at_a_time = state.dashboard.save_lock.lock().await;
     let settings = state.settings.load_full();
-    if let Some(reason) = read_only_reason(&settings) {
-        return Err(GatewayError::Conflict(format!("settings are read-only: {reason}")));
-    }
-    let path = settings.source.clone().ok_or(GatewayError::Internal)?;
     let current = Values::of(gateway);
     let gw = gateway.name.to_string();
     let now = state.clock.now_ms();
     let by = by.to_owned();
     let data_dir = settings.data_dir.clone();
     let (new_settings, changes) = blocking(move || {
+        if let Some(reason) = read_only_reason(&settings) {
+            return Err(GatewayError::Conflict(format!("settings are read-only: {reason}")));
+        }
+        let path = settings.source.clone().ok_or(GatewayError::Internal)?;
         let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
         let mut doc: DocumentMut =
             text.parse().map_err(|e| GatewayError::Conflict(format!("{}: cannot be edited: {e}", path.display())))?;

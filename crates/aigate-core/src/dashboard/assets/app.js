@@ -272,9 +272,7 @@
       stat("Saved", fmtUsd(t.saved_usd)), stat("Errors", fmtInt(t.errors), fmtPct(t.error_rate)),
       stat("p50 / p95 / p99", `${fmtMs(t.p50_ms)} / ${fmtMs(t.p95_ms)} / ${fmtMs(t.p99_ms)}`)));
     if (t.requests === 0) {
-      const s = await api("/overview?range=" + range).catch(() => null);
-      const auth = s ? (s.gateways.find((g) => g.name === gw) || {}).authentication : false;
-      charts.append(snippets(gw, auth));
+      charts.append(snippets(gw, body.authentication === "true"));
     } else {
       const specs = [
         ["Requests", [{ label: "Requests", color: COLORS.blue, value: (b) => b.requests, fill: true }, { label: "Served from cache", color: COLORS.green, value: (b) => b.cache_hits }], fmtInt],
@@ -362,7 +360,7 @@
           }
           return el("tr", {}, el("th", { scope: "row" }, label), el("td", {}, fmt(x)), el("td", {}, fmt(y)), el("td", { class: cls }, change));
         });
-        out.replaceChildren(table(["", "Before", "After", "Change"], rows, { class: "numeric compare" }));
+        out.replaceChildren(table(["Measure", "Before", "After", "Change"], rows, { class: "numeric compare" }));
       } catch (e) { out.replaceChildren(errorBox(e)); }
     };
     const field = (id, label, input) => el("div", { class: "field" }, el("label", { for: id }, label), input);
@@ -435,8 +433,8 @@
     try {
       const page = await api(gwApi(gw, "/logs") + "?" + q.toString());
       results.replaceChildren(renderLogTable(page.records));
-      if (page.records.length === 0 && !p.toString()) results.append(snippets(gw, false));
-      const nav = el("nav", { class: "pager", "aria-label": "Pages" });
+      if (page.records.length === 0 && !p.toString()) results.append(snippets(gw, body.authentication === "true"));
+      const nav = el("nav", { class: "pager", "aria-label": "Result pages" });
       if (p.get("cursor")) { const f = filterQuery(p); nav.append(el("a", { href: "?" + f.toString() }, "← First page")); }
       if (page.next_cursor) { const n = filterQuery(p); n.set("cursor", page.next_cursor); nav.append(el("a", { href: "?" + n.toString(), rel: "next" }, "Next page →")); }
       results.append(nav);
