@@ -32,7 +32,7 @@ pub(super) async fn handle(
             ));
         }
     }
-    let by = format!("session {}", &s.id[..8]);
+    let by = format!("session {}", s.id.get(..8).unwrap_or(&s.id));
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let settings = state.settings.load_full();
     match (&method, segs.as_slice()) {

@@ -231,6 +231,7 @@ async fn read_form(req: Request<Incoming>) -> Result<Vec<(String, String)>, Gate
 
 /// The shell of a page, or a 404 page for a URL that is not one.
 fn page_response(settings: &Settings, token: &str, s: &Session, rest: &str) -> Response<GatewayBody> {
+    let view = View { settings, csrf: session::csrf_token(token, s) };
     let segs: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
     let (page, gateway, log_id) = match segs.as_slice() {
         [""] => (Page::Overview, None, None),
@@ -240,72 +241,69 @@ fn page_response(settings: &Settings, token: &str, s: &Session, rest: &str) -> R
         ["gateways", gw, "tail"] => (Page::Tail, Some(*gw), None),
         ["gateways", gw, "report"] => (Page::Report, Some(*gw), None),
         ["gateways", gw, "settings"] => (Page::Settings, Some(*gw), None),
-        _ => {
-            return html(StatusCode::NOT_FOUND, not_found_page(settings, token, s, "There is no such dashboard page."))
-        }
+        _ => return html(StatusCode::NOT_FOUND, view.not_found("There is no such dashboard page.")),
     };
     if let Some(gw) = gateway {
         if !settings.gateways.contains_key(gw) {
             let msg = format!("There is no gateway named \u{201c}{gw}\u{201d}.");
-            return html(StatusCode::NOT_FOUND, not_found_page(settings, token, s, &msg));
+            return html(StatusCode::NOT_FOUND, view.not_found(&msg));
         }
     }
-    html(StatusCode::OK, shell(settings, token, s, page, gateway, log_id))
+    html(StatusCode::OK, view.shell(page, gateway, log_id))
 }
 
-fn not_found_page(settings: &Settings, token: &str, s: &Session, msg: &str) -> String {
-    let main =
-        format!("<h1>Not found</h1><p>{}</p><p><a href=\"/dashboard\">Back to the overview</a></p>", escape(msg));
-    layout(settings, token, s, "Not found", Page::NotFound, None, None, &main)
+/// What every page's HTML is made from: the settings (gateways, navigation) and the session's
+/// CSRF token (for the logout form and the script's changes).
+struct View<'a> {
+    settings: &'a Settings,
+    csrf: String,
 }
 
-fn shell(settings: &Settings, token: &str, s: &Session, page: Page, gw: Option<&str>, log_id: Option<&str>) -> String {
-    let title = match (page, gw) {
-        (Page::Overview, _) | (_, None) => "Overview".to_owned(),
-        (p, Some(g)) => {
-            let tab = Page::TABS.iter().find(|(t, ..)| *t == p).map_or("Log record", |(_, _, label)| label);
-            format!("{g} \u{b7} {tab}")
-        }
-    };
-    let loading = "<p class=\"muted\" role=\"status\">Loading\u{2026}</p>";
-    layout(settings, token, s, &title, page, gw, log_id, loading)
-}
+impl View<'_> {
+    fn not_found(&self, msg: &str) -> String {
+        let main =
+            format!("<h1>Not found</h1><p>{}</p><p><a href=\"/dashboard\">Back to the overview</a></p>", escape(msg));
+        self.layout("Not found", Page::NotFound, None, None, &main)
+    }
 
-#[allow(clippy::too_many_arguments)]
-fn layout(
-    settings: &Settings,
-    token: &str,
-    s: &Session,
-    title: &str,
-    page: Page,
-    gw: Option<&str>,
-    log_id: Option<&str>,
-    main: &str,
-) -> String {
-    let csrf = session::csrf_token(token, s);
-    let mut names: Vec<&str> = settings.gateways.keys().map(String::as_str).collect();
-    names.sort_unstable();
-    let current = gw.unwrap_or(&settings.default_gateway);
-    let options: String = names
-        .iter()
-        .map(|n| {
-            let sel = if *n == current { " selected" } else { "" };
-            format!("<option value=\"{0}\"{sel}>{0}</option>", escape(n))
-        })
-        .collect();
-    let base = format!("/dashboard/gateways/{}", escape(current));
-    let tabs: String = Page::TABS
-        .iter()
-        .map(|(p, suffix, label)| {
-            let href = if *p == Page::Overview { "/dashboard".to_owned() } else { format!("{base}{suffix}") };
-            let on = *p == page || (page == Page::Log && *p == Page::Logs);
-            let aria = if on { " aria-current=\"page\"" } else { "" };
-            format!("<a href=\"{href}\"{aria}>{label}</a>")
-        })
-        .collect();
-    let v = env!("CARGO_PKG_VERSION");
-    format!(
-        r##"<!doctype html>
+    /// A page for the script to fill: its name, gateway and record in `data-` attributes.
+    fn shell(&self, page: Page, gw: Option<&str>, log_id: Option<&str>) -> String {
+        let title = match (page, gw) {
+            (Page::Overview, _) | (_, None) => "Overview".to_owned(),
+            (p, Some(g)) => {
+                let tab = Page::TABS.iter().find(|(t, ..)| *t == p).map_or("Log record", |(_, _, label)| label);
+                format!("{g} \u{b7} {tab}")
+            }
+        };
+        let loading = "<p class=\"muted\" role=\"status\">Loading\u{2026}</p>";
+        self.layout(&title, page, gw, log_id, loading)
+    }
+
+    fn layout(&self, title: &str, page: Page, gw: Option<&str>, log_id: Option<&str>, main: &str) -> String {
+        let (settings, csrf) = (self.settings, &self.csrf);
+        let mut names: Vec<&str> = settings.gateways.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let current = gw.unwrap_or(&settings.default_gateway);
+        let options: String = names
+            .iter()
+            .map(|n| {
+                let sel = if *n == current { " selected" } else { "" };
+                format!("<option value=\"{0}\"{sel}>{0}</option>", escape(n))
+            })
+            .collect();
+        let base = format!("/dashboard/gateways/{}", escape(current));
+        let tabs: String = Page::TABS
+            .iter()
+            .map(|(p, suffix, label)| {
+                let href = if *p == Page::Overview { "/dashboard".to_owned() } else { format!("{base}{suffix}") };
+                let on = *p == page || (page == Page::Log && *p == Page::Logs);
+                let aria = if on { " aria-current=\"page\"" } else { "" };
+                format!("<a href=\"{href}\"{aria}>{label}</a>")
+            })
+            .collect();
+        let v = env!("CARGO_PKG_VERSION");
+        format!(
+            r##"<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -330,14 +328,15 @@ fn layout(
 </body>
 </html>
 "##,
-        title = escape(title),
-        page = page.name(),
-        gateway = escape(gw.unwrap_or("")),
-        log_id = escape(log_id.unwrap_or("")),
-        default = escape(&settings.default_gateway),
-        account = escape(settings.account_id.as_deref().unwrap_or("local")),
-        auth = gw.and_then(|g| settings.gateways.get(g)).is_some_and(|g| g.authentication),
-    )
+            title = escape(title),
+            page = page.name(),
+            gateway = escape(gw.unwrap_or("")),
+            log_id = escape(log_id.unwrap_or("")),
+            default = escape(&settings.default_gateway),
+            account = escape(settings.account_id.as_deref().unwrap_or("local")),
+            auth = gw.and_then(|g| settings.gateways.get(g)).is_some_and(|g| g.authentication),
+        )
+    }
 }
 
 fn login_page(next: &str, error: Option<&str>) -> String {
