@@ -178,11 +178,12 @@ async fn settings_changed_in_the_dashboard_apply_live_and_keep_the_file() {
         mock.url(),
         token_file.display()
     );
-    let gw = Aigate::serve(&[], &toml).await;
+    let mut gw = Aigate::serve(&[], &toml).await;
     let (cookie, csrf) = log_in(&gw, "file-admin-token").await;
     let http = browser();
+    let settings_url = gw.url("/dashboard/api/gateways/default/settings");
     let put = |body: &'static str| {
-        http.put(gw.url("/dashboard/api/gateways/default/settings"))
+        http.put(&settings_url)
             .header("cookie", &cookie)
             .header("x-csrf-token", &csrf)
             .header("content-type", "application/json")
@@ -231,4 +232,26 @@ async fn settings_changed_in_the_dashboard_apply_live_and_keep_the_file() {
     assert_eq!(s["editable"], true);
     let actions: Vec<&str> = s["audit"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["rate_limit", "cache.mode"], "newest first: {s}");
+
+    // Replicas managed by deployment: `[dashboard] read_only` (picked up by a reload) shows the
+    // settings and refuses changes.
+    std::fs::write(&gw.config, format!("{after}[dashboard]\nread_only = true\n")).unwrap();
+    gw.signal("HUP");
+    gw.stderr_line("configuration reloaded").await;
+    let s: serde_json::Value = http
+        .get(gw.url("/dashboard/api/gateways/default/settings"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["editable"], false);
+    assert!(s["read_only_reason"].as_str().unwrap().contains("read_only = true"), "{s}");
+    let r = put(r#"{"cache_mode":"on","cache_ttl":"1h","logs_enabled":true,"log_bodies":false,"rate_limit":null}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(std::fs::read_to_string(&gw.config).unwrap().contains("mode = \"off\""));
 }
