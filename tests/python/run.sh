@@ -19,6 +19,8 @@ listen = "127.0.0.1:$gw_port"
 data_dir = "$tmp/data"
 [providers.openai]
 base_url = "http://127.0.0.1:$mock_port/v1"
+[providers.anthropic]
+base_url = "http://127.0.0.1:$mock_port"
 [storage]
 cache = "memory"
 [gateways.default]

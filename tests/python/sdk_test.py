@@ -2,8 +2,12 @@
 
 Run by `.ci/run` (see tests/python/run.sh): it expects a running mock and gateway and takes the
 gateway's address in AIGATE_URL. Exercises chat, streamed chat, embeddings and the models list with
-base-URL form 1 (Cloudflare layout) and form 3 (plain OpenAI layout).
+base-URL form 1 (Cloudflare layout) and form 3 (plain OpenAI layout), and one OpenAI-format API for
+an Anthropic-format upstream (`anthropic/...` models: chat, stream, tools, usage, errors) through
+every compat entry point.
 """
+
+import json
 
 import os
 import sys
@@ -129,6 +133,69 @@ except openai.RateLimitError as e:
     msg = str(e)
     check("rate limit: third request raises RateLimitError", "rate_limit" in msg and "2 requests per 1h" in msg, msg)
     check("rate limit: Retry-After header", int(e.response.headers.get("retry-after", "0")) > 0, dict(e.response.headers))
+
+# One OpenAI-format API for every provider: Anthropic's format behind the OpenAI SDK.
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+COMPAT = {
+    "plain /v1": (f"{GW}/v1", {}),
+    "compat": (f"{GW}/v1/my-account/default/compat", {}),
+    "REST layout": (f"{GW}/client/v4/accounts/my-account/ai/v1", {"cf-aig-gateway-id": "default"}),
+}
+for label, (base_url, headers) in COMPAT.items():
+    client = OpenAI(base_url=base_url, api_key="sk-ant-not-real", max_retries=0, default_headers=headers)
+    ask = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hello from {label}"}]
+    chat = client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=ask, max_tokens=200)
+    check(f"anthropic via {label}: chat", chat.choices[0].message.content.startswith("Hello")
+          and chat.model == "claude-sonnet-4-5" and chat.choices[0].finish_reason == "stop", repr(chat))
+    check(f"anthropic via {label}: usage", chat.usage.prompt_tokens == 12 and chat.usage.completion_tokens == 14,
+          repr(chat.usage))
+    pieces, usage, finish = [], None, None
+    for chunk in client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=ask, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            finish = c.finish_reason or finish
+    check(f"anthropic via {label}: stream", "".join(pieces).startswith("Hello") and finish == "stop", repr(pieces))
+    check(f"anthropic via {label}: stream usage", usage is not None and usage.prompt_tokens == 12, repr(usage))
+
+    tool_ask = [{"role": "user", "content": f"Weather in Paris? ({label})"}]
+    r = client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=tool_ask, tools=WEATHER)
+    call = r.choices[0].message.tool_calls[0] if r.choices[0].message.tool_calls else None
+    check(f"anthropic via {label}: tool call", call is not None and call.function.name == "get_weather"
+          and json.loads(call.function.arguments)["city"] == "Paris" and r.choices[0].finish_reason == "tool_calls",
+          repr(r))
+    # The answer to the tool call goes back as a tool message, translated to a tool_result.
+    follow = tool_ask + [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    r2 = client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=follow)
+    check(f"anthropic via {label}: tool result round trip", r2.choices[0].message.content.startswith("Hello"), repr(r2))
+    args, name = "", None
+    for chunk in client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=tool_ask + [
+            {"role": "user", "content": "stream it"}], tools=WEATHER, stream=True):
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                name = tc.function.name or name
+                args += tc.function.arguments or ""
+    check(f"anthropic via {label}: streamed tool call", name == "get_weather" and json.loads(args)["city"] == "Paris",
+          repr((name, args)))
+
+client = OpenAI(base_url=f"{GW}/v1", api_key="sk-ant-not-real", max_retries=0)
+try:
+    client.chat.completions.create(model="anthropic/claude-sonnet-4-5", n=2,
+                                   messages=[{"role": "user", "content": "two please"}])
+    check("anthropic: n=2 raises BadRequestError", False)
+except openai.BadRequestError as e:
+    check("anthropic: n=2 raises BadRequestError", "n must be 1" in str(e), str(e))
+try:
+    client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "x"}],
+                                   extra_headers={"x-mock-status": "529"})
+    check("anthropic: provider error raises APIStatusError", False)
+except openai.APIStatusError as e:
+    check("anthropic: provider error raises APIStatusError", e.status_code == 529 and "mock failure" in str(e), str(e))
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -370,13 +370,21 @@ impl Return {
 pub struct UpstreamBody {
     inner: Incoming,
     ret: Option<Return>,
+    /// Turns the provider's format into OpenAI's as the bytes arrive (a translated request).
+    translate: Option<Box<crate::translate::ResponseTranslator>>,
 }
 
 impl UpstreamBody {
     fn new(inner: Incoming, ret: Option<Return>) -> UpstreamBody {
-        let mut b = UpstreamBody { inner, ret };
+        let mut b = UpstreamBody { inner, ret, translate: None };
         b.check_end();
         b
+    }
+
+    /// The body as `t` translates it.
+    pub fn translated(mut self, t: crate::translate::ResponseTranslator) -> UpstreamBody {
+        self.translate = Some(Box::new(t));
+        self
     }
 
     fn check_end(&mut self) {
@@ -394,25 +402,52 @@ impl Body for UpstreamBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            None => {
-                if let Some(r) = this.ret.take() {
-                    r.give_back();
+        loop {
+            let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+            match &frame {
+                None => {
+                    if let Some(r) = this.ret.take() {
+                        r.give_back();
+                    }
                 }
+                Some(Ok(_)) => this.check_end(),
+                // A failed body: the connection is not reused.
+                Some(Err(_)) => this.ret = None,
             }
-            Some(Ok(_)) => this.check_end(),
-            // A failed body: the connection is not reused.
-            Some(Err(_)) => this.ret = None,
+            let Some(t) = this.translate.as_mut() else {
+                return Poll::Ready(frame);
+            };
+            match frame {
+                // Trailers of a translated answer are dropped.
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        let out = t.data(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                }
+                None => {
+                    let out = t.end();
+                    this.translate = None;
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.translate.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.translate.is_some() {
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }

@@ -4,6 +4,8 @@ use http::HeaderName;
 
 /// Gateway token, `Bearer <token>` (request).
 pub const CF_AIG_AUTHORIZATION: HeaderName = HeaderName::from_static("cf-aig-authorization");
+/// The gateway of a request in Cloudflare's REST layout (`/client/v4/accounts/…/ai/v1/…`).
+pub const CF_AIG_GATEWAY_ID: HeaderName = HeaderName::from_static("cf-aig-gateway-id");
 /// Log id of this request, a UUIDv7 (response).
 pub const CF_AIG_LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
 /// Client-chosen event id, echoed back (request and response).

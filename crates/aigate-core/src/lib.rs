@@ -29,6 +29,7 @@ pub mod report;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod translate;
 
 pub use config::Settings;
 pub use error::GatewayError;

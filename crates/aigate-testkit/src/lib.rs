@@ -184,6 +184,9 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     input: Option<serde_json::Value>,
+    /// Anthropic tools: a request with tools is answered with a call of the first one.
+    #[serde(default)]
+    tools: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -230,7 +233,13 @@ async fn handle(
     if let Some(status) =
         header_u64(h, "x-mock-status").and_then(|s| u16::try_from(s).ok()).and_then(|s| StatusCode::from_u16(s).ok())
     {
-        let body = serde_json::json!({"error": {"message": format!("mock failure with status {}", status.as_u16()), "type": "server_error", "code": null, "param": null}});
+        let message = format!("mock failure with status {}", status.as_u16());
+        // Each provider's own error shape.
+        let body = if parts.uri.path().ends_with("/messages") {
+            serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}})
+        } else {
+            serde_json::json!({"error": {"message": message, "type": "server_error", "code": null, "param": null}})
+        };
         return Ok(json(status, body.to_string()));
     }
     let chunk_delay = header_u64(h, "x-mock-chunk-delay-ms").map(Duration::from_millis).unwrap_or(cfg.chunk_delay);
@@ -261,10 +270,12 @@ async fn handle(
         json(StatusCode::OK, models())
     } else if path.ends_with("/messages") && parts.method == Method::POST {
         let model = req.model.unwrap_or_else(|| "claude-3-5-haiku-latest".into());
-        if req.stream {
-            sse(anthropic_events(&model, chunks), chunk_delay, cut_after, split, stats)
-        } else {
-            json(StatusCode::OK, anthropic_message(&model))
+        let tool = req.tools.first().and_then(|t| t.get("name")).and_then(|n| n.as_str());
+        match (req.stream, tool) {
+            (true, Some(name)) => sse(anthropic_tool_events(&model, name), chunk_delay, cut_after, split, stats),
+            (true, None) => sse(anthropic_events(&model, chunks), chunk_delay, cut_after, split, stats),
+            (false, Some(name)) => json(StatusCode::OK, anthropic_tool_message(&model, name)),
+            (false, None) => json(StatusCode::OK, anthropic_message(&model)),
         }
     } else {
         let mut r = Response::new(MockBody::Full(Some(body)));
@@ -420,6 +431,48 @@ fn anthropic_message(model: &str) -> String {
         "stop_reason": "end_turn", "stop_sequence": null,
         "usage": {"input_tokens": 12, "output_tokens": WORDS.len(), "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
     .to_string()
+}
+
+/// The input of every mock tool call.
+const TOOL_INPUT: &str = r#"{"city":"Paris","unit":"celsius"}"#;
+
+fn anthropic_tool_message(model: &str, tool: &str) -> String {
+    let input: serde_json::Value = serde_json::from_str(TOOL_INPUT).unwrap_or_default();
+    serde_json::json!({"id": "msg_mock0002", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": "toolu_mock01", "name": tool, "input": input}],
+        "stop_reason": "tool_use", "stop_sequence": null,
+        "usage": {"input_tokens": 40, "output_tokens": 18, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
+    .to_string()
+}
+
+fn anthropic_tool_events(model: &str, tool: &str) -> Vec<String> {
+    let ev = |name: &str, v: serde_json::Value| format!("event: {name}\ndata: {v}\n\n");
+    let (a, b) = TOOL_INPUT.split_at(TOOL_INPUT.len() / 2);
+    vec![
+        ev(
+            "message_start",
+            serde_json::json!({"type": "message_start", "message": {"id": "msg_mock0002", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "usage": {"input_tokens": 40, "output_tokens": 1}}}),
+        ),
+        ev(
+            "content_block_start",
+            serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_mock01", "name": tool, "input": {}}}),
+        ),
+        ev(
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": a}}),
+        ),
+        ev(
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": b}}),
+        ),
+        ev("content_block_stop", serde_json::json!({"type": "content_block_stop", "index": 0})),
+        ev(
+            "message_delta",
+            serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 18}}),
+        ),
+        ev("message_stop", serde_json::json!({"type": "message_stop"})),
+    ]
 }
 
 fn anthropic_events(model: &str, chunks: usize) -> Vec<String> {

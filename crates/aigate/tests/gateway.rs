@@ -1011,3 +1011,6 @@ mod new_user;
 
 #[path = "gateway/dashboard.rs"]
 mod dashboard;
+
+#[path = "gateway/compat.rs"]
+mod compat;

@@ -149,6 +149,13 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// The request goes to another provider than its URL named (a request in OpenAI's format
+    /// whose model names the provider).
+    pub fn reroute(&mut self, route: &Route<'_>) {
+        self.provider = route.provider.clone();
+        self.endpoint = route.endpoint;
+    }
+
     /// The meter of a routed request that arrived at `start` (Unix ms `created_at_ms`).
     pub fn new(
         id: uuid::Uuid,

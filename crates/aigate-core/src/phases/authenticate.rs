@@ -40,9 +40,9 @@ impl<'a> Caller<'a> {
     }
 }
 
-/// Checks the gateway token and returns the caller's credentials.
-pub fn authenticate<'a>(route: &'a Route<'_>, headers: &'a HeaderMap) -> Result<Caller<'a>, GatewayError> {
-    check(&route.gateway, headers)?;
+/// The caller's credentials, once [`check`] has passed (the provider is known: a request in
+/// OpenAI's format for another provider learns it from its body).
+pub fn caller<'a>(route: &'a Route<'_>, headers: &'a HeaderMap) -> Caller<'a> {
     let mut caller = Caller { parts: [&[]; 5], n: 0 };
     if let Some(k) = route.gateway.provider_keys.get(&route.provider.name) {
         caller.push(k.expose().as_bytes());
@@ -56,10 +56,10 @@ pub fn authenticate<'a>(route: &'a Route<'_>, headers: &'a HeaderMap) -> Result<
     if let Some(v) = headers.get(CF_AIG_AUTHORIZATION) {
         caller.push(v.as_bytes());
     }
-    Ok(caller)
+    caller
 }
 
-/// Checks the gateway token.
+/// Checks the gateway token, before the body is read.
 pub fn check(gateway: &Gateway, headers: &HeaderMap) -> Result<(), GatewayError> {
     if !gateway.authentication {
         return Ok(());

@@ -34,6 +34,8 @@ use crate::meter::Meter;
 use crate::state::AppState;
 
 /// What the cache answers for a request.
+// A hit is the common case on a warm cache: boxing its response would allocate once per hit.
+#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     /// Served from the cache.
     Hit(Response<GatewayBody>),
@@ -98,7 +100,8 @@ pub async fn lookup(state: &AppState, call: &Call<'_>, options: &CacheOptions, m
     }
     // Whether a stored stream holds a usage event aigate asked for: asked only when the answer
     // comes from the cache or from another request (a miss works it out once, upstream).
-    let filtered = || super::upstream::usage_injection(call).is_some();
+    let filtered =
+        || super::upstream::usage_injection(call).is_some() || call.translation.is_some_and(|t| t.hides_usage());
     if let Some(entry) = found {
         stats.hits.fetch_add(1, Ordering::Relaxed);
         meter.on_hit(Some(entry.clone()), filtered());

@@ -12,7 +12,9 @@
 //! says in its module docs what it reads and writes. [`run`] strings them together and reads as
 //! that list. Every failure is a [`GatewayError`], turned into an OpenAI-shaped error by the respond
 //! phase. From the route phase on, the request is metered: its [`Meter`] collects what happened
-//! and goes to the log pipeline when the response ends.
+//! and goes to the log pipeline when the response ends. A request in OpenAI's format for any
+//! provider learns its provider once its body is read ([`crate::translate::prepare`]); the
+//! phases after see the resolved route.
 
 pub mod authenticate;
 pub mod cache;
@@ -31,7 +33,8 @@ use crate::config::Settings;
 use crate::error::GatewayError;
 use crate::meter::{detached, Meter};
 use crate::state::AppState;
-use authenticate::{authenticate, Caller};
+use crate::translate::{self, Translation};
+use authenticate::Caller;
 use cache::{CacheOptions, Lookup};
 use limits::limits;
 use read_body::read_body;
@@ -51,6 +54,8 @@ pub struct Call<'a> {
     pub body: &'a Bytes,
     /// Its credentials.
     pub caller: &'a Caller<'a>,
+    /// How it is translated for its provider (a request in OpenAI's format for another provider).
+    pub translation: Option<&'a Translation>,
 }
 
 /// Runs the phases for one gateway request, up to the response head; `ex` receives the meter
@@ -64,15 +69,31 @@ pub async fn run(
     let settings = state.settings.load_full();
     let (head, body) = req.into_parts();
 
-    let route = route(&settings, &head.method, &head.uri)?;
+    let mut route = route(&settings, &head.method, &head.uri, &head.headers)?;
     let meter = ex.meter(Meter::new(ex.id, ex.created_at_ms, ex.start, &route, &head.headers));
-    let caller = authenticate(&route, &head.headers)?;
+    authenticate::check(&route.gateway, &head.headers)?;
     let timeout = request_timeout(&head.headers, &route.gateway)?;
     let cache_options = CacheOptions::parse(&head.headers)?;
     let body = read_body(body, &settings).await?;
     meter.request_body = detached(&body);
+    // A request in OpenAI's format for another provider: its model names the provider.
+    let (outgoing, translation) = match translate::prepare(&settings, &mut route, &body)? {
+        Some((translated, t)) => {
+            meter.reroute(&route);
+            (translated, Some(t))
+        }
+        None => (body.clone(), None),
+    };
+    let caller = authenticate::caller(&route, &head.headers);
 
-    let call = Call { settings: &settings, route: &route, head: &head, body: &body, caller: &caller };
+    let call = Call {
+        settings: &settings,
+        route: &route,
+        head: &head,
+        body: &body,
+        caller: &caller,
+        translation: translation.as_ref(),
+    };
     let lookup = cache::lookup(state, &call, &cache_options, meter).await;
     limits(state, &call, lookup.is_hit(), meter).await?;
     let miss = match lookup {
@@ -85,6 +106,7 @@ pub async fn run(
         Lookup::Skip => None,
     };
 
-    let answer = upstream(state, &route, (head.method, head.headers), body, timeout, meter).await?;
-    Ok(respond(answer, miss, route.endpoint, meter))
+    let answer =
+        upstream(state, &route, (head.method, head.headers), outgoing, translation.as_ref(), timeout, meter).await?;
+    Ok(respond(answer, miss, route.endpoint, translation.as_ref(), meter))
 }

@@ -24,6 +24,7 @@ use crate::error::GatewayError;
 use crate::headers::{CF_AIG_CACHE_STATUS, CF_AIG_EVENT_ID, CF_AIG_LOG_ID};
 use crate::meter::{Meter, ResponseBody};
 use crate::state::AppState;
+use crate::translate::{ResponseTranslator, Translation};
 
 /// One request through a gateway route: its identity, and its meter once it is routed.
 pub struct Exchange {
@@ -64,18 +65,24 @@ pub fn respond(
     answer: Response<UpstreamBody>,
     miss: Option<MissHandle>,
     endpoint: Endpoint,
+    translation: Option<&Translation>,
     meter: &Meter,
 ) -> Response<GatewayBody> {
-    let (mut parts, body) = answer.into_parts();
+    let (mut parts, mut body) = answer.into_parts();
     strip_response_headers(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
+    if let Some(t) = translation {
+        let stream = is_event_stream(&parts.headers);
+        if let Some(tr) = ResponseTranslator::new(t, parts.status, stream, meter.created_at_ms / 1000) {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            parts.headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(tr.content_type()));
+            body = body.translated(tr);
+        }
+    }
     let key = miss.as_ref().map(|m| *m.key());
     let body = match miss {
         Some(miss) if parts.status.is_success() => {
-            let stream = parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            let stream = is_event_stream(&parts.headers);
             let terminal = if stream { endpoint.terminal_event() } else { None };
             miss.tee(parts.status, &parts.headers, body, terminal)
         }
@@ -87,6 +94,10 @@ pub fn respond(
     }
     meter.cache_status.write(&mut parts.headers);
     Response::from_parts(parts, body)
+}
+
+fn is_event_stream(h: &http::HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// The response of a gateway request, with its gateway headers and its metered body.

@@ -1,13 +1,17 @@
 //! Phase 1, route: from the request path to the gateway, the provider, the provider path, the
 //! [`Endpoint`] and the upstream URL.
 //!
-//! Three URL forms reach the same gateways:
+//! Four URL forms reach the same gateways:
 //! 1. Cloudflare's layout `/v1/{account_id}/{gateway_id}/{provider}/{path}`;
 //! 2. the short layout `/{gateway_id}/{provider}/{path}`;
-//! 3. the plain OpenAI layout `/v1/{path}`, served by `default_gateway` and the `openai` provider.
+//! 3. the plain OpenAI layout `/v1/{path}`, served by `default_gateway` and the `openai` provider;
+//! 4. Cloudflare's REST layout `/client/v4/accounts/{account_id}/ai/v1/chat/completions`, the
+//!    gateway named by `cf-aig-gateway-id` (the default gateway without it).
 //!
 //! A `/v1/...` path is read as form 1 when, after `/v1/`, its second segment names a configured
-//! gateway or its third a known provider; otherwise it is form 3.
+//! gateway or its third a known provider; otherwise it is form 3. The provider `compat` (forms 1
+//! and 2), form 4, and `POST /v1/chat/completions` in form 3 take OpenAI's chat format for any
+//! provider: the body's `provider/model` picks it, after the body is read ([`crate::translate`]).
 //!
 //! Reads: the method, path and query. Writes: the [`Route`] the later phases use. Fails closed,
 //! before anything is read or sent: an unknown gateway (or account) answers 404, an unknown
@@ -21,7 +25,9 @@ use http::Uri;
 use crate::config::{Gateway, Settings};
 use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
+use crate::headers::CF_AIG_GATEWAY_ID;
 use crate::providers::{check_segment, Provider};
+use crate::translate::Compat;
 
 /// Which URL form a request used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +38,8 @@ pub enum UrlForm {
     Short,
     /// `/v1/...` on the default gateway and `openai`.
     OpenAi,
+    /// `/client/v4/accounts/{account}/ai/v1/...`, the gateway from `cf-aig-gateway-id`.
+    Rest,
 }
 
 /// A resolved gateway route.
@@ -51,27 +59,70 @@ pub struct Route<'p> {
     pub endpoint: Endpoint,
     /// Where it goes: the provider's base URL with the provider path and query appended.
     pub upstream: Uri,
+    /// Whether the provider is still to be chosen by the body's model.
+    pub compat: Compat,
 }
 
 /// Routes a gateway request.
-pub fn route<'p>(settings: &Settings, method: &http::Method, uri: &'p Uri) -> Result<Route<'p>, GatewayError> {
-    let (gateway, provider, account_id, rest, form) = resolve(settings, uri.path())?;
+pub fn route<'p>(
+    settings: &Settings,
+    method: &http::Method,
+    uri: &'p Uri,
+    headers: &http::HeaderMap,
+) -> Result<Route<'p>, GatewayError> {
+    let (gateway, provider, account_id, rest, form) = resolve(settings, uri.path(), headers)?;
+    let compat = match (provider, form) {
+        ("compat", _) | (_, UrlForm::Rest) => {
+            if rest != "chat/completions" || method != http::Method::POST {
+                return Err(GatewayError::NotFound(format!(
+                    "the OpenAI-format endpoint for every provider is POST .../chat/completions (asked for {method} .../{rest})"
+                )));
+            }
+            Compat::Always
+        }
+        (_, UrlForm::OpenAi) if rest == "chat/completions" && method == http::Method::POST => Compat::IfPrefixed,
+        _ => Compat::No,
+    };
+    // Until the body names the provider, a compat request is routed as one for OpenAI.
+    let provider = if compat == Compat::Always { "openai" } else { provider };
     let (gateway, provider) = lookup(settings, gateway, provider)?;
     if let Some(account) = account_id {
         check_segment(account).map_err(|e| GatewayError::BadRequest(format!("invalid account id in the URL: {e}")))?;
     }
     let upstream = provider
-        .upstream_uri(account_id, rest, uri.query())
+        .upstream_uri(if compat == Compat::No { account_id } else { None }, rest, uri.query())
         .map_err(|e| GatewayError::BadRequest(format!("invalid provider path: {e}")))?;
     let endpoint = Endpoint::classify(&provider.name, method, rest);
-    Ok(Route { gateway, provider, account_id, rest, form, endpoint, upstream })
+    Ok(Route { gateway, provider, account_id, rest, form, endpoint, upstream, compat })
 }
 
 /// The names in a gateway path: (gateway, provider, account id, provider path, form).
 type Names<'s, 'p> = (&'s str, &'s str, Option<&'p str>, &'p str, UrlForm);
 
 /// Splits a gateway path (the raw request path, starting with `/`) into its names.
-fn resolve<'s, 'p: 's>(settings: &'s Settings, path: &'p str) -> Result<Names<'s, 'p>, GatewayError> {
+fn resolve<'s, 'p: 's>(
+    settings: &'s Settings,
+    path: &'p str,
+    headers: &'s http::HeaderMap,
+) -> Result<Names<'s, 'p>, GatewayError> {
+    if let Some(after) = path.strip_prefix("/client/v4/accounts/") {
+        let (account, rest) = after.split_once('/').unwrap_or((after, ""));
+        let rest = rest.strip_prefix("ai/v1/").ok_or_else(|| {
+            GatewayError::NotFound(
+                "Cloudflare's REST layout is /client/v4/accounts/{account}/ai/v1/chat/completions".into(),
+            )
+        })?;
+        if let Some(required) = &settings.account_id {
+            if required != account {
+                return Err(GatewayError::UnknownAccount { account: account.to_string() });
+            }
+        }
+        let gateway = match headers.get(CF_AIG_GATEWAY_ID) {
+            Some(v) => v.to_str().map_err(|_| GatewayError::BadRequest("cf-aig-gateway-id is not text".into()))?,
+            None => &settings.default_gateway,
+        };
+        return Ok((gateway, "compat", Some(account), rest, UrlForm::Rest));
+    }
     let trimmed = path.trim_start_matches('/');
     let mut it = trimmed.splitn(2, '/');
     let first = it.next().unwrap_or("");
@@ -84,7 +135,7 @@ fn resolve<'s, 'p: 's>(settings: &'s Settings, path: &'p str) -> Result<Names<'s
         let provider = segs.next();
         let rest = segs.next().unwrap_or("");
         let is_cf = gateway.is_some_and(|g| settings.gateways.contains_key(g))
-            || provider.is_some_and(|p| settings.providers.contains_key(p));
+            || provider.is_some_and(|p| p == "compat" || settings.providers.contains_key(p));
         if is_cf {
             if let Some(required) = &settings.account_id {
                 if required != account {
@@ -132,7 +183,7 @@ mod tests {
 
     fn resolve<'p>(s: &Settings, path: &'p str) -> Result<Route<'p>, GatewayError> {
         let uri: &'p Uri = Box::leak(Box::new(path.parse::<Uri>().unwrap()));
-        route(s, &http::Method::POST, uri)
+        route(s, &http::Method::POST, uri, &http::HeaderMap::new())
     }
 
     fn settings() -> Settings {

@@ -32,6 +32,7 @@ use crate::meter::usage::{inject_include_usage, InjectedUsageFilter};
 use crate::meter::Meter;
 use crate::providers::{AuthStyle, Provider};
 use crate::state::AppState;
+use crate::translate::{Format, Translation};
 
 /// Everything one attempt sends; another attempt clones it (the body is shared, not copied).
 #[derive(Debug, Clone)]
@@ -58,10 +59,11 @@ pub async fn upstream(
     route: &Route<'_>,
     (method, headers): (http::Method, HeaderMap),
     body: Bytes,
+    translation: Option<&Translation>,
     timeout: Duration,
     meter: &mut Meter,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
-    let out = prepare(route, method, headers, body, meter)?;
+    let out = prepare(route, method, headers, body, translation, meter)?;
     meter.upstream_start = Some(Instant::now());
     let resp = attempt(&state.client, &route.provider, out, timeout).await?;
     meter.upstream_head = Some(Instant::now());
@@ -74,12 +76,19 @@ fn prepare(
     method: http::Method,
     mut headers: HeaderMap,
     body: Bytes,
+    translation: Option<&Translation>,
     meter: &mut Meter,
 ) -> Result<Outgoing, GatewayError> {
     let provider = &route.provider;
     strip_request_headers(&mut headers);
     if let Some(key) = route.gateway.provider_keys.get(&provider.name) {
         inject_key(&mut headers, provider, key)?;
+    }
+    if let Some(t) = translation {
+        translated_headers(&mut headers, provider, t, body.len());
+        if t.hides_usage() {
+            meter.filter = Some(InjectedUsageFilter::new());
+        }
     }
     let body = match usage_injection_for(provider, route.endpoint, &body) {
         Some(with_usage) => {
@@ -202,6 +211,31 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
                 headers.remove(n);
             }
         }
+    }
+}
+
+/// The headers of a request translated for `provider`: the client's OpenAI-style key moves to the
+/// provider's own header, the body's new length, an identity encoding (the answer is translated as
+/// it arrives), and the API version Anthropic requires.
+fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translation, len: usize) {
+    if provider.auth != AuthStyle::Bearer && !headers.contains_key(provider.auth.header()) {
+        let key = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(|k| provider.auth.value(k.trim()));
+        if let Some(mut v) = key.and_then(|k| HeaderValue::from_str(&k).ok()) {
+            v.set_sensitive(true);
+            headers.remove(http::header::AUTHORIZATION);
+            headers.insert(provider.auth.header(), v);
+        }
+    }
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    if t.format != Format::OpenAi {
+        headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    if t.format == Format::Anthropic && !headers.contains_key("anthropic-version") {
+        headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
     }
 }
 

@@ -1,0 +1,521 @@
+//! OpenAI chat completions ⇄ Anthropic Messages: the request there, the answer (plain, streamed,
+//! or an error) back.
+//!
+//! What maps: system and developer messages (to `system`), the history with text and image parts
+//! (data URLs and https URLs), tools and `tool_choice` (with `parallel_tool_calls = false`),
+//! assistant tool calls and tool results, `max_tokens` / `max_completion_tokens` (Anthropic needs
+//! one: the configured default otherwise), `temperature`, `top_p`, `stop`, `user` (to
+//! `metadata.user_id`), `reasoning_effort` (to extended thinking with a token budget), `stream`.
+//! What cannot: `n` other than 1 and a JSON `response_format` (Anthropic has no JSON mode) are
+//! refused with a 400 naming the field; sampling options Anthropic lacks (`seed`,
+//! `frequency_penalty`, `presence_penalty`, `logit_bias`, `logprobs`) are dropped.
+
+use serde_json::{json, Map, Value};
+
+use super::{chunk, finish_chunk, usage_chunk, Usage};
+
+/// The request body for Anthropic's `POST /v1/messages`.
+pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -> Result<Value, String> {
+    if req.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
+        return Err("n: Anthropic answers with one choice; n must be 1".into());
+    }
+    match req.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str) {
+        None | Some("text") => {}
+        Some(other) => {
+            return Err(format!(
+                "response_format: {other:?} is not available on Anthropic models (no JSON mode); \
+                 ask for JSON in the prompt, or use a tool"
+            ))
+        }
+    }
+    let mut out = Map::new();
+    out.insert("model".into(), json!(model));
+    let mut system: Vec<Value> = Vec::new();
+    let mut messages: Vec<Value> = Vec::new();
+    let msgs = req.get("messages").and_then(Value::as_array).ok_or("messages: an array of messages is required")?;
+    for (i, m) in msgs.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| format!("messages[{i}].role is missing"))?;
+        match role {
+            "system" | "developer" => {
+                for part in content_parts(m.get("content"), i)? {
+                    if part.get("type").and_then(Value::as_str) == Some("text") {
+                        system.push(part);
+                    }
+                }
+            }
+            "user" => push(&mut messages, "user", content_parts(m.get("content"), i)?),
+            "assistant" => {
+                let mut blocks = match m.get("content") {
+                    None | Some(Value::Null) => Vec::new(),
+                    c => content_parts(c, i)?,
+                };
+                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
+                    for (j, c) in calls.iter().enumerate() {
+                        let f = c
+                            .get("function")
+                            .ok_or_else(|| format!("messages[{i}].tool_calls[{j}].function is missing"))?;
+                        let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                        let input: Value = serde_json::from_str(if args.trim().is_empty() { "{}" } else { args })
+                            .map_err(|_| format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON"))?;
+                        blocks.push(json!({
+                            "type": "tool_use",
+                            "id": c.get("id").cloned().unwrap_or(json!(format!("toolu_{i}_{j}"))),
+                            "name": f.get("name").cloned().unwrap_or(json!("")),
+                            "input": input,
+                        }));
+                    }
+                }
+                if !blocks.is_empty() {
+                    push(&mut messages, "assistant", blocks);
+                }
+            }
+            "tool" | "function" => {
+                let id = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("messages[{i}].tool_call_id is missing"))?;
+                let content: Vec<Value> = content_parts(m.get("content"), i)?;
+                push(
+                    &mut messages,
+                    "user",
+                    vec![json!({"type": "tool_result", "tool_use_id": id, "content": content})],
+                );
+            }
+            other => {
+                return Err(format!("messages[{i}].role: {other:?} is not system, developer, user, assistant or tool"))
+            }
+        }
+    }
+    if !system.is_empty() {
+        out.insert("system".into(), Value::Array(system));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+    let mut max_tokens = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(default_max_tokens);
+    if let Some(effort) = req.get("reasoning_effort").and_then(Value::as_str) {
+        let budget: u64 = match effort {
+            "minimal" | "low" => 1024,
+            "medium" => 4096,
+            "high" => 16384,
+            other => return Err(format!("reasoning_effort: {other:?} is not low, medium or high")),
+        };
+        // The thinking budget counts against max_tokens, which must stay above it.
+        if max_tokens <= budget {
+            max_tokens += budget;
+        }
+        out.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": budget}));
+    }
+    out.insert("max_tokens".into(), json!(max_tokens));
+    for k in ["temperature", "top_p", "stream"] {
+        if let Some(v) = req.get(k).filter(|v| !v.is_null()) {
+            out.insert(k.into(), v.clone());
+        }
+    }
+    match req.get("stop") {
+        Some(Value::String(s)) => {
+            out.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if !a.is_empty() => {
+            out.insert("stop_sequences".into(), Value::Array(a.clone()));
+        }
+        _ => {}
+    }
+    if let Some(user) = req.get("user").and_then(Value::as_str) {
+        out.insert("metadata".into(), json!({"user_id": user}));
+    }
+    if let Some(tools) = req.get("tools").and_then(Value::as_array) {
+        let mut list = Vec::with_capacity(tools.len());
+        for (i, t) in tools.iter().enumerate() {
+            let f = t.get("function").ok_or_else(|| format!("tools[{i}]: only function tools are translated"))?;
+            let name =
+                f.get("name").and_then(Value::as_str).ok_or_else(|| format!("tools[{i}].function.name is missing"))?;
+            let mut tool = json!({
+                "name": name,
+                "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object", "properties": {}})),
+            });
+            if let Some(d) = f.get("description") {
+                tool["description"] = d.clone();
+            }
+            list.push(tool);
+        }
+        if !list.is_empty() {
+            out.insert("tools".into(), Value::Array(list));
+        }
+    }
+    let parallel = req.get("parallel_tool_calls").and_then(Value::as_bool);
+    let mut choice = match req.get("tool_choice") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(match s.as_str() {
+            "auto" => json!({"type": "auto"}),
+            "required" => json!({"type": "any"}),
+            "none" => json!({"type": "none"}),
+            other => return Err(format!("tool_choice: {other:?} is not auto, required or none")),
+        }),
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or("tool_choice: expected {\"type\":\"function\",\"function\":{\"name\":...}}")?;
+            Some(json!({"type": "tool", "name": name}))
+        }
+    };
+    if parallel == Some(false) && out.contains_key("tools") {
+        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        c["disable_parallel_tool_use"] = json!(true);
+    }
+    if let Some(c) = choice {
+        out.insert("tool_choice".into(), c);
+    }
+    Ok(Value::Object(out))
+}
+
+/// Appends a message, merging it into the previous one of the same role (Anthropic wants the
+/// roles to alternate; OpenAI allows several tool results or user messages in a row).
+fn push(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
+    if let Some(last) = messages.last_mut() {
+        if last["role"] == role {
+            if let Some(c) = last["content"].as_array_mut() {
+                c.extend(blocks);
+                return;
+            }
+        }
+    }
+    messages.push(json!({"role": role, "content": blocks}));
+}
+
+/// The content of message `i` as Anthropic content blocks.
+fn content_parts(content: Option<&Value>, i: usize) -> Result<Vec<Value>, String> {
+    match content {
+        Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
+                Some("text") => Ok(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))})),
+                Some("image_url") => {
+                    let url = p
+                        .get("image_url")
+                        .and_then(|u| u.get("url").or(Some(u)))
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| format!("messages[{i}].content[{j}].image_url.url is missing"))?;
+                    image(url).ok_or_else(|| {
+                        format!("messages[{i}].content[{j}].image_url: expected a data: URL with base64 data or an https URL")
+                    })
+                }
+                other => Err(format!("messages[{i}].content[{j}].type: {other:?} is not translated (text, image_url)")),
+            })
+            .collect(),
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(_) => Err(format!("messages[{i}].content must be a string or an array of parts")),
+    }
+}
+
+fn image(url: &str) -> Option<Value> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest.split_once(',')?;
+        let media_type = meta.strip_suffix(";base64")?;
+        return Some(json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}));
+    }
+    url.starts_with("https://").then(|| json!({"type": "image", "source": {"type": "url", "url": url}}))
+}
+
+/// OpenAI's `finish_reason` for Anthropic's `stop_reason`.
+fn finish_reason(stop: Option<&str>) -> &'static str {
+    match stop {
+        Some("max_tokens") => "length",
+        Some("tool_use") => "tool_calls",
+        Some("refusal") => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn usage_of(u: Option<&Value>) -> Usage {
+    let n = |k: &str| u.and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0);
+    Usage {
+        prompt: n("input_tokens") + n("cache_read_input_tokens") + n("cache_creation_input_tokens"),
+        completion: n("output_tokens"),
+        cached: n("cache_read_input_tokens"),
+        reasoning: 0,
+    }
+}
+
+/// A whole Anthropic message as an OpenAI chat completion.
+pub fn response(v: &Value, created: u64) -> Value {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for block in v.get("content").and_then(Value::as_array).into_iter().flatten() {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("tool_use") => calls.push(json!({
+                "id": block.get("id").cloned().unwrap_or(Value::Null),
+                "type": "function",
+                "function": {
+                    "name": block.get("name").cloned().unwrap_or(Value::Null),
+                    "arguments": block.get("input").map_or_else(|| "{}".to_owned(), Value::to_string),
+                },
+            })),
+            _ => {}
+        }
+    }
+    let mut message = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) }});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    json!({
+        "id": v.get("id").cloned().unwrap_or(json!("msg")),
+        "object": "chat.completion",
+        "created": created,
+        "model": v.get("model").cloned().unwrap_or(Value::Null),
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "finish_reason": finish_reason(v.get("stop_reason").and_then(Value::as_str)),
+            "logprobs": null,
+        }],
+        "usage": usage_of(v.get("usage")).to_json(),
+    })
+}
+
+/// An Anthropic error answer (`{"type":"error","error":{"type","message"}}`) in OpenAI's shape.
+pub fn error(v: &Value) -> Value {
+    let e = v.get("error");
+    let message = e.and_then(|e| e.get("message")).and_then(Value::as_str).unwrap_or("provider error");
+    let kind = e.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or("api_error");
+    json!({"error": {"message": message, "type": kind, "code": kind, "param": null}})
+}
+
+/// Translates Anthropic's stream events into chat completion chunks as they arrive.
+#[derive(Default)]
+pub struct Stream {
+    id: String,
+    model: String,
+    created: u64,
+    usage: Usage,
+    /// The OpenAI tool-call index of each Anthropic content block that is a tool use.
+    tool_index: Vec<(u64, usize)>,
+    tools: usize,
+    finish: Option<&'static str>,
+    done: bool,
+}
+
+impl Stream {
+    /// A translator for one stream.
+    pub fn new(created: u64) -> Stream {
+        Stream { created, ..Stream::default() }
+    }
+
+    /// One event (`event:` name, `data:` JSON); appends the chunks it becomes to `out`.
+    pub fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let Ok(v) = serde_json::from_slice::<Value>(data) else { return };
+        match v.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                let m = &v["message"];
+                self.id = m.get("id").and_then(Value::as_str).unwrap_or("msg").to_owned();
+                self.model = m.get("model").and_then(Value::as_str).unwrap_or("").to_owned();
+                self.usage = usage_of(m.get("usage"));
+                self.emit(out, json!({"role": "assistant", "content": ""}), None);
+            }
+            Some("content_block_start") => {
+                let b = &v["content_block"];
+                if b.get("type").and_then(Value::as_str) == Some("tool_use") {
+                    let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let t = self.tools;
+                    self.tools += 1;
+                    self.tool_index.push((index, t));
+                    let call = json!({"index": t, "id": b.get("id").cloned().unwrap_or(Value::Null), "type": "function",
+                        "function": {"name": b.get("name").cloned().unwrap_or(Value::Null), "arguments": ""}});
+                    self.emit(out, json!({"tool_calls": [call]}), None);
+                }
+            }
+            Some("content_block_delta") => {
+                let d = &v["delta"];
+                match d.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => {
+                        let text = d.get("text").cloned().unwrap_or(json!(""));
+                        self.emit(out, json!({"content": text}), None);
+                    }
+                    Some("input_json_delta") => {
+                        let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                        if let Some(&(_, t)) = self.tool_index.iter().find(|(i, _)| *i == index) {
+                            let part = d.get("partial_json").cloned().unwrap_or(json!(""));
+                            self.emit(
+                                out,
+                                json!({"tool_calls": [{"index": t, "function": {"arguments": part}}]}),
+                                None,
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some("message_delta") => {
+                self.finish = Some(finish_reason(v["delta"].get("stop_reason").and_then(Value::as_str)));
+                if let Some(n) = v.get("usage").and_then(|u| u.get("output_tokens")).and_then(Value::as_u64) {
+                    self.usage.completion = n;
+                }
+            }
+            Some("message_stop") => self.end(out),
+            Some("error") => {
+                let e = error(&v);
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(e.to_string().as_bytes());
+                out.extend_from_slice(b"\n\n");
+                self.done = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// The end of the stream: the finish chunk, the usage chunk and `[DONE]`, once.
+    pub fn end(&mut self, out: &mut Vec<u8>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let finish = self.finish.unwrap_or("stop");
+        finish_chunk(out, &self.id, &self.model, self.created, finish);
+        usage_chunk(out, &self.id, &self.model, self.created, &self.usage);
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    fn emit(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
+        chunk(out, &self.id, &self.model, self.created, delta, finish);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> Result<Value, String> {
+        request(v.as_object().unwrap_or_else(|| unreachable!()), "claude-sonnet-4-5", 1024)
+    }
+
+    #[test]
+    fn a_conversation_with_tools_translates() {
+        let out = req(json!({
+            "model": "anthropic/claude-sonnet-4-5",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+                {"role": "user", "content": "Thanks"}
+            ],
+            "tools": [{"type": "function", "function": {"name": "weather", "description": "Weather by city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "tool_choice": "required", "parallel_tool_calls": false,
+            "max_completion_tokens": 300, "temperature": 0.2, "stop": "END", "user": "u-1", "seed": 7
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out["model"], "claude-sonnet-4-5");
+        assert_eq!(out["system"], json!([{"type": "text", "text": "Be brief."}]));
+        assert_eq!(out["max_tokens"], 300);
+        assert_eq!(out["stop_sequences"], json!(["END"]));
+        assert_eq!(out["metadata"], json!({"user_id": "u-1"}));
+        assert_eq!(out["tool_choice"], json!({"type": "any", "disable_parallel_tool_use": true}));
+        assert_eq!(out["tools"][0]["input_schema"]["properties"]["city"]["type"], "string");
+        assert!(out.get("seed").is_none());
+        let m = out["messages"].as_array().unwrap_or_else(|| unreachable!());
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(
+            m[0]["content"][1]["source"],
+            json!({"type": "base64", "media_type": "image/png", "data": "iVBORw0"})
+        );
+        assert_eq!(
+            m[1]["content"][0],
+            json!({"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}})
+        );
+        // The tool result and the next user message share one user turn.
+        assert_eq!(m[2]["role"], "user");
+        assert_eq!(m[2]["content"][0]["type"], "tool_result");
+        assert_eq!(m[2]["content"][0]["tool_use_id"], "call_1");
+        assert_eq!(m[2]["content"][1], json!({"type": "text", "text": "Thanks"}));
+    }
+
+    #[test]
+    fn what_cannot_be_translated_names_the_field() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        for (extra, field) in [
+            (json!({"n": 2}), "n:"),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"reasoning_effort": "max"}), "reasoning_effort"),
+            (json!({"tool_choice": "sometimes"}), "tool_choice"),
+        ] {
+            let mut v = extra;
+            v["messages"] = msgs.clone();
+            let e = req(v).err().unwrap_or_default();
+            assert!(e.starts_with(field), "{e}");
+        }
+        let e = req(json!({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}))
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("messages[0].content[0].type"), "{e}");
+        assert_eq!(
+            req(json!({"messages": msgs})).map(|v| v["max_tokens"].clone()).unwrap_or_default(),
+            1024,
+            "the configured default when absent"
+        );
+    }
+
+    #[test]
+    fn an_answer_with_a_tool_call_comes_back_in_openai_shape() {
+        let v = response(
+            &json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                "content": [{"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}],
+                "stop_reason": "tool_use",
+                "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 4}}),
+            1,
+        );
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(v["choices"][0]["message"]["content"], "Checking.");
+        assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"city\":\"Paris\"}");
+        assert_eq!(v["usage"]["prompt_tokens"], 14);
+        assert_eq!(v["usage"]["completion_tokens"], 5);
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+        assert_eq!(v["usage"]["total_tokens"], 19);
+    }
+
+    #[test]
+    fn a_stream_becomes_chunks_then_usage_then_done() {
+        let mut s = Stream::new(1);
+        let mut out = Vec::new();
+        for ev in [
+            json!({"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "usage": {"input_tokens": 9}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f"}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "1}"}}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 7}}),
+            json!({"type": "message_stop"}),
+        ] {
+            s.event(ev.to_string().as_bytes(), &mut out);
+        }
+        let text = String::from_utf8(out).unwrap_or_default();
+        let events: Vec<Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap_or(Value::Null))
+            .collect();
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(events[1]["choices"][0]["delta"]["content"], "Hi");
+        assert_eq!(events[2]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"], "f");
+        assert_eq!(events[3]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"], "{\"a\":");
+        assert_eq!(events[5]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(events[6]["choices"], json!([]));
+        assert_eq!(events[6]["usage"]["prompt_tokens"], 9);
+        assert_eq!(events[6]["usage"]["completion_tokens"], 7);
+        assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk" && e["model"] == "claude-x"));
+    }
+}

@@ -1,0 +1,366 @@
+//! One OpenAI-format API for every provider: a chat completions request whose `model` is written
+//! `provider/model` goes to that provider, translated to its own format where it has one
+//! (Anthropic), with the provider prefix removed where it speaks OpenAI's format already (Groq,
+//! Mistral, DeepSeek, OpenRouter, a configured provider, …). The answer comes back in OpenAI's
+//! shape, streams translated event by event as they arrive.
+//!
+//! Entry points (the route phase marks them, see [`Compat`]): `…/{gateway}/compat/chat/completions`
+//! in both URL layouts, Cloudflare's REST layout `/client/v4/accounts/{account}/ai/v1/chat/completions`
+//! (gateway from `cf-aig-gateway-id`), and `/v1/chat/completions` on the default gateway when the
+//! model names a known provider.
+//!
+//! The request is resolved after its body is read ([`prepare`]): the route's provider and upstream
+//! URL become the model's provider's; the cache key stays the client's request. The answer is
+//! translated before the cache tee and the meter ([`ResponseTranslator`]), so both see OpenAI's
+//! format: a hit replays the translated answer, and usage is read the OpenAI way.
+
+pub mod anthropic;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::config::Settings;
+use crate::endpoint::Endpoint;
+use crate::error::GatewayError;
+use crate::phases::route::Route;
+
+/// Whether a route's provider is chosen by the request's model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compat {
+    /// The provider is in the URL.
+    No,
+    /// A compat URL: the model must be `provider/model`.
+    Always,
+    /// `/v1/chat/completions` on the default gateway: `provider/model` picks a provider, a plain
+    /// model name goes to OpenAI as before.
+    IfPrefixed,
+}
+
+/// The provider's request format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenAI's: only the model name changes.
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+/// How a request was translated, for its answer.
+#[derive(Debug, Clone)]
+pub struct Translation {
+    /// The provider's format.
+    pub format: Format,
+    /// The client asked for a stream.
+    pub stream: bool,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+impl Translation {
+    /// Whether the answer carries a usage chunk the client did not ask for (the meter reads it,
+    /// the client does not see it): a translated stream always reports its usage.
+    pub fn hides_usage(&self) -> bool {
+        self.format != Format::OpenAi && self.stream && !self.include_usage
+    }
+}
+
+/// The path of the chat endpoint under a provider's base URL.
+fn chat_path(provider: &str) -> &'static str {
+    match provider {
+        "anthropic" => "v1/messages",
+        // Their configured base URLs stop before the version.
+        "mistral" | "grok" | "openrouter" => "v1/chat/completions",
+        _ => "chat/completions",
+    }
+}
+
+/// Resolves a compat request: points `route` at the model's provider and answers the body to send
+/// and how to translate the answer. `None`: not a compat request (or a plain model on
+/// `/v1/chat/completions`), sent as it is.
+pub fn prepare(
+    settings: &Settings,
+    route: &mut Route<'_>,
+    body: &Bytes,
+) -> Result<Option<(Bytes, Translation)>, GatewayError> {
+    if route.compat == Compat::No {
+        return Ok(None);
+    }
+    let bad = GatewayError::BadRequest;
+    let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
+        return match route.compat {
+            Compat::Always => Err(bad("the body must be a JSON chat completions request".into())),
+            _ => Ok(None),
+        };
+    };
+    let model = req.get("model").and_then(Value::as_str).unwrap_or("");
+    let known = |name: &str| settings.providers.contains_key(name);
+    let (provider_name, provider_model) = match model.split_once('/') {
+        Some((p, m)) if known(p) && !m.is_empty() => (p.to_owned(), m.to_owned()),
+        _ if route.compat == Compat::IfPrefixed => return Ok(None),
+        _ => {
+            let mut names: Vec<&str> = settings.providers.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            return Err(bad(format!(
+                "model: {model:?} must be written provider/model, e.g. anthropic/claude-sonnet-4-5 or \
+                 openai/gpt-4o-mini; known providers: {}",
+                names.join(", ")
+            )));
+        }
+    };
+    let provider = settings.providers.get(&provider_name).cloned().ok_or(GatewayError::Internal)?;
+    let format = match provider.name.as_str() {
+        "anthropic" => Format::Anthropic,
+        "google-ai-studio" | "azure-openai" | "workers-ai" => {
+            return Err(bad(format!(
+                "model: provider {provider_name:?} is not reachable through the OpenAI format yet; \
+                 send its own format to /{{gateway}}/{provider_name}/..."
+            )))
+        }
+        _ => Format::OpenAi,
+    };
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = stream
+        && req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+    let out = match format {
+        Format::OpenAi => {
+            req.insert("model".into(), json!(provider_model));
+            Value::Object(req)
+        }
+        Format::Anthropic => {
+            anthropic::request(&req, &provider_model, settings.limits.default_max_tokens).map_err(bad)?
+        }
+    };
+    route.upstream = provider
+        .upstream_uri(None, chat_path(&provider.name), None)
+        .map_err(|e| GatewayError::BadRequest(format!("provider {provider_name:?}: {e}")))?;
+    route.provider = provider;
+    route.endpoint = Endpoint::ChatCompletions;
+    let body = serde_json::to_vec(&out).map_err(|_| GatewayError::Internal)?;
+    Ok(Some((Bytes::from(body), Translation { format, stream, include_usage })))
+}
+
+/// Token counts of an answer, in OpenAI's terms.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Input tokens, cached included.
+    pub prompt: u64,
+    /// Output tokens, reasoning included.
+    pub completion: u64,
+    /// Input tokens read from the provider's prompt cache.
+    pub cached: u64,
+    /// Reasoning tokens.
+    pub reasoning: u64,
+}
+
+impl Usage {
+    fn to_json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning},
+        })
+    }
+}
+
+/// Appends one `chat.completion.chunk` event.
+fn chunk(out: &mut Vec<u8>, id: &str, model: &str, created: u64, delta: Value, finish: Option<&str>) {
+    let v = json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+    });
+    event(out, &v);
+}
+
+fn finish_chunk(out: &mut Vec<u8>, id: &str, model: &str, created: u64, finish: &str) {
+    chunk(out, id, model, created, json!({}), Some(finish));
+}
+
+/// The usage chunk OpenAI sends last when asked (`choices` empty).
+fn usage_chunk(out: &mut Vec<u8>, id: &str, model: &str, created: u64, usage: &Usage) {
+    let v = json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [], "usage": usage.to_json(),
+    });
+    event(out, &v);
+}
+
+fn event(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(b"data: ");
+    // Writing a Value to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// Largest answer a translation buffers (a whole, non-streamed answer is translated at its end).
+const MAX_WHOLE: usize = 32 * 1024 * 1024;
+/// Longest stream event a translation keeps while waiting for its end.
+const MAX_EVENT: usize = 4 * 1024 * 1024;
+
+/// Turns a provider's answer into OpenAI's format as its bytes arrive.
+pub enum ResponseTranslator {
+    /// A stream: complete events are translated as they arrive.
+    AnthropicStream {
+        /// Bytes of the event not complete yet.
+        pending: Vec<u8>,
+        /// The translation state.
+        stream: Box<anthropic::Stream>,
+    },
+    /// A whole answer (a JSON body, or an error), translated at its end.
+    Whole {
+        /// The body so far.
+        buf: Vec<u8>,
+        /// A 2xx answer (else an error).
+        success: bool,
+        /// The format it is in.
+        format: Format,
+        /// Unix seconds, for `created`.
+        created: u64,
+    },
+}
+
+impl ResponseTranslator {
+    /// The translator of an answer with `status`, or `None` when it passes unchanged.
+    pub fn new(t: &Translation, status: http::StatusCode, event_stream: bool, created: u64) -> Option<Self> {
+        match t.format {
+            Format::OpenAi => None,
+            Format::Anthropic if status.is_success() && event_stream => Some(ResponseTranslator::AnthropicStream {
+                pending: Vec::new(),
+                stream: Box::new(anthropic::Stream::new(created)),
+            }),
+            Format::Anthropic => Some(ResponseTranslator::Whole {
+                buf: Vec::new(),
+                success: status.is_success(),
+                format: t.format,
+                created,
+            }),
+        }
+    }
+
+    /// The content type of the translated answer.
+    pub fn content_type(&self) -> &'static str {
+        match self {
+            ResponseTranslator::AnthropicStream { .. } => "text/event-stream; charset=utf-8",
+            ResponseTranslator::Whole { .. } => "application/json",
+        }
+    }
+
+    /// Translates the next bytes; answers what to send (possibly nothing yet).
+    pub fn data(&mut self, input: &[u8]) -> Bytes {
+        match self {
+            ResponseTranslator::AnthropicStream { pending, stream } => {
+                let mut out = Vec::new();
+                pending.extend_from_slice(input);
+                let mut start = 0;
+                while let Some(end) = event_end(&pending[start..]) {
+                    let ev = &pending[start..start + end.0];
+                    if let Some(data) = event_data(ev) {
+                        stream.event(&data, &mut out);
+                    }
+                    start += end.1;
+                }
+                pending.drain(..start);
+                if pending.len() > MAX_EVENT {
+                    pending.clear();
+                }
+                Bytes::from(out)
+            }
+            ResponseTranslator::Whole { buf, .. } => {
+                if buf.len() + input.len() <= MAX_WHOLE {
+                    buf.extend_from_slice(input);
+                }
+                Bytes::new()
+            }
+        }
+    }
+
+    /// The end of the answer: what is left to send.
+    pub fn end(&mut self) -> Bytes {
+        match self {
+            ResponseTranslator::AnthropicStream { pending, stream } => {
+                let mut out = Vec::new();
+                if let Some(data) = event_data(pending) {
+                    stream.event(&data, &mut out);
+                }
+                pending.clear();
+                stream.end(&mut out);
+                Bytes::from(out)
+            }
+            ResponseTranslator::Whole { buf, success, format, created } => {
+                let buf = std::mem::take(buf);
+                let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
+                    // Not JSON: passed on as the provider sent it.
+                    return Bytes::from(buf);
+                };
+                let out = match (format, *success) {
+                    (Format::Anthropic, true) => anthropic::response(&v, *created),
+                    (Format::Anthropic, false) => anthropic::error(&v),
+                    (Format::OpenAi, _) => v,
+                };
+                Bytes::from(serde_json::to_vec(&out).unwrap_or(buf))
+            }
+        }
+    }
+}
+
+/// The end of the first complete event in `b`: (length without the blank line, length with it).
+fn event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let lf = memchr::memmem::find(b, b"\n\n").map(|i| (i, i + 2));
+    let crlf = memchr::memmem::find(b, b"\r\n\r\n").map(|i| (i, i + 4));
+    match (lf, crlf) {
+        (Some(a), Some(c)) => Some(if a.0 <= c.0 { a } else { c }),
+        (a, c) => a.or(c),
+    }
+}
+
+/// The `data:` of an event (several `data:` lines joined by newlines).
+fn event_data(ev: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in ev.split(|&c| c == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(v) = line.strip_prefix(b"data:") {
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            let d = data.get_or_insert_with(Vec::new);
+            if !d.is_empty() {
+                d.push(b'\n');
+            }
+            d.extend_from_slice(v);
+        }
+    }
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_events_split_across_reads_translate_once_whole() {
+        let t = Translation { format: Format::Anthropic, stream: true, include_usage: true };
+        let mut r = ResponseTranslator::new(&t, http::StatusCode::OK, true, 1).unwrap_or_else(|| unreachable!());
+        let wire = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":3}}}\r\n\r\n\
+                    event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hé\"}}\n\n\
+                    event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut out = Vec::new();
+        for piece in wire.as_bytes().chunks(7) {
+            out.extend_from_slice(&r.data(piece));
+        }
+        out.extend_from_slice(&r.end());
+        let text = String::from_utf8(out).unwrap_or_default();
+        assert_eq!(text.matches("\"content\":\"Hé\"").count(), 1, "{text}");
+        assert_eq!(text.matches("data: [DONE]").count(), 1, "{text}");
+        assert!(text.contains("\"prompt_tokens\":3"), "{text}");
+    }
+
+    #[test]
+    fn an_error_answer_comes_back_in_openai_shape() {
+        let t = Translation { format: Format::Anthropic, stream: false, include_usage: false };
+        let mut r = ResponseTranslator::new(&t, http::StatusCode::TOO_MANY_REQUESTS, false, 1)
+            .unwrap_or_else(|| unreachable!());
+        let _ = r.data(br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#);
+        let v: Value = serde_json::from_slice(&r.end()).unwrap_or_default();
+        assert_eq!(v["error"]["message"], "slow down");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+}
