@@ -21,6 +21,8 @@ data_dir = "$tmp/data"
 base_url = "http://127.0.0.1:$mock_port/v1"
 [providers.anthropic]
 base_url = "http://127.0.0.1:$mock_port"
+[providers.google-ai-studio]
+base_url = "http://127.0.0.1:$mock_port"
 [storage]
 cache = "memory"
 [gateways.default]

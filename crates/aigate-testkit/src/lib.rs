@@ -237,6 +237,8 @@ async fn handle(
         // Each provider's own error shape.
         let body = if parts.uri.path().ends_with("/messages") {
             serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}})
+        } else if parts.uri.path().contains("GenerateContent") || parts.uri.path().contains("generateContent") {
+            serde_json::json!({"error": {"code": status.as_u16(), "message": message, "status": "UNAVAILABLE"}})
         } else {
             serde_json::json!({"error": {"message": message, "type": "server_error", "code": null, "param": null}})
         };
@@ -251,7 +253,21 @@ async fn handle(
         if body.is_empty() { ChatRequest::default() } else { serde_json::from_slice(&body).unwrap_or_default() };
     let model = req.model.clone().unwrap_or_else(|| "gpt-4o-mini".to_string());
 
-    let resp = if path.ends_with("/chat/completions") && parts.method == Method::POST {
+    let gemini = path.rsplit_once("/models/").map(|(_, m)| m.split_once(':').unwrap_or((m, "")));
+    let resp = if let Some((model, method @ ("generateContent" | "streamGenerateContent"))) = gemini {
+        let tool = req
+            .tools
+            .first()
+            .and_then(|t| t.get("functionDeclarations"))
+            .and_then(|d| d.get(0))
+            .and_then(|d| d.get("name"))
+            .and_then(|n| n.as_str());
+        if method == "streamGenerateContent" {
+            sse(gemini_events(model, chunks, tool), chunk_delay, cut_after, split, stats)
+        } else {
+            json(StatusCode::OK, gemini_response(model, tool))
+        }
+    } else if path.ends_with("/chat/completions") && parts.method == Method::POST {
         if req.stream {
             let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
             sse(openai_chat_events(&model, chunks, usage), chunk_delay, cut_after, split, stats)
@@ -431,6 +447,43 @@ fn anthropic_message(model: &str) -> String {
         "stop_reason": "end_turn", "stop_sequence": null,
         "usage": {"input_tokens": 12, "output_tokens": WORDS.len(), "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
     .to_string()
+}
+
+/// A Gemini `generateContent` answer: text, or a call of `tool`.
+fn gemini_response(model: &str, tool: Option<&str>) -> String {
+    let input: serde_json::Value = serde_json::from_str(TOOL_INPUT).unwrap_or_default();
+    let parts = match tool {
+        Some(name) => serde_json::json!([{"functionCall": {"name": name, "args": input}}]),
+        None => serde_json::json!([{"text": completion_text(WORDS.len())}]),
+    };
+    serde_json::json!({"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 11, "candidatesTokenCount": WORDS.len(), "totalTokenCount": 11 + WORDS.len()},
+        "modelVersion": model, "responseId": "mock-gemini-0001"})
+    .to_string()
+}
+
+/// Gemini's `streamGenerateContent?alt=sse`: `data:` chunks only, the last with the finish reason
+/// and the usage; no end event.
+fn gemini_events(model: &str, chunks: usize, tool: Option<&str>) -> Vec<String> {
+    let ev = |v: serde_json::Value| format!("data: {v}\r\n\r\n");
+    if let Some(name) = tool {
+        let input: serde_json::Value = serde_json::from_str(TOOL_INPUT).unwrap_or_default();
+        return vec![ev(
+            serde_json::json!({"candidates": [{"content": {"role": "model", "parts": [{"functionCall": {"name": name, "args": input}}]}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 9, "totalTokenCount": 39}, "modelVersion": model, "responseId": "mock-gemini-0002"}),
+        )];
+    }
+    (0..chunks)
+        .map(|i| {
+            let mut v = serde_json::json!({"candidates": [{"content": {"role": "model", "parts": [{"text": word(i)}]}, "index": 0}],
+                "modelVersion": model, "responseId": "mock-gemini-0001"});
+            if i + 1 == chunks {
+                v["candidates"][0]["finishReason"] = serde_json::json!("STOP");
+                v["usageMetadata"] = serde_json::json!({"promptTokenCount": 11, "candidatesTokenCount": chunks, "totalTokenCount": 11 + chunks});
+            }
+            ev(v)
+        })
+        .collect()
 }
 
 /// The input of every mock tool call.

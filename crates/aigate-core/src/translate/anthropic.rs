@@ -12,7 +12,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{chunk, finish_chunk, usage_chunk, Usage};
+use super::{chunk, data_url, finish_chunk, usage_chunk, Usage};
 
 /// The request body for Anthropic's `POST /v1/messages`.
 pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -> Result<Value, String> {
@@ -215,9 +215,7 @@ fn content_parts(content: Option<&Value>, i: usize) -> Result<Vec<Value>, String
 }
 
 fn image(url: &str) -> Option<Value> {
-    if let Some(rest) = url.strip_prefix("data:") {
-        let (meta, data) = rest.split_once(',')?;
-        let media_type = meta.strip_suffix(";base64")?;
+    if let Some((media_type, data)) = data_url(url) {
         return Some(json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}));
     }
     url.starts_with("https://").then(|| json!({"type": "image", "source": {"type": "url", "url": url}}))

@@ -15,6 +15,7 @@
 //! format: a hit replays the translated answer, and usage is read the OpenAI way.
 
 pub mod anthropic;
+pub mod gemini;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -43,6 +44,8 @@ pub enum Format {
     OpenAi,
     /// Anthropic Messages.
     Anthropic,
+    /// Google AI Studio's `generateContent`.
+    Gemini,
 }
 
 /// How a request was translated, for its answer.
@@ -54,6 +57,8 @@ pub struct Translation {
     pub stream: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// The provider's model.
+    pub model: String,
 }
 
 impl Translation {
@@ -110,7 +115,8 @@ pub fn prepare(
     let provider = settings.providers.get(&provider_name).cloned().ok_or(GatewayError::Internal)?;
     let format = match provider.name.as_str() {
         "anthropic" => Format::Anthropic,
-        "google-ai-studio" | "azure-openai" | "workers-ai" => {
+        "google-ai-studio" => Format::Gemini,
+        "azure-openai" | "workers-ai" => {
             return Err(bad(format!(
                 "model: provider {provider_name:?} is not reachable through the OpenAI format yet; \
                  send its own format to /{{gateway}}/{provider_name}/..."
@@ -129,14 +135,24 @@ pub fn prepare(
         Format::Anthropic => {
             anthropic::request(&req, &provider_model, settings.limits.default_max_tokens).map_err(bad)?
         }
+        Format::Gemini => gemini::request(&req).map_err(bad)?,
     };
-    route.upstream = provider
-        .upstream_uri(None, chat_path(&provider.name), None)
-        .map_err(|e| GatewayError::BadRequest(format!("provider {provider_name:?}: {e}")))?;
+    let upstream = match format {
+        Format::Gemini => {
+            if provider_model.contains(['/', '?', '#', '%', ':']) || provider_model.starts_with('.') {
+                return Err(bad(format!("model: {provider_model:?} is not a Gemini model name")));
+            }
+            let method = if stream { "streamGenerateContent" } else { "generateContent" };
+            let path = format!("v1beta/models/{provider_model}:{method}");
+            provider.upstream_uri(None, &path, stream.then_some("alt=sse"))
+        }
+        _ => provider.upstream_uri(None, chat_path(&provider.name), None),
+    };
+    route.upstream = upstream.map_err(|e| GatewayError::BadRequest(format!("provider {provider_name:?}: {e}")))?;
     route.provider = provider;
     route.endpoint = Endpoint::ChatCompletions;
     let body = serde_json::to_vec(&out).map_err(|_| GatewayError::Internal)?;
-    Ok(Some((Bytes::from(body), Translation { format, stream, include_usage })))
+    Ok(Some((Bytes::from(body), Translation { format, stream, include_usage, model: provider_model })))
 }
 
 /// Token counts of an answer, in OpenAI's terms.
@@ -186,6 +202,12 @@ fn usage_chunk(out: &mut Vec<u8>, id: &str, model: &str, created: u64, usage: &U
     event(out, &v);
 }
 
+/// A `data: <data>` URL's media type and base64 data.
+fn data_url(url: &str) -> Option<(&str, &str)> {
+    let (meta, data) = url.strip_prefix("data:")?.split_once(',')?;
+    Some((meta.strip_suffix(";base64")?, data))
+}
+
 fn event(out: &mut Vec<u8>, v: &Value) {
     out.extend_from_slice(b"data: ");
     // Writing a Value to a Vec cannot fail.
@@ -207,6 +229,13 @@ pub enum ResponseTranslator {
         /// The translation state.
         stream: Box<anthropic::Stream>,
     },
+    /// A Gemini stream (`alt=sse`): each chunk translated as it arrives.
+    GeminiStream {
+        /// Bytes of the event not complete yet.
+        pending: Vec<u8>,
+        /// The translation state.
+        stream: Box<gemini::Stream>,
+    },
     /// A whole answer (a JSON body, or an error), translated at its end.
     Whole {
         /// The body so far.
@@ -217,6 +246,8 @@ pub enum ResponseTranslator {
         format: Format,
         /// Unix seconds, for `created`.
         created: u64,
+        /// The provider's model (Gemini's answer may not name it).
+        model: String,
     },
 }
 
@@ -229,11 +260,16 @@ impl ResponseTranslator {
                 pending: Vec::new(),
                 stream: Box::new(anthropic::Stream::new(created)),
             }),
-            Format::Anthropic => Some(ResponseTranslator::Whole {
+            Format::Gemini if status.is_success() && event_stream => Some(ResponseTranslator::GeminiStream {
+                pending: Vec::new(),
+                stream: Box::new(gemini::Stream::new(&t.model, created)),
+            }),
+            Format::Anthropic | Format::Gemini => Some(ResponseTranslator::Whole {
                 buf: Vec::new(),
                 success: status.is_success(),
                 format: t.format,
                 created,
+                model: t.model.clone(),
             }),
         }
     }
@@ -241,66 +277,84 @@ impl ResponseTranslator {
     /// The content type of the translated answer.
     pub fn content_type(&self) -> &'static str {
         match self {
-            ResponseTranslator::AnthropicStream { .. } => "text/event-stream; charset=utf-8",
+            ResponseTranslator::AnthropicStream { .. } | ResponseTranslator::GeminiStream { .. } => {
+                "text/event-stream; charset=utf-8"
+            }
             ResponseTranslator::Whole { .. } => "application/json",
         }
     }
 
     /// Translates the next bytes; answers what to send (possibly nothing yet).
     pub fn data(&mut self, input: &[u8]) -> Bytes {
+        let mut out = Vec::new();
         match self {
             ResponseTranslator::AnthropicStream { pending, stream } => {
-                let mut out = Vec::new();
-                pending.extend_from_slice(input);
-                let mut start = 0;
-                while let Some(end) = event_end(&pending[start..]) {
-                    let ev = &pending[start..start + end.0];
-                    if let Some(data) = event_data(ev) {
-                        stream.event(&data, &mut out);
-                    }
-                    start += end.1;
-                }
-                pending.drain(..start);
-                if pending.len() > MAX_EVENT {
-                    pending.clear();
-                }
-                Bytes::from(out)
+                each_event(pending, input, |data| stream.event(data, &mut out));
+            }
+            ResponseTranslator::GeminiStream { pending, stream } => {
+                each_event(pending, input, |data| stream.event(data, &mut out));
             }
             ResponseTranslator::Whole { buf, .. } => {
                 if buf.len() + input.len() <= MAX_WHOLE {
                     buf.extend_from_slice(input);
                 }
-                Bytes::new()
             }
         }
+        Bytes::from(out)
     }
 
     /// The end of the answer: what is left to send.
     pub fn end(&mut self) -> Bytes {
+        let mut out = Vec::new();
         match self {
             ResponseTranslator::AnthropicStream { pending, stream } => {
-                let mut out = Vec::new();
                 if let Some(data) = event_data(pending) {
                     stream.event(&data, &mut out);
                 }
                 pending.clear();
                 stream.end(&mut out);
-                Bytes::from(out)
             }
-            ResponseTranslator::Whole { buf, success, format, created } => {
+            ResponseTranslator::GeminiStream { pending, stream } => {
+                if let Some(data) = event_data(pending) {
+                    stream.event(&data, &mut out);
+                }
+                pending.clear();
+                stream.end(&mut out);
+            }
+            ResponseTranslator::Whole { buf, success, format, created, model } => {
                 let buf = std::mem::take(buf);
                 let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
                     // Not JSON: passed on as the provider sent it.
                     return Bytes::from(buf);
                 };
-                let out = match (format, *success) {
+                let translated = match (format, *success) {
                     (Format::Anthropic, true) => anthropic::response(&v, *created),
                     (Format::Anthropic, false) => anthropic::error(&v),
+                    (Format::Gemini, true) => gemini::response(&v, model, *created),
+                    (Format::Gemini, false) => gemini::error(&v),
                     (Format::OpenAi, _) => v,
                 };
-                Bytes::from(serde_json::to_vec(&out).unwrap_or(buf))
+                return Bytes::from(serde_json::to_vec(&translated).unwrap_or(buf));
             }
         }
+        Bytes::from(out)
+    }
+}
+
+/// Appends `input` to the `pending` bytes of a stream and calls `f` with the data of every event
+/// now complete; keeps the rest (at most [`MAX_EVENT`] bytes) for the next read.
+fn each_event(pending: &mut Vec<u8>, input: &[u8], mut f: impl FnMut(&[u8])) {
+    pending.extend_from_slice(input);
+    let mut start = 0;
+    while let Some((len, with_blank)) = event_end(&pending[start..]) {
+        if let Some(data) = event_data(&pending[start..start + len]) {
+            f(&data);
+        }
+        start += with_blank;
+    }
+    pending.drain(..start);
+    if pending.len() > MAX_EVENT {
+        pending.clear();
     }
 }
 
@@ -337,7 +391,7 @@ mod tests {
 
     #[test]
     fn stream_events_split_across_reads_translate_once_whole() {
-        let t = Translation { format: Format::Anthropic, stream: true, include_usage: true };
+        let t = Translation { format: Format::Anthropic, stream: true, include_usage: true, model: "c".into() };
         let mut r = ResponseTranslator::new(&t, http::StatusCode::OK, true, 1).unwrap_or_else(|| unreachable!());
         let wire = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":3}}}\r\n\r\n\
                     event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hé\"}}\n\n\
@@ -355,7 +409,7 @@ mod tests {
 
     #[test]
     fn an_error_answer_comes_back_in_openai_shape() {
-        let t = Translation { format: Format::Anthropic, stream: false, include_usage: false };
+        let t = Translation { format: Format::Anthropic, stream: false, include_usage: false, model: "c".into() };
         let mut r = ResponseTranslator::new(&t, http::StatusCode::TOO_MANY_REQUESTS, false, 1)
             .unwrap_or_else(|| unreachable!());
         let _ = r.data(br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#);

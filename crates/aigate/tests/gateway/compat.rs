@@ -160,3 +160,54 @@ async fn an_openai_compatible_provider_gets_the_model_without_its_prefix() {
     let recs = records(&env, "default", 1).await;
     assert_eq!(recs[0]["provider"], "groq");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_is_reached_in_its_own_format() {
+    let mock = aigate_testkit::MockUpstream::start(MockConfig::default()).await.unwrap();
+    let env = env_with(
+        &format!("{ADMIN}[providers.google-ai-studio]\nbase_url = \"{}\"\n", mock.url()),
+        MockConfig::default(),
+    )
+    .await;
+    let body = r#"{"model":"google-ai-studio/gemini-2.5-flash","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"}],"max_tokens":50}"#;
+    let r = post(&env, "/default/compat/chat/completions", body, &[("authorization", "Bearer goog-client")]).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello! This is the aigate mock upstream. How can I help?");
+    assert_eq!(v["model"], "gemini-2.5-flash");
+    assert_eq!(v["usage"]["prompt_tokens"], 11);
+    let sent = mock.last_request().unwrap();
+    assert_eq!(sent.path_and_query, "/v1beta/models/gemini-2.5-flash:generateContent");
+    assert_eq!(sent.headers["x-goog-api-key"], "goog-client");
+    assert!(sent.headers.get("authorization").is_none());
+    let b: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(b["systemInstruction"]["parts"][0]["text"], "Be brief.");
+    assert_eq!(b["generationConfig"]["maxOutputTokens"], 50);
+
+    // Streamed, with a tool call.
+    let body = r#"{"model":"google-ai-studio/gemini-2.5-flash","stream":true,"stream_options":{"include_usage":true},
+        "messages":[{"role":"user","content":"Weather?"}],
+        "tools":[{"type":"function","function":{"name":"weather","parameters":{"type":"object"}}}]}"#;
+    let r = post(&env, "/default/compat/chat/completions", body, &[]).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        mock.last_request().unwrap().path_and_query,
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    );
+    assert!(text.contains("\"name\":\"weather\"") && text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+    assert!(text.contains("\"prompt_tokens\":30") && text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // An error in Google's shape comes back in OpenAI's.
+    let r = post(
+        &env,
+        "/default/compat/chat/completions",
+        &body.replace("\"stream\":true,", ""),
+        &[("x-mock-status", "503")],
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_body(r).await["error"]["code"], "UNAVAILABLE");
+    let recs = records(&env, "default", 3).await;
+    assert!(recs.iter().all(|r| r["provider"] == "google-ai-studio"), "{recs:#?}");
+}
