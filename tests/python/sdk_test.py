@@ -202,6 +202,31 @@ call = (g.choices[0].message.tool_calls or [None])[0]
 check("gemini: tool call", call is not None and json.loads(call.function.arguments)["city"] == "Paris"
       and g.choices[0].finish_reason == "tool_calls", repr(g))
 
+# Anthropic's format in front of an OpenAI-format provider, with the official anthropic SDK.
+import anthropic  # noqa: E402
+
+for label, base_url in {"compat": f"{GW}/v1/my-account/default/compat",
+                        "REST layout": f"{GW}/client/v4/accounts/my-account/ai"}.items():
+    ac = anthropic.Anthropic(base_url=base_url, api_key="sk-openai-not-real", max_retries=0,
+                             default_headers={"cf-aig-gateway-id": "default"})
+    m = ac.messages.create(model="openai/gpt-4o-mini", max_tokens=100, system="Be brief.",
+                           messages=[{"role": "user", "content": f"Hello from the anthropic SDK ({label})"}])
+    check(f"anthropic SDK to openai via {label}: message", m.content[0].text.startswith("Hello")
+          and m.stop_reason == "end_turn" and m.usage.input_tokens == 19, repr(m))
+    with ac.messages.stream(model="openai/gpt-4o-mini", max_tokens=100,
+                            messages=[{"role": "user", "content": f"Stream from the anthropic SDK ({label})"}]) as st:
+        text = "".join(st.text_stream)
+        final = st.get_final_message()
+    check(f"anthropic SDK to openai via {label}: stream", text.startswith("Hello") and final.usage.output_tokens == 8,
+          repr((text, final)))
+    t = ac.messages.create(model="openai/gpt-4o-mini", max_tokens=100,
+                           tools=[{"name": "get_weather", "input_schema": {"type": "object",
+                                                                           "properties": {"city": {"type": "string"}}}}],
+                           messages=[{"role": "user", "content": f"Weather in Paris? ({label})"}])
+    use = next((b for b in t.content if b.type == "tool_use"), None)
+    check(f"anthropic SDK to openai via {label}: tool use", use is not None and use.input["city"] == "Paris"
+          and t.stop_reason == "tool_use", repr(t))
+
 client = OpenAI(base_url=f"{GW}/v1", api_key="sk-ant-not-real", max_retries=0)
 try:
     client.chat.completions.create(model="anthropic/claude-sonnet-4-5", n=2,

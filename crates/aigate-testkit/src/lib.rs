@@ -268,11 +268,14 @@ async fn handle(
             json(StatusCode::OK, gemini_response(model, tool))
         }
     } else if path.ends_with("/chat/completions") && parts.method == Method::POST {
-        if req.stream {
-            let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-            sse(openai_chat_events(&model, chunks, usage), chunk_delay, cut_after, split, stats)
-        } else {
-            json(StatusCode::OK, chat_completion(&model))
+        let tool =
+            req.tools.first().and_then(|t| t.get("function")).and_then(|f| f.get("name")).and_then(|n| n.as_str());
+        let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        match (req.stream, tool) {
+            (true, Some(name)) => sse(openai_tool_events(&model, name, usage), chunk_delay, cut_after, split, stats),
+            (true, None) => sse(openai_chat_events(&model, chunks, usage), chunk_delay, cut_after, split, stats),
+            (false, Some(name)) => json(StatusCode::OK, chat_tool_completion(&model, name)),
+            (false, None) => json(StatusCode::OK, chat_completion(&model)),
         }
     } else if path.ends_with("/completions") && parts.method == Method::POST {
         json(StatusCode::OK, text_completion(&model))
@@ -391,6 +394,48 @@ fn chat_completion(model: &str) -> String {
         "system_fingerprint": "fp_mock"
     })
     .to_string()
+}
+
+/// A chat completion that calls `tool` (a request with tools).
+fn chat_tool_completion(model: &str, tool: &str) -> String {
+    serde_json::json!({
+        "id": "chatcmpl-mock0002", "object": "chat.completion", "created": CREATED, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null,
+            "tool_calls": [{"id": "call_mock01", "type": "function", "function": {"name": tool, "arguments": TOOL_INPUT}}]},
+            "logprobs": null, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 45, "completion_tokens": 15, "total_tokens": 60}
+    })
+    .to_string()
+}
+
+/// A streamed chat completion that calls `tool`, its arguments in two pieces.
+fn openai_tool_events(model: &str, tool: &str, usage: bool) -> Vec<String> {
+    let chunk = |choices: serde_json::Value| {
+        let v = serde_json::json!({"id": "chatcmpl-mock0002", "object": "chat.completion.chunk", "created": CREATED,
+            "model": model, "choices": choices});
+        format!("data: {v}\n\n")
+    };
+    let (a, b) = TOOL_INPUT.split_at(TOOL_INPUT.len() / 2);
+    let mut out = vec![
+        chunk(
+            serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": null, "tool_calls": [{"index": 0,
+            "id": "call_mock01", "type": "function", "function": {"name": tool, "arguments": ""}}]}, "finish_reason": null}]),
+        ),
+        chunk(
+            serde_json::json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}, "finish_reason": null}]),
+        ),
+        chunk(
+            serde_json::json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": b}}]}, "finish_reason": null}]),
+        ),
+        chunk(serde_json::json!([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])),
+    ];
+    if usage {
+        let v = serde_json::json!({"id": "chatcmpl-mock0002", "object": "chat.completion.chunk", "created": CREATED,
+            "model": model, "choices": [], "usage": {"prompt_tokens": 45, "completion_tokens": 15, "total_tokens": 60}});
+        out.push(format!("data: {v}\n\n"));
+    }
+    out.push("data: [DONE]\n\n".to_string());
+    out
 }
 
 fn openai_chat_events(model: &str, chunks: usize, usage: bool) -> Vec<String> {

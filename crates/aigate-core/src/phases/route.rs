@@ -73,18 +73,25 @@ pub fn route<'p>(
     let (gateway, provider, account_id, rest, form) = resolve(settings, uri.path(), headers)?;
     let compat = match (provider, form) {
         ("compat", _) | (_, UrlForm::Rest) => {
-            if rest != "chat/completions" || method != http::Method::POST {
+            let compat = match rest {
+                "chat/completions" => Compat::Chat,
+                "messages" | "v1/messages" => Compat::Messages,
+                "responses" | "v1/responses" => Compat::Responses,
+                _ => Compat::No,
+            };
+            if compat == Compat::No || method != http::Method::POST {
                 return Err(GatewayError::NotFound(format!(
-                    "the OpenAI-format endpoint for every provider is POST .../chat/completions (asked for {method} .../{rest})"
+                    "the API for every provider is POST .../chat/completions, .../v1/messages or .../responses \
+                     (asked for {method} .../{rest})"
                 )));
             }
-            Compat::Always
+            compat
         }
         (_, UrlForm::OpenAi) if rest == "chat/completions" && method == http::Method::POST => Compat::IfPrefixed,
         _ => Compat::No,
     };
     // Until the body names the provider, a compat request is routed as one for OpenAI.
-    let provider = if compat == Compat::Always { "openai" } else { provider };
+    let provider = if matches!(compat, Compat::No | Compat::IfPrefixed) { provider } else { "openai" };
     let (gateway, provider) = lookup(settings, gateway, provider)?;
     if let Some(account) = account_id {
         check_segment(account).map_err(|e| GatewayError::BadRequest(format!("invalid account id in the URL: {e}")))?;

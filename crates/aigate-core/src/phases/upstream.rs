@@ -81,11 +81,12 @@ fn prepare(
 ) -> Result<Outgoing, GatewayError> {
     let provider = &route.provider;
     strip_request_headers(&mut headers);
-    if let Some(key) = route.gateway.provider_keys.get(&provider.name) {
+    let stored = route.gateway.provider_keys.get(&provider.name);
+    if let Some(key) = stored {
         inject_key(&mut headers, provider, key)?;
     }
     if let Some(t) = translation {
-        translated_headers(&mut headers, provider, t, body.len());
+        translated_headers(&mut headers, provider, t, body.len(), stored.is_some());
         if t.hides_usage() {
             meter.filter = Some(InjectedUsageFilter::new());
         }
@@ -214,28 +215,40 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
     }
 }
 
-/// The headers of a request translated for `provider`: the client's OpenAI-style key moves to the
-/// provider's own header, the body's new length, an identity encoding (the answer is translated as
-/// it arrives), and the API version Anthropic requires.
-fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translation, len: usize) {
-    if provider.auth != AuthStyle::Bearer && !headers.contains_key(provider.auth.header()) {
-        let key = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(|k| provider.auth.value(k.trim()));
-        if let Some(mut v) = key.and_then(|k| HeaderValue::from_str(&k).ok()) {
+/// The headers of a request translated for `provider`: the client's key (sent as its SDK sends
+/// it: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key`) moves to the provider's own header
+/// unless a stored key replaced it, the body's new length, an identity encoding (the answer is
+/// translated as it arrives), and the API version Anthropic requires.
+fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translation, len: usize, stored: bool) {
+    if !stored {
+        let key = AuthStyle::ALL.iter().find_map(|style| {
+            let v = headers.get(style.header())?.to_str().ok()?;
+            let k = if *style == AuthStyle::Bearer {
+                v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?
+            } else {
+                v
+            };
+            Some(k.trim().to_owned())
+        });
+        for style in AuthStyle::ALL {
+            headers.remove(style.header());
+        }
+        if let Some(mut v) = key.and_then(|k| HeaderValue::from_str(&provider.auth.value(&k)).ok()) {
             v.set_sensitive(true);
-            headers.remove(http::header::AUTHORIZATION);
             headers.insert(provider.auth.header(), v);
         }
     }
     headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
-    if t.format != Format::OpenAi {
+    if t.format != Format::OpenAi || t.anthropic_client {
         headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
-    if t.format == Format::Anthropic && !headers.contains_key("anthropic-version") {
-        headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+    if t.format == Format::Anthropic {
+        if !headers.contains_key("anthropic-version") {
+            headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        }
+    } else {
+        headers.remove("anthropic-version");
+        headers.remove("anthropic-beta");
     }
 }
 

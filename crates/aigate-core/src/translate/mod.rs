@@ -1,8 +1,8 @@
 //! One OpenAI-format API for every provider: a chat completions request whose `model` is written
 //! `provider/model` goes to that provider, translated to its own format where it has one
-//! (Anthropic), with the provider prefix removed where it speaks OpenAI's format already (Groq,
-//! Mistral, DeepSeek, OpenRouter, a configured provider, …). The answer comes back in OpenAI's
-//! shape, streams translated event by event as they arrive.
+//! (Anthropic, Google AI Studio's Gemini), with the provider prefix removed where it speaks
+//! OpenAI's format already (Groq, Mistral, DeepSeek, OpenRouter, a configured provider, …). The
+//! answer comes back in OpenAI's shape, streams translated event by event as they arrive.
 //!
 //! Entry points (the route phase marks them, see [`Compat`]): `…/{gateway}/compat/chat/completions`
 //! in both URL layouts, Cloudflare's REST layout `/client/v4/accounts/{account}/ai/v1/chat/completions`
@@ -15,6 +15,7 @@
 //! format: a hit replays the translated answer, and usage is read the OpenAI way.
 
 pub mod anthropic;
+pub mod anthropic_client;
 pub mod gemini;
 
 use bytes::Bytes;
@@ -25,13 +26,18 @@ use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::phases::route::Route;
 
-/// Whether a route's provider is chosen by the request's model.
+/// Whether a route's provider is chosen by the request's model, and in which format the client
+/// writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compat {
     /// The provider is in the URL.
     No,
-    /// A compat URL: the model must be `provider/model`.
-    Always,
+    /// OpenAI chat completions; the model must be `provider/model`.
+    Chat,
+    /// Anthropic Messages (`…/v1/messages`); the model must be `provider/model`.
+    Messages,
+    /// OpenAI's Responses API (`…/responses`), for OpenAI-format providers.
+    Responses,
     /// `/v1/chat/completions` on the default gateway: `provider/model` picks a provider, a plain
     /// model name goes to OpenAI as before.
     IfPrefixed,
@@ -51,6 +57,8 @@ pub enum Format {
 /// How a request was translated, for its answer.
 #[derive(Debug, Clone)]
 pub struct Translation {
+    /// The client's format: OpenAI chat (`false`) or Anthropic Messages (`true`).
+    pub anthropic_client: bool,
     /// The provider's format.
     pub format: Format,
     /// The client asked for a stream.
@@ -65,17 +73,19 @@ impl Translation {
     /// Whether the answer carries a usage chunk the client did not ask for (the meter reads it,
     /// the client does not see it): a translated stream always reports its usage.
     pub fn hides_usage(&self) -> bool {
-        self.format != Format::OpenAi && self.stream && !self.include_usage
+        !self.anthropic_client && self.format != Format::OpenAi && self.stream && !self.include_usage
     }
 }
 
-/// The path of the chat endpoint under a provider's base URL.
-fn chat_path(provider: &str) -> &'static str {
-    match provider {
-        "anthropic" => "v1/messages",
+/// The path of the chat (or Responses) endpoint under a provider's base URL.
+fn chat_path(provider: &str, responses: bool) -> &'static str {
+    match (provider, responses) {
+        ("anthropic", _) => "v1/messages",
         // Their configured base URLs stop before the version.
-        "mistral" | "grok" | "openrouter" => "v1/chat/completions",
-        _ => "chat/completions",
+        ("mistral" | "grok" | "openrouter", false) => "v1/chat/completions",
+        ("mistral" | "grok" | "openrouter", true) => "v1/responses",
+        (_, false) => "chat/completions",
+        (_, true) => "responses",
     }
 }
 
@@ -93,8 +103,8 @@ pub fn prepare(
     let bad = GatewayError::BadRequest;
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
         return match route.compat {
-            Compat::Always => Err(bad("the body must be a JSON chat completions request".into())),
-            _ => Ok(None),
+            Compat::IfPrefixed => Ok(None),
+            _ => Err(bad("the body must be a JSON request".into())),
         };
     };
     let model = req.get("model").and_then(Value::as_str).unwrap_or("");
@@ -127,32 +137,56 @@ pub fn prepare(
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = stream
         && req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
-    let out = match format {
-        Format::OpenAi => {
-            req.insert("model".into(), json!(provider_model));
-            Value::Object(req)
-        }
-        Format::Anthropic => {
-            anthropic::request(&req, &provider_model, settings.limits.default_max_tokens).map_err(bad)?
-        }
-        Format::Gemini => gemini::request(&req).map_err(bad)?,
+    let anthropic_client = route.compat == Compat::Messages;
+    let not_for = |what: &str| {
+        Err(bad(format!(
+            "model: provider {provider_name:?} is not reachable with {what}; use POST .../chat/completions"
+        )))
     };
-    let upstream = match format {
-        Format::Gemini => {
+    let (out, path, endpoint) = match (route.compat, format) {
+        (Compat::Responses, Format::OpenAi) => {
+            req.insert("model".into(), json!(provider_model));
+            (Value::Object(req), chat_path(&provider.name, true).to_owned(), Endpoint::Responses)
+        }
+        (Compat::Responses, _) => return not_for("the Responses API"),
+        (Compat::Messages, Format::Anthropic) => {
+            req.insert("model".into(), json!(provider_model));
+            (Value::Object(req), chat_path(&provider.name, false).to_owned(), Endpoint::AnthropicMessages)
+        }
+        (Compat::Messages, Format::OpenAi) => {
+            let out = anthropic_client::request(&req, &provider_model).map_err(bad)?;
+            (out, chat_path(&provider.name, false).to_owned(), Endpoint::AnthropicMessages)
+        }
+        (Compat::Messages, _) => return not_for("Anthropic's Messages format"),
+        (_, Format::OpenAi) => {
+            req.insert("model".into(), json!(provider_model));
+            (Value::Object(req), chat_path(&provider.name, false).to_owned(), Endpoint::ChatCompletions)
+        }
+        (_, Format::Anthropic) => {
+            let out = anthropic::request(&req, &provider_model, settings.limits.default_max_tokens).map_err(bad)?;
+            (out, chat_path(&provider.name, false).to_owned(), Endpoint::ChatCompletions)
+        }
+        (_, Format::Gemini) => {
             if provider_model.contains(['/', '?', '#', '%', ':']) || provider_model.starts_with('.') {
                 return Err(bad(format!("model: {provider_model:?} is not a Gemini model name")));
             }
             let method = if stream { "streamGenerateContent" } else { "generateContent" };
-            let path = format!("v1beta/models/{provider_model}:{method}");
-            provider.upstream_uri(None, &path, stream.then_some("alt=sse"))
+            (
+                gemini::request(&req).map_err(bad)?,
+                format!("v1beta/models/{provider_model}:{method}"),
+                Endpoint::ChatCompletions,
+            )
         }
-        _ => provider.upstream_uri(None, chat_path(&provider.name), None),
     };
-    route.upstream = upstream.map_err(|e| GatewayError::BadRequest(format!("provider {provider_name:?}: {e}")))?;
+    let query = (format == Format::Gemini && stream).then_some("alt=sse");
+    route.upstream = provider
+        .upstream_uri(None, &path, query)
+        .map_err(|e| GatewayError::BadRequest(format!("provider {provider_name:?}: {e}")))?;
     route.provider = provider;
-    route.endpoint = Endpoint::ChatCompletions;
+    route.endpoint = endpoint;
     let body = serde_json::to_vec(&out).map_err(|_| GatewayError::Internal)?;
-    Ok(Some((Bytes::from(body), Translation { format, stream, include_usage, model: provider_model })))
+    let t = Translation { anthropic_client, format, stream, include_usage, model: provider_model };
+    Ok(Some((Bytes::from(body), t)))
 }
 
 /// Token counts of an answer, in OpenAI's terms.
@@ -236,8 +270,17 @@ pub enum ResponseTranslator {
         /// The translation state.
         stream: Box<gemini::Stream>,
     },
+    /// An OpenAI stream for a client of Anthropic's format.
+    ToAnthropicStream {
+        /// Bytes of the event not complete yet.
+        pending: Vec<u8>,
+        /// The translation state.
+        stream: Box<anthropic_client::Stream>,
+    },
     /// A whole answer (a JSON body, or an error), translated at its end.
     Whole {
+        /// The client writes Anthropic's format.
+        anthropic_client: bool,
         /// The body so far.
         buf: Vec<u8>,
         /// A 2xx answer (else an error).
@@ -254,17 +297,22 @@ pub enum ResponseTranslator {
 impl ResponseTranslator {
     /// The translator of an answer with `status`, or `None` when it passes unchanged.
     pub fn new(t: &Translation, status: http::StatusCode, event_stream: bool, created: u64) -> Option<Self> {
-        match t.format {
-            Format::OpenAi => None,
-            Format::Anthropic if status.is_success() && event_stream => Some(ResponseTranslator::AnthropicStream {
+        let stream = status.is_success() && event_stream;
+        match (t.anthropic_client, t.format) {
+            (false, Format::OpenAi) | (true, Format::Anthropic) => None,
+            (true, _) if stream => {
+                Some(ResponseTranslator::ToAnthropicStream { pending: Vec::new(), stream: Box::default() })
+            }
+            (false, Format::Anthropic) if stream => Some(ResponseTranslator::AnthropicStream {
                 pending: Vec::new(),
                 stream: Box::new(anthropic::Stream::new(created)),
             }),
-            Format::Gemini if status.is_success() && event_stream => Some(ResponseTranslator::GeminiStream {
+            (false, Format::Gemini) if stream => Some(ResponseTranslator::GeminiStream {
                 pending: Vec::new(),
                 stream: Box::new(gemini::Stream::new(&t.model, created)),
             }),
-            Format::Anthropic | Format::Gemini => Some(ResponseTranslator::Whole {
+            _ => Some(ResponseTranslator::Whole {
+                anthropic_client: t.anthropic_client,
                 buf: Vec::new(),
                 success: status.is_success(),
                 format: t.format,
@@ -277,9 +325,9 @@ impl ResponseTranslator {
     /// The content type of the translated answer.
     pub fn content_type(&self) -> &'static str {
         match self {
-            ResponseTranslator::AnthropicStream { .. } | ResponseTranslator::GeminiStream { .. } => {
-                "text/event-stream; charset=utf-8"
-            }
+            ResponseTranslator::AnthropicStream { .. }
+            | ResponseTranslator::GeminiStream { .. }
+            | ResponseTranslator::ToAnthropicStream { .. } => "text/event-stream; charset=utf-8",
             ResponseTranslator::Whole { .. } => "application/json",
         }
     }
@@ -292,6 +340,9 @@ impl ResponseTranslator {
                 each_event(pending, input, |data| stream.event(data, &mut out));
             }
             ResponseTranslator::GeminiStream { pending, stream } => {
+                each_event(pending, input, |data| stream.event(data, &mut out));
+            }
+            ResponseTranslator::ToAnthropicStream { pending, stream } => {
                 each_event(pending, input, |data| stream.event(data, &mut out));
             }
             ResponseTranslator::Whole { buf, .. } => {
@@ -321,13 +372,22 @@ impl ResponseTranslator {
                 pending.clear();
                 stream.end(&mut out);
             }
-            ResponseTranslator::Whole { buf, success, format, created, model } => {
+            ResponseTranslator::ToAnthropicStream { pending, stream } => {
+                if let Some(data) = event_data(pending) {
+                    stream.event(&data, &mut out);
+                }
+                pending.clear();
+                stream.end(&mut out);
+            }
+            ResponseTranslator::Whole { anthropic_client, buf, success, format, created, model } => {
                 let buf = std::mem::take(buf);
                 let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
                     // Not JSON: passed on as the provider sent it.
                     return Bytes::from(buf);
                 };
                 let translated = match (format, *success) {
+                    (_, true) if *anthropic_client => anthropic_client::response(&v),
+                    (_, false) if *anthropic_client => anthropic_client::error(&v),
                     (Format::Anthropic, true) => anthropic::response(&v, *created),
                     (Format::Anthropic, false) => anthropic::error(&v),
                     (Format::Gemini, true) => gemini::response(&v, model, *created),
@@ -391,7 +451,13 @@ mod tests {
 
     #[test]
     fn stream_events_split_across_reads_translate_once_whole() {
-        let t = Translation { format: Format::Anthropic, stream: true, include_usage: true, model: "c".into() };
+        let t = Translation {
+            anthropic_client: false,
+            format: Format::Anthropic,
+            stream: true,
+            include_usage: true,
+            model: "c".into(),
+        };
         let mut r = ResponseTranslator::new(&t, http::StatusCode::OK, true, 1).unwrap_or_else(|| unreachable!());
         let wire = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{\"input_tokens\":3}}}\r\n\r\n\
                     event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hé\"}}\n\n\
@@ -409,7 +475,13 @@ mod tests {
 
     #[test]
     fn an_error_answer_comes_back_in_openai_shape() {
-        let t = Translation { format: Format::Anthropic, stream: false, include_usage: false, model: "c".into() };
+        let t = Translation {
+            anthropic_client: false,
+            format: Format::Anthropic,
+            stream: false,
+            include_usage: false,
+            model: "c".into(),
+        };
         let mut r = ResponseTranslator::new(&t, http::StatusCode::TOO_MANY_REQUESTS, false, 1)
             .unwrap_or_else(|| unreachable!());
         let _ = r.data(br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#);

@@ -211,3 +211,57 @@ async fn gemini_is_reached_in_its_own_format() {
     let recs = records(&env, "default", 3).await;
     assert!(recs.iter().all(|r| r["provider"] == "google-ai-studio"), "{recs:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropics_format_reaches_openai_format_providers() {
+    let env = env_with(&compat_env_toml(), MockConfig::default()).await;
+    let body = r#"{"model":"openai/gpt-4o-mini","max_tokens":100,"system":"Be brief.",
+        "messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
+    for (path, h) in [
+        ("/default/compat/v1/messages", vec![]),
+        ("/client/v4/accounts/acct/ai/v1/messages", vec![("cf-aig-gateway-id", "default")]),
+    ] {
+        let mut headers = vec![("x-api-key", "sk-openai-client"), ("anthropic-version", "2023-06-01")];
+        headers.extend(h);
+        let r = post(&env, path, body.replace("hi", path), &headers).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["type"], "message", "{v}");
+        assert_eq!(v["content"][0]["text"], "Hello! This is the aigate mock upstream. How can I help?");
+        assert_eq!(v["stop_reason"], "end_turn");
+        assert_eq!(v["usage"]["input_tokens"], 19);
+        let sent = env.mock.last_request().unwrap();
+        assert_eq!(sent.path_and_query, "/v1/chat/completions");
+        assert_eq!(sent.headers["authorization"], "Bearer sk-openai-client", "{path}");
+        let b: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+        assert_eq!(b["messages"][0], serde_json::json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(b["model"], "gpt-4o-mini");
+    }
+
+    // Streamed: Anthropic's events, with the usage the meter reads.
+    let stream = body.replace("\"max_tokens\":100", "\"max_tokens\":100,\"stream\":true");
+    let r = post(&env, "/default/compat/v1/messages", &stream, &[("x-api-key", "sk-openai-client")]).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"], "{text}");
+    assert!(text.contains("\"text_delta\"") && text.contains("\"output_tokens\":8"), "{text}");
+    let b: serde_json::Value = serde_json::from_slice(&env.mock.last_request().unwrap().body).unwrap();
+    assert_eq!(b["stream_options"]["include_usage"], true);
+    let recs = records(&env, "default", 3).await;
+    assert!(recs.iter().all(|r| r["provider"] == "openai" && r["tokens_in"] == 19), "{recs:#?}");
+
+    // To Anthropic itself the request passes in its own format, the prefix removed; the
+    // Responses API reaches OpenAI-format providers.
+    let r =
+        post(&env, "/default/compat/v1/messages", body.replace("openai/gpt-4o-mini", "anthropic/claude-x"), &[]).await;
+    assert_eq!(r.status(), 200);
+    let sent = env.mock.last_request().unwrap();
+    assert_eq!(sent.path_and_query, "/v1/messages");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&sent.body).unwrap()["model"], "claude-x");
+    let r = post(&env, "/default/compat/responses", r#"{"model":"openai/gpt-4o-mini","input":"hi"}"#, &[]).await;
+    assert_eq!(env.mock.last_request().unwrap().path_and_query, "/v1/responses", "{}", r.status());
+    let r = post(&env, "/default/compat/responses", r#"{"model":"anthropic/claude-x","input":"hi"}"#, &[]).await;
+    assert_eq!(r.status(), 400);
+}
