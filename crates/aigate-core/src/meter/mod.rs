@@ -149,11 +149,13 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// The request goes to another provider than its URL named (a request in OpenAI's format
-    /// whose model names the provider).
+    /// The request goes to the provider its model names (the API for every provider): the record
+    /// names that provider, and its path starts with `compat/`, which says the request went
+    /// through that API (translated unless the provider speaks the client's format).
     pub fn reroute(&mut self, route: &Route<'_>) {
         self.provider = route.provider.clone();
         self.endpoint = route.endpoint;
+        self.path = format!("compat/{}", route.rest);
     }
 
     /// The meter of a routed request that arrived at `start` (Unix ms `created_at_ms`).

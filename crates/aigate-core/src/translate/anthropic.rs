@@ -12,7 +12,14 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{chunk, data_url, finish_chunk, usage_chunk, Usage};
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{
+    chunk, data_url, finish_chunk, usage_chunk, AssistantMessage, Choice, Completion, Function, ToolCall, Usage,
+};
 
 /// The request body for Anthropic's `POST /v1/messages`.
 pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -> Result<Value, String> {
@@ -241,41 +248,93 @@ fn usage_of(u: Option<&Value>) -> Usage {
     }
 }
 
-/// A whole Anthropic message as an OpenAI chat completion.
-pub fn response(v: &Value, created: u64) -> Value {
+/// A whole Anthropic message, as read: strings borrowed from the body, the tool inputs kept as
+/// their JSON text (they become `arguments` as they are).
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Vec<Block<'a>>,
+    #[serde(borrow, default)]
+    stop_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: MessageUsage,
+}
+
+#[derive(Deserialize)]
+struct Block<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    cache_read_input_tokens: u64,
+    #[serde(default)]
+    cache_creation_input_tokens: u64,
+}
+
+/// A whole Anthropic message (the body) as an OpenAI chat completion; an error when the body is
+/// not a message.
+pub fn response(body: &[u8], created: u64) -> Result<Vec<u8>, serde_json::Error> {
+    let m: Message<'_> = serde_json::from_slice(body)?;
     let mut text = String::new();
     let mut calls = Vec::new();
-    for block in v.get("content").and_then(Value::as_array).into_iter().flatten() {
-        match block.get("type").and_then(Value::as_str) {
-            Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
-            Some("tool_use") => calls.push(json!({
-                "id": block.get("id").cloned().unwrap_or(Value::Null),
-                "type": "function",
-                "function": {
-                    "name": block.get("name").cloned().unwrap_or(Value::Null),
-                    "arguments": block.get("input").map_or_else(|| "{}".to_owned(), Value::to_string),
+    for b in &m.content {
+        match b.kind.as_ref() {
+            "text" => text.push_str(b.text.as_deref().unwrap_or("")),
+            "tool_use" => calls.push(ToolCall {
+                id: Cow::Borrowed(b.id.as_deref().unwrap_or("")),
+                kind: "function",
+                function: Function {
+                    name: b.name.as_deref().unwrap_or(""),
+                    arguments: b.input.map_or("{}", RawValue::get),
                 },
-            })),
+            }),
             _ => {}
         }
     }
-    let mut message = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) }});
-    if !calls.is_empty() {
-        message["tool_calls"] = Value::Array(calls);
-    }
-    json!({
-        "id": v.get("id").cloned().unwrap_or(json!("msg")),
-        "object": "chat.completion",
-        "created": created,
-        "model": v.get("model").cloned().unwrap_or(Value::Null),
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "finish_reason": finish_reason(v.get("stop_reason").and_then(Value::as_str)),
-            "logprobs": null,
+    let u = &m.usage;
+    let usage = Usage {
+        prompt: u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens,
+        completion: u.output_tokens,
+        cached: u.cache_read_input_tokens,
+        reasoning: 0,
+    };
+    let out = Completion {
+        id: Cow::Borrowed(m.id.as_deref().unwrap_or("msg")),
+        object: "chat.completion",
+        created,
+        model: m.model.as_deref().unwrap_or(""),
+        choices: [Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: (!text.is_empty() || calls.is_empty()).then_some(text),
+                tool_calls: calls,
+            },
+            finish_reason: finish_reason(m.stop_reason.as_deref()),
+            logprobs: None,
         }],
-        "usage": usage_of(v.get("usage")).to_json(),
-    })
+        usage: usage.out(),
+    };
+    serde_json::to_vec(&out)
 }
 
 /// An Anthropic error answer (`{"type":"error","error":{"type","message"}}`) in OpenAI's shape.
@@ -464,14 +523,13 @@ mod tests {
 
     #[test]
     fn an_answer_with_a_tool_call_comes_back_in_openai_shape() {
-        let v = response(
-            &json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-                "content": [{"type": "text", "text": "Checking."},
-                    {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}],
-                "stop_reason": "tool_use",
-                "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 4}}),
-            1,
-        );
+        let body = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 4}});
+        let out = response(body.to_string().as_bytes(), 1).unwrap_or_default();
+        let v: Value = serde_json::from_slice(&out).unwrap_or_default();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(v["choices"][0]["message"]["content"], "Checking.");

@@ -11,7 +11,14 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{chunk, data_url, finish_chunk, usage_chunk, Usage};
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{
+    chunk, data_url, finish_chunk, usage_chunk, AssistantMessage, Choice, Completion, Function, ToolCall, Usage,
+};
 
 /// The request body for `…/models/{model}:generateContent` (or its streaming form).
 pub fn request(req: &Map<String, Value>) -> Result<Value, String> {
@@ -271,29 +278,119 @@ fn split_parts(candidate: &Value) -> (String, Vec<(String, String)>) {
     (text, calls)
 }
 
-/// A whole `generateContent` answer as an OpenAI chat completion.
-pub fn response(v: &Value, model: &str, created: u64) -> Value {
-    let candidate = v.get("candidates").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
-    let (text, calls) = split_parts(&candidate);
-    let finish =
-        finish_reason(candidate.get("finishReason").and_then(Value::as_str), !calls.is_empty()).unwrap_or("stop");
-    let mut message = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) }});
-    if !calls.is_empty() {
-        let list: Vec<Value> = calls
-            .iter()
-            .enumerate()
-            .map(|(i, (name, args))| json!({"id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": args}}))
-            .collect();
-        message["tool_calls"] = Value::Array(list);
+/// A whole `generateContent` answer, as read (strings borrowed, call arguments kept as text).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Generated<'a> {
+    #[serde(borrow, default)]
+    candidates: Vec<Candidate<'a>>,
+    #[serde(default)]
+    usage_metadata: Metadata,
+    #[serde(borrow, default)]
+    model_version: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    response_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate<'a> {
+    #[serde(borrow, default)]
+    content: Option<Content<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Content<'a> {
+    #[serde(borrow, default)]
+    parts: Vec<Part<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default)]
+    thought: bool,
+    #[serde(borrow, default)]
+    function_call: Option<Call<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Call<'a> {
+    #[serde(borrow, default)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    args: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    #[serde(default)]
+    prompt_token_count: u64,
+    #[serde(default)]
+    candidates_token_count: u64,
+    #[serde(default)]
+    thoughts_token_count: u64,
+    #[serde(default)]
+    cached_content_token_count: u64,
+}
+
+/// A whole `generateContent` answer (the body) as an OpenAI chat completion; an error when the
+/// body is not one.
+pub fn response(body: &[u8], model: &str, created: u64) -> Result<Vec<u8>, serde_json::Error> {
+    let g: Generated<'_> = serde_json::from_slice(body)?;
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    let candidate = g.candidates.first();
+    for p in candidate.and_then(|c| c.content.as_ref()).map_or(&[][..], |c| &c.parts) {
+        if p.thought {
+            continue;
+        }
+        if let Some(t) = &p.text {
+            text.push_str(t);
+        }
+        if let Some(f) = &p.function_call {
+            calls.push(ToolCall {
+                id: Cow::Owned(format!("call_{}", calls.len())),
+                kind: "function",
+                function: Function { name: &f.name, arguments: f.args.map_or("{}", RawValue::get) },
+            });
+        }
     }
-    json!({
-        "id": v.get("responseId").and_then(Value::as_str).map_or_else(|| "chatcmpl-gemini".to_owned(), |id| format!("chatcmpl-{id}")),
-        "object": "chat.completion",
-        "created": created,
-        "model": v.get("modelVersion").and_then(Value::as_str).unwrap_or(model),
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": null}],
-        "usage": usage_of(v.get("usageMetadata")).to_json(),
-    })
+    let reason = candidate.and_then(|c| c.finish_reason.as_deref());
+    let finish = finish_reason(reason, !calls.is_empty()).unwrap_or("stop");
+    let u = &g.usage_metadata;
+    let usage = Usage {
+        prompt: u.prompt_token_count,
+        completion: u.candidates_token_count + u.thoughts_token_count,
+        cached: u.cached_content_token_count,
+        reasoning: u.thoughts_token_count,
+    };
+    let out = Completion {
+        id: g
+            .response_id
+            .as_deref()
+            .map_or(Cow::Borrowed("chatcmpl-gemini"), |id| Cow::Owned(format!("chatcmpl-{id}"))),
+        object: "chat.completion",
+        created,
+        model: g.model_version.as_deref().unwrap_or(model),
+        choices: [Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: (!text.is_empty() || calls.is_empty()).then_some(text),
+                tool_calls: calls,
+            },
+            finish_reason: finish,
+            logprobs: None,
+        }],
+        usage: usage.out(),
+    };
+    serde_json::to_vec(&out)
 }
 
 /// A Google error answer (`{"error":{"code","message","status"}}`) in OpenAI's shape.
@@ -438,14 +535,12 @@ mod tests {
 
     #[test]
     fn answers_and_streams_come_back_in_openai_shape() {
-        let v = response(
-            &json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "Sunny", "thought": false},
-                {"functionCall": {"name": "weather", "args": {"city": "Paris"}}}]}, "finishReason": "STOP"}],
-                "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 3, "thoughtsTokenCount": 2},
-                "modelVersion": "gemini-2.5-flash", "responseId": "r1"}),
-            "gemini-2.5-flash",
-            1,
-        );
+        let body = json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "Sunny", "thought": false},
+            {"functionCall": {"name": "weather", "args": {"city": "Paris"}}}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 3, "thoughtsTokenCount": 2},
+            "modelVersion": "gemini-2.5-flash", "responseId": "r1"});
+        let out = response(body.to_string().as_bytes(), "gemini-2.5-flash", 1).unwrap_or_default();
+        let v: Value = serde_json::from_slice(&out).unwrap_or_default();
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"city\":\"Paris\"}");
         assert_eq!(v["usage"]["completion_tokens"], 5);

@@ -18,7 +18,10 @@ pub mod anthropic;
 pub mod anthropic_client;
 pub mod gemini;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::Settings;
@@ -204,14 +207,81 @@ pub struct Usage {
 
 impl Usage {
     fn to_json(self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached},
-            "completion_tokens_details": {"reasoning_tokens": self.reasoning},
-        })
+        serde_json::to_value(self.out()).unwrap_or(Value::Null)
     }
+
+    /// OpenAI's `usage` object.
+    fn out(self) -> UsageOut {
+        UsageOut {
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            total_tokens: self.prompt + self.completion,
+            prompt_tokens_details: CachedTokens { cached_tokens: self.cached },
+            completion_tokens_details: ReasoningTokens { reasoning_tokens: self.reasoning },
+        }
+    }
+}
+
+// OpenAI's chat completion, written straight from the translated answer's borrowed parts (no
+// intermediate JSON tree: the answer path is per request).
+
+#[derive(Serialize)]
+struct UsageOut {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    prompt_tokens_details: CachedTokens,
+    completion_tokens_details: ReasoningTokens,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: Cow<'a, str>,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [Choice<'a>; 1],
+    usage: UsageOut,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    finish_reason: &'static str,
+    logprobs: Option<()>,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCall<'a>>,
+}
+
+#[derive(Serialize)]
+struct ToolCall<'a> {
+    id: Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: Function<'a>,
+}
+
+#[derive(Serialize)]
+struct Function<'a> {
+    name: &'a str,
+    arguments: &'a str,
 }
 
 /// Appends one `chat.completion.chunk` event.
@@ -381,17 +451,26 @@ impl ResponseTranslator {
             }
             ResponseTranslator::Whole { anthropic_client, buf, success, format, created, model } => {
                 let buf = std::mem::take(buf);
+                // An answer that is not what it should be is passed on as the provider sent it.
+                if !*anthropic_client && *success {
+                    match format {
+                        Format::Anthropic => {
+                            return anthropic::response(&buf, *created).map_or(Bytes::from(buf), Bytes::from)
+                        }
+                        Format::Gemini => {
+                            return gemini::response(&buf, model, *created).map_or(Bytes::from(buf), Bytes::from)
+                        }
+                        Format::OpenAi => {}
+                    }
+                }
                 let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
-                    // Not JSON: passed on as the provider sent it.
                     return Bytes::from(buf);
                 };
                 let translated = match (format, *success) {
                     (_, true) if *anthropic_client => anthropic_client::response(&v),
                     (_, false) if *anthropic_client => anthropic_client::error(&v),
-                    (Format::Anthropic, true) => anthropic::response(&v, *created),
-                    (Format::Anthropic, false) => anthropic::error(&v),
-                    (Format::Gemini, true) => gemini::response(&v, model, *created),
-                    (Format::Gemini, false) => gemini::error(&v),
+                    (Format::Anthropic, _) => anthropic::error(&v),
+                    (Format::Gemini, _) => gemini::error(&v),
                     (Format::OpenAi, _) => v,
                 };
                 return Bytes::from(serde_json::to_vec(&translated).unwrap_or(buf));
@@ -488,5 +567,139 @@ mod tests {
         let v: Value = serde_json::from_slice(&r.end()).unwrap_or_default();
         assert_eq!(v["error"]["message"], "slow down");
         assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+}
+
+/// Property tests: a request translated to Anthropic's format and back, or an answer translated
+/// from it and back, keeps its meaning.
+#[cfg(test)]
+mod roundtrip {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::{anthropic, anthropic_client};
+
+    /// One turn of a conversation: user text, assistant text, or an assistant tool call with its
+    /// result.
+    #[derive(Debug, Clone)]
+    enum Turn {
+        User(String),
+        Assistant(String),
+        Call { id: String, name: String, city: String, result: String },
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9 ,.?!éü\"\\\\]{1,40}"
+    }
+
+    fn turn() -> impl Strategy<Value = Turn> {
+        prop_oneof![
+            text().prop_map(Turn::User),
+            text().prop_map(Turn::Assistant),
+            ("call_[a-z0-9]{4}", "[a-z_]{1,12}", text(), text()).prop_map(|(id, name, city, result)| Turn::Call {
+                id,
+                name,
+                city,
+                result
+            }),
+        ]
+    }
+
+    /// An OpenAI chat request of `turns` (after a system message and a first user message).
+    fn openai_request(system: &str, turns: &[Turn], max_tokens: u64, temperature: f64, stop: &str) -> Value {
+        let mut messages =
+            vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": "start"})];
+        for t in turns {
+            match t {
+                Turn::User(s) => messages.push(json!({"role": "user", "content": s})),
+                Turn::Assistant(s) => messages.push(json!({"role": "assistant", "content": s})),
+                Turn::Call { id, name, city, result } => {
+                    let args = json!({"city": city}).to_string();
+                    messages.push(json!({"role": "assistant", "content": null, "tool_calls": [
+                        {"id": id, "type": "function", "function": {"name": name, "arguments": args}}]}));
+                    messages.push(json!({"role": "tool", "tool_call_id": id, "content": result}));
+                }
+            }
+        }
+        json!({"model": "anthropic/claude-x", "messages": messages, "max_tokens": max_tokens,
+               "temperature": temperature, "stop": [stop]})
+    }
+
+    /// What a conversation means, whatever the format: (role, text) and (call id, name, args) and
+    /// (result id, text) in order, adjacent texts of one role joined.
+    fn meaning(messages: &[Value]) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let say = |out: &mut Vec<(String, String)>, role: &str, text: &str| match out.last_mut() {
+            Some((r, t)) if r == role => t.push_str(text),
+            _ => out.push((role.to_owned(), text.to_owned())),
+        };
+        for m in messages {
+            let role = m["role"].as_str().unwrap_or("").to_owned();
+            if role == "tool" {
+                out.push(("result".into(), format!("{} {}", m["tool_call_id"], m["content"])));
+                continue;
+            }
+            if let Some(s) = m["content"].as_str() {
+                say(&mut out, &role, s);
+            }
+            for p in m["content"].as_array().into_iter().flatten() {
+                if let Some(t) = p["text"].as_str() {
+                    say(&mut out, &role, t);
+                }
+            }
+            for c in m["tool_calls"].as_array().into_iter().flatten() {
+                let args: Value =
+                    serde_json::from_str(c["function"]["arguments"].as_str().unwrap_or("")).unwrap_or(Value::Null);
+                out.push(("call".into(), format!("{} {} {}", c["id"], c["function"]["name"], args)));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_request_there_and_back_keeps_its_meaning(
+            system in text(),
+            turns in prop::collection::vec(turn(), 0..8),
+            max_tokens in 1u64..100_000,
+            temperature in 0.0f64..2.0,
+            stop in "[A-Z]{1,5}",
+        ) {
+            let original = openai_request(&system, &turns, max_tokens, temperature, &stop);
+            let to_anthropic = anthropic::request(original.as_object().unwrap_or_else(|| unreachable!()), "claude-x", 1024)
+                .map_err(TestCaseError::fail)?;
+            let back = anthropic_client::request(to_anthropic.as_object().unwrap_or_else(|| unreachable!()), "claude-x")
+                .map_err(TestCaseError::fail)?;
+            let a = meaning(original["messages"].as_array().unwrap_or(&Vec::new()));
+            let b = meaning(back["messages"].as_array().unwrap_or(&Vec::new()));
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(&back["max_tokens"], &original["max_tokens"]);
+            prop_assert_eq!(&back["temperature"], &original["temperature"]);
+            prop_assert_eq!(&back["stop"], &original["stop"]);
+        }
+
+        #[test]
+        fn an_answer_there_and_back_keeps_its_meaning(
+            says in text(),
+            call in prop::option::of(("toolu_[a-z0-9]{4}", "[a-z_]{1,12}", text())),
+            stop in prop::sample::select(vec!["end_turn", "max_tokens", "tool_use", "refusal"]),
+            input in 0u64..100_000, cached in 0u64..1000, output in 0u64..100_000,
+        ) {
+            let mut content = vec![json!({"type": "text", "text": says})];
+            if let Some((id, name, city)) = &call {
+                content.push(json!({"type": "tool_use", "id": id, "name": name, "input": {"city": city}}));
+            }
+            let message = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                "content": content, "stop_reason": stop, "stop_sequence": null,
+                "usage": {"input_tokens": input, "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0, "output_tokens": output}});
+            let openai: Value = serde_json::from_slice(&anthropic::response(message.to_string().as_bytes(), 1)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?).unwrap_or_default();
+            let back = anthropic_client::response(&openai);
+            prop_assert_eq!(&back["content"], &message["content"]);
+            prop_assert_eq!(&back["stop_reason"], &message["stop_reason"]);
+            prop_assert_eq!(&back["usage"], &message["usage"]);
+        }
     }
 }

@@ -43,6 +43,8 @@ async fn every_entry_point_reaches_anthropic_in_its_own_format() {
     let recs = records(&env, "prod", 1).await;
     assert_eq!(recs[0]["provider"], "anthropic");
     assert_eq!(recs[0]["served_model"], "claude-sonnet-4-5");
+    assert_eq!(recs[0]["requested_model"], "anthropic/claude-sonnet-4-5");
+    assert_eq!(recs[0]["path"], "compat/chat/completions", "the record says the request was translated");
     let recs = records(&env, "default", 3).await;
     assert!(
         recs.iter().all(|r| r["provider"] == "anthropic" && r["tokens_in"] == 12 && r["tokens_out"] == 14),
