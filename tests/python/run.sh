@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the official openai Python SDK through aigate against the mock upstream.
+# Runs the official SDKs through aigate against the mock upstream: openai and anthropic for
+# Python, and openai for Node (tests/node/sdk_test.cjs).
 # Usage: tests/python/run.sh [target-dir]   (expects debug binaries already built)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -43,3 +44,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 AIGATE_URL="http://127.0.0.1:$gw_port" "$venv/bin/python" "$root/tests/python/sdk_test.py" || { echo "--- gateway log"; cat "$tmp/gw.log"; exit 1; }
+node_sdk=$root/target/node-sdk
+if [ ! -d "$node_sdk/node_modules/openai" ]; then
+  npm install --silent --no-audit --no-fund --prefix "$node_sdk" "openai@5" >/dev/null
+fi
+AIGATE_URL="http://127.0.0.1:$gw_port" SDK_DIR="$node_sdk" node "$root/tests/node/sdk_test.cjs" || { echo "--- gateway log"; cat "$tmp/gw.log"; exit 1; }
