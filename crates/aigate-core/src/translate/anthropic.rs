@@ -397,8 +397,10 @@ impl Stream {
                     }
                     Some("input_json_delta") => {
                         let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
-                        if let Some(&(_, t)) = self.tool_index.iter().find(|(i, _)| *i == index) {
-                            let part = d.get("partial_json").cloned().unwrap_or(json!(""));
+                        let part = d.get("partial_json").and_then(Value::as_str).unwrap_or("");
+                        let tool = self.tool_index.iter().find(|(i, _)| *i == index);
+                        // An empty piece (Anthropic sends one first) says nothing.
+                        if let Some(&(_, t)) = tool.filter(|_| !part.is_empty()) {
                             self.emit(
                                 out,
                                 json!({"tool_calls": [{"index": t, "function": {"arguments": part}}]}),
