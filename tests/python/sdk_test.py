@@ -183,24 +183,26 @@ for label, (base_url, headers) in COMPAT.items():
     check(f"anthropic via {label}: streamed tool call", name == "get_weather" and json.loads(args)["city"] == "Paris",
           repr((name, args)))
 
-# Gemini's format behind the OpenAI SDK.
-gclient = OpenAI(base_url=f"{GW}/v1/my-account/default/compat", api_key="goog-not-real", max_retries=0)
-g = gclient.chat.completions.create(model="google-ai-studio/gemini-2.5-flash",
-                                    messages=[{"role": "user", "content": "Hello Gemini"}])
-check("gemini: chat", g.choices[0].message.content.startswith("Hello") and g.usage.prompt_tokens == 11, repr(g))
-pieces, usage = [], None
-for chunk in gclient.chat.completions.create(model="google-ai-studio/gemini-2.5-flash", stream=True,
-                                             stream_options={"include_usage": True},
-                                             messages=[{"role": "user", "content": "Stream, Gemini"}]):
-    usage = chunk.usage or usage
-    pieces += [c.delta.content for c in chunk.choices if c.delta.content]
-check("gemini: stream", "".join(pieces).startswith("Hello") and usage is not None and usage.prompt_tokens == 11,
-      repr((pieces, usage)))
-g = gclient.chat.completions.create(model="google-ai-studio/gemini-2.5-flash", tools=WEATHER,
-                                    messages=[{"role": "user", "content": "Weather in Paris, Gemini?"}])
-call = (g.choices[0].message.tool_calls or [None])[0]
-check("gemini: tool call", call is not None and json.loads(call.function.arguments)["city"] == "Paris"
-      and g.choices[0].finish_reason == "tool_calls", repr(g))
+# Gemini's format behind the OpenAI SDK, through every entry point.
+for label, (base_url, headers) in COMPAT.items():
+    gclient = OpenAI(base_url=base_url, api_key="goog-not-real", max_retries=0, default_headers=headers)
+    g = gclient.chat.completions.create(model="google-ai-studio/gemini-2.5-flash",
+                                        messages=[{"role": "user", "content": f"Hello Gemini ({label})"}])
+    check(f"gemini via {label}: chat", g.choices[0].message.content.startswith("Hello") and g.usage.prompt_tokens == 11,
+          repr(g))
+    pieces, usage = [], None
+    for chunk in gclient.chat.completions.create(model="google-ai-studio/gemini-2.5-flash", stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": f"Stream, Gemini ({label})"}]):
+        usage = chunk.usage or usage
+        pieces += [c.delta.content for c in chunk.choices if c.delta.content]
+    check(f"gemini via {label}: stream", "".join(pieces).startswith("Hello") and usage is not None
+          and usage.prompt_tokens == 11, repr((pieces, usage)))
+    g = gclient.chat.completions.create(model="google-ai-studio/gemini-2.5-flash", tools=WEATHER,
+                                        messages=[{"role": "user", "content": f"Weather in Paris, Gemini? ({label})"}])
+    call = (g.choices[0].message.tool_calls or [None])[0]
+    check(f"gemini via {label}: tool call", call is not None and json.loads(call.function.arguments)["city"] == "Paris"
+          and g.choices[0].finish_reason == "tool_calls", repr(g))
 
 # Anthropic's format in front of an OpenAI-format provider, with the official anthropic SDK.
 import anthropic  # noqa: E402

@@ -100,7 +100,7 @@ pub fn prepare(
     route: &mut Route<'_>,
     body: &Bytes,
 ) -> Result<Option<(Bytes, Translation)>, GatewayError> {
-    if route.compat == Compat::No {
+    if route.compat == Compat::No || (route.compat == Compat::IfPrefixed && !may_name_a_provider(body)) {
         return Ok(None);
     }
     let bad = GatewayError::BadRequest;
@@ -190,6 +190,32 @@ pub fn prepare(
     let body = serde_json::to_vec(&out).map_err(|_| GatewayError::Internal)?;
     let t = Translation { anthropic_client, format, stream, include_usage, model: provider_model };
     Ok(Some((Bytes::from(body), t)))
+}
+
+/// Whether a body can carry a `provider/model` model: some `"model"` key has a string value with a
+/// slash. A scan, not a parse: every plain `/v1/chat/completions` request asks, and nearly all
+/// answer no.
+fn may_name_a_provider(body: &[u8]) -> bool {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    memchr::memmem::find_iter(body, b"\"model\"").any(|at| {
+        let mut rest = body[at + 7..].iter().skip_while(|b| ws(b));
+        if rest.next() != Some(&b':') {
+            return false;
+        }
+        let mut rest = rest.skip_while(|b| ws(b));
+        if rest.next() != Some(&b'"') {
+            return false;
+        }
+        // Up to the closing quote; an escaped character makes it a candidate (the parse decides).
+        for &b in rest {
+            match b {
+                b'/' | b'\\' => return true,
+                b'"' => return false,
+                _ => {}
+            }
+        }
+        false
+    })
 }
 
 /// Token counts of an answer, in OpenAI's terms.
@@ -527,6 +553,20 @@ fn event_data(ev: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_body_with_a_slashed_model_is_parsed() {
+        for (body, may) in [
+            (&br#"{"model":"gpt-4o-mini","messages":[]}"#[..], false),
+            (br#"{"model" : "anthropic/claude-x"}"#, true),
+            (br#"{"messages":[{"content":"the \"model\": \"a/b\""}],"model":"gpt-4o"}"#, false),
+            (br#"{"tools":[{"parameters":{"properties":{"model":{"type":"string"}}}}],"model":"groq/llama"}"#, true),
+            (br#"{"model":"x\u002fy"}"#, true),
+            (b"not json", false),
+        ] {
+            assert_eq!(may_name_a_provider(body), may, "{}", String::from_utf8_lossy(body));
+        }
+    }
 
     #[test]
     fn stream_events_split_across_reads_translate_once_whole() {
