@@ -17,15 +17,12 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{
-    chunk, data_url, finish_chunk, usage_chunk, AssistantMessage, Choice, Completion, Function, ToolCall, Usage,
-};
+use super::openai::{self, push_turn, Part, ToolChoice};
+use super::{chunk, end_stream, AssistantMessage, Choice, Completion, Function, ToolCall, Usage};
 
 /// The request body for Anthropic's `POST /v1/messages`.
 pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -> Result<Value, String> {
-    if req.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
-        return Err("n: Anthropic answers with one choice; n must be 1".into());
-    }
+    openai::one_choice(req)?;
     match req.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str) {
         None | Some("text") => {}
         Some(other) => {
@@ -44,36 +41,21 @@ pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| format!("messages[{i}].role is missing"))?;
         match role {
             "system" | "developer" => {
-                for part in content_parts(m.get("content"), i)? {
-                    if part.get("type").and_then(Value::as_str) == Some("text") {
-                        system.push(part);
+                for part in openai::content(m.get("content"), i)? {
+                    if let Part::Text(t) = part {
+                        system.push(json!({"type": "text", "text": t}));
                     }
                 }
             }
-            "user" => push(&mut messages, "user", content_parts(m.get("content"), i)?),
+            "user" => push_turn(&mut messages, "content", "user", blocks(m.get("content"), i)?),
             "assistant" => {
-                let mut blocks = match m.get("content") {
-                    None | Some(Value::Null) => Vec::new(),
-                    c => content_parts(c, i)?,
-                };
-                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
-                    for (j, c) in calls.iter().enumerate() {
-                        let f = c
-                            .get("function")
-                            .ok_or_else(|| format!("messages[{i}].tool_calls[{j}].function is missing"))?;
-                        let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
-                        let input: Value = serde_json::from_str(if args.trim().is_empty() { "{}" } else { args })
-                            .map_err(|_| format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON"))?;
-                        blocks.push(json!({
-                            "type": "tool_use",
-                            "id": c.get("id").cloned().unwrap_or(json!(format!("toolu_{i}_{j}"))),
-                            "name": f.get("name").cloned().unwrap_or(json!("")),
-                            "input": input,
-                        }));
-                    }
+                let mut b = blocks(m.get("content"), i)?;
+                for (j, c) in openai::tool_calls(m, i)?.into_iter().enumerate() {
+                    let id = c.id.map_or_else(|| format!("toolu_{i}_{j}"), str::to_owned);
+                    b.push(json!({"type": "tool_use", "id": id, "name": c.name, "input": c.args}));
                 }
-                if !blocks.is_empty() {
-                    push(&mut messages, "assistant", blocks);
+                if !b.is_empty() {
+                    push_turn(&mut messages, "content", "assistant", b);
                 }
             }
             "tool" | "function" => {
@@ -81,12 +63,8 @@ pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -
                     .get("tool_call_id")
                     .and_then(Value::as_str)
                     .ok_or_else(|| format!("messages[{i}].tool_call_id is missing"))?;
-                let content: Vec<Value> = content_parts(m.get("content"), i)?;
-                push(
-                    &mut messages,
-                    "user",
-                    vec![json!({"type": "tool_result", "tool_use_id": id, "content": content})],
-                );
+                let result = json!({"type": "tool_result", "tool_use_id": id, "content": blocks(m.get("content"), i)?});
+                push_turn(&mut messages, "content", "user", vec![result]);
             }
             other => {
                 return Err(format!("messages[{i}].role: {other:?} is not system, developer, user, assistant or tool"))
@@ -97,11 +75,7 @@ pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(messages));
-    let mut max_tokens = req
-        .get("max_completion_tokens")
-        .or_else(|| req.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(default_max_tokens);
+    let mut max_tokens = openai::max_tokens(req).unwrap_or(default_max_tokens);
     if let Some(effort) = req.get("reasoning_effort").and_then(Value::as_str) {
         let budget: u64 = match effort {
             "minimal" | "low" => 1024,
@@ -121,56 +95,34 @@ pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -
             out.insert(k.into(), v.clone());
         }
     }
-    match req.get("stop") {
-        Some(Value::String(s)) => {
-            out.insert("stop_sequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) if !a.is_empty() => {
-            out.insert("stop_sequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    if let Some(stop) = openai::stop(req) {
+        out.insert("stop_sequences".into(), stop);
     }
     if let Some(user) = req.get("user").and_then(Value::as_str) {
         out.insert("metadata".into(), json!({"user_id": user}));
     }
-    if let Some(tools) = req.get("tools").and_then(Value::as_array) {
-        let mut list = Vec::with_capacity(tools.len());
-        for (i, t) in tools.iter().enumerate() {
-            let f = t.get("function").ok_or_else(|| format!("tools[{i}]: only function tools are translated"))?;
-            let name =
-                f.get("name").and_then(Value::as_str).ok_or_else(|| format!("tools[{i}].function.name is missing"))?;
-            let mut tool = json!({
-                "name": name,
-                "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object", "properties": {}})),
-            });
-            if let Some(d) = f.get("description") {
+    let tools: Vec<Value> = openai::tools(req)?
+        .into_iter()
+        .map(|t| {
+            let mut tool = json!({"name": t.name,
+                "input_schema": t.parameters.cloned().unwrap_or(json!({"type": "object", "properties": {}}))});
+            if let Some(d) = t.description {
                 tool["description"] = d.clone();
             }
-            list.push(tool);
-        }
-        if !list.is_empty() {
-            out.insert("tools".into(), Value::Array(list));
-        }
+            tool
+        })
+        .collect();
+    let has_tools = !tools.is_empty();
+    if has_tools {
+        out.insert("tools".into(), Value::Array(tools));
     }
-    let parallel = req.get("parallel_tool_calls").and_then(Value::as_bool);
-    let mut choice = match req.get("tool_choice") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(match s.as_str() {
-            "auto" => json!({"type": "auto"}),
-            "required" => json!({"type": "any"}),
-            "none" => json!({"type": "none"}),
-            other => return Err(format!("tool_choice: {other:?} is not auto, required or none")),
-        }),
-        Some(v) => {
-            let name = v
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or("tool_choice: expected {\"type\":\"function\",\"function\":{\"name\":...}}")?;
-            Some(json!({"type": "tool", "name": name}))
-        }
-    };
-    if parallel == Some(false) && out.contains_key("tools") {
+    let mut choice = openai::tool_choice(req)?.map(|c| match c {
+        ToolChoice::Auto => json!({"type": "auto"}),
+        ToolChoice::Required => json!({"type": "any"}),
+        ToolChoice::None => json!({"type": "none"}),
+        ToolChoice::Function(name) => json!({"type": "tool", "name": name}),
+    });
+    if req.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) && has_tools {
         let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
         c["disable_parallel_tool_use"] = json!(true);
     }
@@ -180,52 +132,18 @@ pub fn request(req: &Map<String, Value>, model: &str, default_max_tokens: u64) -
     Ok(Value::Object(out))
 }
 
-/// Appends a message, merging it into the previous one of the same role (Anthropic wants the
-/// roles to alternate; OpenAI allows several tool results or user messages in a row).
-fn push(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
-    if let Some(last) = messages.last_mut() {
-        if last["role"] == role {
-            if let Some(c) = last["content"].as_array_mut() {
-                c.extend(blocks);
-                return;
-            }
-        }
-    }
-    messages.push(json!({"role": role, "content": blocks}));
-}
-
 /// The content of message `i` as Anthropic content blocks.
-fn content_parts(content: Option<&Value>, i: usize) -> Result<Vec<Value>, String> {
-    match content {
-        Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .enumerate()
-            .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
-                Some("text") => Ok(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))})),
-                Some("image_url") => {
-                    let url = p
-                        .get("image_url")
-                        .and_then(|u| u.get("url").or(Some(u)))
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| format!("messages[{i}].content[{j}].image_url.url is missing"))?;
-                    image(url).ok_or_else(|| {
-                        format!("messages[{i}].content[{j}].image_url: expected a data: URL with base64 data or an https URL")
-                    })
-                }
-                other => Err(format!("messages[{i}].content[{j}].type: {other:?} is not translated (text, image_url)")),
-            })
-            .collect(),
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(_) => Err(format!("messages[{i}].content must be a string or an array of parts")),
-    }
-}
-
-fn image(url: &str) -> Option<Value> {
-    if let Some((media_type, data)) = data_url(url) {
-        return Some(json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}));
-    }
-    url.starts_with("https://").then(|| json!({"type": "image", "source": {"type": "url", "url": url}}))
+fn blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, String> {
+    Ok(openai::content(content, i)?
+        .into_iter()
+        .map(|p| match p {
+            Part::Text(t) => json!({"type": "text", "text": t}),
+            Part::InlineImage { mime, data } => {
+                json!({"type": "image", "source": {"type": "base64", "media_type": mime, "data": data}})
+            }
+            Part::ImageUrl(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
+        })
+        .collect())
 }
 
 /// OpenAI's `finish_reason` for Anthropic's `stop_reason`.
@@ -436,9 +354,7 @@ impl Stream {
         }
         self.done = true;
         let finish = self.finish.unwrap_or("stop");
-        finish_chunk(out, &self.id, &self.model, self.created, finish);
-        usage_chunk(out, &self.id, &self.model, self.created, &self.usage);
-        out.extend_from_slice(b"data: [DONE]\n\n");
+        end_stream(out, &self.id, &self.model, self.created, finish, &self.usage);
     }
 
     fn emit(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {

@@ -16,63 +16,50 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{
-    chunk, data_url, finish_chunk, usage_chunk, AssistantMessage, Choice, Completion, Function, ToolCall, Usage,
-};
+use super::openai::{self, push_turn, Part as RequestPart, ToolChoice};
+use super::{chunk, end_stream, AssistantMessage, Choice, Completion, Function, ToolCall, Usage};
 
 /// The request body for `…/models/{model}:generateContent` (or its streaming form).
 pub fn request(req: &Map<String, Value>) -> Result<Value, String> {
-    if req.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
-        return Err("n: one choice is translated; n must be 1".into());
-    }
+    openai::one_choice(req)?;
     let msgs = req.get("messages").and_then(Value::as_array).ok_or("messages: an array of messages is required")?;
     let mut system: Vec<Value> = Vec::new();
     let mut contents: Vec<Value> = Vec::new();
     // The function name of each tool call id, for the results that answer them.
-    let mut names: Vec<(String, String)> = Vec::new();
+    let mut names: Vec<(&str, &str)> = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| format!("messages[{i}].role is missing"))?;
         match role {
             "system" | "developer" => system.extend(parts(m.get("content"), i)?),
-            "user" => push(&mut contents, "user", parts(m.get("content"), i)?),
+            "user" => push_turn(&mut contents, "parts", "user", parts(m.get("content"), i)?),
             "assistant" => {
-                let mut p = match m.get("content") {
-                    None | Some(Value::Null) => Vec::new(),
-                    c => parts(c, i)?,
-                };
-                for (j, c) in m.get("tool_calls").and_then(Value::as_array).into_iter().flatten().enumerate() {
-                    let f = c
-                        .get("function")
-                        .ok_or_else(|| format!("messages[{i}].tool_calls[{j}].function is missing"))?;
-                    let name = f.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
-                    let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
-                    let args: Value = serde_json::from_str(if args.trim().is_empty() { "{}" } else { args })
-                        .map_err(|_| format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON"))?;
-                    if let Some(id) = c.get("id").and_then(Value::as_str) {
-                        names.push((id.to_owned(), name.clone()));
+                let mut p = parts(m.get("content"), i)?;
+                for c in openai::tool_calls(m, i)? {
+                    if let Some(id) = c.id {
+                        names.push((id, c.name));
                     }
-                    p.push(json!({"functionCall": {"name": name, "args": args}}));
+                    p.push(json!({"functionCall": {"name": c.name, "args": c.args}}));
                 }
                 if !p.is_empty() {
-                    push(&mut contents, "model", p);
+                    push_turn(&mut contents, "parts", "model", p);
                 }
             }
             "tool" | "function" => {
                 let id = m.get("tool_call_id").and_then(Value::as_str).unwrap_or("");
                 let name = names
                     .iter()
-                    .find(|(k, _)| k == id)
-                    .map(|(_, n)| n.clone())
-                    .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_owned))
+                    .find(|(k, _)| *k == id)
+                    .map(|(_, n)| *n)
+                    .or_else(|| m.get("name").and_then(Value::as_str))
                     .ok_or_else(|| format!("messages[{i}].tool_call_id: no earlier tool call has the id {id:?}"))?;
-                let text: String =
-                    parts(m.get("content"), i)?.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect();
+                let text = openai::text(m.get("content"), i)?;
                 // Gemini wants an object: a JSON object result as it is, anything else wrapped.
                 let response = match serde_json::from_str::<Value>(&text) {
                     Ok(v @ Value::Object(_)) => v,
                     _ => json!({"content": text}),
                 };
-                push(&mut contents, "user", vec![json!({"functionResponse": {"name": name, "response": response}})]);
+                let part = json!({"functionResponse": {"name": name, "response": response}});
+                push_turn(&mut contents, "parts", "user", vec![part]);
             }
             other => {
                 return Err(format!("messages[{i}].role: {other:?} is not system, developer, user, assistant or tool"))
@@ -96,17 +83,11 @@ pub fn request(req: &Map<String, Value>) -> Result<Value, String> {
             config.insert(to.into(), v.clone());
         }
     }
-    if let Some(n) = req.get("max_completion_tokens").or_else(|| req.get("max_tokens")).and_then(Value::as_u64) {
+    if let Some(n) = openai::max_tokens(req) {
         config.insert("maxOutputTokens".into(), json!(n));
     }
-    match req.get("stop") {
-        Some(Value::String(s)) => {
-            config.insert("stopSequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) if !a.is_empty() => {
-            config.insert("stopSequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    if let Some(stop) = openai::stop(req) {
+        config.insert("stopSequences".into(), stop);
     }
     if let Some(f) = req.get("response_format") {
         match f.get("type").and_then(Value::as_str) {
@@ -140,91 +121,44 @@ pub fn request(req: &Map<String, Value>) -> Result<Value, String> {
     if !config.is_empty() {
         out.insert("generationConfig".into(), Value::Object(config));
     }
-    if let Some(tools) = req.get("tools").and_then(Value::as_array) {
-        let mut decls = Vec::with_capacity(tools.len());
-        for (i, t) in tools.iter().enumerate() {
-            let f = t.get("function").ok_or_else(|| format!("tools[{i}]: only function tools are translated"))?;
-            let name =
-                f.get("name").and_then(Value::as_str).ok_or_else(|| format!("tools[{i}].function.name is missing"))?;
-            let mut d = json!({"name": name});
-            if let Some(desc) = f.get("description") {
+    let decls: Vec<Value> = openai::tools(req)?
+        .into_iter()
+        .map(|t| {
+            let mut d = json!({"name": t.name});
+            if let Some(desc) = t.description {
                 d["description"] = desc.clone();
             }
-            if let Some(p) = f.get("parameters") {
+            if let Some(p) = t.parameters {
                 d["parametersJsonSchema"] = p.clone();
             }
-            decls.push(d);
-        }
-        if !decls.is_empty() {
-            out.insert("tools".into(), json!([{"functionDeclarations": decls}]));
-        }
+            d
+        })
+        .collect();
+    if !decls.is_empty() {
+        out.insert("tools".into(), json!([{"functionDeclarations": decls}]));
     }
-    let mode = match req.get("tool_choice") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(match s.as_str() {
-            "auto" => json!({"mode": "AUTO"}),
-            "required" => json!({"mode": "ANY"}),
-            "none" => json!({"mode": "NONE"}),
-            other => return Err(format!("tool_choice: {other:?} is not auto, required or none")),
-        }),
-        Some(v) => {
-            let name = v
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or("tool_choice: expected {\"type\":\"function\",\"function\":{\"name\":...}}")?;
-            Some(json!({"mode": "ANY", "allowedFunctionNames": [name]}))
-        }
-    };
-    if let Some(m) = mode {
-        out.insert("toolConfig".into(), json!({"functionCallingConfig": m}));
+    if let Some(c) = openai::tool_choice(req)? {
+        let mode = match c {
+            ToolChoice::Auto => json!({"mode": "AUTO"}),
+            ToolChoice::Required => json!({"mode": "ANY"}),
+            ToolChoice::None => json!({"mode": "NONE"}),
+            ToolChoice::Function(name) => json!({"mode": "ANY", "allowedFunctionNames": [name]}),
+        };
+        out.insert("toolConfig".into(), json!({"functionCallingConfig": mode}));
     }
     Ok(Value::Object(out))
 }
 
-/// Appends a turn, merging it into the previous one of the same role.
-fn push(contents: &mut Vec<Value>, role: &str, p: Vec<Value>) {
-    if let Some(last) = contents.last_mut() {
-        if last["role"] == role {
-            if let Some(a) = last["parts"].as_array_mut() {
-                a.extend(p);
-                return;
-            }
-        }
-    }
-    contents.push(json!({"role": role, "parts": p}));
-}
-
+/// The content of message `i` as Gemini parts.
 fn parts(content: Option<&Value>, i: usize) -> Result<Vec<Value>, String> {
-    match content {
-        Some(Value::String(s)) => Ok(vec![json!({"text": s})]),
-        Some(Value::Array(list)) => list
-            .iter()
-            .enumerate()
-            .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
-                Some("text") => Ok(json!({"text": p.get("text").cloned().unwrap_or(json!(""))})),
-                Some("image_url") => {
-                    let url = p
-                        .get("image_url")
-                        .and_then(|u| u.get("url").or(Some(u)))
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| format!("messages[{i}].content[{j}].image_url.url is missing"))?;
-                    if let Some((mime, data)) = data_url(url) {
-                        return Ok(json!({"inlineData": {"mimeType": mime, "data": data}}));
-                    }
-                    if url.starts_with("https://") {
-                        return Ok(json!({"fileData": {"mimeType": image_type(url), "fileUri": url}}));
-                    }
-                    Err(format!(
-                        "messages[{i}].content[{j}].image_url: expected a data: URL with base64 data or an https URL"
-                    ))
-                }
-                other => Err(format!("messages[{i}].content[{j}].type: {other:?} is not translated (text, image_url)")),
-            })
-            .collect(),
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(_) => Err(format!("messages[{i}].content must be a string or an array of parts")),
-    }
+    Ok(openai::content(content, i)?
+        .into_iter()
+        .map(|p| match p {
+            RequestPart::Text(t) => json!({"text": t}),
+            RequestPart::InlineImage { mime, data } => json!({"inlineData": {"mimeType": mime, "data": data}}),
+            RequestPart::ImageUrl(url) => json!({"fileData": {"mimeType": image_type(url), "fileUri": url}}),
+        })
+        .collect())
 }
 
 /// The image type of a URL, by its extension (Gemini needs one for file data).
@@ -472,9 +406,7 @@ impl Stream {
             return;
         }
         self.done = true;
-        finish_chunk(out, &self.id, &self.model, self.created, self.finish.unwrap_or("stop"));
-        usage_chunk(out, &self.id, &self.model, self.created, &self.usage);
-        out.extend_from_slice(b"data: [DONE]\n\n");
+        end_stream(out, &self.id, &self.model, self.created, self.finish.unwrap_or("stop"), &self.usage);
     }
 }
 

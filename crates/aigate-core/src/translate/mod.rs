@@ -17,6 +17,7 @@
 pub mod anthropic;
 pub mod anthropic_client;
 pub mod gemini;
+mod openai;
 
 use std::borrow::Cow;
 
@@ -319,8 +320,12 @@ fn chunk(out: &mut Vec<u8>, id: &str, model: &str, created: u64, delta: Value, f
     event(out, &v);
 }
 
-fn finish_chunk(out: &mut Vec<u8>, id: &str, model: &str, created: u64, finish: &str) {
+/// The end of a translated stream: the finish chunk, the usage chunk (hidden from a client that
+/// did not ask for it, see [`Translation::hides_usage`]) and `[DONE]`.
+fn end_stream(out: &mut Vec<u8>, id: &str, model: &str, created: u64, finish: &str, usage: &Usage) {
     chunk(out, id, model, created, json!({}), Some(finish));
+    usage_chunk(out, id, model, created, usage);
+    out.extend_from_slice(b"data: [DONE]\n\n");
 }
 
 /// The usage chunk OpenAI sends last when asked (`choices` empty).

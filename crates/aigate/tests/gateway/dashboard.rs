@@ -8,6 +8,13 @@ fn browser() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
+/// GETs a dashboard API path with a session cookie; asserts 200.
+async fn get_json(to: &impl Target, path: &str, cookie: &str) -> serde_json::Value {
+    let r = browser().get(to.url(path)).header("cookie", cookie).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.unwrap()
+}
+
 /// Logs in with the admin token; answers the session cookie (`name=value`) and the page's CSRF token.
 async fn log_in(to: &impl Target, token: &str) -> (String, String) {
     let http = browser();
@@ -87,27 +94,11 @@ async fn sessions_guard_every_page_and_change() {
     // The data API answers what the admin API answers, and the dashboard's own views.
     assert_eq!(post(&env, "/v1/chat/completions", CHAT, &[]).await.status(), 200);
     let recs = records(&env, "default", 1).await;
-    let overview: serde_json::Value = http
-        .get(env.url("/dashboard/api/overview?range=1h"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let overview = get_json(&env, "/dashboard/api/overview?range=1h", &cookie).await;
     assert_eq!(overview["gateways"][0]["name"], "default");
     assert_eq!(overview["gateways"][0]["analytics"]["totals"]["requests"], 1);
     let id = recs[0]["id"].as_str().unwrap();
-    let one: serde_json::Value = http
-        .get(env.url(&format!("/dashboard/api/gateways/default/logs/{id}")))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = get_json(&env, &format!("/dashboard/api/gateways/default/logs/{id}"), &cookie).await;
     assert_eq!(one["request"]["kind"], "json");
     assert!(one["request"]["text"].as_str().unwrap().contains("\n  \"messages\": ["), "{one}");
     assert!(one.get("request_body").is_none(), "no base64 body: {one}");
@@ -124,15 +115,7 @@ async fn sessions_guard_every_page_and_change() {
     assert_eq!(r.status(), 200);
 
     // A gateway started without a configuration file shows its settings read-only.
-    let s: serde_json::Value = http
-        .get(env.url("/dashboard/api/gateways/default/settings"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = get_json(&env, "/dashboard/api/gateways/default/settings", &cookie).await;
     assert_eq!(s["editable"], false);
     assert!(s["read_only_reason"].as_str().unwrap().contains("--config"), "{s}");
     assert_eq!(s["audit"][0]["action"], "cache purge");
@@ -220,15 +203,7 @@ async fn settings_changed_in_the_dashboard_apply_live_and_keep_the_file() {
     assert_eq!(post(&gw, "/v1/chat/completions", CHAT, &[]).await.status(), 200);
     assert_eq!(post(&gw, "/v1/chat/completions", CHAT, &[]).await.status(), 429);
 
-    let s: serde_json::Value = http
-        .get(gw.url("/dashboard/api/gateways/default/settings"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = get_json(&gw, "/dashboard/api/gateways/default/settings", &cookie).await;
     assert_eq!(s["editable"], true);
     let actions: Vec<&str> = s["audit"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["rate_limit", "cache.mode"], "newest first: {s}");
@@ -238,15 +213,7 @@ async fn settings_changed_in_the_dashboard_apply_live_and_keep_the_file() {
     std::fs::write(&gw.config, format!("{after}[dashboard]\nread_only = true\n")).unwrap();
     gw.signal("HUP");
     gw.stderr_line("configuration reloaded").await;
-    let s: serde_json::Value = http
-        .get(gw.url("/dashboard/api/gateways/default/settings"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = get_json(&gw, "/dashboard/api/gateways/default/settings", &cookie).await;
     assert_eq!(s["editable"], false);
     assert!(s["read_only_reason"].as_str().unwrap().contains("read_only = true"), "{s}");
     let r = put(r#"{"cache_mode":"on","cache_ttl":"1h","logs_enabled":true,"log_bodies":false,"rate_limit":null}"#)
