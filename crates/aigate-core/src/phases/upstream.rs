@@ -1,8 +1,8 @@
 //! Phase 6, upstream: the request that goes to the provider, and the one place it is sent.
 //!
 //! The request goes out as the client sent it, with hop-by-hop headers, `Host` and every
-//! `cf-aig-*` header removed, and the gateway's stored provider key injected (replacing any
-//! credential the client sent). On a streamed chat or completions request to a provider that
+//! `cf-aig-*` header removed, `accept-encoding: identity` (aigate reads every answer as it passes),
+//! and the gateway's stored provider key injected (replacing any credential the client sent). On a streamed chat or completions request to a provider that
 //! accepts it, aigate adds `stream_options.include_usage` so the stream reports its usage (the
 //! extra event is hidden from the client by the meter).
 //!
@@ -81,6 +81,9 @@ fn prepare(
 ) -> Result<Outgoing, GatewayError> {
     let provider = &route.provider;
     strip_request_headers(&mut headers);
+    // Answers are read as they pass (usage, the cache, stored bodies, translation): the provider
+    // is asked for them uncompressed, whatever the client accepts.
+    headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let stored = route.gateway.provider_keys.get(&provider.name);
     if let Some(key) = stored {
         inject_key(&mut headers, provider, key)?;
@@ -169,6 +172,7 @@ pub fn strip_request_headers(headers: &mut HeaderMap) {
             || k.as_str().starts_with(CF_AIG_PREFIX)
             || LEGACY_CF_HEADERS.contains(&k.as_str())
             || HOP_BY_HOP.contains(k)
+            || k == http::header::ACCEPT_ENCODING
     });
 }
 
@@ -217,8 +221,7 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
 
 /// The headers of a request translated for `provider`: the client's key (sent as its SDK sends
 /// it: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key`) moves to the provider's own header
-/// unless a stored key replaced it, the body's new length, an identity encoding (the answer is
-/// translated as it arrives), and the API version Anthropic requires.
+/// unless a stored key replaced it, the body's new length, and the API version Anthropic requires.
 fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translation, len: usize, stored: bool) {
     if !stored {
         let key = AuthStyle::ALL.iter().find_map(|style| {
@@ -239,9 +242,6 @@ fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translat
         }
     }
     headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
-    if t.format != Format::OpenAi || t.anthropic_client {
-        headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    }
     if t.format == Format::Anthropic {
         if !headers.contains_key("anthropic-version") {
             headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
@@ -279,6 +279,7 @@ mod tests {
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert("authorization", "Bearer client".parse().unwrap());
         h.insert("x-custom", "kept".parse().unwrap());
+        h.insert("accept-encoding", "gzip, br".parse().unwrap());
         strip_request_headers(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");

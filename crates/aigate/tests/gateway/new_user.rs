@@ -432,3 +432,15 @@ mod cli {
         assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_accepts_gzip_still_gets_metered() {
+    // SDKs send `Accept-Encoding: gzip`; a provider that compressed its answer would hide the
+    // usage from the meter. aigate asks for the answer uncompressed.
+    let env = env_with(ADMIN, MockConfig::default()).await;
+    let r = post(&env, "/v1/chat/completions", CHAT, &[("accept-encoding", "gzip, deflate, br")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.mock.last_request().unwrap().headers["accept-encoding"], "identity");
+    let recs = records(&env, "default", 1).await;
+    assert_eq!(recs[0]["tokens_in"], 19);
+}
