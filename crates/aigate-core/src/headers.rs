@@ -4,6 +4,12 @@ use http::HeaderName;
 
 /// Gateway token, `Bearer <token>` (request).
 pub const CF_AIG_AUTHORIZATION: HeaderName = HeaderName::from_static("cf-aig-authorization");
+/// Attempts in all for a failing upstream request (1-5).
+pub const CF_AIG_MAX_ATTEMPTS: HeaderName = HeaderName::from_static("cf-aig-max-attempts");
+/// Wait before a retry, ms (0-5000).
+pub const CF_AIG_RETRY_DELAY: HeaderName = HeaderName::from_static("cf-aig-retry-delay");
+/// How the wait grows: `constant`, `linear` or `exponential`.
+pub const CF_AIG_BACKOFF: HeaderName = HeaderName::from_static("cf-aig-backoff");
 /// The gateway of a request in Cloudflare's REST layout (`/client/v4/accounts/…/ai/v1/…`).
 pub const CF_AIG_GATEWAY_ID: HeaderName = HeaderName::from_static("cf-aig-gateway-id");
 /// Log id of this request, a UUIDv7 (response).

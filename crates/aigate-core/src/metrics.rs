@@ -95,6 +95,7 @@ pub struct Metrics {
     overhead: HistogramFamily,
     limited: Family<RuleLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
+    retries: Family<GatewayLabels, Counter>,
     models: Mutex<HashSet<String>>,
     handles: Mutex<HandleCache>,
 }
@@ -165,6 +166,12 @@ impl Metrics {
             "Budget alerts fired (threshold: fraction of the limit)",
             alerts.clone(),
         );
+        let retries = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "aigate_upstream_retries",
+            "Upstream requests sent again after a failed attempt",
+            retries.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { cache, logs, limits }));
         Arc::new(Metrics {
             registry,
@@ -177,6 +184,7 @@ impl Metrics {
             overhead,
             limited,
             alerts,
+            retries,
             models: Mutex::new(HashSet::new()),
             handles: Mutex::new(HandleCache::default()),
         })
@@ -273,6 +281,11 @@ impl Metrics {
     /// A request refused by `rule`.
     pub fn record_limited(&self, gateway: &str, rule: &str) {
         self.limited.get_or_create(&RuleLabels { gateway: gateway.to_owned(), rule: rule.to_owned() }).inc();
+    }
+
+    /// An upstream request about to be sent again.
+    pub fn record_retry(&self, gateway: &str, provider: &str) {
+        self.retries.get_or_create(&GatewayLabels { gateway: gateway.to_owned(), provider: provider.to_owned() }).inc();
     }
 
     /// A budget alert.

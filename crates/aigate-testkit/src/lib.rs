@@ -7,7 +7,9 @@
 //! endpoints and binary bodies.
 //!
 //! Faults are chosen per request with headers (they pass through the gateway untouched):
-//! - `x-mock-status: 503`: answer with that status and an OpenAI error body;
+//! - `x-mock-status: 503`: answer with that status and the provider's error body;
+//! - `x-mock-fail-first: N`: the mock's first N requests fail (503, or `x-mock-status`), later
+//!   ones succeed; `x-mock-retry-after: S` adds `Retry-After` to the failures;
 //! - `x-mock-latency-ms: N`: wait before the response head;
 //! - `x-mock-chunk-delay-ms: N`: wait between SSE events;
 //! - `x-mock-chunks: N`: number of content events in a stream (default 8);
@@ -208,7 +210,7 @@ async fn handle(
     cfg: Arc<MockConfig>,
     stats: Arc<MockStats>,
 ) -> Result<Response<MockBody>, std::io::Error> {
-    stats.requests.fetch_add(1, Ordering::SeqCst);
+    let ordinal = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
     if cfg.record {
@@ -230,9 +232,15 @@ async fn handle(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    if let Some(status) =
-        header_u64(h, "x-mock-status").and_then(|s| u16::try_from(s).ok()).and_then(|s| StatusCode::from_u16(s).ok())
-    {
+    // `x-mock-fail-first: N`: this mock's first N requests fail (503, or `x-mock-status`), then
+    // it answers: a provider having a bad moment, for retries.
+    let failing = header_u64(h, "x-mock-fail-first").is_none_or(|n| ordinal <= n);
+    let status = header_u64(h, "x-mock-status")
+        .or_else(|| h.get("x-mock-fail-first").map(|_| 503))
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .filter(|_| failing);
+    if let Some(status) = status {
         let message = format!("mock failure with status {}", status.as_u16());
         // Each provider's own error shape.
         let body = if parts.uri.path().ends_with("/messages") {
@@ -242,7 +250,11 @@ async fn handle(
         } else {
             serde_json::json!({"error": {"message": message, "type": "server_error", "code": null, "param": null}})
         };
-        return Ok(json(status, body.to_string()));
+        let mut r = json(status, body.to_string());
+        if let Some(v) = h.get("x-mock-retry-after") {
+            r.headers_mut().insert(http::header::RETRY_AFTER, v.clone());
+        }
+        return Ok(r);
     }
     let chunk_delay = header_u64(h, "x-mock-chunk-delay-ms").map(Duration::from_millis).unwrap_or(cfg.chunk_delay);
     let chunks = header_u64(h, "x-mock-chunks").unwrap_or(8).clamp(1, 10_000) as usize;

@@ -472,6 +472,14 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
             "  logs: enabled = {}, bodies = {}, max_records = {}",
             lg.enabled, lg.bodies, lg.retention.max_records
         );
+        let rt = &g.retries;
+        let _ = writeln!(
+            out,
+            "  retries: max_attempts = {}, delay = \"{}\", backoff = \"{}\"",
+            rt.max_attempts,
+            dur(rt.delay),
+            rt.backoff.as_str()
+        );
         for r in &g.rules {
             let only = r.model.as_ref().map(|m| format!(", model = \"{m}\"")).unwrap_or_default();
             match &r.budget {

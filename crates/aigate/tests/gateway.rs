@@ -1014,3 +1014,6 @@ mod dashboard;
 
 #[path = "gateway/compat.rs"]
 mod compat;
+
+#[path = "gateway/retries.rs"]
+mod retries;

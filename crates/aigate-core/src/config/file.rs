@@ -314,6 +314,46 @@ pub struct GatewayConfig {
     /// Spend limits.
     #[serde(default)]
     pub budgets: Vec<BudgetConfig>,
+    /// Retries of a failed upstream request.
+    #[serde(default)]
+    pub retries: RetriesConfig,
+}
+
+/// `[gateways.NAME.retries]`: Cloudflare's retry settings for the gateway (a request's
+/// `cf-aig-max-attempts`, `cf-aig-retry-delay` and `cf-aig-backoff` headers override them).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesConfig {
+    /// Attempts in all, 1 to 5. Default 1 (no retry).
+    pub max_attempts: Option<u32>,
+    /// Wait before the first retry (later ones follow `backoff`), up to `5s`. Default `0s`.
+    pub delay: Option<DurationValue>,
+    /// `constant` (default), `linear` or `exponential`.
+    pub backoff: Option<Backoff>,
+}
+
+/// How the wait grows between retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    /// The same wait every time.
+    #[default]
+    Constant,
+    /// The wait times the retry's number.
+    Linear,
+    /// The wait doubled at each retry.
+    Exponential,
+}
+
+impl Backoff {
+    /// The value as the configuration and `cf-aig-backoff` write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backoff::Constant => "constant",
+            Backoff::Linear => "linear",
+            Backoff::Exponential => "exponential",
+        }
+    }
 }
 
 /// `at_cap` of `[gateways.NAME.logs]`.

@@ -203,6 +203,40 @@ pub struct Gateway {
     pub report: crate::report::Thresholds,
     /// Rate limits and budgets, in the order they are checked.
     pub rules: Vec<crate::limits::Rule>,
+    /// Retries of a failed upstream request.
+    pub retries: RetrySettings,
+}
+
+/// When and how a failed upstream request is sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// Attempts in all (1: no retry), at most [`RetrySettings::MAX_ATTEMPTS`].
+    pub max_attempts: u32,
+    /// The wait before the first retry, at most [`RetrySettings::MAX_DELAY`].
+    pub delay: Duration,
+    /// How the wait grows.
+    pub backoff: file::Backoff,
+}
+
+impl RetrySettings {
+    /// The most attempts (Cloudflare's limit).
+    pub const MAX_ATTEMPTS: u32 = 5;
+    /// The longest wait between attempts (Cloudflare's limit).
+    pub const MAX_DELAY: Duration = Duration::from_secs(5);
+
+    /// No retry.
+    pub const NONE: RetrySettings =
+        RetrySettings { max_attempts: 1, delay: Duration::ZERO, backoff: file::Backoff::Constant };
+
+    /// The wait before retry `n` (1 for the first), at most [`RetrySettings::MAX_DELAY`].
+    pub fn wait(&self, n: u32) -> Duration {
+        let factor = match self.backoff {
+            file::Backoff::Constant => 1,
+            file::Backoff::Linear => n,
+            file::Backoff::Exponential => 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX),
+        };
+        self.delay.saturating_mul(factor).min(Self::MAX_DELAY)
+    }
 }
 
 impl Settings {

@@ -82,6 +82,7 @@ impl FileConfig {
                 logs: validate_logs(&gc.logs, &key("logs"))?,
                 report: validate_thresholds(gc.report, &key("report"))?,
                 rules: validate_rules(&gc, &key(""))?,
+                retries: validate_retries(&gc.retries, &key("retries"))?,
             };
             gateways.insert(name, Arc::new(gw));
         }
@@ -204,6 +205,19 @@ impl FileConfig {
             source: None,
         })
     }
+}
+
+/// Validates `[gateways.NAME.retries]`.
+fn validate_retries(r: &RetriesConfig, key: &str) -> Result<RetrySettings, ConfigError> {
+    let max_attempts = r.max_attempts.unwrap_or(1);
+    if !(1..=RetrySettings::MAX_ATTEMPTS).contains(&max_attempts) {
+        return Err(ConfigError::Invalid(format!("{key}.max_attempts: {max_attempts} is not between 1 and 5")));
+    }
+    let delay = r.delay.map_or(Duration::ZERO, |d| d.0);
+    if delay > RetrySettings::MAX_DELAY {
+        return Err(ConfigError::Invalid(format!("{key}.delay: at most 5s")));
+    }
+    Ok(RetrySettings { max_attempts, delay, backoff: r.backoff.unwrap_or_default() })
 }
 
 /// Validates `[gateways.NAME.cache]`.

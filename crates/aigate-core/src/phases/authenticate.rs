@@ -98,6 +98,7 @@ mod tests {
             logs: crate::config::validate_logs_for_tests(),
             report: Default::default(),
             rules: Vec::new(),
+            retries: crate::config::RetrySettings::NONE,
         }
     }
 

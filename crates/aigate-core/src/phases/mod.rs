@@ -40,7 +40,7 @@ use limits::limits;
 use read_body::read_body;
 use respond::{respond, Exchange};
 use route::{route, Route};
-use upstream::{request_timeout, upstream};
+use upstream::{request_timeout, retry_policy, upstream};
 
 /// A gateway request as the cache and limits phases see it: routed, authenticated, body read.
 pub struct Call<'a> {
@@ -73,6 +73,7 @@ pub async fn run(
     let meter = ex.meter(Meter::new(ex.id, ex.created_at_ms, ex.start, &route, &head.headers));
     authenticate::check(&route.gateway, &head.headers)?;
     let timeout = request_timeout(&head.headers, &route.gateway)?;
+    let retry = retry_policy(&head.headers, &route.gateway)?;
     let cache_options = CacheOptions::parse(&head.headers)?;
     let body = read_body(body, &settings).await?;
     meter.request_body = detached(&body);
@@ -106,7 +107,8 @@ pub async fn run(
         Lookup::Skip => None,
     };
 
+    let (method, headers) = (head.method, head.headers);
     let answer =
-        upstream(state, &route, (head.method, head.headers), outgoing, translation.as_ref(), timeout, meter).await?;
+        upstream(state, &route, (method, headers), outgoing, translation.as_ref(), retry, timeout, meter).await?;
     Ok(respond(answer, miss, route.endpoint, translation.as_ref(), meter))
 }

@@ -6,8 +6,12 @@
 //! accepts it, aigate adds `stream_options.include_usage` so the stream reports its usage (the
 //! extra event is hidden from the client by the meter).
 //!
-//! [`upstream`] is where a request is sent: attempts and fallback steps loop there, over an
-//! [`Outgoing`] request that can be sent again.
+//! [`upstream`] is where a request is sent, and sent again: a connection failure, a timeout before
+//! the response head, a 5xx or a 429 is retried under the request's retry policy ([`retry_policy`]:
+//! `cf-aig-max-attempts`, `cf-aig-retry-delay`, `cf-aig-backoff`, else the gateway's
+//! `[retries]`), waiting as the backoff says, or as `Retry-After` says when longer, up to 5 s.
+//! Nothing has reached the client before the head is accepted, so a retry is always safe. The
+//! [`Outgoing`] request is cloned only for an attempt that may be followed by another.
 //!
 //! Reads: the route, the client's headers and body, `cf-aig-request-timeout`. Writes: the meter's
 //! upstream timestamps and usage filter. Fails with 502 (unreachable, naming the provider, never a
@@ -24,10 +28,13 @@ use http_body_util::Full;
 use super::route::Route;
 use super::Call;
 use crate::client::{ClientError, HttpClient, UpstreamBody};
-use crate::config::{Gateway, Secret};
+use crate::config::{Backoff, Gateway, RetrySettings, Secret};
 use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
-use crate::headers::{CF_AIG_PREFIX, CF_AIG_REQUEST_TIMEOUT, HOP_BY_HOP, LEGACY_CF_HEADERS};
+use crate::headers::{
+    CF_AIG_BACKOFF, CF_AIG_MAX_ATTEMPTS, CF_AIG_PREFIX, CF_AIG_REQUEST_TIMEOUT, CF_AIG_RETRY_DELAY, HOP_BY_HOP,
+    LEGACY_CF_HEADERS,
+};
 use crate::meter::usage::{inject_include_usage, InjectedUsageFilter};
 use crate::meter::Meter;
 use crate::providers::{AuthStyle, Provider};
@@ -53,21 +60,95 @@ impl Outgoing {
     }
 }
 
-/// Sends the request to the provider and returns its response head (the body streams after).
+/// Sends the request to the provider and returns its response head (the body streams after),
+/// retrying under `retry`.
+#[allow(clippy::too_many_arguments)]
 pub async fn upstream(
     state: &AppState,
     route: &Route<'_>,
     (method, headers): (http::Method, HeaderMap),
     body: Bytes,
     translation: Option<&Translation>,
+    retry: RetrySettings,
     timeout: Duration,
     meter: &mut Meter,
 ) -> Result<Response<UpstreamBody>, GatewayError> {
     let out = prepare(route, method, headers, body, translation, meter)?;
     meter.upstream_start = Some(Instant::now());
-    let resp = attempt(&state.client, &route.provider, out, timeout).await?;
-    meter.upstream_head = Some(Instant::now());
-    Ok(resp)
+    let mut out = Some(out);
+    let mut n = 1;
+    loop {
+        let last = n >= retry.max_attempts;
+        let this = match (last, &mut out) {
+            (false, Some(o)) => o.clone(),
+            (_, o) => o.take().ok_or(GatewayError::Internal)?,
+        };
+        let result = attempt(&state.client, &route.provider, this, timeout).await;
+        let again = if last { None } else { retryable(&result) };
+        match again {
+            Some(retry_after) => {
+                state.metrics.record_retry(&route.gateway.name, &route.provider.name);
+                drop(result);
+                tokio::time::sleep(retry.wait(n).max(retry_after).min(RetrySettings::MAX_DELAY)).await;
+                n += 1;
+            }
+            None => {
+                meter.upstream_head = Some(Instant::now());
+                return result;
+            }
+        }
+    }
+}
+
+/// Whether an attempt's outcome is worth another attempt, and the wait its `Retry-After` asks.
+fn retryable(result: &Result<Response<UpstreamBody>, GatewayError>) -> Option<Duration> {
+    match result {
+        Err(GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamTimeout { .. }) => Some(Duration::ZERO),
+        Ok(r) if r.status().is_server_error() || r.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+            let secs =
+                r.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+            Some(secs.map_or(Duration::ZERO, Duration::from_secs))
+        }
+        _ => None,
+    }
+}
+
+/// The request's retry policy: `cf-aig-max-attempts` (1-5), `cf-aig-retry-delay` (0-5000 ms) and
+/// `cf-aig-backoff` over the gateway's `[retries]`; a bad value is a 400 naming the header.
+pub fn retry_policy(headers: &HeaderMap, gateway: &Gateway) -> Result<RetrySettings, GatewayError> {
+    let mut r = gateway.retries;
+    let text = |name: &HeaderName| -> Result<Option<&str>, GatewayError> {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map(str::trim).map_err(|_| GatewayError::BadRequest(format!("{name} is not text"))))
+            .transpose()
+    };
+    if let Some(v) = text(&CF_AIG_MAX_ATTEMPTS)? {
+        r.max_attempts = v.parse().ok().filter(|n| (1..=RetrySettings::MAX_ATTEMPTS).contains(n)).ok_or_else(|| {
+            GatewayError::BadRequest(format!("{CF_AIG_MAX_ATTEMPTS}: {v:?} is not a number from 1 to 5"))
+        })?;
+    }
+    if let Some(v) = text(&CF_AIG_RETRY_DELAY)? {
+        let ms: u64 = v.parse().ok().filter(|ms| *ms <= 5000).ok_or_else(|| {
+            GatewayError::BadRequest(format!(
+                "{CF_AIG_RETRY_DELAY}: {v:?} is not a number of milliseconds from 0 to 5000"
+            ))
+        })?;
+        r.delay = Duration::from_millis(ms);
+    }
+    if let Some(v) = text(&CF_AIG_BACKOFF)? {
+        r.backoff = match v {
+            "constant" => Backoff::Constant,
+            "linear" => Backoff::Linear,
+            "exponential" => Backoff::Exponential,
+            _ => {
+                return Err(GatewayError::BadRequest(format!(
+                    "{CF_AIG_BACKOFF}: {v:?} is not constant, linear or exponential"
+                )))
+            }
+        };
+    }
+    Ok(r)
 }
 
 /// The request as it goes upstream (see the module docs).
