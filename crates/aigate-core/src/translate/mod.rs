@@ -197,8 +197,11 @@ pub fn prepare(
 /// slash. A scan, not a parse: every plain `/v1/chat/completions` request asks, and nearly all
 /// answer no.
 fn may_name_a_provider(body: &[u8]) -> bool {
+    // Built once: building a searcher costs more than scanning a small body with it.
+    static MODEL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
     let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
-    memchr::memmem::find_iter(body, b"\"model\"").any(|at| {
+    MODEL_KEY.find_iter(body).any(|at| {
         let mut rest = body[at + 7..].iter().skip_while(|b| ws(b));
         if rest.next() != Some(&b':') {
             return false;
