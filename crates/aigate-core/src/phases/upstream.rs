@@ -171,7 +171,7 @@ fn prepare(
         inject_key(&mut headers, provider, key)?;
     }
     if let Some(t) = translation {
-        translated_headers(&mut headers, provider, t, body.len(), stored.is_some());
+        translated_headers(&mut headers, provider, t, body.len(), stored.is_some())?;
         if t.hides_usage() {
             meter.filter = Some(InjectedUsageFilter::new());
         }
@@ -303,7 +303,13 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
 /// The headers of a request translated for `provider`: the client's key (sent as its SDK sends
 /// it: `Authorization: Bearer`, `x-api-key`, `x-goog-api-key`) moves to the provider's own header
 /// unless a stored key replaced it, the body's new length, and the API version Anthropic requires.
-fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translation, len: usize, stored: bool) {
+fn translated_headers(
+    headers: &mut HeaderMap,
+    provider: &Provider,
+    t: &Translation,
+    len: usize,
+    stored: bool,
+) -> Result<(), GatewayError> {
     if !stored {
         let key = AuthStyle::ALL.iter().find_map(|style| {
             let v = headers.get(style.header())?.to_str().ok()?;
@@ -312,14 +318,10 @@ fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translat
             } else {
                 v
             };
-            Some(k.trim().to_owned())
+            Some(Secret::new(k.trim()))
         });
-        for style in AuthStyle::ALL {
-            headers.remove(style.header());
-        }
-        if let Some(mut v) = key.and_then(|k| HeaderValue::from_str(&provider.auth.value(&k)).ok()) {
-            v.set_sensitive(true);
-            headers.insert(provider.auth.header(), v);
+        if let Some(key) = key {
+            inject_key(headers, provider, &key)?;
         }
     }
     headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -331,6 +333,7 @@ fn translated_headers(headers: &mut HeaderMap, provider: &Provider, t: &Translat
         headers.remove("anthropic-version");
         headers.remove("anthropic-beta");
     }
+    Ok(())
 }
 
 /// Replaces any client credential with the stored key, in the provider's auth style.

@@ -514,21 +514,34 @@ impl ResponseTranslator {
     }
 }
 
-/// Appends `input` to the `pending` bytes of a stream and calls `f` with the data of every event
-/// now complete; keeps the rest (at most [`MAX_EVENT`] bytes) for the next read.
+/// Calls `f` with the data of every event complete once `input` follows the `pending` bytes of a
+/// stream, and keeps the unfinished rest (at most [`MAX_EVENT`] bytes) for the next read. With
+/// nothing pending (reads usually end on an event boundary) the events are read from `input`
+/// itself, without a copy.
 fn each_event(pending: &mut Vec<u8>, input: &[u8], mut f: impl FnMut(&[u8])) {
-    pending.extend_from_slice(input);
+    if pending.is_empty() {
+        let done = complete_events(input, &mut f);
+        pending.extend_from_slice(&input[done..]);
+    } else {
+        pending.extend_from_slice(input);
+        let done = complete_events(pending, &mut f);
+        pending.drain(..done);
+    }
+    if pending.len() > MAX_EVENT {
+        pending.clear();
+    }
+}
+
+/// Calls `f` with the data of each complete event of `buf`; answers the bytes they take.
+fn complete_events(buf: &[u8], f: &mut impl FnMut(&[u8])) -> usize {
     let mut start = 0;
-    while let Some((len, with_blank)) = event_end(&pending[start..]) {
-        if let Some(data) = event_data(&pending[start..start + len]) {
+    while let Some((len, with_blank)) = event_end(&buf[start..]) {
+        if let Some(data) = event_data(&buf[start..start + len]) {
             f(&data);
         }
         start += with_blank;
     }
-    pending.drain(..start);
-    if pending.len() > MAX_EVENT {
-        pending.clear();
-    }
+    start
 }
 
 /// The end of the first complete event in `b`: (length without the blank line, length with it).
@@ -541,18 +554,22 @@ fn event_end(b: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// The `data:` of an event (several `data:` lines joined by newlines).
-fn event_data(ev: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
+/// The `data:` of an event: the one `data:` line as it is, several joined by newlines.
+fn event_data(ev: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
     for line in ev.split(|&c| c == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(v) = line.strip_prefix(b"data:") {
             let v = v.strip_prefix(b" ").unwrap_or(v);
-            let d = data.get_or_insert_with(Vec::new);
-            if !d.is_empty() {
-                d.push(b'\n');
-            }
-            d.extend_from_slice(v);
+            data = Some(match data {
+                None => Cow::Borrowed(v),
+                Some(d) => {
+                    let mut joined = d.into_owned();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(v);
+                    Cow::Owned(joined)
+                }
+            });
         }
     }
     data
