@@ -323,13 +323,15 @@
   const fromLocalInput = (v) => new Date(v).getTime();
 
   function renderCompare(section, range) {
-    const now = Date.now();
+    // The inputs hold whole minutes and a window is [from, to): the default "after" ends at the
+    // next whole minute so that it includes the requests of the current one.
+    const end = Math.ceil(Date.now() / 60e3) * 60e3;
     const span = RANGE_MS[range];
     const inputs = {
-      bf: el("input", { type: "datetime-local", id: "before-from", value: toLocalInput(now - 2 * span) }),
-      bt: el("input", { type: "datetime-local", id: "before-to", value: toLocalInput(now - span) }),
-      af: el("input", { type: "datetime-local", id: "after-from", value: toLocalInput(now - span) }),
-      at: el("input", { type: "datetime-local", id: "after-to", value: toLocalInput(now) }),
+      bf: el("input", { type: "datetime-local", id: "before-from", value: toLocalInput(end - 2 * span) }),
+      bt: el("input", { type: "datetime-local", id: "before-to", value: toLocalInput(end - span) }),
+      af: el("input", { type: "datetime-local", id: "after-from", value: toLocalInput(end - span) }),
+      at: el("input", { type: "datetime-local", id: "after-to", value: toLocalInput(end) }),
     };
     const out = el("div", { "aria-live": "polite" });
     const run = async (ev) => {
