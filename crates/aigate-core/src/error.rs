@@ -88,6 +88,14 @@ pub enum GatewayError {
         /// The timeout that applied.
         timeout_ms: u64,
     },
+    /// The provider's circuit breaker is open (it kept failing) and no other step was left.
+    #[error("provider {provider:?} is failing: aigate stopped sending it requests for now (circuit breaker open); retry in {retry_after_ms} ms")]
+    CircuitOpen {
+        /// The provider name.
+        provider: String,
+        /// Ms until a probe request is let through.
+        retry_after_ms: u64,
+    },
     /// A rate limit or budget refused the request.
     #[error("{message}")]
     RateLimited {
@@ -178,6 +186,7 @@ impl GatewayError {
             BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout"),
             UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "api_error", "upstream_unreachable"),
             UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", "upstream_timeout"),
+            CircuitOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "circuit_open"),
             RateLimited { code, .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code),
             LimitStoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "limit_store_unavailable"),
             WebSocketUnsupported => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error", "websocket_unsupported"),
@@ -197,7 +206,9 @@ impl GatewayError {
     /// Who is to blame.
     pub fn blame(&self) -> Blame {
         match self {
-            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamTimeout { .. } => Blame::Upstream,
+            GatewayError::UpstreamUnreachable { .. }
+            | GatewayError::UpstreamTimeout { .. }
+            | GatewayError::CircuitOpen { .. } => Blame::Upstream,
             GatewayError::Internal | GatewayError::StoreUnavailable { .. } => Blame::Internal,
             _ => Blame::Downstream,
         }
@@ -207,6 +218,11 @@ impl GatewayError {
     pub fn into_response(self) -> Response<GatewayBody> {
         let (status, kind, code) = self.parts();
         let mut resp = error_response(status, &self.to_string(), kind, code);
+        if let GatewayError::CircuitOpen { retry_after_ms, .. } = self {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)));
+            return resp;
+        }
         if let GatewayError::RateLimited { retry_after_ms, limit, remaining, reset_ms, headers, .. } = self {
             use crate::limits::headers::*;
             let h = resp.headers_mut();

@@ -12,6 +12,14 @@ pub const CF_AIG_RETRY_DELAY: HeaderName = HeaderName::from_static("cf-aig-retry
 pub const CF_AIG_BACKOFF: HeaderName = HeaderName::from_static("cf-aig-backoff");
 /// The gateway of a request in Cloudflare's REST layout (`/client/v4/accounts/…/ai/v1/…`).
 pub const CF_AIG_GATEWAY_ID: HeaderName = HeaderName::from_static("cf-aig-gateway-id");
+/// The 0-based index of the fallback step that answered (response).
+pub const CF_AIG_STEP: HeaderName = HeaderName::from_static("cf-aig-step");
+/// The model a dynamic route sent the request to (response).
+pub const CF_AIG_MODEL: HeaderName = HeaderName::from_static("cf-aig-model");
+/// The provider a dynamic route sent the request to (response).
+pub const CF_AIG_PROVIDER: HeaderName = HeaderName::from_static("cf-aig-provider");
+/// The gateway whose settings served the request, when the addressed one has a canary (response).
+pub const AIGATE_GATEWAY: HeaderName = HeaderName::from_static("aigate-gateway");
 /// Log id of this request, a UUIDv7 (response).
 pub const CF_AIG_LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
 /// Client-chosen event id, echoed back (request and response).

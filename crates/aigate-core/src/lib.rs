@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod phases;
 pub mod providers;
 pub mod report;
+pub mod routing;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -15,7 +15,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -96,6 +96,9 @@ pub struct Metrics {
     limited: Family<RuleLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
     retries: Family<GatewayLabels, Counter>,
+    breaker_state: Family<GatewayLabels, Gauge>,
+    breaker_skips: Family<GatewayLabels, Counter>,
+    fallbacks: Family<GatewayLabels, Counter>,
     models: Mutex<HashSet<String>>,
     handles: Mutex<HandleCache>,
 }
@@ -172,6 +175,24 @@ impl Metrics {
             "Upstream requests sent again after a failed attempt",
             retries.clone(),
         );
+        let breaker_state = Family::<GatewayLabels, Gauge>::default();
+        registry.register(
+            "aigate_breaker_state",
+            "Circuit breaker of a provider: 0 closed, 1 open, 2 half-open (a probe is in flight)",
+            breaker_state.clone(),
+        );
+        let breaker_skips = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "aigate_breaker_skips",
+            "Requests not sent to a provider because its circuit breaker was open",
+            breaker_skips.clone(),
+        );
+        let fallbacks = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "aigate_fallbacks",
+            "Fallback steps that failed or were skipped, so the next step was tried (by the step's provider)",
+            fallbacks.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { cache, logs, limits }));
         Arc::new(Metrics {
             registry,
@@ -185,6 +206,9 @@ impl Metrics {
             limited,
             alerts,
             retries,
+            breaker_state,
+            breaker_skips,
+            fallbacks,
             models: Mutex::new(HashSet::new()),
             handles: Mutex::new(HandleCache::default()),
         })
@@ -286,6 +310,27 @@ impl Metrics {
     /// An upstream request about to be sent again.
     pub fn record_retry(&self, gateway: &str, provider: &str) {
         self.retries.get_or_create(&GatewayLabels { gateway: gateway.to_owned(), provider: provider.to_owned() }).inc();
+    }
+
+    /// A circuit breaker changed state ([`crate::routing::breaker::State::code`]).
+    pub fn record_breaker(&self, gateway: &str, provider: &str, state: i64) {
+        self.breaker_state
+            .get_or_create(&GatewayLabels { gateway: gateway.to_owned(), provider: provider.to_owned() })
+            .set(state);
+    }
+
+    /// A request not sent to a provider whose breaker is open.
+    pub fn record_breaker_skip(&self, gateway: &str, provider: &str) {
+        self.breaker_skips
+            .get_or_create(&GatewayLabels { gateway: gateway.to_owned(), provider: provider.to_owned() })
+            .inc();
+    }
+
+    /// A chain's step failed or was skipped; the next is tried.
+    pub fn record_fallback(&self, gateway: &str, provider: &str) {
+        self.fallbacks
+            .get_or_create(&GatewayLabels { gateway: gateway.to_owned(), provider: provider.to_owned() })
+            .inc();
     }
 
     /// A budget alert.

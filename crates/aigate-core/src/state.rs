@@ -38,6 +38,8 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// The web console's sessions and settings lock.
     pub dashboard: crate::dashboard::DashboardState,
+    /// Circuit breakers by gateway and provider.
+    pub breakers: crate::routing::breaker::Breakers,
 }
 
 /// Why the state could not be built.
@@ -85,6 +87,7 @@ impl AppState {
             limits,
             stopping: tokio::sync::watch::Sender::new(false),
             dashboard: crate::dashboard::DashboardState::default(),
+            breakers: Default::default(),
         }))
     }
 }

@@ -15,7 +15,9 @@
 //! - `x-mock-chunks: N`: number of content events in a stream (default 8);
 //! - `x-mock-cut-after: N`: abort a stream after N events (a truncated response);
 //! - `x-mock-split-events: true`: send each SSE event in two writes cut in its middle;
-//! - `x-mock-drop: true`: close the connection without answering.
+//! - `x-mock-drop: true`: close the connection without answering;
+//! - a path segment `status-NNN` (e.g. a provider's base URL `http://mock/status-503/v1`): every
+//!   request to it fails with that status, so one mock serves a failing and a healthy provider.
 //!
 //! The mock counts requests, completed and cancelled streams, and can record each request for
 //! assertions ([`MockConfig::record`]).
@@ -235,7 +237,10 @@ async fn handle(
     // `x-mock-fail-first: N`: this mock's first N requests fail (503, or `x-mock-status`), then
     // it answers: a provider having a bad moment, for retries.
     let failing = header_u64(h, "x-mock-fail-first").is_none_or(|n| ordinal <= n);
+    // A path segment `status-NNN` (a provider whose base URL holds it) fails every request.
+    let path_status = parts.uri.path().split('/').find_map(|s| s.strip_prefix("status-")?.parse::<u64>().ok());
     let status = header_u64(h, "x-mock-status")
+        .or(path_status)
         .or_else(|| h.get("x-mock-fail-first").map(|_| 503))
         .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| StatusCode::from_u16(s).ok())

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::providers::AuthStyle;
@@ -317,6 +317,86 @@ pub struct GatewayConfig {
     /// Retries of a failed upstream request.
     #[serde(default)]
     pub retries: RetriesConfig,
+    /// Dynamic routes by name: a request whose model is `dynamic/NAME` follows route NAME.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// A share of this gateway's traffic served with another gateway's settings.
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
+    /// Skip an upstream that keeps failing.
+    #[serde(default)]
+    pub breaker: Option<BreakerConfig>,
+}
+
+/// `[gateways.NAME.routes.ROUTE]`: either `steps` (a fallback chain) or `[[arms]]` (a weighted
+/// split, each arm its own chain).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Steps tried in order until one answers 2xx.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Weighted arms; the first arm whose `when` matches the request's metadata takes part.
+    #[serde(default)]
+    pub arms: Vec<ArmConfig>,
+    /// `"credential"` or `"metadata.KEY"`: the same caller always gets the same arm.
+    #[serde(default)]
+    pub sticky: Option<String>,
+}
+
+/// One arm of a dynamic route.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmConfig {
+    /// Relative weight (1 to 10,000). Default 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Metadata the request must carry for the arm to take part, e.g. `{ "metadata.tier" = "free" }`.
+    #[serde(default)]
+    pub when: BTreeMap<String, String>,
+    /// The arm's steps, tried in order.
+    pub steps: Vec<StepConfig>,
+}
+
+/// One step of a dynamic route.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    /// A configured provider.
+    pub provider: String,
+    /// The provider's model name.
+    pub model: String,
+    /// Time to the first byte for this step (default: the gateway's `request_timeout`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Attempts for this step, 1 to 5 (default: the gateway's retries).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+/// `[gateways.NAME.canary]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// The gateway whose settings serve the canary share (it logs those requests).
+    pub gateway: String,
+    /// The share of traffic, 0 to 100 (fractions allowed).
+    pub percent: f64,
+    /// `"credential"` or `"metadata.KEY"`: a caller stays on one side. Default: per request.
+    #[serde(default)]
+    pub sticky: Option<String>,
+}
+
+/// `[gateways.NAME.breaker]`: a circuit breaker per provider.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Failures in a row (5xx, unreachable, timeout) that open the breaker. Default 5.
+    pub failures: Option<u32>,
+    /// Window those failures must fall in. Default `60s`.
+    pub window: Option<DurationValue>,
+    /// How long an open breaker skips the provider before one probe request. Default `30s`.
+    pub cool_off: Option<DurationValue>,
 }
 
 /// `[gateways.NAME.retries]`: Cloudflare's retry settings for the gateway (a request's

@@ -205,6 +205,12 @@ pub struct Gateway {
     pub rules: Vec<crate::limits::Rule>,
     /// Retries of a failed upstream request.
     pub retries: RetrySettings,
+    /// Dynamic routes by name (`model: "dynamic/NAME"`).
+    pub routes: HashMap<String, Arc<crate::routing::dynamic::DynamicRoute>>,
+    /// A share of the traffic served by another gateway.
+    pub canary: Option<crate::routing::Canary>,
+    /// The circuit breaker, when configured.
+    pub breaker: Option<crate::routing::breaker::BreakerSettings>,
 }
 
 /// When and how a failed upstream request is sent again.

@@ -83,9 +83,18 @@ impl FileConfig {
                 report: validate_thresholds(gc.report, &key("report"))?,
                 rules: validate_rules(&gc, &key(""))?,
                 retries: validate_retries(&gc.retries, &key("retries"))?,
+                routes: validate_routes(&gc.routes, &key("routes"), &providers)?,
+                canary: validate_canary(gc.canary.as_ref(), &name, &key("canary"))?,
+                breaker: gc
+                    .breaker
+                    .as_ref()
+                    .map(|b| crate::routing::breaker::BreakerSettings::validate(b, &key("breaker")))
+                    .transpose()
+                    .map_err(invalid)?,
             };
             gateways.insert(name, Arc::new(gw));
         }
+        check_canaries(&gateways)?;
         if !gateways.contains_key(&self.default_gateway) {
             return Err(invalid(format!(
                 "default_gateway: {:?} is not a configured gateway; configured: {}",
@@ -205,6 +214,69 @@ impl FileConfig {
             source: None,
         })
     }
+}
+
+/// Validates `[gateways.NAME.routes]`.
+fn validate_routes(
+    routes: &std::collections::BTreeMap<String, RouteConfig>,
+    key: &str,
+    providers: &HashMap<String, Arc<Provider>>,
+) -> Result<HashMap<String, Arc<crate::routing::dynamic::DynamicRoute>>, ConfigError> {
+    let known = |p: &str| providers.contains_key(p);
+    let mut out = HashMap::with_capacity(routes.len());
+    for (name, rc) in routes {
+        validate_name("routes", name)?;
+        let r = crate::routing::dynamic::DynamicRoute::validate(name, rc, &format!("{key}.{name}"), &known)
+            .map_err(ConfigError::Invalid)?;
+        out.insert(name.clone(), Arc::new(r));
+    }
+    Ok(out)
+}
+
+/// Validates `[gateways.NAME.canary]` on its own; [`check_canaries`] checks the gateway it names.
+fn validate_canary(
+    c: Option<&CanaryConfig>,
+    gateway: &str,
+    key: &str,
+) -> Result<Option<crate::routing::Canary>, ConfigError> {
+    let Some(c) = c else { return Ok(None) };
+    if !(0.0..=100.0).contains(&c.percent) {
+        return Err(ConfigError::Invalid(format!("{key}.percent: {} is not between 0 and 100", c.percent)));
+    }
+    if c.gateway == gateway {
+        return Err(ConfigError::Invalid(format!("{key}.gateway: a gateway cannot be its own canary")));
+    }
+    let sticky = c
+        .sticky
+        .as_deref()
+        .map(crate::routing::Sticky::parse)
+        .transpose()
+        .map_err(|e| ConfigError::Invalid(format!("{key}.sticky: {e}")))?;
+    Ok(Some(crate::routing::Canary { gateway: c.gateway.clone(), percent: c.percent, sticky }))
+}
+
+/// A canary names a configured gateway that has no canary of its own.
+fn check_canaries(gateways: &HashMap<String, Arc<Gateway>>) -> Result<(), ConfigError> {
+    for (name, g) in gateways {
+        let Some(c) = &g.canary else { continue };
+        match gateways.get(&c.gateway) {
+            None => {
+                return Err(ConfigError::Invalid(format!(
+                    "gateways.{name}.canary.gateway: {:?} is not a configured gateway; configured: {}",
+                    c.gateway,
+                    sorted_names(gateways)
+                )))
+            }
+            Some(t) if t.canary.is_some() => {
+                return Err(ConfigError::Invalid(format!(
+                    "gateways.{name}.canary.gateway: {:?} has a canary of its own; a canary cannot have one",
+                    c.gateway
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Validates `[gateways.NAME.retries]`.

@@ -144,7 +144,7 @@ pub struct Meter {
     pub hit_entry: Option<Arc<CachedResponse>>,
     /// Rate-limit and budget reservations, settled when the response ends.
     pub held: Vec<crate::limits::Held>,
-    /// `x-ratelimit-*` headers for the response.
+    /// Headers the phases add to the response: `x-ratelimit-*`, `cf-aig-step`, `aigate-gateway`.
     pub rate_headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
@@ -156,6 +156,15 @@ impl Meter {
         self.provider = route.provider.clone();
         self.endpoint = route.endpoint;
         self.path = format!("compat/{}", route.rest);
+    }
+
+    /// A step of a chain is tried: the record names its provider and endpoint (the last step tried
+    /// is the one recorded). A step through the API for every provider is recorded as `compat/…`.
+    pub fn retarget(&mut self, route: &Route<'_>, translated: bool) {
+        self.provider = route.provider.clone();
+        self.endpoint = route.endpoint;
+        self.path = if translated { format!("compat/{}", route.rest) } else { route.rest.to_owned() };
+        self.filter = None;
     }
 
     /// The meter of a routed request that arrived at `start` (Unix ms `created_at_ms`).
@@ -245,8 +254,11 @@ impl Meter {
     /// What the limits phase let through.
     pub fn admitted(&mut self, a: crate::limits::Admission) {
         self.held.extend(a.held);
-        if !a.headers.is_empty() {
+        // Usually the first headers: moved in, not copied.
+        if self.rate_headers.is_empty() {
             self.rate_headers = a.headers;
+        } else {
+            self.rate_headers.extend(a.headers);
         }
     }
 

@@ -99,6 +99,9 @@ mod tests {
             report: Default::default(),
             rules: Vec::new(),
             retries: crate::config::RetrySettings::NONE,
+            routes: Default::default(),
+            canary: None,
+            breaker: None,
         }
     }
 

@@ -182,7 +182,7 @@ fn plan(call: &Call<'_>, options: &CacheOptions) -> Result<Plan, CacheStatus> {
 }
 
 /// Per-request cache headers.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct CacheOptions {
     /// `cf-aig-skip-cache: true`.
     pub skip: bool,

@@ -18,6 +18,7 @@
 
 pub mod authenticate;
 pub mod cache;
+pub mod fallback;
 pub mod limits;
 pub mod read_body;
 pub mod respond;
@@ -31,9 +32,11 @@ use hyper::body::Incoming;
 use crate::body::GatewayBody;
 use crate::config::Settings;
 use crate::error::GatewayError;
+use crate::headers::AIGATE_GATEWAY;
 use crate::meter::{detached, Meter};
+use crate::routing::{dynamic, universal, Canary, Chain};
 use crate::state::AppState;
-use crate::translate::{self, Translation};
+use crate::translate::{self, Compat, Translation};
 use authenticate::Caller;
 use cache::{CacheOptions, Lookup};
 use limits::limits;
@@ -70,13 +73,27 @@ pub async fn run(
     let (head, body) = req.into_parts();
 
     let mut route = route(&settings, &head.method, &head.uri, &head.headers)?;
+    // A canary serves its share with its own gateway's settings, and logs it there.
+    let addressed = match Canary::choose(&settings, &route.gateway, &head.headers) {
+        Some(canary) => Some(std::mem::replace(&mut route.gateway, canary)),
+        None => None,
+    };
     let meter = ex.meter(Meter::new(ex.id, ex.created_at_ms, ex.start, &route, &head.headers));
-    authenticate::check(&route.gateway, &head.headers)?;
+    if addressed.is_some() || route.gateway.canary.is_some() {
+        if let Ok(v) = http::HeaderValue::from_str(&route.gateway.name) {
+            meter.rate_headers.push((AIGATE_GATEWAY, v));
+        }
+    }
+    authenticate::check(addressed.as_ref().unwrap_or(&route.gateway), &head.headers)?;
     let timeout = request_timeout(&head.headers, &route.gateway)?;
     let retry = retry_policy(&head.headers, &route.gateway)?;
     let cache_options = CacheOptions::parse(&head.headers)?;
     let body = read_body(body, &settings).await?;
     meter.request_body = detached(&body);
+    if let Some(chain) = chain(&route, &head.headers, &body)? {
+        let defaults = fallback::Defaults { timeout, retry, cache: cache_options };
+        return fallback::run_chain(state, &settings, &route, &head, chain, defaults, meter).await;
+    }
     // A request in OpenAI's format for another provider: its model names the provider.
     let (outgoing, translation) = match translate::prepare(&settings, &mut route, &body)? {
         Some((translated, t)) => {
@@ -107,8 +124,33 @@ pub async fn run(
         Lookup::Skip => None,
     };
 
+    fallback::breaker_admit(state, &route)?;
     let (method, headers) = (head.method, head.headers);
     let answer =
-        upstream(state, &route, (method, headers), outgoing, translation.as_ref(), retry, timeout, meter).await?;
-    Ok(respond(answer, miss, route.endpoint, translation.as_ref(), meter))
+        upstream(state, &route, (method, headers), outgoing, translation.as_ref(), retry, timeout, meter).await;
+    fallback::breaker_report(state, &route, &answer);
+    Ok(respond(answer?, miss, route.endpoint, translation.as_ref(), meter))
+}
+
+/// The chain of steps a request asks for: a Universal request's array, or the dynamic route its
+/// model names. `None` for every other request, which pays one comparison (and a scan of the body
+/// only on a gateway with routes).
+fn chain(route: &Route<'_>, headers: &http::HeaderMap, body: &Bytes) -> Result<Option<Chain>, GatewayError> {
+    if route.compat == Compat::Universal {
+        return universal::chain(body).map(Some);
+    }
+    if route.compat == Compat::No
+        || route.gateway.routes.is_empty()
+        || memchr::memmem::find(body, b"\"dynamic/").is_none()
+    {
+        return Ok(None);
+    }
+    let Ok(serde_json::Value::Object(req)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(None);
+    };
+    let Some(name) = req.get("model").and_then(|m| m.as_str()).and_then(dynamic::route_name) else {
+        return Ok(None);
+    };
+    let r = dynamic::find(&route.gateway.routes, &route.gateway.name, name)?;
+    r.chain(&req, headers).map(Some)
 }

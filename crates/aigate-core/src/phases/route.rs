@@ -72,21 +72,16 @@ pub fn route<'p>(
 ) -> Result<Route<'p>, GatewayError> {
     let (gateway, provider, account_id, rest, form) = resolve(settings, uri.path(), headers)?;
     let compat = match (provider, form) {
-        ("compat", _) | (_, UrlForm::Rest) => {
-            let compat = match rest {
-                "chat/completions" => Compat::Chat,
-                "messages" | "v1/messages" => Compat::Messages,
-                "responses" | "v1/responses" => Compat::Responses,
-                _ => Compat::No,
-            };
-            if compat == Compat::No || method != http::Method::POST {
+        ("", UrlForm::Cloudflare | UrlForm::Short) if rest.is_empty() => {
+            if method != http::Method::POST {
                 return Err(GatewayError::NotFound(format!(
-                    "the API for every provider is POST .../chat/completions, .../v1/messages or .../responses \
-                     (asked for {method} .../{rest})"
+                    "the Universal Endpoint is POST /v1/{{account}}/{{gateway}} with a JSON array of steps \
+                     (asked for {method}); provider requests go to /v1/{{account}}/{{gateway}}/{{provider}}/..."
                 )));
             }
-            compat
+            Compat::Universal
         }
+        ("compat", _) | (_, UrlForm::Rest) => compat_of(method, rest)?,
         (_, UrlForm::OpenAi) if rest == "chat/completions" && method == http::Method::POST => Compat::IfPrefixed,
         _ => Compat::No,
     };
@@ -101,6 +96,61 @@ pub fn route<'p>(
         .map_err(|e| GatewayError::BadRequest(format!("invalid provider path: {e}")))?;
     let endpoint = Endpoint::classify(&provider.name, method, rest);
     Ok(Route { gateway, provider, account_id, rest, form, endpoint, upstream, compat })
+}
+
+/// Which format a request to the API for every provider is written in, by its path.
+fn compat_of(method: &http::Method, rest: &str) -> Result<Compat, GatewayError> {
+    let compat = match rest {
+        "chat/completions" => Compat::Chat,
+        "messages" | "v1/messages" => Compat::Messages,
+        "responses" | "v1/responses" => Compat::Responses,
+        _ => Compat::No,
+    };
+    if compat == Compat::No || method != http::Method::POST {
+        return Err(GatewayError::NotFound(format!(
+            "the API for every provider is POST .../chat/completions, .../v1/messages or .../responses \
+             (asked for {method} .../{rest})"
+        )));
+    }
+    Ok(compat)
+}
+
+/// The route of one step of a chain: `provider` and `endpoint` on the request's gateway. The
+/// provider `compat` keeps the request's format (a dynamic route's step; its body's model names
+/// the provider), or takes the one `endpoint` names (a Universal step).
+pub fn for_step<'p>(
+    settings: &Settings,
+    base: &Route<'p>,
+    provider: &str,
+    endpoint: &'p str,
+) -> Result<Route<'p>, GatewayError> {
+    if provider == "compat" {
+        let compat = match base.compat {
+            Compat::Universal => compat_of(&http::Method::POST, endpoint)?,
+            Compat::IfPrefixed => Compat::Chat,
+            c => c,
+        };
+        let rest = if base.compat == Compat::Universal { endpoint } else { base.rest };
+        return Ok(Route { compat, rest, ..base.clone() });
+    }
+    let provider = settings.providers.get(provider).cloned().ok_or_else(|| GatewayError::UnknownProvider {
+        provider: provider.to_string(),
+        known: sorted(settings.providers.keys()),
+    })?;
+    let upstream = provider
+        .upstream_uri(base.account_id, endpoint, None)
+        .map_err(|e| GatewayError::BadRequest(format!("invalid endpoint: {e}")))?;
+    let endpoint_kind = Endpoint::classify(&provider.name, &http::Method::POST, endpoint);
+    Ok(Route {
+        gateway: base.gateway.clone(),
+        provider,
+        account_id: base.account_id,
+        rest: endpoint,
+        form: base.form,
+        endpoint: endpoint_kind,
+        upstream,
+        compat: Compat::No,
+    })
 }
 
 /// The names in a gateway path: (gateway, provider, account id, provider path, form).

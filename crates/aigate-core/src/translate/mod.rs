@@ -45,6 +45,9 @@ pub enum Compat {
     /// `/v1/chat/completions` on the default gateway: `provider/model` picks a provider, a plain
     /// model name goes to OpenAI as before.
     IfPrefixed,
+    /// Cloudflare's Universal Endpoint: the body is an array of steps, each naming its provider
+    /// ([`crate::routing::universal`]).
+    Universal,
 }
 
 /// The provider's request format.
@@ -101,7 +104,9 @@ pub fn prepare(
     route: &mut Route<'_>,
     body: &Bytes,
 ) -> Result<Option<(Bytes, Translation)>, GatewayError> {
-    if route.compat == Compat::No || (route.compat == Compat::IfPrefixed && !may_name_a_provider(body)) {
+    if matches!(route.compat, Compat::No | Compat::Universal)
+        || (route.compat == Compat::IfPrefixed && !may_name_a_provider(body))
+    {
         return Ok(None);
     }
     let bad = GatewayError::BadRequest;
@@ -115,6 +120,13 @@ pub fn prepare(
     let known = |name: &str| settings.providers.contains_key(name);
     let (provider_name, provider_model) = match model.split_once('/') {
         Some((p, m)) if known(p) && !m.is_empty() => (p.to_owned(), m.to_owned()),
+        _ if model.starts_with(crate::routing::dynamic::PREFIX) => {
+            // A gateway with routes takes this request as a chain before it gets here.
+            let name = &model[crate::routing::dynamic::PREFIX.len()..];
+            return Err(crate::routing::dynamic::find(&route.gateway.routes, &route.gateway.name, name)
+                .err()
+                .unwrap_or(GatewayError::Internal));
+        }
         _ if route.compat == Compat::IfPrefixed => return Ok(None),
         _ => {
             let mut names: Vec<&str> = settings.providers.keys().map(String::as_str).collect();

@@ -91,9 +91,11 @@ pub async fn env() -> Env {
 }
 
 /// Starts a mock and a gateway on it with a fresh data directory; `extra` is added to the TOML
-/// before the providers (a `[gateways.default]` is added when `extra` has none).
+/// before the providers, `{mock}` in it replaced by the mock's URL (a `[gateways.default]` is
+/// added when `extra` has none).
 pub async fn env_with(extra: &str, mock_cfg: MockConfig) -> Env {
     let mock = MockUpstream::start(mock_cfg).await.unwrap();
+    let extra = extra.replace("{mock}", &mock.url());
     let toml = format!(
         r#"
 listen = "127.0.0.1:0"
