@@ -1017,3 +1017,6 @@ mod compat;
 
 #[path = "gateway/retries.rs"]
 mod retries;
+
+#[path = "gateway/report.rs"]
+mod report;
