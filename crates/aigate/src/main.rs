@@ -68,14 +68,39 @@ enum Command {
         remote: remote::Remote,
     },
     /// The rollout report of a gateway: traffic, hit rate, errors, latency, cost and savings, and a
-    /// go / no-go verdict. Exits 0 on go, 1 on no-go, 2 when the report cannot be made.
+    /// go / no-go verdict. With --compare or --baseline-from, a candidate set beside a baseline
+    /// instead, and the candidate's verdict. Exits 0 on go, 1 on no-go, 2 when the report cannot
+    /// be made.
     Report {
-        /// The gateway.
+        /// The gateway (the baseline of a comparison).
         #[arg(long)]
         gateway: String,
-        /// The period, ending now: `7d`, `24h`, ...
-        #[arg(long, default_value = "7d")]
-        since: String,
+        /// The period, ending now or at --to: `7d`, `24h`, ... [default: 7d]
+        #[arg(long, conflicts_with = "from")]
+        since: Option<String>,
+        /// The period's start instead (Unix ms, RFC 3339, or a duration ago like `2h`).
+        #[arg(long)]
+        from: Option<String>,
+        /// The period's end (same forms; default now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Compare this gateway (a canary) with --gateway over the same period.
+        #[arg(long, value_name = "GATEWAY")]
+        compare: Option<String>,
+        /// Compare the period with --gateway's own earlier one, from this time (same forms as --from).
+        #[arg(long)]
+        baseline_from: Option<String>,
+        /// The baseline period's end (default: the period's start).
+        #[arg(long, requires = "baseline_from")]
+        baseline_to: Option<String>,
+        /// Comparison: no-go when the candidate's error rate exceeds the baseline's by more than
+        /// this, 0..1 [default: 0.01, one percentage point].
+        #[arg(long)]
+        max_error_rate_increase: Option<f64>,
+        /// Comparison: no-go when the candidate's p95 exceeds the baseline's by more than this
+        /// ratio [default: 0.2, 20 %].
+        #[arg(long)]
+        max_p95_increase: Option<f64>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
@@ -88,7 +113,7 @@ enum Command {
         /// No-go above this p95 latency, ms.
         #[arg(long)]
         max_p95_ms: Option<f64>,
-        /// No-go below this many requests.
+        /// No-go below this many requests (on each side of a comparison, default 100 there).
         #[arg(long)]
         min_requests: Option<u64>,
         #[command(flatten)]
@@ -166,28 +191,76 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Report { gateway, since, format, min_hit_rate, max_error_rate, max_p95_ms, min_requests, remote } =
-        cli.command
-    {
+    if let Command::Report { gateway, format, remote, .. } = &cli.command {
         let server = remote.resolve()?;
-        let mut query = vec![("since".to_string(), since)];
-        for (k, v) in [("min_hit_rate", min_hit_rate), ("max_error_rate", max_error_rate), ("max_p95_ms", max_p95_ms)] {
-            if let Some(v) = v {
-                query.push((k.to_string(), v.to_string()));
-            }
-        }
-        if let Some(v) = min_requests {
-            query.push(("min_requests".to_string(), v.to_string()));
-        }
+        let query = report_query(&cli.command)?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let report = rt.block_on(remote::report(&server, &gateway, &query))?;
+        let comparison = query.iter().any(|(k, _)| k == "compare" || k == "baseline_from");
+        let (go, text, json) = if comparison {
+            let c = rt.block_on(remote::comparison(&server, gateway, &query))?;
+            (c.is_go(), c.render(*format == ReportFormat::Markdown), serde_json::to_string_pretty(&c)?)
+        } else {
+            let r = rt.block_on(remote::report(&server, gateway, &query))?;
+            (r.is_go(), r.render(*format == ReportFormat::Markdown), serde_json::to_string_pretty(&r)?)
+        };
         match format {
-            ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            f => print!("{}", report.render(f == ReportFormat::Markdown)),
+            ReportFormat::Json => println!("{json}"),
+            _ => print!("{text}"),
         }
-        return Ok(if report.is_go() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        return Ok(if go { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     run_other(cli.command).map(|()| ExitCode::SUCCESS)
+}
+
+/// The admin API query of `aigate report`'s flags.
+fn report_query(command: &Command) -> anyhow::Result<Vec<(String, String)>> {
+    let Command::Report {
+        since,
+        from,
+        to,
+        compare,
+        baseline_from,
+        baseline_to,
+        max_error_rate_increase,
+        max_p95_increase,
+        min_hit_rate,
+        max_error_rate,
+        max_p95_ms,
+        min_requests,
+        ..
+    } = command
+    else {
+        anyhow::bail!("not a report command");
+    };
+    let mut query = Vec::new();
+    let mut push = |k: &str, v: String| query.push((k.to_string(), v));
+    match from {
+        Some(f) => push("from", remote::time_arg(f)?),
+        None => push("since", since.clone().unwrap_or_else(|| "7d".into())),
+    }
+    for (k, v) in [("to", to), ("baseline_from", baseline_from), ("baseline_to", baseline_to)] {
+        if let Some(v) = v {
+            push(k, remote::time_arg(v)?);
+        }
+    }
+    if let Some(g) = compare {
+        push("compare", g.clone());
+    }
+    for (k, v) in [
+        ("min_hit_rate", min_hit_rate),
+        ("max_error_rate", max_error_rate),
+        ("max_p95_ms", max_p95_ms),
+        ("max_error_rate_increase", max_error_rate_increase),
+        ("max_p95_increase", max_p95_increase),
+    ] {
+        if let Some(v) = v {
+            push(k, v.to_string());
+        }
+    }
+    if let Some(v) = min_requests {
+        push("min_requests", v.to_string());
+    }
+    Ok(query)
 }
 
 fn run_other(command: Command) -> anyhow::Result<()> {

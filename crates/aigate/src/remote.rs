@@ -164,6 +164,16 @@ pub async fn report(
     serde_json::from_value(v).context("unexpected report from the server")
 }
 
+/// `aigate report --compare` / `--baseline-from`: the server compares the two sides.
+pub async fn comparison(
+    server: &Server,
+    gateway: &str,
+    query: &[(String, String)],
+) -> anyhow::Result<aigate_core::report::Comparison> {
+    let v = server.get_json(&format!("/admin/gateways/{gateway}/report"), query).await?;
+    serde_json::from_value(v).context("unexpected comparison from the server")
+}
+
 /// `aigate logs`: prints matching records, newest first.
 pub async fn logs(server: &Server, gateway: &str, f: &LogFilters, json: bool) -> anyhow::Result<()> {
     let mut q: Vec<(String, String)> = Vec::new();

@@ -1020,3 +1020,6 @@ mod retries;
 
 #[path = "gateway/routing.rs"]
 mod routing;
+
+#[path = "gateway/report.rs"]
+mod report;

@@ -18,7 +18,10 @@
 //!   the last 24 hours by hour; `since=7d` instead of `from`).
 //! - `GET /admin/gateways/{id}/report?since=7d&min_hit_rate=&max_error_rate=&max_p95_ms=&min_requests=`:
 //!   the rollout report with its go / no-go verdict (thresholds from the query, else the gateway's
-//!   `[report]` section).
+//!   `[report]` section). With `compare=G` (gateway G over the same window) or
+//!   `baseline_from=&baseline_to=` (this gateway over an earlier window; `baseline_to` defaults to
+//!   the window's start), the comparison of the candidate with this gateway as baseline instead,
+//!   margins `max_error_rate_increase` (default 0.01) and `max_p95_increase` (default 0.2).
 //! - `GET /admin/tail?gateway=G&errors=true`: a live stream of records as JSON lines (what
 //!   `aigate tail` reads); a line `{"lagged": n}` says n records were skipped for a slow reader.
 
@@ -33,12 +36,12 @@ use subtle::ConstantTimeEq;
 
 use crate::body::GatewayBody;
 use crate::cache::key;
-use crate::config::{CacheScope, Gateway};
+use crate::config::{CacheScope, Gateway, Settings};
 use crate::error::GatewayError;
-use crate::report::Report;
+use crate::report::{self, Comparison, Report};
 use crate::state::AppState;
-use aigate_store::{AnalyticsQuery, CacheKey, Granularity, GroupBy};
-pub use query::{parse_analytics_query, parse_filter, parse_time_ms};
+use aigate_store::CacheKey;
+pub use query::{parse_analytics_query, parse_filter, parse_report_query, parse_time_ms, ReportQuery};
 
 /// Largest admin request body (a PATCH document).
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -85,18 +88,12 @@ pub(crate) async fn route(
             })?;
             match (&method, rest) {
                 (&Method::DELETE, ["cache"]) => purge(state, gateway, &query).await,
-                (&Method::GET, [what @ ("analytics" | "report")]) => {
-                    let (q, thresholds) =
+                (&Method::GET, ["analytics"]) => {
+                    let (q, _) =
                         parse_analytics_query(&query, state.clock.now_ms()).map_err(GatewayError::BadRequest)?;
-                    if *what == "analytics" {
-                        let a = state.logs.store.analytics(gw, &q).await.map_err(log_store)?;
-                        return json(&a);
-                    }
-                    let totals_only = AnalyticsQuery { granularity: Granularity::Hour, group_by: GroupBy::None, ..q };
-                    let a = state.logs.store.analytics(gw, &totals_only).await.map_err(log_store)?;
-                    let t = gateway.report.overridden_by(thresholds);
-                    json(&Report::build(gw, q.from_ms, q.to_ms, gateway.cache.mode, &a.totals, t))
+                    json(&state.logs.store.analytics(gw, &q).await.map_err(log_store)?)
                 }
+                (&Method::GET, ["report"]) => report(state, &settings, gateway, &query).await,
                 (&Method::GET, ["logs"]) => json(
                     &state
                         .logs
@@ -157,6 +154,47 @@ async fn purge(state: &AppState, gateway: &Gateway, query: &str) -> Result<Respo
     }
     let n = state.cache.purge(gw, one.as_ref()).await.map_err(|e| GatewayError::store("cache store", e))?;
     json(&serde_json::json!({ "purged": n, "gateway": gw }))
+}
+
+/// `GET /admin/gateways/{id}/report`: the gateway's report, or its comparison with `compare`'s
+/// gateway over the same window or with itself over the baseline window. Thresholds come from the
+/// query, else the path gateway's `[report]` section (the one the candidate is to replace).
+async fn report(
+    state: &AppState,
+    settings: &Settings,
+    gateway: &Gateway,
+    query: &str,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let now = state.clock.now_ms();
+    let q = parse_report_query(query, now).map_err(GatewayError::BadRequest)?;
+    let thresholds = gateway.report.overridden_by(q.thresholds);
+    let totals = async |gw: &str, from_ms: u64, to_ms: u64| {
+        let a = state.logs.store.analytics(gw, &report::totals_query(from_ms, to_ms, now)).await.map_err(log_store)?;
+        Ok::<_, GatewayError>(a.totals)
+    };
+    let (from_ms, to_ms) = (q.window.from_ms, q.window.to_ms);
+    if !q.is_comparison() {
+        let t = totals(&gateway.name, from_ms, to_ms).await?;
+        return json(&Report::build(&gateway.name, from_ms, to_ms, gateway.cache.mode, &t, thresholds));
+    }
+    let candidate = match &q.compare {
+        Some(name) => settings.gateways.get(name.as_str()).ok_or_else(|| GatewayError::UnknownGateway {
+            gateway: name.clone(),
+            known: crate::phases::route::known_gateways(settings),
+        })?,
+        None => gateway,
+    };
+    let (base_from, base_to) = q.baseline.unwrap_or((from_ms, to_ms));
+    let (b, c) = (totals(&gateway.name, base_from, base_to).await?, totals(&candidate.name, from_ms, to_ms).await?);
+    let baseline = report::Window {
+        gateway: &gateway.name,
+        from_ms: base_from,
+        to_ms: base_to,
+        mode: gateway.cache.mode,
+        stats: &b,
+    };
+    let candidate = report::Window { gateway: &candidate.name, from_ms, to_ms, mode: candidate.cache.mode, stats: &c };
+    json(&Comparison::build(baseline, candidate, thresholds, q.margins))
 }
 
 /// `PATCH /admin/gateways/{id}/logs/{log_id}`: feedback and score on a record.
