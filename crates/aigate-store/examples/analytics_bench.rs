@@ -98,6 +98,10 @@ fn record(rng: &mut Rng, i: u64, ms: u64) -> LogRecord {
         response_body: None,
         feedback: None,
         score: None,
+        attempts: u32::from(cache_status != "HIT"),
+        step: None,
+        route: None,
+        breaker: None,
     }
 }
 

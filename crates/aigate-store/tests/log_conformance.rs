@@ -162,6 +162,10 @@ fn full(id: &str, ms: u64) -> LogRecord {
         response_body: Some(Bytes::from(vec![7u8; 100_000])),
         feedback: Some(-1),
         score: Some(0.875),
+        attempts: 4,
+        step: Some(2),
+        route: Some("support@3".into()),
+        breaker: Some("open: openai".into()),
     }
 }
 
@@ -464,6 +468,7 @@ mod cases {
             ("beta", MetaValue::Bool(true)),
         ]);
         r0.event_id = Some("e0".into());
+        (r0.route, r0.step) = (Some("support@3".into()), Some(0));
 
         let mut r1 = rec("r1", base + 1);
         (r1.status, r1.success) = (500, false);
@@ -480,6 +485,7 @@ mod cases {
         r2.duration_ms = 50.0;
         r2.metadata = meta(&[("tier", MetaValue::Number(2.0))]);
         r2.event_id = Some("e2".into());
+        (r2.route, r2.step) = (Some("support@12".into()), Some(1));
 
         let mut r3 = rec("r3", base + 3);
         (r3.status, r3.success) = (429, false);
@@ -499,6 +505,10 @@ mod cases {
         r4.duration_ms = 300.0;
         r4.metadata = meta(&[("beta", MetaValue::Bool(false))]);
         r4.event_id = Some("e0".into());
+        // Another route whose name starts alike, and one whose name holds wildcard characters.
+        (r4.route, r4.step) = (Some("support-v2@1".into()), Some(1));
+        r3.route = Some("a_b%".into());
+        r1.route = Some("axb@1".into());
 
         assert_eq!(s.insert_batch(gw, &[r3, r1, r4, r0, r2]).await.unwrap(), 5);
     }
@@ -539,6 +549,16 @@ mod cases {
             ("meta false", meta("beta", MetaValue::Bool(false)), &["r4"]),
             ("meta missing key", meta("nope", MetaValue::Bool(true)), &[]),
             ("event id", LogFilter { event_id: Some("e0".into()), ..d() }, &["r4", "r0"]),
+            ("route, any version", LogFilter { route: Some("support".into()), ..d() }, &["r2", "r0"]),
+            ("route version", LogFilter { route: Some("support@3".into()), ..d() }, &["r0"]),
+            ("route name case", LogFilter { route: Some("Support".into()), ..d() }, &[]),
+            ("route wildcards literal", LogFilter { route: Some("a_b%".into()), ..d() }, &["r3"]),
+            ("route underscore literal", LogFilter { route: Some("a_b".into()), ..d() }, &[]),
+            ("route star literal", LogFilter { route: Some("ax*".into()), ..d() }, &[]),
+            ("route question mark literal", LogFilter { route: Some("a?b".into()), ..d() }, &[]),
+            ("step", LogFilter { step: Some(1), ..d() }, &["r4", "r2"]),
+            ("step 0", LogFilter { step: Some(0), ..d() }, &["r0"]),
+            ("route and step", LogFilter { route: Some("support".into()), step: Some(1), ..d() }, &["r2"]),
             (
                 "combined",
                 LogFilter { provider: Some("openai".into()), status: Some(200), limit: Some(1), ..d() },

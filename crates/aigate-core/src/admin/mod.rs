@@ -9,8 +9,9 @@
 //!   (`{"records": [...], "next_cursor": ...}`); `DELETE` with the same filters deletes
 //!   (`{"deleted": n}`). Filters: `from`, `to` (Unix ms or RFC 3339), `status`, `success`,
 //!   `cached`, `provider`, `model`, `min_cost`, `max_cost`, `min_tokens`, `max_tokens`,
-//!   `min_duration_ms`, `max_duration_ms`, `event_id`, `metadata.KEY=VALUE` (VALUE a JSON literal
-//!   or else a string), `limit`, `cursor`.
+//!   `min_duration_ms`, `max_duration_ms`, `event_id`, `route` (a dynamic route's `NAME`, any
+//!   version, or `NAME@VERSION`), `step` (the fallback step that answered), `metadata.KEY=VALUE`
+//!   (VALUE a JSON literal or else a string), `limit`, `cursor`.
 //! - `GET /admin/gateways/{id}/logs/{log_id}`: one record with its bodies (base64);
 //!   `PATCH` with `{"feedback": 1 | -1, "score": n}` annotates it.
 //! - `GET /admin/gateways/{id}/analytics?from=&to=&granularity=minute|hour|day&group_by=model|provider|metadata.KEY`:

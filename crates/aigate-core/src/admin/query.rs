@@ -42,6 +42,8 @@ pub fn parse_filter(query: &str) -> Result<LogFilter, String> {
             "min_duration_ms" => f.min_duration_ms = Some(num("min_duration_ms")?),
             "max_duration_ms" => f.max_duration_ms = Some(num("max_duration_ms")?),
             "event_id" => f.event_id = Some(v.into_owned()),
+            "route" => f.route = Some(v.into_owned()),
+            "step" => f.step = Some(u32::try_from(int("step")?).map_err(|_| format!("step: {v:?} is too large"))?),
             "limit" => f.limit = Some(u32::try_from(int("limit")?).unwrap_or(u32::MAX)),
             "cursor" => f.cursor = Some(v.into_owned()),
             key => match key.strip_prefix("metadata.") {
@@ -203,6 +205,17 @@ mod tests {
         ] {
             let e = parse_report_query(bad, now).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn route_and_step_filters() {
+        let f = parse_filter("route=support&step=2").unwrap();
+        assert_eq!((f.route.as_deref(), f.step), (Some("support"), Some(2)));
+        let f = parse_filter("route=support%403").unwrap();
+        assert_eq!(f.route.as_deref(), Some("support@3"));
+        for bad in ["step=-1", "step=x", "step=4294967296"] {
+            assert!(parse_filter(bad).unwrap_err().starts_with("step: "), "{bad}");
         }
     }
 }

@@ -144,6 +144,10 @@ impl Finalizer {
             response_body: None,
             feedback: None,
             score: None,
+            attempts: m.attempts,
+            step: m.step,
+            route: m.route.take(),
+            breaker: m.breaker.take(),
         };
         self.metrics.record(&record);
         if !m.held.is_empty() {

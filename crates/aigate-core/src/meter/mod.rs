@@ -146,6 +146,14 @@ pub struct Meter {
     pub held: Vec<crate::limits::Held>,
     /// Headers the phases add to the response: `x-ratelimit-*`, `cf-aig-step`, `aigate-gateway`.
     pub rate_headers: Vec<(http::HeaderName, HeaderValue)>,
+    /// Times the request was sent upstream, summed over fallback steps (0: never sent).
+    pub attempts: u32,
+    /// The 0-based fallback step that answered; `None` for a request without steps.
+    pub step: Option<u32>,
+    /// The dynamic route that served the request, as `NAME@VERSION`.
+    pub route: Option<String>,
+    /// A short circuit-breaker note on the upstream (`half-open`, `open: openai`).
+    pub breaker: Option<String>,
 }
 
 impl Meter {
@@ -210,6 +218,10 @@ impl Meter {
             hit_entry: None,
             held: Vec::new(),
             rate_headers: Vec::new(),
+            attempts: 0,
+            step: None,
+            route: None,
+            breaker: None,
         })
     }
 

@@ -14,7 +14,7 @@
 //! [`Outgoing`] request is cloned only for an attempt that may be followed by another.
 //!
 //! Reads: the route, the client's headers and body, `cf-aig-request-timeout`. Writes: the meter's
-//! upstream timestamps and usage filter. Fails with 502 (unreachable, naming the provider, never a
+//! upstream timestamps, usage filter and attempt count. Fails with 502 (unreachable, naming the provider, never a
 //! key or the URL: a Google key can sit in the query) or 504 (no response head within the
 //! timeout). Dropping the returned future or body (client gone) drops the upstream connection,
 //! which cancels the upstream request.
@@ -76,13 +76,18 @@ pub async fn upstream(
     let out = prepare(route, method, headers, body, translation, meter)?;
     meter.upstream_start = Some(Instant::now());
     let mut out = Some(out);
-    let mut n = 1;
-    loop {
-        let last = n >= retry.max_attempts;
+    // Attempts sent so far.
+    let mut n: u32 = 0;
+    let result = loop {
+        let last = n + 1 >= retry.max_attempts;
         let this = match (last, &mut out) {
             (false, Some(o)) => o.clone(),
-            (_, o) => o.take().ok_or(GatewayError::Internal)?,
+            (_, o) => match o.take() {
+                Some(o) => o,
+                None => break Err(GatewayError::Internal),
+            },
         };
+        n += 1;
         let result = attempt(&state.client, &route.provider, this, timeout).await;
         let again = if last { None } else { retryable(&result) };
         match again {
@@ -90,14 +95,16 @@ pub async fn upstream(
                 state.metrics.record_retry(&route.gateway.name, &route.provider.name);
                 drop(result);
                 tokio::time::sleep(retry.wait(n).max(retry_after).min(RetrySettings::MAX_DELAY)).await;
-                n += 1;
             }
             None => {
                 meter.upstream_head = Some(Instant::now());
-                return result;
+                break result;
             }
         }
-    }
+    };
+    // Added, not set: a fallback chain sends through here once per step.
+    meter.attempts += n;
+    result
 }
 
 /// Whether an attempt's outcome is worth another attempt, and the wait its `Retry-After` asks.

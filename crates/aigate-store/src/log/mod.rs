@@ -192,6 +192,20 @@ pub struct LogRecord {
     pub feedback: Option<i8>,
     /// Evaluation score.
     pub score: Option<f64>,
+    /// Times the request was sent upstream, over every fallback step: 1 normally, more after
+    /// retries, 0 when nothing was sent (a cache hit, a request refused before the upstream).
+    #[serde(default)]
+    pub attempts: u32,
+    /// The 0-based fallback step that answered (Cloudflare's `step`); `None` without steps.
+    #[serde(default)]
+    pub step: Option<u32>,
+    /// The dynamic route that served the request, as `NAME@VERSION` (`support@3`).
+    #[serde(default)]
+    pub route: Option<String>,
+    /// A short circuit-breaker note on the upstream (`half-open` when this request was the probe,
+    /// `open: openai` when a step was skipped for its open breaker).
+    #[serde(default)]
+    pub breaker: Option<String>,
 }
 
 /// Serde for `metadata`: a JSON object that keeps the entry order.
@@ -288,6 +302,11 @@ pub struct LogFilter {
     pub metadata: Option<(String, MetaValue)>,
     /// Only records with this event id.
     pub event_id: Option<String>,
+    /// Only records served by this dynamic route: `NAME` matches every version (`NAME@…`),
+    /// `NAME@VERSION` that version only.
+    pub route: Option<String>,
+    /// Only records answered by this fallback step.
+    pub step: Option<u32>,
     /// Page size for [`LogStore::list`]: [`DEFAULT_LIST_LIMIT`] when `None`, clamped to
     /// `1..=`[`MAX_LIST_LIMIT`]. Ignored by [`LogStore::delete`].
     pub limit: Option<u32>,
@@ -588,7 +607,7 @@ pub(crate) fn metadata_from_object_json(s: &str) -> Result<Vec<(String, MetaValu
 pub(crate) const LIST_COLUMNS: &str = "id, event_id, created_at_ms, gateway, provider, path, requested_model, \
      served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms, overhead_ms, \
      tokens_in, tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd, custom_cost, metadata, \
-     user_agent, error, feedback, score";
+     user_agent, error, feedback, score, attempts, step, route, breaker";
 
 /// A bound SQL parameter of a generated `WHERE` clause.
 #[derive(Clone, Debug, PartialEq)]
@@ -745,6 +764,26 @@ pub(crate) fn filter_sql(
         let p = w.param(SqlValue::Text(v.clone()));
         w.and(&format!("event_id = {p}"));
     }
+    if let Some(v) = &f.route {
+        // The name itself, or any version of it: a prefix match, case-sensitive in both (SQLite's
+        // LIKE is not, so it uses GLOB), the name's wildcard characters escaped.
+        let p = w.param(SqlValue::Text(v.clone()));
+        let cond = match dialect {
+            Dialect::Sqlite => {
+                let q = w.param(SqlValue::Text(format!("{}@*", glob_escape(v))));
+                format!("(route = {p} OR route GLOB {q})")
+            }
+            Dialect::Postgres => {
+                let q = w.param(SqlValue::Text(format!("{}@%", like_escape(v))));
+                format!("(route = {p} OR route LIKE {q})")
+            }
+        };
+        w.and(&cond);
+    }
+    if let Some(v) = f.step {
+        let p = w.param(SqlValue::Int(i64::from(v)));
+        w.and(&format!("step = {p}"));
+    }
     if with_cursor {
         if let Some(c) = &f.cursor {
             let (ms, id) = decode_cursor(c).map_err(invalid)?;
@@ -754,6 +793,34 @@ pub(crate) fn filter_sql(
         }
     }
     Ok(w)
+}
+
+/// `s` matched literally by SQLite's `GLOB` (`*`, `?` and `[` in brackets).
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '*' | '?' | '[' => {
+                out.push('[');
+                out.push(c);
+                out.push(']');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `s` matched literally by PostgreSQL's `LIKE` (its default escape character is `\`).
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -820,6 +887,10 @@ mod tests {
             response_body: None,
             feedback: Some(-1),
             score: Some(0.5),
+            attempts: 3,
+            step: Some(1),
+            route: Some("support@3".into()),
+            breaker: Some("half-open".into()),
         }
     }
 
@@ -832,6 +903,29 @@ mod tests {
         assert!(!s.contains("response_body"), "{s}");
         let back: LogRecord = serde_json::from_str(&s).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// Spill files and clients written before `attempts`, `step`, `route` and `breaker` existed.
+    #[test]
+    fn json_without_the_routing_fields_reads_as_nothing_sent() {
+        let s = serde_json::to_string(&record()).unwrap();
+        let tail = r#","attempts":3,"step":1,"route":"support@3","breaker":"half-open"}"#;
+        let old = format!("{}}}", s.strip_suffix(tail).unwrap());
+        let back: LogRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(back, LogRecord { attempts: 0, step: None, route: None, breaker: None, ..record() });
+    }
+
+    #[test]
+    fn route_filter_matches_the_name_literally() {
+        assert_eq!(glob_escape("a*b?[c]"), "a[*]b[?][[]c]");
+        assert_eq!(like_escape(r"a%b_c\d"), r"a\%b\_c\\d");
+        let f = LogFilter { route: Some("sup_port".into()), step: Some(2), ..LogFilter::default() };
+        let w = filter_sql(Dialect::Postgres, "gw", &f, true).unwrap();
+        assert_eq!(w.sql, "gateway = $1::text AND (route = $2::text OR route LIKE $3::text) AND step = $4::int8");
+        assert_eq!(w.params[2], SqlValue::Text(r"sup\_port@%".into()));
+        let w = filter_sql(Dialect::Sqlite, "gw", &f, true).unwrap();
+        assert_eq!(w.sql, "gateway = ?1 AND (route = ?2 OR route GLOB ?3) AND step = ?4");
+        assert_eq!(w.params[2], SqlValue::Text("sup_port@*".into()));
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! aigate creates the schema itself ([`PostgresLogStore::ensure_schema`], run once per store before
 //! its first query), in one transaction that first takes `pg_advisory_xact_lock` on a key derived
 //! from the table name, so replicas starting together create it once and the others wait and then
-//! find it done. Tables of another schema version (development builds) are refused, never
-//! converted: every operation fails with a message naming the tables and what to do.
+//! find it done. Tables of version 2 (the first released layout) are converted in place in the same
+//! way, keeping their records; tables of another version (development builds) are refused: every
+//! operation fails with a message naming the tables and what to do.
 //!
 //! Bounds: a pool of at most [`POOL_SIZE`] connections; a batch is inserted with one `INSERT …
 //! SELECT FROM UNNEST(…)` statement per chunk of at most [`INSERT_CHUNK_ROWS`] rows /
@@ -74,8 +75,25 @@ pub const INSERT_CHUNK_BYTES: usize = 32 << 20;
 /// Longest table name accepted (PostgreSQL identifiers hold 63 bytes; suffixes are added).
 const MAX_TABLE_LEN: usize = 40;
 
-/// Version of the schema this aigate creates and reads (in `<table>_schema`).
-const SCHEMA_VERSION: i32 = 2;
+/// Version of the schema this aigate creates and reads (in `<table>_schema`): version 2 with the
+/// retry and fallback columns (`attempts`, `step`, `route`, `breaker`).
+const SCHEMA_VERSION: i32 = 3;
+
+/// The version [`migrate_sql`] converts.
+const MIGRATED_VERSION: i32 = 2;
+
+/// Converts version-2 tables to the current schema: the new columns (existing rows read `attempts`
+/// 0, the others NULL; a column with a constant default rewrites no row) and the version.
+fn migrate_sql(t: &str) -> String {
+    format!(
+        r#"ALTER TABLE "{t}"
+               ADD COLUMN IF NOT EXISTS attempts INTEGER NOT NULL DEFAULT 0,
+               ADD COLUMN IF NOT EXISTS step INTEGER,
+               ADD COLUMN IF NOT EXISTS route TEXT,
+               ADD COLUMN IF NOT EXISTS breaker TEXT;
+           UPDATE "{t}_schema" SET version = {SCHEMA_VERSION};"#
+    )
+}
 
 /// The schema of `table` (every statement idempotent): the records, the counts, the rollups.
 fn create_schema_sql(t: &str) -> String {
@@ -111,6 +129,10 @@ fn create_schema_sql(t: &str) -> String {
                score DOUBLE PRECISION,
                request_body BYTEA,
                response_body BYTEA,
+               attempts INTEGER NOT NULL DEFAULT 0,
+               step INTEGER,
+               route TEXT,
+               breaker TEXT,
                PRIMARY KEY (gateway, id)
            );
            CREATE INDEX IF NOT EXISTS "{t}_gateway_time" ON "{t}" (gateway, created_at_ms, id);
@@ -167,12 +189,14 @@ impl Queries {
                 r#"INSERT INTO "{t}" (gateway, id, event_id, created_at_ms, provider, path, requested_model,
                    served_model, status, success, cache_status, stream, duration_ms, ttfb_ms, upstream_ms,
                    overhead_ms, tokens_in, tokens_out, cached_tokens_in, reasoning_tokens, cost_usd, saved_usd,
-                   custom_cost, metadata, user_agent, error, feedback, score, request_body, response_body)
+                   custom_cost, metadata, user_agent, error, feedback, score, request_body, response_body,
+                   attempts, step, route, breaker)
                    SELECT $1::text, u.* FROM UNNEST($2::text[], $3::text[], $4::int8[], $5::text[], $6::text[],
                    $7::text[], $8::text[], $9::int4[], $10::bool[], $11::text[], $12::bool[], $13::float8[],
                    $14::float8[], $15::float8[], $16::float8[], $17::int8[], $18::int8[], $19::int8[], $20::int8[],
                    $21::float8[], $22::float8[], $23::bool[], $24::jsonb[], $25::text[], $26::text[], $27::int2[],
-                   $28::float8[], $29::bytea[], $30::bytea[]) AS u
+                   $28::float8[], $29::bytea[], $30::bytea[], $31::int4[], $32::int4[], $33::text[],
+                   $34::text[]) AS u
                    ON CONFLICT (gateway, id) DO NOTHING RETURNING id"#
             ),
             existing_ids: format!(r#"SELECT id FROM "{t}" WHERE gateway = $1 AND id = ANY($2::text[])"#),
@@ -336,10 +360,10 @@ impl PostgresLogStore {
         &self.inner.table
     }
 
-    /// Creates the schema when the table has none, or checks that it is the current one (safe when
-    /// replicas run it at once). Runs at most once per store once it succeeds; every operation calls
-    /// it first. A table of another schema version is refused with [`StoreError::Unavailable`], whose
-    /// message names the tables and what to do.
+    /// Creates the schema when the table has none, converts version-2 tables, or checks that it is
+    /// the current one (safe when replicas run it at once). Runs at most once per store once it
+    /// succeeds; every operation calls it first. A table of another schema version is refused with
+    /// [`StoreError::Unavailable`], whose message names the tables and what to do.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
         self.inner.schema_ready.get_or_try_init(|| timed(self.ensure_schema_now())).await.map(|_| ())
     }
@@ -368,11 +392,18 @@ impl PostgresLogStore {
             .map_err(pg_err)?;
         match version {
             Some(SCHEMA_VERSION) => return Ok(()),
+            Some(MIGRATED_VERSION) => {
+                tx.batch_execute(&migrate_sql(t)).await.map_err(pg_err)?;
+                tx.commit().await.map_err(pg_err)?;
+                tracing::info!(table = %t, from = MIGRATED_VERSION, to = SCHEMA_VERSION, "postgres log store: schema converted");
+                return Ok(());
+            }
             Some(v) => {
                 return Err(StoreError::Unavailable(format!(
-                    "PostgreSQL table {t} has log schema {v}; this aigate reads schema {SCHEMA_VERSION} only (the \
-                     table comes from a development build): drop the tables {t}, {t}_counts, {t}_rollups and \
-                     {t}_schema (or configure another table), and aigate creates new ones"
+                    "PostgreSQL table {t} has log schema {v}; this aigate reads schema {MIGRATED_VERSION} or \
+                     {SCHEMA_VERSION} only (the table comes from a development build): drop the tables {t}, \
+                     {t}_counts, {t}_rollups and {t}_schema (or configure another table), and aigate creates new \
+                     ones"
                 )));
             }
             None => {}
@@ -685,6 +716,11 @@ fn metadata_from_json(v: &serde_json::Value) -> Result<Vec<(String, MetaValue)>,
         .collect()
 }
 
+/// A count as an `INTEGER` column holds it (saturating).
+fn saturating_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
 /// One chunk of records as column arrays (for `UNNEST`).
 struct Columns<'a> {
     id: Vec<&'a str>,
@@ -716,6 +752,10 @@ struct Columns<'a> {
     score: Vec<Option<f64>>,
     request_body: Vec<Option<&'a [u8]>>,
     response_body: Vec<Option<&'a [u8]>>,
+    attempts: Vec<i32>,
+    step: Vec<Option<i32>>,
+    route: Vec<Option<&'a str>>,
+    breaker: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -753,11 +793,15 @@ impl<'a> Columns<'a> {
             score: f64s(&|r| r.score),
             request_body: records.iter().map(|r| r.request_body.as_deref()).collect(),
             response_body: records.iter().map(|r| r.response_body.as_deref()).collect(),
+            attempts: records.iter().map(|r| saturating_i32(r.attempts)).collect(),
+            step: records.iter().map(|r| r.step.map(saturating_i32)).collect(),
+            route: col(&|r| r.route.as_deref()),
+            breaker: col(&|r| r.breaker.as_deref()),
         }
     }
 
     /// The insert statement's parameters, `$1` = gateway.
-    fn params<'s>(&'s self, gateway: &'s &str) -> [&'s (dyn ToSql + Sync); 30] {
+    fn params<'s>(&'s self, gateway: &'s &str) -> [&'s (dyn ToSql + Sync); 34] {
         [
             gateway,
             &self.id,
@@ -789,6 +833,10 @@ impl<'a> Columns<'a> {
             &self.score,
             &self.request_body,
             &self.response_body,
+            &self.attempts,
+            &self.step,
+            &self.route,
+            &self.breaker,
         ]
     }
 }
@@ -821,8 +869,8 @@ fn decode_inner(row: &Row, bodies: bool) -> Result<LogRecord, Decode> {
     };
     let (request_body, response_body) = if bodies {
         (
-            row.try_get::<_, Option<Vec<u8>>>(28)?.map(Bytes::from),
-            row.try_get::<_, Option<Vec<u8>>>(29)?.map(Bytes::from),
+            row.try_get::<_, Option<Vec<u8>>>(32)?.map(Bytes::from),
+            row.try_get::<_, Option<Vec<u8>>>(33)?.map(Bytes::from),
         )
     } else {
         (None, None)
@@ -858,6 +906,10 @@ fn decode_inner(row: &Row, bodies: bool) -> Result<LogRecord, Decode> {
         response_body,
         feedback: row.try_get::<_, Option<i16>>(26)?.and_then(|f| i8::try_from(f).ok()),
         score: row.try_get(27)?,
+        attempts: u32::try_from(row.try_get::<_, i32>(28)?).unwrap_or(0),
+        step: row.try_get::<_, Option<i32>>(29)?.and_then(|s| u32::try_from(s).ok()),
+        route: row.try_get(30)?,
+        breaker: row.try_get(31)?,
     })
 }
 

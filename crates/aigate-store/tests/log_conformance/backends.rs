@@ -216,7 +216,7 @@ async fn postgres_table_of_another_schema_is_refused() {
     client.batch_execute(&format!(r#"UPDATE "{table}_schema" SET version = 1"#)).await.unwrap();
     let s = PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap();
     let want = format!(
-        "PostgreSQL table {table} has log schema 1; this aigate reads schema 2 only (the table comes from a \
+        "PostgreSQL table {table} has log schema 1; this aigate reads schema 2 or 3 only (the table comes from a \
          development build): drop the tables {table}, {table}_counts, {table}_rollups and {table}_schema (or \
          configure another table), and aigate creates new ones"
     );
@@ -226,6 +226,76 @@ async fn postgres_table_of_another_schema_is_refused() {
     assert!(err.to_string().contains(&want), "{err}");
     let version: i32 = client.query_one(&format!(r#"SELECT version FROM "{table}_schema""#), &[]).await.unwrap().get(0);
     assert_eq!(version, 1, "the tables are left as they were");
+}
+
+/// Version-2 tables (the first release's), as that release created them.
+fn pg_v2_schema(t: &str) -> String {
+    format!(
+        r#"CREATE TABLE "{t}" (
+               gateway TEXT NOT NULL, id TEXT COLLATE "C" NOT NULL, event_id TEXT, created_at_ms BIGINT NOT NULL,
+               provider TEXT NOT NULL, path TEXT NOT NULL, requested_model TEXT, served_model TEXT,
+               status INTEGER NOT NULL, success BOOLEAN NOT NULL, cache_status TEXT NOT NULL, stream BOOLEAN NOT NULL,
+               duration_ms DOUBLE PRECISION NOT NULL, ttfb_ms DOUBLE PRECISION, upstream_ms DOUBLE PRECISION,
+               overhead_ms DOUBLE PRECISION, tokens_in BIGINT, tokens_out BIGINT, cached_tokens_in BIGINT,
+               reasoning_tokens BIGINT, cost_usd DOUBLE PRECISION, saved_usd DOUBLE PRECISION,
+               custom_cost BOOLEAN NOT NULL, metadata JSONB, user_agent TEXT, error TEXT, feedback SMALLINT,
+               score DOUBLE PRECISION, request_body BYTEA, response_body BYTEA, PRIMARY KEY (gateway, id)
+           );
+           CREATE INDEX "{t}_gateway_time" ON "{t}" (gateway, created_at_ms, id);
+           CREATE INDEX "{t}_gateway_event" ON "{t}" (gateway, event_id, created_at_ms, id);
+           CREATE TABLE "{t}_counts" (gateway TEXT PRIMARY KEY, n BIGINT NOT NULL);
+           CREATE TABLE "{t}_rollups" (
+               gateway TEXT NOT NULL, grain_ms BIGINT NOT NULL, dim TEXT NOT NULL, bucket_ms BIGINT NOT NULL,
+               dim_value TEXT NOT NULL, requests BIGINT NOT NULL, errors BIGINT NOT NULL, cache_hits BIGINT NOT NULL,
+               shadow_hits BIGINT NOT NULL, tokens_in BIGINT NOT NULL, tokens_out BIGINT NOT NULL,
+               cached_tokens_in BIGINT NOT NULL, reasoning_tokens BIGINT NOT NULL, cost_unknown BIGINT NOT NULL,
+               cost_usd DOUBLE PRECISION NOT NULL, saved_usd DOUBLE PRECISION NOT NULL,
+               shadow_saved_usd DOUBLE PRECISION NOT NULL, duration_sum_ms DOUBLE PRECISION NOT NULL,
+               hist JSONB NOT NULL, PRIMARY KEY (gateway, grain_ms, dim, bucket_ms, dim_value)
+           );
+           CREATE TABLE "{t}_schema" (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), version INTEGER NOT NULL);
+           INSERT INTO "{t}_schema" (one, version) VALUES (true, 2);
+           INSERT INTO "{t}" (gateway, id, created_at_ms, provider, path, status, success, cache_status, stream,
+               duration_ms, custom_cost) VALUES ('gw', 'old', 1000, 'openai', '/v1/chat/completions', 200, true,
+               'MISS', false, 10.0, false);
+           INSERT INTO "{t}_counts" (gateway, n) VALUES ('gw', 1);"#
+    )
+}
+
+/// Version-2 tables are converted in place by the first store to open them (replicas starting
+/// together convert them once): the old row reads back as sent once with no step, route or
+/// breaker; new rows carry the new fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_version_2_tables_are_converted_in_place() {
+    if !pg_enabled() {
+        return;
+    }
+    let table = unique("v2");
+    let _tables = PgTables(table.clone());
+    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&pg_v2_schema(&table)).await.unwrap();
+    let stores: Vec<PostgresLogStore> =
+        (0..3).map(|_| PostgresLogStore::connect_with_table(&pg_url(), &table).unwrap()).collect();
+    let runs = stores.iter().map(|s| {
+        let s = s.clone();
+        tokio::spawn(async move { s.ensure_schema().await })
+    });
+    for r in runs.collect::<Vec<_>>() {
+        r.await.unwrap().unwrap();
+    }
+    let version: i32 = client.query_one(&format!(r#"SELECT version FROM "{table}_schema""#), &[]).await.unwrap().get(0);
+    assert_eq!(version, 3);
+    let s = &stores[0];
+    assert_eq!(s.get("gw", "old").await.unwrap().unwrap(), LogRecord { gateway: "gw".into(), ..rec("old", 1000) });
+    let new = full("new", now_ms());
+    assert_eq!(s.insert_batch("gw", std::slice::from_ref(&new)).await.unwrap(), 1);
+    assert_eq!(stores[1].get("gw", "new").await.unwrap().unwrap(), stored(&new, "gw"));
+    let f = LogFilter { route: Some("support".into()), step: Some(2), ..LogFilter::default() };
+    assert_eq!(all_ids(s, "gw", &f).await, ["new"]);
+    assert_eq!(s.count("gw").await.unwrap(), 2);
+    // A later start finds the schema current.
+    assert_eq!(pg_store(&table).await.count("gw").await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

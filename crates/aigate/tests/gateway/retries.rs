@@ -90,3 +90,52 @@ async fn bad_retry_headers_are_refused_naming_the_header() {
     }
     assert_eq!(env.mock.requests(), 0);
 }
+
+/// The log record counts the times a request went upstream: 3 for two retries then an answer, 1
+/// for a plain request, 0 for a cache hit, every attempt of one that failed throughout. No fallback
+/// steps or dynamic routes here: `step`, `route` and `breaker` are null.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_counts_the_attempts() {
+    let env = env_with(
+        &format!("{ADMIN}[gateways.default]\n[gateways.default.cache]\nenabled = true\n"),
+        MockConfig::default(),
+    )
+    .await;
+    let log_id = |r: &reqwest::Response| r.headers()["cf-aig-log-id"].to_str().unwrap().to_string();
+    let retried_chat = CHAT.replace("hi", "retried");
+    let h = [("cf-aig-max-attempts", "3"), ("x-mock-fail-first", "2")];
+    let r = post(&env, "/v1/chat/completions", &retried_chat, &h).await;
+    assert_eq!(r.status(), 200);
+    let retried = log_id(&r);
+    r.bytes().await.unwrap();
+    let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+    assert_eq!(r.headers()["cf-aig-cache-status"], "MISS");
+    let plain = log_id(&r);
+    r.bytes().await.unwrap();
+    cache_written(&env, 2).await;
+    let r = post(&env, "/v1/chat/completions", CHAT, &[]).await;
+    assert_eq!(r.headers()["cf-aig-cache-status"], "HIT");
+    let hit = log_id(&r);
+    r.bytes().await.unwrap();
+    let failing_chat = CHAT.replace("hi", "failing");
+    let h = [("cf-aig-max-attempts", "2"), ("x-mock-status", "500")];
+    let r = post(&env, "/v1/chat/completions", &failing_chat, &h).await;
+    assert_eq!(r.status(), 500);
+    let failed = log_id(&r);
+    r.bytes().await.unwrap();
+    assert_eq!(env.mock.requests(), 6, "3 + 1 + 0 + 2");
+
+    records(&env, "default", 4).await;
+    for (id, attempts, status) in [(&retried, 3, 200), (&plain, 1, 200), (&hit, 0, 200), (&failed, 2, 500)] {
+        let rec = admin_get(&env, &format!("/admin/gateways/default/logs/{id}")).await;
+        assert_eq!((rec["attempts"].as_u64(), rec["status"].as_u64()), (Some(attempts), Some(status)), "{rec}");
+        for field in ["step", "route", "breaker"] {
+            assert!(rec[field].is_null(), "{field}: {rec}");
+        }
+    }
+    // The route and step filters parse; no record has either.
+    let v = admin_get(&env, "/admin/gateways/default/logs?route=support&step=0").await;
+    assert_eq!(v["records"].as_array().unwrap().len(), 0);
+    let r = env.http.get(env.url("/admin/gateways/default/logs?step=first")).bearer_auth(ADMIN_TOKEN).send().await;
+    assert_eq!(r.unwrap().status(), 400);
+}

@@ -493,6 +493,8 @@
     let r;
     try { r = await api(gwApi(gw, "/logs/" + encodeURIComponent(id))); } catch (e) { fill(errorBox(e)); return; }
     const dl = (pairs) => el("dl", { class: "kv" }, pairs.filter(([, v]) => v !== undefined).map(([k, v]) => [el("dt", {}, k), el("dd", {}, v === null || v === "" ? "–" : v)]));
+    // Shown only when the record has something to say (no route, step or breaker for most).
+    const some = (v) => v === null || v === undefined ? undefined : String(v);
     const meta = r.metadata && Object.keys(r.metadata).length
       ? dl(Object.entries(r.metadata).map(([k, v]) => [k, typeof v === "string" ? v : JSON.stringify(v)]))
       : el("p", { class: "muted" }, "No metadata.");
@@ -501,7 +503,8 @@
       el("div", { class: "grid2" },
         el("section", { class: "card" }, el("h2", {}, "Request"), dl([
           ["Time", fmtTime(r.created_at_ms)], ["Status", String(r.status) + (r.success ? " (success)" : " (failed)")],
-          ["Cache", r.cache_status], ["Provider", r.provider], ["Path", r.path], ["Model asked", r.requested_model],
+          ["Cache", r.cache_status], ["Route", some(r.route)], ["Step", some(r.step)],
+          ["Attempts", some(r.attempts)], ["Breaker", some(r.breaker)], ["Provider", r.provider], ["Path", r.path], ["Model asked", r.requested_model],
           ["Model served", r.served_model], ["Stream", r.stream ? "yes" : "no"], ["Event id", r.event_id],
           ["User agent", r.user_agent], ["Error", r.error]])),
         el("section", { class: "card" }, el("h2", {}, "Timing"), dl([

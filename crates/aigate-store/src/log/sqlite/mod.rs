@@ -2,7 +2,8 @@
 //! segment files beside it.
 //!
 //! Where things are:
-//! - `schema`: the tables and their SQL, and the version check at open.
+//! - `schema`: the tables and their SQL, the version check at open and the conversion of an older
+//!   file.
 //! - `keys`: the integer row key `k` = gateway number | millisecond | slot, and where a record goes
 //!   when its id names no free slot.
 //! - `parts`: each gateway's rows split into time partitions (tables `logs_p{seq}`).
@@ -34,8 +35,9 @@
 //! async runtime; writes take the write lock up front (`BEGIN IMMEDIATE`) and wait up to 5 s for
 //! it. Storage errors (disk full, read-only, I/O) are returned as [`StoreError::Io`], other
 //! database errors as [`StoreError::Unavailable`], an undecodable row as [`StoreError::Corrupt`];
-//! nothing panics. A failed batch is rolled back whole. A file of another schema version is refused
-//! at open, unchanged, with a message saying what to do. A file should be used by one process at a
+//! nothing panics. A failed batch is rolled back whole. A version-7 file is converted at open, in one
+//! transaction; a file of another schema version is refused at open, unchanged, with a message
+//! saying what to do. A file should be used by one process at a
 //! time (the counts are transactional, so a second one stays correct, only slower).
 
 mod keys;
@@ -57,7 +59,7 @@ use rusqlite::{Connection, ToSql, Transaction, TransactionBehavior};
 
 use self::keys::load_placed;
 use self::parts::PartPolicy;
-use self::schema::{check_version, create_schema_sql, PAGE_SIZE};
+use self::schema::{check_version, create_schema_sql, migrate, MIGRATED_VERSION, PAGE_SIZE};
 use self::write::{count_rows, upsert_rollups};
 use crate::log::analytics::{aggregate, merge_hist_json, plan, HIST_MERGE_FN};
 use crate::log::bodies::BodyFiles;
@@ -174,6 +176,8 @@ impl SqliteLogStore {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
             tx.execute_batch(&create_schema_sql()).map_err(sql_err)?;
             tx.commit().map_err(sql_err)?;
+        } else if version == MIGRATED_VERSION {
+            migrate(&mut conn)?;
         }
         // Segments no row points into (the last one written before a restart can be one) go.
         conn.execute("DELETE FROM body_segments WHERE live <= 0", []).map_err(sql_err)?;

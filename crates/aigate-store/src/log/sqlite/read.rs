@@ -81,6 +81,10 @@ pub(super) fn decode(row: &Row<'_>) -> rusqlite::Result<Result<LogRecord, StoreE
         response_body: None,
         feedback: feedback.and_then(|f| i8::try_from(f).ok()),
         score: row.get(27)?,
+        attempts: u32::try_from(row.get::<_, i64>(28)?).unwrap_or(0),
+        step: row.get::<_, Option<i64>>(29)?.and_then(|s| u32::try_from(s).ok()),
+        route: row.get(30)?,
+        breaker: row.get(31)?,
     }))
 }
 
@@ -185,8 +189,8 @@ pub(super) fn get(
     let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
     let found = stmt
         .query_row([k], |r| {
-            let body = match (r.get::<_, Option<i64>>(28)?, r.get::<_, Option<i64>>(29)?) {
-                (Some(seg), Some(off)) => Some(BodyRef { seg, off, request_len: r.get(30)?, response_len: r.get(31)? }),
+            let body = match (r.get::<_, Option<i64>>(32)?, r.get::<_, Option<i64>>(33)?) {
+                (Some(seg), Some(off)) => Some(BodyRef { seg, off, request_len: r.get(34)?, response_len: r.get(35)? }),
                 _ => None,
             };
             Ok((decode(r)?, body))

@@ -148,11 +148,15 @@ pub(super) fn insert_one<'a>(
         if old.is_none_or(|o| o.and_then(|b| b.response_len) != body.and_then(|b| b.response_len)) {
             stmt.raw_bind_parameter(32, body.and_then(|b| b.response_len))?;
         }
+        bind!(33, |x| i64::from(x.attempts));
+        bind!(34, |x| x.step.map(i64::from));
+        bind!(35, |x| &x.route);
+        bind!(36, |x| &x.breaker);
         Ok(())
     };
     bind(stmt).map_err(sql_err)?;
     let mut execute_at = |k: i64| -> Result<bool, StoreError> {
-        stmt.raw_bind_parameter(33, k).map_err(sql_err)?;
+        stmt.raw_bind_parameter(37, k).map_err(sql_err)?;
         Ok(stmt.raw_execute().map_err(sql_err)? > 0)
     };
     // Mostly: the slot the id names is free, in a millisecond holding no placed row.
