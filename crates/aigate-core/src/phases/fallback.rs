@@ -57,8 +57,10 @@ pub async fn run_chain(
     for (i, step) in chain.steps.iter().enumerate() {
         for_step(settings, route, &step.provider, &step.endpoint).map_err(|e| name_step(i, e))?;
     }
+    meter.route = chain.route;
     for (i, step) in chain.steps.iter().enumerate() {
         let is_last = i + 1 == n;
+        meter.step = u32::try_from(i).ok();
         let result = run_step(state, settings, route, head, step, &defaults, is_last, meter).await;
         meter.rate_headers.push((CF_AIG_STEP, HeaderValue::from(i)));
         if dynamic {
@@ -144,7 +146,7 @@ async fn run_step(
         Err(e) => return Outcome::Answer(Err(e)),
     };
 
-    if let Err(e) = breaker_admit(state, &step_route) {
+    if let Err(e) = breaker_admit(state, &step_route, meter) {
         return fail(e);
     }
 
@@ -203,13 +205,23 @@ fn step_head(head: &http::request::Parts, step: &Step) -> http::request::Parts {
 
 /// Asks the route's circuit breaker (when the gateway has one) whether the request may go to its
 /// provider: 503 `circuit_open` while it is open.
-pub fn breaker_admit(state: &AppState, route: &Route<'_>) -> Result<(), GatewayError> {
+/// The record notes a probe (`half-open`) and every provider skipped (`open: NAME`).
+pub fn breaker_admit(state: &AppState, route: &Route<'_>, meter: &mut Meter) -> Result<(), GatewayError> {
     let Some(b) = &route.gateway.breaker else { return Ok(()) };
     let (gw, provider) = (&route.gateway.name, route.provider.name.as_str());
     let (admit, changed) = state.breakers.admit(gw, provider, b, Instant::now());
     if let Some(s) = changed {
         state.metrics.record_breaker(gw, provider, s.code());
     }
+    let note = match admit {
+        Admit::Pass => return Ok(()),
+        Admit::Probe => "half-open".to_owned(),
+        Admit::Refuse(_) => format!("open: {provider}"),
+    };
+    meter.breaker = Some(match meter.breaker.take() {
+        Some(before) => format!("{before}; {note}"),
+        None => note,
+    });
     if let Admit::Refuse(wait) = admit {
         state.metrics.record_breaker_skip(gw, provider);
         let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);

@@ -124,7 +124,7 @@ pub async fn run(
         Lookup::Skip => None,
     };
 
-    fallback::breaker_admit(state, &route)?;
+    fallback::breaker_admit(state, &route, meter)?;
     let (method, headers) = (head.method, head.headers);
     let answer =
         upstream(state, &route, (method, headers), outgoing, translation.as_ref(), retry, timeout, meter).await;

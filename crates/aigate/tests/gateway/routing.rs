@@ -63,6 +63,11 @@ async fn a_dynamic_route_falls_back_to_its_next_step() {
     assert_eq!(recs[0]["provider"], "anthropic");
     assert_eq!(recs[0]["requested_model"], "dynamic/support");
     assert_eq!(recs[0]["status"], 200);
+    assert_eq!((recs[0]["step"].as_u64(), recs[0]["attempts"].as_u64()), (Some(1), Some(2)), "{:#?}", recs[0]);
+    let route = recs[0]["route"].as_str().unwrap();
+    assert!(route.starts_with("support@") && route.len() == "support@".len() + 8, "{route}");
+    let by_route = admin_get(&env, "/admin/gateways/default/logs?route=support").await;
+    assert_eq!(by_route["records"].as_array().unwrap().len(), 3);
     assert_eq!(metric(&env, "aigate_fallbacks_total").await, 3.0);
 
     // Every step failing: the last step's error, with its index, after each step's own attempts.
@@ -242,6 +247,9 @@ async fn an_open_breaker_moves_a_chain_to_its_next_step() {
     let r = post(&env, "/v1/chat/completions", chat("dynamic/r", "2"), &[]).await;
     assert_eq!((r.status().as_u16(), header(&r, "cf-aig-step")), (200, "1"));
     assert_eq!(env.mock.requests() - before, 1, "the open breaker's provider was skipped");
+    let recs = records(&env, "default", 2).await;
+    assert_eq!(recs[0]["breaker"], "open: broken", "{:#?}", recs[0]);
+    assert_eq!((recs[0]["attempts"].as_u64(), recs[1]["attempts"].as_u64()), (Some(1), Some(2)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
