@@ -24,11 +24,16 @@ base_url = "http://127.0.0.1:$mock_port/v1"
 base_url = "http://127.0.0.1:$mock_port"
 [providers.google-ai-studio]
 base_url = "http://127.0.0.1:$mock_port"
+[providers.broken]
+base_url = "http://127.0.0.1:$mock_port/status-503/v1"
 [storage]
 cache = "memory"
 [gateways.default]
 [gateways.default.cache]
 enabled = true
+[gateways.default.routes.support]
+steps = [ { provider = "broken", model = "gpt-4o-mini" },
+          { provider = "anthropic", model = "claude-3-5-haiku-latest" } ]
 [gateways.limited]
 [gateways.limited.rate_limit]
 limit = 2

@@ -229,6 +229,27 @@ for label, base_url in {"compat": f"{GW}/v1/my-account/default/compat",
     check(f"anthropic SDK to openai via {label}: tool use", use is not None and use.input["city"] == "Paris"
           and t.stop_reason == "tool_use", repr(t))
 
+# A dynamic route: its first step (a provider answering 503) fails, the second (Anthropic) answers.
+for label, base_url in {"plain /v1": f"{GW}/v1", "compat": f"{GW}/v1/my-account/default/compat"}.items():
+    dc = OpenAI(base_url=base_url, api_key="sk-not-real", max_retries=0)
+    raw = dc.chat.completions.with_raw_response.create(
+        model="dynamic/support", messages=[{"role": "user", "content": f"Route me ({label})"}])
+    chat = raw.parse()
+    check(f"dynamic route via {label}: falls back to step 1",
+          raw.headers.get("cf-aig-step") == "1" and raw.headers.get("cf-aig-provider") == "anthropic"
+          and raw.headers.get("cf-aig-model") == "claude-3-5-haiku-latest"
+          and chat.choices[0].message.content.startswith("Hello"), repr((dict(raw.headers), chat)))
+    pieces = [c.delta.content for chunk in dc.chat.completions.create(
+        model="dynamic/support", stream=True, messages=[{"role": "user", "content": f"Stream a route ({label})"}])
+        for c in chunk.choices if c.delta.content]
+    check(f"dynamic route via {label}: stream", "".join(pieces).startswith("Hello"), repr(pieces))
+try:
+    OpenAI(base_url=f"{GW}/v1", api_key="sk-not-real", max_retries=0).chat.completions.create(
+        model="dynamic/nope", messages=[{"role": "user", "content": "x"}])
+    check("dynamic route: an unknown route raises BadRequestError", False)
+except openai.BadRequestError as e:
+    check("dynamic route: an unknown route raises BadRequestError", "support" in str(e) and "nope" in str(e), str(e))
+
 client = OpenAI(base_url=f"{GW}/v1", api_key="sk-ant-not-real", max_retries=0)
 try:
     client.chat.completions.create(model="anthropic/claude-sonnet-4-5", n=2,
