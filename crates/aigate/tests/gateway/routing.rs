@@ -292,6 +292,24 @@ async fn a_canary_serves_its_share_with_its_own_settings() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_limit_is_spent_is_skipped() {
+    let toml = format!(
+        "{ADMIN}[gateways.default]\n[[gateways.default.limits]]\nname = \"big-model\"\nlimit = 1\nperiod = \"1h\"\nmodel = \"openai/gpt-4o\"\n\
+         [gateways.default.routes.r]\nsteps = [ {{ provider = \"openai\", model = \"gpt-4o\" }}, {{ provider = \"openai\", model = \"gpt-4o-mini\" }} ]\n"
+    );
+    let env = env_with(&toml, MockConfig::default()).await;
+    let r = post(&env, "/v1/chat/completions", chat("dynamic/r", "1"), &[]).await;
+    assert_eq!((r.status().as_u16(), header(&r, "cf-aig-model")), (200, "gpt-4o"));
+    let before = env.mock.requests();
+    let r = post(&env, "/v1/chat/completions", chat("dynamic/r", "2"), &[]).await;
+    assert_eq!((r.status().as_u16(), header(&r, "cf-aig-step"), header(&r, "cf-aig-model")), (200, "1", "gpt-4o-mini"));
+    assert_eq!(env.mock.requests() - before, 1, "the limited step sent nothing");
+    // The same model asked for directly is refused by its rule.
+    let r = post(&env, "/v1/chat/completions", chat("openai/gpt-4o", "3"), &[]).await;
+    assert_eq!(r.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_routing_config_is_refused_naming_the_key() {
     for (toml, want) in [
         (
