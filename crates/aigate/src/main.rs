@@ -583,6 +583,28 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
                 }
             }
         }
+        let mut routes: Vec<_> = g.routes.values().collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        for r in routes {
+            let _ = writeln!(out, "  route \"dynamic/{}\" ({}): {}", r.name, r.label(), r.describe());
+        }
+        if let Some(b) = &g.breaker {
+            let _ = writeln!(
+                out,
+                "  breaker: failures = {}, window = \"{}\", cool_off = \"{}\"",
+                b.failures,
+                dur(b.window),
+                dur(b.cool_off)
+            );
+        }
+        if let Some(c) = &g.canary {
+            let sticky = match &c.sticky {
+                None => "per request".to_owned(),
+                Some(aigate_core::routing::Sticky::Credential) => "credential".to_owned(),
+                Some(aigate_core::routing::Sticky::Metadata(k)) => format!("metadata.{k}"),
+            };
+            let _ = writeln!(out, "  canary: {} % to gateway \"{}\", sticky = {sticky}", c.percent, c.gateway);
+        }
     }
     let mut ps: Vec<_> = s.providers.values().collect();
     ps.sort_by(|a, b| a.name.cmp(&b.name));

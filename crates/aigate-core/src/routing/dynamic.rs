@@ -91,6 +91,25 @@ impl DynamicRoute {
         Ok(DynamicRoute { name: name.to_owned(), version, sticky, arms })
     }
 
+    /// One line: each arm's weight, condition and steps.
+    pub fn describe(&self) -> String {
+        let chain = |steps: &[RouteStep]| {
+            steps.iter().map(|s| format!("{}/{}", s.provider, s.model)).collect::<Vec<_>>().join(" → ")
+        };
+        if let [only] = self.arms.as_slice() {
+            return chain(&only.steps);
+        }
+        self.arms
+            .iter()
+            .map(|a| {
+                let when: Vec<String> = a.when.iter().map(|(k, v)| format!("metadata.{k} = {v:?}")).collect();
+                let when = if when.is_empty() { String::new() } else { format!(" when {}", when.join(", ")) };
+                format!("[weight {}{when}: {}]", a.weight, chain(&a.steps))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// `NAME@VERSION`.
     pub fn label(&self) -> String {
         format!("{}@{}", self.name, self.version)
