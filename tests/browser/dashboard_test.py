@@ -264,6 +264,14 @@ def run(base, config, original):
             expect(page.locator("#verdict")).to_have_text("GO")
             expect(page.get_by_role("rowheader", name="Cache hit rate")).to_be_visible()
             shot("07-report")
+            # A canary comparison: staging served nothing, so it cannot be a go.
+            page.get_by_label("Candidate").select_option("staging")
+            page.get_by_role("button", name="Compare").click()
+            page.wait_for_url("**/report?since=24h&compare=staging")
+            expect(page.locator("#compare-verdict")).to_have_text("NO-GO for staging")
+            expect(page.locator("table.compare-gateways tr", has_text="Requests").locator("td").nth(0)).not_to_have_text("0")
+            expect(page.locator("ul.checks")).to_contain_text("staging served 0 requests")
+            shot("07-report-compare")
 
             # --- settings: cache mode off, live and in the file with its comments; audit; purge
             page.goto(base + "/dashboard/gateways/default/settings")

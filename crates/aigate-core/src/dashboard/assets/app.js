@@ -651,7 +651,40 @@
         stat("Upstream calls", fmtInt(r.upstream_calls)), stat("Errors", fmtInt(r.errors), fmtPct(r.error_rate)),
         stat("p50 / p95", fmtMs(r.p50_ms) + " / " + fmtMs(r.p95_ms)), stat("Cost", fmtUsd(r.cost_usd)),
         stat("Saved", fmtUsd(r.saved_usd), fmtPct(r.saved_pct)), stat("Without the gateway", fmtUsd(r.cost_without_gateway_usd)))),
-      shadow);
+      shadow, await compareSection(since));
+  }
+
+  // A canary (or any other gateway) against this one over the same window: `aigate report --compare`.
+  async function compareSection(since) {
+    const section = el("section", { class: "card", "aria-labelledby": "canary-h" });
+    let names = [];
+    try { names = (await api("/overview?range=24h")).gateways.map((g) => g.name).filter((n) => n !== gw); } catch (e) { /* the form stays empty */ }
+    const chosen = params().get("compare");
+    const select = el("select", { id: "compare-with", name: "compare" }, names.map((n) => el("option", { value: n, selected: n === chosen ? "" : null }, n)));
+    section.append(el("h2", { id: "canary-h" }, "Compare with another gateway"),
+      el("p", { class: "muted" }, "A canary against this gateway over the same period: go when its error rate and p95 stay within the margins."),
+      el("form", { class: "controls", method: "get" }, el("input", { type: "hidden", name: "since", value: since }),
+        el("label", { for: "compare-with" }, "Candidate"), select, el("button", { type: "submit" }, "Compare")));
+    if (!chosen) return section;
+    let c;
+    try { c = await api(gwApi(gw, "/report") + `?since=${since}&compare=${encodeURIComponent(chosen)}`); } catch (e) { section.append(errorBox(e)); return section; }
+    const labels = { requests: ["Requests", fmtInt], p50_ms: ["p50 latency", fmtMs], p95_ms: ["p95 latency", fmtMs], p99_ms: ["p99 latency", fmtMs],
+      error_rate: ["Error rate", fmtPct], hit_rate: ["Cache hit rate", fmtPct], upstream_calls: ["Upstream calls", fmtInt], cost_usd: ["Cost", fmtUsd], saved_usd: ["Saved", fmtUsd] };
+    const rows = c.changes.map((x) => {
+      const [label, fmt] = labels[x.metric] || [x.metric, String];
+      // Rates change in points, as the CLI prints them; the rest in per cent.
+      const sign = (v) => (v >= 0 ? "+" : "");
+      const change = x.metric.endsWith("_rate")
+        ? (x.difference === null || x.difference === undefined ? "–" : sign(x.difference) + (x.difference * 100).toFixed(1) + " pt")
+        : (x.change_pct === null || x.change_pct === undefined ? "–" : sign(x.change_pct) + x.change_pct.toFixed(1) + " %");
+      return el("tr", {}, el("th", { scope: "row" }, label), el("td", {}, fmt(x.baseline)), el("td", {}, fmt(x.candidate)), el("td", {}, change));
+    });
+    const go = c.verdict === "go";
+    section.append(
+      el("div", { class: "verdict " + (go ? "go" : "no-go"), id: "compare-verdict", role: "status" }, (go ? "GO" : "NO-GO") + " for " + chosen),
+      table(["Measure", gw, chosen, "Change"], rows, { class: "numeric compare-gateways" }),
+      el("ul", { class: "checks" }, c.checks.map((k) => el("li", { class: k.ok ? "better" : "worse" }, (k.ok ? "ok: " : "fail: ") + k.message))));
+    return section;
   }
 
   // ---- settings ------------------------------------------------------------------------------
