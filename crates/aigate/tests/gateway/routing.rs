@@ -292,6 +292,22 @@ async fn a_canary_serves_its_share_with_its_own_settings() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_times_out_falls_back() {
+    let toml = format!(
+        "{ADMIN}[gateways.default]\n[gateways.default.routes.r]\n\
+         steps = [ {{ provider = \"openai\", model = \"gpt-4o-mini\", timeout = \"200ms\" }}, {{ provider = \"anthropic\", model = \"claude-3-5-haiku-latest\" }} ]\n"
+    );
+    let env = env_with(&toml, MockConfig::default()).await;
+    let t = Instant::now();
+    let r = post(&env, "/v1/chat/completions", chat("dynamic/r", "slow"), &[("x-mock-latency-ms", "600")]).await;
+    assert_eq!((r.status().as_u16(), header(&r, "cf-aig-step")), (200, "1"));
+    let took = t.elapsed();
+    // The first step gave up after its 200 ms (it would have answered at 600 ms: step 0); the
+    // second, under the gateway's timeout, waited its 600 ms.
+    assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_whose_limit_is_spent_is_skipped() {
     let toml = format!(
         "{ADMIN}[gateways.default]\n[[gateways.default.limits]]\nname = \"big-model\"\nlimit = 1\nperiod = \"1h\"\nmodel = \"openai/gpt-4o\"\n\
