@@ -8,9 +8,10 @@ Each binary (release builds; see docs/benchmarks.md) serves one gateway in front
 one worker thread, under callgrind; N sequential non-streamed chat requests go through it on one
 keep-alive connection, then it is stopped. Two runs (200 and 1,200 requests) give
 (Ir(1200) - Ir(200)) / 1000 for the whole process (request path, log writer, timers) and for the
-request path alone (the inclusive cost of `service::handle`). The whole-process figure varies by a
-few per cent with the log writer's batching; the request-path figure by a few instructions. The
-binaries alternate, `--reps` times each, and the medians are printed.
+request path alone (the inclusive cost of `service::handle`, up to the response head). The
+whole-process figure varies by a few per cent with the log writer's batching, the request-path
+figure by 1-2 % (allocator and timer state). The binaries alternate, `--reps` times each, and the
+medians are printed.
 """
 import argparse, http.client, json, os, re, signal, socket, statistics, subprocess, tempfile, time
 
@@ -61,7 +62,7 @@ def run(binary, mport, n):
     ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", out], capture_output=True, text=True).stdout
     m = re.search(r"^\s*([\d,]+) .*aigate_core::service::handle::\{\{closure\}\}", ann, re.M)
     path = int(m.group(1).replace(",", "")) if m else 0
-    subprocess.run(["rm", "-rf", tmp])
+    print("kept", binary, n, out, flush=True) if os.environ.get("KEEP") else subprocess.run(["rm", "-rf", tmp])
     return total, path
 
 

@@ -92,7 +92,9 @@ pub async fn run(
     meter.request_body = detached(&body);
     if let Some(chain) = chain(&route, &head.headers, &body)? {
         let defaults = fallback::Defaults { timeout, retry, cache: cache_options };
-        return fallback::run_chain(state, &settings, &route, &head, chain, defaults, meter).await;
+        // Boxed: a chain's state is large, and without the box every request's future would carry
+        // room for it (and copy it when the future moves).
+        return Box::pin(fallback::run_chain(state, &settings, &route, &head, chain, defaults, meter)).await;
     }
     // A request in OpenAI's format for another provider: its model names the provider.
     let (outgoing, translation) = match translate::prepare(&settings, &mut route, &body)? {
