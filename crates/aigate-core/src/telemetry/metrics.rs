@@ -35,7 +35,8 @@ const TOKEN_BOUNDS: [f64; 14] = [
     67108864.0,
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The attributes of a series.
+#[derive(Debug, Clone)]
 struct Key {
     gateway: Arc<str>,
     provider: String,
@@ -97,25 +98,56 @@ struct Series {
 /// The cumulative metrics since start.
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    series: Mutex<HashMap<Key, Series>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Reused buffer of the lookup key (the label values joined), so that a known series costs
+    /// no allocation.
+    buf: String,
+    series: HashMap<String, (Key, Series)>,
 }
 
 impl Aggregator {
     /// Counts one finished request.
     pub fn record(&self, e: &SpanEvent) {
-        let mut map = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut key = Key {
-            gateway: e.gateway.clone(),
-            provider: e.provider.clone(),
-            operation: operation(e.endpoint),
-            model: e.requested_model.clone().unwrap_or_default(),
-            status: e.status,
-            cache_status: e.cache_status.clone(),
+        use std::fmt::Write;
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Inner { buf, series } = &mut *guard;
+        let op = operation(e.endpoint);
+        let mut model = e.requested_model.as_deref().unwrap_or_default();
+        let lookup = |buf: &mut String, model: &str| {
+            buf.clear();
+            let _ = write!(
+                buf,
+                "{}\0{}\0{}\0{model}\0{}\0{}",
+                e.gateway,
+                e.provider,
+                op.unwrap_or_default(),
+                e.status,
+                e.cache_status
+            );
         };
-        if map.len() >= MAX_SERIES && !map.contains_key(&key) {
-            key.model = "other".to_owned();
+        lookup(buf, model);
+        if series.len() >= MAX_SERIES && !series.contains_key(buf.as_str()) {
+            model = "other";
+            lookup(buf, model);
         }
-        let s = map.entry(key).or_default();
+        let s = match series.get_mut(buf.as_str()) {
+            Some((_, s)) => s,
+            None => {
+                let key = Key {
+                    gateway: e.gateway.clone(),
+                    provider: e.provider.clone(),
+                    operation: op,
+                    model: model.to_owned(),
+                    status: e.status,
+                    cache_status: e.cache_status.clone(),
+                };
+                &mut series.entry(buf.clone()).or_insert((key, Series::default())).1
+            }
+        };
         s.requests += 1;
         s.cost_usd += e.cost_usd.unwrap_or(0.0);
         if let Some(t) = e.tokens_in {
@@ -130,8 +162,8 @@ impl Aggregator {
     /// The metrics as of `now` (cumulative since `start`, Unix ns); empty before any request.
     pub fn export(&self, start: u64, now: u64) -> Vec<Metric> {
         let snapshot: Vec<(Key, Series)> = {
-            let map = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-            map.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
+            let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner.series.values().cloned().collect()
         };
         if snapshot.is_empty() {
             return Vec::new();

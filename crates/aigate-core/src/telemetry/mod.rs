@@ -123,7 +123,7 @@ impl Telemetry {
     /// Records a finished request: counts it in the metrics and queues its span (unless the
     /// caller's trace is not sampled). Never waits: a full queue drops the span.
     pub fn record(&self, record: &LogRecord, m: &Meter) {
-        let event = SpanEvent::new(record, m.id, m.endpoint, m.trace);
+        let event = SpanEvent::new(record, m);
         self.metrics.record(&event);
         if event.context.is_some_and(|c| !c.sampled) {
             return;

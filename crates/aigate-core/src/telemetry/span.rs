@@ -9,6 +9,7 @@ use opentelemetry_proto::tonic::trace::v1::{span, status, Span, Status};
 
 use super::context::TraceContext;
 use crate::endpoint::Endpoint;
+use crate::meter::Meter;
 
 /// What the exporter needs of one finished request: built by the log writer from the record, then
 /// queued to the exporter, which turns it into a protobuf [`Span`].
@@ -58,15 +59,15 @@ pub struct SpanEvent {
 
 impl SpanEvent {
     /// The event of a finished request (`context` as captured on arrival).
-    pub fn new(r: &LogRecord, log_id: uuid::Uuid, endpoint: Endpoint, context: Option<TraceContext>) -> SpanEvent {
+    pub fn new(r: &LogRecord, m: &Meter) -> SpanEvent {
         let start_ns = r.created_at_ms.saturating_mul(1_000_000);
         SpanEvent {
-            context,
-            log_id,
+            context: m.trace,
+            log_id: m.id,
             start_ns,
             end_ns: start_ns.saturating_add((r.duration_ms * 1e6) as u64),
-            endpoint,
-            gateway: Arc::from(r.gateway.as_str()),
+            endpoint: m.endpoint,
+            gateway: m.gateway.clone(),
             provider: r.provider.clone(),
             requested_model: r.requested_model.clone(),
             served_model: r.served_model.clone(),
