@@ -6,7 +6,8 @@
 //! respond. What the phases share lives in [`state`]; the machinery they use has its own modules:
 //! the response [`cache`], rate [`limits`] and budgets, the upstream HTTP [`client`], the
 //! [`providers`] table, what a request is ([`endpoint`]), and the [`meter`] that measures every
-//! request (usage, cost) and hands it to the [`logs`] pipeline. [`config`] turns the TOML file
+//! request (usage, cost) and hands it to the [`logs`] pipeline, which also feeds the OpenTelemetry
+//! export ([`telemetry`]). [`config`] turns the TOML file
 //! into validated [`config::Settings`]. See `docs/architecture.md`.
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod routing;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod telemetry;
 pub mod translate;
 
 pub use config::Settings;

@@ -24,6 +24,7 @@ use aigate_store::{CacheStore, LogRecord};
 use crate::cache::CacheLayer;
 use crate::limits::LimitStats;
 use crate::logs::LogStats;
+use crate::telemetry::TelemetryStats;
 
 /// Distinct model label values kept before new ones are folded into `other`.
 pub const MAX_MODEL_LABELS: usize = 500;
@@ -133,7 +134,12 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// A registry with aigate's metrics; `cache` and `logs` are read at scrape time.
-    pub fn new(cache: Arc<CacheLayer>, logs: Arc<LogStats>, limits: Arc<LimitStats>) -> Arc<Metrics> {
+    pub fn new(
+        cache: Arc<CacheLayer>,
+        logs: Arc<LogStats>,
+        limits: Arc<LimitStats>,
+        telemetry: Option<Arc<TelemetryStats>>,
+    ) -> Arc<Metrics> {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("aigate_requests", "Requests through a gateway", requests.clone());
@@ -193,7 +199,7 @@ impl Metrics {
             "Fallback steps that failed or were skipped, so the next step was tried (by the step's provider)",
             fallbacks.clone(),
         );
-        registry.register_collector(Box::new(StateCollector { cache, logs, limits }));
+        registry.register_collector(Box::new(StateCollector { cache, logs, limits, telemetry }));
         Arc::new(Metrics {
             registry,
             requests,
@@ -367,6 +373,8 @@ struct StateCollector {
     cache: Arc<CacheLayer>,
     logs: Arc<LogStats>,
     limits: Arc<LimitStats>,
+    /// Only when OpenTelemetry export is on.
+    telemetry: Option<Arc<TelemetryStats>>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -460,6 +468,27 @@ impl Collector for StateCollector {
             "Budget alert webhook deliveries that failed",
             load(&r.webhook_failures),
         )?;
+        if let Some(t) = &self.telemetry {
+            counter(
+                &mut enc,
+                "aigate_otel_exported_spans",
+                "Spans the OTLP collector accepted",
+                load(&t.exported_spans),
+            )?;
+            counter(
+                &mut enc,
+                "aigate_otel_dropped_spans",
+                "Spans lost (export queue full or export failed)",
+                load(&t.dropped_spans),
+            )?;
+            counter(
+                &mut enc,
+                "aigate_otel_export_errors",
+                "OTLP export requests that failed or timed out",
+                load(&t.export_errors),
+            )?;
+            gauge(&mut enc, "aigate_otel_queue_depth", "Spans waiting for the OTLP exporter", i(load(&t.queued)))?;
+        }
         Ok(())
     }
 }

@@ -85,6 +85,9 @@ async fn serve(
     let (writer_stop, writer_rx) = watch::channel(false);
     let writer = tokio::spawn(state.cache.clone().run_writer(writer_rx.clone()));
     let log_writer = tokio::spawn(state.logs.clone().run_writer(writer_rx));
+    // The exporter stops after the log writer, which hands it the last records' spans.
+    let (exporter_stop, exporter_rx) = watch::channel(false);
+    let exporter = state.telemetry.clone().map(|t| tokio::spawn(t.run_exporter(exporter_rx)));
 
     loop {
         let permit = tokio::select! {
@@ -124,6 +127,10 @@ async fn serve(
     let _ = writer_stop.send(true);
     let _ = writer.await;
     let _ = log_writer.await;
+    let _ = exporter_stop.send(true);
+    if let Some(exporter) = exporter {
+        let _ = exporter.await;
+    }
 }
 
 /// One client connection.

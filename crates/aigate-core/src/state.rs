@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::limits::{LimitLayer, LimitStats};
 use crate::logs::{LogPipeline, LogStats};
 use crate::metrics::Metrics;
+use crate::telemetry::{Telemetry, TelemetryStats};
 
 /// What every request handler shares: the current settings (swappable for reload), the upstream
 /// client, the cache and the readiness flag.
@@ -40,6 +41,8 @@ pub struct AppState {
     pub dashboard: crate::dashboard::DashboardState,
     /// Circuit breakers by gateway and provider.
     pub breakers: crate::routing::breaker::Breakers,
+    /// OpenTelemetry export, when `[telemetry] otlp_endpoint` is set.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Why the state could not be built.
@@ -65,7 +68,14 @@ impl AppState {
         let cache = CacheLayer::new(stores.cache, clock.clone());
         let log_stats = Arc::new(LogStats::default());
         let limit_stats = Arc::new(LimitStats::default());
-        let metrics = Metrics::new(cache.clone(), log_stats.clone(), limit_stats.clone());
+        let telemetry_stats = Arc::new(TelemetryStats::default());
+        let telemetry = settings.telemetry.as_ref().map(|t| Telemetry::new(t, client.clone(), telemetry_stats.clone()));
+        let metrics = Metrics::new(
+            cache.clone(),
+            log_stats.clone(),
+            limit_stats.clone(),
+            telemetry.as_ref().map(|_| telemetry_stats),
+        );
         let limits = Arc::new(LimitLayer::new(
             stores.limits,
             settings.limits.clone(),
@@ -74,8 +84,16 @@ impl AppState {
             client.clone(),
             metrics.clone(),
         ));
-        let logs = LogPipeline::new(&settings, stores.logs, log_stats, metrics.clone(), limits.clone(), clock.clone())
-            .map_err(|e| StartError::Logs(format!("spill directory: {e}")))?;
+        let logs = LogPipeline::new(
+            &settings,
+            stores.logs,
+            log_stats,
+            metrics.clone(),
+            limits.clone(),
+            clock.clone(),
+            telemetry.clone(),
+        )
+        .map_err(|e| StartError::Logs(format!("spill directory: {e}")))?;
         Ok(Arc::new(AppState {
             settings: ArcSwap::from_pointee(settings),
             client,
@@ -88,6 +106,7 @@ impl AppState {
             stopping: tokio::sync::watch::Sender::new(false),
             dashboard: crate::dashboard::DashboardState::default(),
             breakers: Default::default(),
+            telemetry,
         }))
     }
 }
@@ -95,7 +114,7 @@ impl AppState {
 impl AppState {
     /// Applies a new configuration atomically: the next request sees all of it (gateways, tokens,
     /// provider keys, cache, logs and limit settings, prices). What is fixed at start (listen
-    /// address, storage backends, connection limits, upstream pool) keeps its running value; each
+    /// address, storage backends, connection limits, upstream pool, telemetry) keeps its running value; each
     /// such difference is returned as a warning.
     pub fn reload(&self, mut new: Settings) -> Vec<String> {
         let old = self.settings.load_full();
@@ -112,6 +131,7 @@ impl AppState {
         fixed("max_connections", new.max_connections != old.max_connections);
         fixed("header_read_timeout", new.header_read_timeout != old.header_read_timeout);
         fixed("blocking_threads", new.blocking_threads != old.blocking_threads);
+        fixed("[telemetry]", new.telemetry != old.telemetry);
         new.listen = old.listen;
         new.data_dir = old.data_dir.clone();
         new.storage = old.storage.clone();
@@ -119,6 +139,7 @@ impl AppState {
         new.max_connections = old.max_connections;
         new.header_read_timeout = old.header_read_timeout;
         new.blocking_threads = old.blocking_threads;
+        new.telemetry = old.telemetry.clone();
         self.logs.configure(&new);
         self.limits.configure(new.limits.clone());
         self.settings.store(Arc::new(new));

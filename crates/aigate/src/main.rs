@@ -513,6 +513,26 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
         s.dashboard.read_only,
         dur(s.dashboard.session_ttl)
     );
+    match &s.telemetry {
+        Some(t) => {
+            let names: Vec<&str> = t.headers.iter().map(|(n, _)| n.as_str()).collect();
+            let _ = writeln!(out, "[telemetry]  # OTLP/HTTP to {} and {}", t.traces_url, t.metrics_url);
+            let _ = writeln!(
+                out,
+                "  otlp_endpoint = \"{}\", service_name = \"{}\", headers = [{}], batch_size = {}, queue = {}, export_interval = \"{}\", timeout = \"{}\"",
+                t.endpoint,
+                t.service_name,
+                names.join(", "),
+                t.batch_size,
+                t.queue,
+                dur(t.export_interval),
+                dur(t.timeout)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "[telemetry]\n  otlp_endpoint = (none: OpenTelemetry export is off)");
+        }
+    }
     let mut gws: Vec<_> = s.gateways.values().collect();
     gws.sort_by(|a, b| a.name.cmp(&b.name));
     let _ = writeln!(out, "gateways ({}):", gws.len());

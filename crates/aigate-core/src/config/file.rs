@@ -71,6 +71,33 @@ pub struct FileConfig {
     /// The web console at `/dashboard`.
     #[serde(default)]
     pub dashboard: DashboardConfig,
+    /// OpenTelemetry export (OTLP/HTTP): a span per request and periodic metrics.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry export over OTLP/HTTP (protobuf). Off unless `otlp_endpoint` is
+/// set. Read at start only: a change applies after a restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's base URL, e.g. `http://127.0.0.1:4318`; spans go to `/v1/traces` and
+    /// metrics to `/v1/metrics` under it. Default: none (export off).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported resource. Default `aigate`.
+    pub service_name: Option<String>,
+    /// Headers sent with every export, e.g. `authorization = "env:OTLP_AUTH"` (secrets: `env:NAME`
+    /// or a path to a file holding the value). Default none.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+    /// Most spans in one export request. Default 512.
+    pub batch_size: Option<usize>,
+    /// Spans waiting for the exporter; when full, new spans are dropped and counted. Default 4096.
+    pub queue: Option<usize>,
+    /// How often metrics are exported. Default `60s`.
+    pub export_interval: Option<DurationValue>,
+    /// Longest time one export request may take before it is abandoned. Default `10s`.
+    pub timeout: Option<DurationValue>,
 }
 
 /// `[dashboard]`: the web console (served whenever `[admin] token` is set).

@@ -117,8 +117,33 @@ pub struct Settings {
     pub limits: crate::limits::LimitOptions,
     /// The web console.
     pub dashboard: DashboardSettings,
+    /// OpenTelemetry export; `None` when off.
+    pub telemetry: Option<TelemetrySettings>,
     /// The file these settings were read from (`None`: the embedded default or text).
     pub source: Option<PathBuf>,
+}
+
+/// `[telemetry]` with an endpoint: where and how spans and metrics are exported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySettings {
+    /// The base URL as written (for `aigate check`).
+    pub endpoint: String,
+    /// `{endpoint}/v1/traces`.
+    pub traces_url: http::Uri,
+    /// `{endpoint}/v1/metrics`.
+    pub metrics_url: http::Uri,
+    /// `service.name` of the resource.
+    pub service_name: String,
+    /// Headers sent with every export (values are secrets).
+    pub headers: Vec<(http::HeaderName, Secret)>,
+    /// Most spans per export request.
+    pub batch_size: usize,
+    /// Spans waiting for the exporter.
+    pub queue: usize,
+    /// Metrics export period.
+    pub export_interval: Duration,
+    /// Longest export request.
+    pub timeout: Duration,
 }
 
 /// `[dashboard]`.
@@ -379,6 +404,37 @@ openai = "env:OPENAI_API_KEY"
             ("[gateways.default.provider_keys]\nnosuch = \"env:X\"", "unknown provider"),
         ] {
             let err = Settings::from_toml_with(text, &env_ok).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn telemetry_validated() {
+        assert!(Settings::from_toml_with("", &env_ok).unwrap().telemetry.is_none(), "off by default");
+        let s = Settings::from_toml_with(
+            "[telemetry]\notlp_endpoint = \"https://otel.example:4318/base/\"\n[telemetry.headers]\nauthorization = \"env:PROD_GATEWAY_TOKEN\"\n",
+            &env_ok,
+        )
+        .unwrap();
+        let t = s.telemetry.unwrap();
+        assert_eq!(t.traces_url.to_string(), "https://otel.example:4318/base/v1/traces");
+        assert_eq!(t.metrics_url.to_string(), "https://otel.example:4318/base/v1/metrics");
+        assert_eq!((t.service_name.as_str(), t.batch_size, t.queue), ("aigate", 512, 4096));
+        assert_eq!((t.export_interval, t.timeout), (Duration::from_secs(60), Duration::from_secs(10)));
+        assert_eq!(t.headers[0].0.as_str(), "authorization");
+        assert_eq!(t.headers[0].1.expose(), "tok-123");
+        for (text, needle) in [
+            ("otlp_endpoint = \"localhost:4318\"", "telemetry.otlp_endpoint"),
+            ("otlp_endpoint = \"ftp://h:4318\"", "telemetry.otlp_endpoint"),
+            ("otlp_endpoint = \"http://u:p@h:4318\"", "credentials"),
+            ("otlp_endpoint = \"http://h:4318\"\nqueue = 0", "telemetry.queue"),
+            ("otlp_endpoint = \"http://h:4318\"\nbatch_size = 0", "telemetry.batch_size"),
+            ("otlp_endpoint = \"http://h:4318\"\nexport_interval = \"1ms\"", "telemetry.export_interval"),
+            ("otlp_endpoint = \"http://h:4318\"\n[telemetry.headers]\nx = \"env:NOPE\"", "telemetry.headers.x"),
+            ("otlp_endpoint = \"http://h:4318\"\nendpoint = \"x\"", "endpoint"),
+        ] {
+            let text = format!("[telemetry]\n{text}");
+            let err = Settings::from_toml_with(&text, &env_ok).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?} gave {err}");
         }
     }

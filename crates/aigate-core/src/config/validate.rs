@@ -163,6 +163,7 @@ impl FileConfig {
             Some(t) => Some(resolve_secret(source, t, "admin.token", env)?),
             None => None,
         };
+        let telemetry = validate_telemetry(&self.telemetry, source, env)?;
         Ok(Settings {
             listen,
             data_dir: self.data_dir,
@@ -211,9 +212,90 @@ impl FileConfig {
                     None => Duration::from_secs(12 * 3600),
                 },
             },
+            telemetry,
             source: None,
         })
     }
+}
+
+/// Validates `[telemetry]`: `None` when no endpoint is set (export off).
+fn validate_telemetry(
+    t: &TelemetryConfig,
+    source: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<TelemetrySettings>, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let Some(endpoint) = t.otlp_endpoint.as_deref().map(str::trim) else {
+        return Ok(None);
+    };
+    let base = endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()))
+        .filter(|u| u.query().is_none())
+        .ok_or_else(|| {
+            invalid(format!(
+                "telemetry.otlp_endpoint: {endpoint:?} is not an http(s) URL like \"http://127.0.0.1:4318\""
+            ))
+        })?;
+    // `aigate check` prints the endpoint: credentials go in headers, which are secrets.
+    if base.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(invalid(
+            "telemetry.otlp_endpoint: credentials in the URL are not accepted; put them in [telemetry.headers] as env:NAME"
+                .into(),
+        ));
+    }
+    // The OTLP exporter convention: signal paths are appended to the base URL's path.
+    let path = base.path().trim_end_matches('/');
+    let url = |signal: &str| -> Result<http::Uri, ConfigError> {
+        let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
+        format!("{}://{authority}{path}/v1/{signal}", base.scheme_str().unwrap_or("http"))
+            .parse()
+            .map_err(|_| invalid(format!("telemetry.otlp_endpoint: {endpoint:?} is not a usable URL")))
+    };
+    let mut headers = Vec::with_capacity(t.headers.len());
+    for (name, value) in &t.headers {
+        let key = format!("telemetry.headers.{name}");
+        let header = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid(format!("{key}: {name:?} is not a valid header name")))?;
+        let secret = resolve_secret(source, value, &key, env)?;
+        if http::HeaderValue::from_str(secret.expose()).is_err() {
+            return Err(invalid(format!("{key}: the value is not a valid header value")));
+        }
+        headers.push((header, secret));
+    }
+    let positive = |v: Option<usize>, default: usize, key: &str| match v {
+        Some(0) => Err(invalid(format!("telemetry.{key}: must be greater than zero"))),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let at_least = |v: Option<DurationValue>, default: Duration, min: Duration, key: &str| match v {
+        Some(d) if d.0 < min => {
+            Err(invalid(format!("telemetry.{key}: must be at least {}", humantime::format_duration(min))))
+        }
+        Some(d) => Ok(d.0),
+        None => Ok(default),
+    };
+    let service_name = t.service_name.as_deref().map(str::trim).unwrap_or("aigate");
+    if service_name.is_empty() {
+        return Err(invalid("telemetry.service_name: must not be empty".into()));
+    }
+    Ok(Some(TelemetrySettings {
+        endpoint: endpoint.to_owned(),
+        traces_url: url("traces")?,
+        metrics_url: url("metrics")?,
+        service_name: service_name.to_owned(),
+        headers,
+        batch_size: positive(t.batch_size, 512, "batch_size")?,
+        queue: positive(t.queue, 4096, "queue")?,
+        export_interval: at_least(
+            t.export_interval,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            "export_interval",
+        )?,
+        timeout: at_least(t.timeout, Duration::from_secs(10), Duration::from_millis(10), "timeout")?,
+    }))
 }
 
 /// Validates `[gateways.NAME.routes]`.

@@ -31,6 +31,8 @@ pub struct Finalizer {
     pub(super) stats: Arc<LogStats>,
     /// Names spill files and paces warnings.
     pub(super) clock: Clock,
+    /// OpenTelemetry export, when configured.
+    pub(super) telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Finalizer {
@@ -91,7 +93,8 @@ impl Finalizer {
             (None, None)
         };
 
-        let error = if full {
+        // An exported span carries the error message too.
+        let error = if full || self.telemetry.is_some() {
             m.error.clone().or_else(|| (m.status >= 400).then(|| error_message(&response, m.status)))
         } else {
             None
@@ -150,6 +153,9 @@ impl Finalizer {
             breaker: m.breaker.take(),
         };
         self.metrics.record(&record);
+        if let Some(t) = &self.telemetry {
+            t.record(&record, m);
+        }
         if !m.held.is_empty() {
             let count_hits = self.limits.options().count_cache_hits;
             let tokens = usage.as_ref().map(Usage::total_tokens);

@@ -6,6 +6,9 @@
 //!       └────────▶ spill thread ──▶ data_dir/log-spill/*.jsonl ──(replayed by the writer)──┘
 //! ```
 //!
+//! Finalising also hands each record to the OpenTelemetry exporter ([`crate::telemetry`]) when
+//! one is configured.
+//!
 //! - The request path only calls [`LogPipeline::submit`]: a `try_send` of the boxed [`Meter`].
 //!   It never waits. When the queue is full the meter goes to the spill thread (a bounded
 //!   channel), which finalises it and appends it to a spill file; if even that channel is full,
@@ -178,6 +181,7 @@ impl LogPipeline {
         metrics: Arc<Metrics>,
         limits: Arc<crate::limits::LimitLayer>,
         clock: Clock,
+        telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     ) -> std::io::Result<Arc<LogPipeline>> {
         let (tx, rx) = mpsc::channel(settings.storage.log_queue);
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
@@ -188,6 +192,7 @@ impl LogPipeline {
             stats: stats.clone(),
             limits,
             clock,
+            telemetry,
         });
         let spill_dir = settings.data_dir.join(SPILL_DIR);
         std::fs::create_dir_all(&spill_dir)?;
@@ -531,6 +536,7 @@ mod tests {
             state.metrics.clone(),
             state.limits.clone(),
             state.clock.clone(),
+            None,
         )
         .unwrap();
         // Records counted in analytics only (logs off): nothing dedupes them on a second replay.

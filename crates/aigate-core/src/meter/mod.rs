@@ -154,6 +154,8 @@ pub struct Meter {
     pub route: Option<String>,
     /// A short circuit-breaker note on the upstream (`half-open`, `open: openai`).
     pub breaker: Option<String>,
+    /// The caller's trace (`traceparent` or `cf-aig-otel-*`), for the exported span.
+    pub trace: Option<crate::telemetry::TraceContext>,
 }
 
 impl Meter {
@@ -222,6 +224,7 @@ impl Meter {
             step: None,
             route: None,
             breaker: None,
+            trace: crate::telemetry::TraceContext::from_headers(headers),
         })
     }
 
