@@ -12,7 +12,7 @@
 //!   states;
 //! - `cf-aig-*` headers: an accepted value is within the documented bounds.
 //!
-//! Case counts: `AIGATE_FUZZ_CASES` cases per target (default 192, about 10-15 s for the whole file
+//! Case counts: `AIGATE_FUZZ_CASES` cases per target (default 192, about 6 s for the whole file
 //! in a debug build, part of `cargo test --workspace`). The long run is `scripts/fuzz.sh`
 //! (release build with overflow checks, `--profile fuzz`). A case slower than
 //! `AIGATE_FUZZ_CASE_MS` (default 5000) fails as a hang; one still running after 60 s aborts the
