@@ -160,6 +160,15 @@ impl Provider {
     /// Builds the upstream URI for a client path (`rest`, percent-encoded, no leading slash, may be
     /// empty) and raw query.
     pub fn upstream_uri(&self, account_id: Option<&str>, rest: &str, query: Option<&str>) -> Result<Uri, PathError> {
+        // A Universal step's endpoint may carry its own query (`…?api-version=…`): only what comes
+        // before it is path. A fragment is never sent (`..#x` would leave `..` as the last segment).
+        if rest.contains('#') {
+            return Err(PathError::BadSegment(rest.to_string()));
+        }
+        let (rest, own_query) = match rest.split_once('?') {
+            Some((path, q)) => (path, Some(q)),
+            None => (rest, None),
+        };
         let mut rest = rest.trim_start_matches('/');
         for seg in rest.split('/') {
             check_segment(seg)?;
@@ -178,6 +187,14 @@ impl Provider {
             values.push((ph.as_str(), seg));
             rest = tail;
         }
+        // An account id placed in the URL is one safe, non-empty segment (`accounts//ai` is no
+        // account's path).
+        if let Some(a) = account_id {
+            let templated = self.static_authority.is_none() || self.base_path.contains('{');
+            if templated && (a.is_empty() || a.contains(['/', '?', '#']) || check_segment(a).is_err()) {
+                return Err(PathError::Invalid);
+            }
+        }
         let lookup = |name: &str| -> Option<&str> {
             if name == "account_id" {
                 return Some(account_id.unwrap_or("default"));
@@ -188,8 +205,13 @@ impl Provider {
             Some(a) => a.clone(),
             None => {
                 let filled = fill(&self.authority, &lookup).ok_or(PathError::Invalid)?;
-                // A value placed in the host may not add labels or ports.
-                if values.iter().any(|(_, v)| v.contains('.')) {
+                // A value placed in the host is one DNS label: it may not add labels, a port or
+                // user info (an account id of `@x` or `other.tenant` would change the host).
+                let label =
+                    |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if values.iter().any(|(_, v)| !label(v))
+                    || (self.authority.contains("{account_id}") && !label(account_id.unwrap_or("default")))
+                {
                     return Err(PathError::Invalid);
                 }
                 filled.parse::<Authority>().map_err(|_| PathError::Invalid)?
@@ -212,8 +234,8 @@ impl Provider {
         if pq.is_empty() {
             pq.push('/');
         }
-        if let Some(q) = query {
-            pq.push('?');
+        for (i, q) in own_query.into_iter().chain(query).enumerate() {
+            pq.push(if i == 0 { '?' } else { '&' });
             pq.push_str(q);
         }
         let pq: PathAndQuery = pq.parse().map_err(|_| PathError::Invalid)?;
@@ -234,7 +256,9 @@ pub fn check_segment(seg: &str) -> Result<(), PathError> {
     let mut only_dots = true;
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
+        // Only a `%` and two hex digits is an escape; a lone `%` is a plain byte (it must not hide
+        // the two bytes after it from the checks, e.g. the backslash of `%\5`).
+        if b[i] == b'%' && i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit() {
             match (b[i + 1], b[i + 2].to_ascii_lowercase()) {
                 (b'2', b'e') => dots += 1,
                 (b'2', b'f') | (b'5', b'c') => return Err(PathError::BadSegment(seg.to_string())),
@@ -314,9 +338,17 @@ mod tests {
     #[test]
     fn never_escapes_base() {
         let o = p("openai");
-        for bad in ["../admin", "a/../../x", "%2e%2E/x", "a/%2F/b", "a%2fb", "..%5c", "a\\b"] {
+        // `%\5`, `%a\`: a `%` without two hex digits once hid the next two bytes (fuzzing, issue 19).
+        for bad in ["../admin", "a/../../x", "%2e%2E/x", "a/%2F/b", "a%2fb", "..%5c", "a\\b", "%\\5", "x/%a\\/y"] {
             assert!(o.upstream_uri(None, bad, None).is_err(), "{bad}");
         }
+        // A query or fragment in a Universal step's endpoint is not path: `..?x` and `..#x` once
+        // sent `/v1/..` (fuzzing, issue 19). The endpoint's own query comes before the request's.
+        for bad in ["..?x", "..#x", "a/..?b", "x#y"] {
+            assert!(o.upstream_uri(None, bad, None).is_err(), "{bad}");
+        }
+        let u = o.upstream_uri(None, "chat/completions?api-version=1", Some("a=b")).unwrap();
+        assert_eq!(u.to_string(), "https://api.openai.com/v1/chat/completions?api-version=1&a=b");
         // Things that look like URLs stay in the path, on the same host.
         for odd in ["http://evil.com/x", "//evil.com/x", "@evil.com"] {
             let u = o.upstream_uri(None, odd, None).unwrap();
@@ -335,8 +367,18 @@ mod tests {
         );
         assert!(p("azure-openai").upstream_uri(None, "evil.com/x/chat", None).is_err());
         assert!(p("azure-openai").upstream_uri(None, "", None).is_err());
+        // An account id placed in the host is one label: no user info, port or extra label
+        // (fuzzing, issue 19).
+        let acct = Provider::new("acct", "https://{account_id}.example.net/v1", AuthStyle::Bearer).unwrap();
+        assert_eq!(acct.upstream_uri(Some("a1"), "x", None).unwrap().to_string(), "https://a1.example.net/v1/x");
+        for bad in ["@cf", "evil.com", "a:1", "a%40b", "[::1]", ""] {
+            assert!(acct.upstream_uri(Some(bad), "x", None).is_err(), "{bad}");
+        }
         let u = p("workers-ai").upstream_uri(Some("acc1"), "@cf/meta/llama", None).unwrap();
         assert_eq!(u.to_string(), "https://api.cloudflare.com/client/v4/accounts/acc1/ai/run/@cf/meta/llama");
+        for bad in ["", "..", "%2e", "a?b", "a/b"] {
+            assert!(p("workers-ai").upstream_uri(Some(bad), "v1/chat/completions", None).is_err(), "{bad}");
+        }
         let u = p("workers-ai").upstream_uri(Some("acc1"), "v1/chat/completions", None).unwrap();
         assert_eq!(u.to_string(), "https://api.cloudflare.com/client/v4/accounts/acc1/ai/v1/chat/completions");
     }

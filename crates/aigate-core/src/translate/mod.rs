@@ -532,11 +532,15 @@ impl ResponseTranslator {
 /// itself, without a copy.
 fn each_event(pending: &mut Vec<u8>, input: &[u8], mut f: impl FnMut(&[u8])) {
     if pending.is_empty() {
-        let done = complete_events(input, &mut f);
+        let done = complete_events(input, 0, &mut f);
         pending.extend_from_slice(&input[done..]);
     } else {
+        // The pending bytes hold no event end: only one that takes some of `input` can be new,
+        // and it starts at most 3 bytes before it. Scanning from there keeps a long event that
+        // arrives a few bytes at a time linear (rescanning it all was quadratic; issue 19).
+        let scanned = pending.len().saturating_sub(3);
         pending.extend_from_slice(input);
-        let done = complete_events(pending, &mut f);
+        let done = complete_events(pending, scanned, &mut f);
         pending.drain(..done);
     }
     if pending.len() > MAX_EVENT {
@@ -544,26 +548,35 @@ fn each_event(pending: &mut Vec<u8>, input: &[u8], mut f: impl FnMut(&[u8])) {
     }
 }
 
-/// Calls `f` with the data of each complete event of `buf`; answers the bytes they take.
-fn complete_events(buf: &[u8], f: &mut impl FnMut(&[u8])) -> usize {
+/// Calls `f` with the data of each complete event of `buf`, whose first `scanned` bytes are known
+/// to start no event end; answers the bytes they take.
+fn complete_events(buf: &[u8], scanned: usize, f: &mut impl FnMut(&[u8])) -> usize {
     let mut start = 0;
-    while let Some((len, with_blank)) = event_end(&buf[start..]) {
+    let mut from = scanned;
+    while let Some((len, with_blank)) = event_end(&buf[start..], from - start) {
         if let Some(data) = event_data(&buf[start..start + len]) {
             f(&data);
         }
         start += with_blank;
+        from = start;
     }
     start
 }
 
-/// The end of the first complete event in `b`: (length without the blank line, length with it).
-fn event_end(b: &[u8]) -> Option<(usize, usize)> {
-    let lf = memchr::memmem::find(b, b"\n\n").map(|i| (i, i + 2));
-    let crlf = memchr::memmem::find(b, b"\r\n\r\n").map(|i| (i, i + 4));
-    match (lf, crlf) {
-        (Some(a), Some(c)) => Some(if a.0 <= c.0 { a } else { c }),
-        (a, c) => a.or(c),
+/// The end of the first complete event in `b` (`\n\n` or `\r\n\r\n`), looked for from `from`:
+/// (length without the blank line, length with it). One pass over the line feeds, so that many
+/// events in one read stay linear too.
+fn event_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
+    let from = from.min(b.len());
+    for i in memchr::memchr_iter(b'\n', &b[from..]) {
+        let p = from + i;
+        match b.get(p + 1) {
+            Some(b'\n') => return Some((p, p + 2)),
+            Some(b'\r') if p >= 1 && b[p - 1] == b'\r' && b.get(p + 2) == Some(&b'\n') => return Some((p - 1, p + 3)),
+            _ => {}
+        }
     }
+    None
 }
 
 /// The `data:` of an event: the one `data:` line as it is, several joined by newlines.
@@ -644,6 +657,33 @@ mod tests {
         let v: Value = serde_json::from_slice(&r.end()).unwrap_or_default();
         assert_eq!(v["error"]["message"], "slow down");
         assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+
+    /// A long event arriving a few bytes at a time is scanned once, not once per read (it was
+    /// quadratic: 512 KiB in 4-byte reads took minutes; found by fuzzing, issue 19); many events
+    /// in one read likewise. Both line ends, and a blank line split across reads.
+    #[test]
+    fn event_boundaries_are_found_in_linear_time() {
+        let mut seen = Vec::new();
+        let mut pending = Vec::new();
+        let long = format!("data: {{\"x\":\"{}\"}}\r\n\r\n", "a".repeat(512 * 1024));
+        for chunk in long.as_bytes().chunks(4) {
+            each_event(&mut pending, chunk, |d| seen.push(d.len()));
+        }
+        assert_eq!(seen, [512 * 1024 + 8]);
+        assert!(pending.is_empty());
+        let many = "data: {}\n\n".repeat(200_000);
+        each_event(&mut pending, many.as_bytes(), |d| seen.push(d.len()));
+        assert_eq!(seen.len(), 200_001);
+        for (a, b) in [("data: 1\r\n\r", "\ndata: 2\n"), ("data: 1\n", "\ndata: 2\n"), ("data: 1\r\n", "\r\ndata: 2\n")]
+        {
+            let mut got = Vec::new();
+            let mut pending = Vec::new();
+            each_event(&mut pending, a.as_bytes(), |d| got.push(d.to_vec()));
+            each_event(&mut pending, b.as_bytes(), |d| got.push(d.to_vec()));
+            assert_eq!(got, [b"1".to_vec()], "{a:?} {b:?}");
+            assert_eq!(pending, b"data: 2\n");
+        }
     }
 }
 
