@@ -1023,3 +1023,6 @@ mod routing;
 
 #[path = "gateway/report.rs"]
 mod report;
+
+#[path = "gateway/replicas.rs"]
+mod replicas;
