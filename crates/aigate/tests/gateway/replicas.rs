@@ -186,18 +186,25 @@ async fn three_processes_share_cache_limits_budgets_logs_and_purges() {
     assert_eq!(v["requests"].as_u64(), Some(150), "{v:#}");
 
     // 6. A purge through replica 2 empties the cache for all three, memory tiers included: the
-    // next request on each is a MISS (sent at once, and slow upstream, so that no replica's new
-    // entry is written before the others have looked).
+    // next request on each is a MISS. (Each is answered 503 by the mock, and errors are never
+    // cached, so no replica writes a new entry the next one could hit: no race to lose.)
     let out = cli(r2, &["cache", "purge", "--gateway", &n.cache]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let calls = mock.requests();
-    let after = futures_util::future::join_all(replicas.iter().map(async |r| {
-        let resp = post(r, &chat(&n.cache), &body, &[("x-mock-latency-ms", "300")]).await;
-        let status = cache_status(&resp);
+    for (i, r) in replicas.iter().enumerate() {
+        let resp = post(r, &chat(&n.cache), &body, &[("x-mock-status", "503")]).await;
+        let (status, cache) = (resp.status().as_u16(), cache_status(&resp));
         resp.bytes().await.unwrap();
-        status
-    }))
-    .await;
-    assert_eq!(after, ["MISS", "MISS", "MISS"], "a replica served an entry purged through replica 2");
+        assert_eq!(
+            (status, cache.as_str()),
+            (503, "MISS"),
+            "replica {} served an entry purged through replica 2",
+            i + 1
+        );
+    }
     assert_eq!(mock.requests() - calls, 3);
+    // Cached again through one, a hit on the others.
+    assert_eq!(cache_status(&post(r3, &chat(&n.cache), &body, &[]).await), "MISS");
+    wait_until("replica 3's cache write", async || metric(r3, "aigate_cache_writes_total").await >= 1.0).await;
+    assert_eq!(cache_status(&post(r1, &chat(&n.cache), &body, &[]).await), "HIT");
 }
