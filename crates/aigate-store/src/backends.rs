@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::purge_bus::PurgeBus;
 use crate::{
     CacheStore, Clock, DiskCacheStore, LogStore, MemoryCacheStore, MemoryLimitStore, PostgresLogStore, RateLimitStore,
     RedisCacheStore, RedisLimitStore, SqliteLogStore, StoreError, TieredCache, DEFAULT_LIMIT_MAX_KEYS,
@@ -127,7 +128,8 @@ impl LogBackend {
 }
 
 /// Builds the cache for `backend` with a memory tier of `memory_bytes`, on `clock`. Opens the disk
-/// database (blocking) but never connects to Redis; fails on an unusable directory or a malformed
+/// database (blocking) but never connects to Redis (on Redis, inside a Tokio runtime, it starts the
+/// [`PurgeBus`] subscriber, which connects in the background); fails on an unusable directory or a malformed
 /// Redis URL.
 pub fn build_cache(backend: &CacheBackend, memory_bytes: u64, clock: &Clock) -> Result<TieredCache, StoreError> {
     let memory = MemoryCacheStore::new(memory_bytes);
@@ -140,7 +142,8 @@ pub fn build_cache(backend: &CacheBackend, memory_bytes: u64, clock: &Clock) -> 
         CacheBackend::Redis { url } => {
             let redis = RedisCacheStore::new(url, REDIS_OP_TIMEOUT)?.with_clock(clock.clone());
             let memory = memory.with_ttl_cap(REDIS_MEMORY_TTL_CAP).with_clock(clock.clone());
-            TieredCache::new(memory, Some(Arc::new(redis) as Arc<dyn CacheStore>))
+            let bus = PurgeBus::start(redis.clone(), memory.clone());
+            TieredCache::new(memory, Some(Arc::new(redis) as Arc<dyn CacheStore>)).with_purge_bus(bus)
         }
     })
 }

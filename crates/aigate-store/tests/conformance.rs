@@ -570,6 +570,41 @@ async fn tiered_copies_backing_hits_into_memory() {
     assert_eq!(cache.backing_stats(), Some(disk.stats()));
 }
 
+/// Two replicas' caches on one Redis: a purge through one empties the other's memory tier before
+/// it returns (one key, then a whole namespace); other namespaces keep their entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_purge_reaches_the_other_replicas_memory_tier() {
+    if !redis_enabled() {
+        return;
+    }
+    let backend = CacheBackend::Redis { url: redis_url() };
+    let (a, b) = (
+        build_cache(&backend, 1 << 20, &Clock::system()).unwrap(),
+        build_cache(&backend, 1 << 20, &Clock::system()).unwrap(),
+    );
+    let (ns, other) = (unique("bus"), unique("busother"));
+    let keys = [key(&ns, 1), key(&ns, 2), key(&other, 3)];
+    // Both subscribed (a subscriber empties its memory tier when it subscribes).
+    let start = Instant::now();
+    while ![&a, &b].iter().all(|c| c.purge_bus().is_some_and(|bus| bus.is_subscribed())) {
+        assert!(start.elapsed() < Duration::from_secs(5), "the purge subscribers did not subscribe");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (k, n) in keys.iter().zip([&ns, &ns, &other]) {
+        a.put(n, k, entry("v", MINUTE)).await.unwrap();
+        assert!(b.get(n, k).await.unwrap().is_some());
+        assert!(b.memory_get(k).is_some(), "b holds a copy in memory");
+    }
+    a.purge(&ns, Some(&keys[0])).await.unwrap();
+    assert!(b.memory_get(&keys[0]).is_none(), "one key purged through a, still in b's memory");
+    assert!(b.memory_get(&keys[1]).is_some());
+    a.purge(&ns, None).await.unwrap();
+    assert!(b.memory_get(&keys[1]).is_none(), "a namespace purged through a, still in b's memory");
+    assert!(b.memory_get(&keys[2]).is_some(), "another namespace was purged");
+    b.purge(&other, None).await.unwrap();
+    assert!(a.memory_get(&keys[2]).is_none());
+}
+
 #[test]
 fn backend_parse() {
     let dir = Path::new("/var/lib/aigate");

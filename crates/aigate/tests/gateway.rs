@@ -1026,3 +1026,6 @@ mod report;
 
 #[path = "gateway/telemetry.rs"]
 mod telemetry;
+
+#[path = "gateway/replicas.rs"]
+mod replicas;

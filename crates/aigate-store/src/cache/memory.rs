@@ -163,6 +163,11 @@ impl MemoryCacheStore {
         }
     }
 
+    /// Removes every entry of every namespace.
+    pub fn purge_all_sync(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Runs moka's pending maintenance (size eviction, expiry) now; tests and shutdown use it.
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();

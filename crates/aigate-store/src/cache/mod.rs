@@ -13,6 +13,7 @@ use crate::StoreError;
 
 pub mod disk;
 pub mod memory;
+pub mod purge_bus;
 pub mod redis;
 pub mod tiered;
 

@@ -245,8 +245,13 @@ impl RedisCacheStore {
         }
     }
 
+    /// The client (for the purge announcements' own pub/sub connection).
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.inner.client
+    }
+
     /// Runs one command on the connection, bounded by the operation timeout.
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+    pub(crate) async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         tokio::time::timeout(self.inner.op_timeout, async {
             let mut conn = self.conn().await?;
             cmd.query_async::<T>(&mut conn).await.map_err(redis_err)

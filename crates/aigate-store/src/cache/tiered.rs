@@ -5,9 +5,9 @@
 //! miss reads the backing store and copies a hit into memory. Writes and purges go to both tiers.
 //!
 //! Bounds: those of the two tiers (the memory tier's byte cap and TTL cap, the backing store's own).
-//! With a shared backing store (Redis), a purge on one replica reaches the other replicas' memory
-//! tiers only when their entries expire, hence the short TTL cap [`crate::build_cache`] gives the
-//! memory tier in that case.
+//! With a shared backing store (Redis), [`crate::build_cache`] adds a [`PurgeBus`]: a purge on one
+//! replica empties the other replicas' memory tiers before it returns; the short TTL cap it gives
+//! the memory tier in that case bounds what a replica that missed the announcement serves.
 //!
 //! Failure behaviour: the memory tier cannot fail. A backing-store error is returned to the caller
 //! (who treats it as a miss) after the memory tier has been served: `put` and `purge` still update
@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use crate::cache::purge_bus::PurgeBus;
 use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, MemoryCacheStore, StoreError};
 
 /// A memory tier in front of an optional backing store. Cloning shares both tiers.
@@ -22,6 +23,8 @@ use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, MemoryCacheSt
 pub struct TieredCache {
     memory: MemoryCacheStore,
     backing: Option<Arc<dyn CacheStore>>,
+    /// Announces purges to the other replicas sharing the backing store (Redis).
+    bus: Option<Arc<PurgeBus>>,
 }
 
 impl std::fmt::Debug for TieredCache {
@@ -36,7 +39,12 @@ impl std::fmt::Debug for TieredCache {
 impl TieredCache {
     /// A cache of `memory` in front of `backing` (memory only when `None`).
     pub fn new(memory: MemoryCacheStore, backing: Option<Arc<dyn CacheStore>>) -> TieredCache {
-        TieredCache { memory, backing }
+        TieredCache { memory, backing, bus: None }
+    }
+
+    /// The same cache, announcing its purges on `bus` (built on this cache's memory tier).
+    pub fn with_purge_bus(self, bus: Option<Arc<PurgeBus>>) -> TieredCache {
+        TieredCache { bus, ..self }
     }
 
     /// The memory tier.
@@ -53,6 +61,11 @@ impl TieredCache {
     /// beyond an `Arc` clone). `None` means "ask [`CacheStore::get`]", which consults the backing store.
     pub fn memory_get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
         self.memory.get_sync(key)
+    }
+
+    /// The purge announcements of a cache shared with other replicas, if any.
+    pub fn purge_bus(&self) -> Option<&Arc<PurgeBus>> {
+        self.bus.as_ref()
     }
 
     /// The memory tier's size figures.
@@ -93,13 +106,19 @@ impl CacheStore for TieredCache {
         }
     }
 
-    /// Purges both tiers; returns the larger of the two counts (an entry is usually in both).
+    /// Purges both tiers, then the other replicas' memory tiers through the [`PurgeBus`] if there is
+    /// one (a failed announcement is logged, not returned: the shared store is purged); returns the
+    /// larger of the two counts (an entry is usually in both).
     async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
         let in_memory = self.memory.purge_sync(ns, key);
-        match &self.backing {
-            Some(backing) => Ok(in_memory.max(backing.purge(ns, key).await?)),
-            None => Ok(in_memory),
+        let Some(backing) = &self.backing else { return Ok(in_memory) };
+        let removed = in_memory.max(backing.purge(ns, key).await?);
+        if let Some(bus) = &self.bus {
+            if let Err(e) = bus.announce(ns, key).await {
+                tracing::warn!(gateway = ns, error = %e, "cache purge: the other replicas were not told; they serve their copies at most {:?}", crate::REDIS_MEMORY_TTL_CAP);
+            }
         }
+        Ok(removed)
     }
 
     /// The backing store's figures when it has one that knows them (Redis does not), else the

@@ -204,15 +204,15 @@ pub fn assert_log_id(resp: &reqwest::Response) {
 }
 
 /// GETs an admin API path with [`ADMIN_TOKEN`]; asserts 200.
-pub async fn admin_get(env: &Env, path: &str) -> serde_json::Value {
-    let r = env.http.get(env.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+pub async fn admin_get(env: &impl Target, path: &str) -> serde_json::Value {
+    let r = env.client().get(env.url(path)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 200, "{path}");
     r.json().await.unwrap()
 }
 
 /// Waits until gateway `gw` holds `n` log records (through the admin API) and returns them,
 /// newest first. More than `n` fails.
-pub async fn records(env: &Env, gw: &str, n: usize) -> Vec<serde_json::Value> {
+pub async fn records(env: &impl Target, gw: &str, n: usize) -> Vec<serde_json::Value> {
     let path = format!("/admin/gateways/{gw}/logs?limit=1000");
     let mut recs = Vec::new();
     wait_until(&format!("{n} log records in gateway {gw}"), async || {
@@ -255,6 +255,46 @@ pub async fn cache_written(env: &Env, n: u64) {
     wait_until(&format!("{n} cache writes"), async || cache_writes(env) >= n).await;
 }
 
+/// A webhook receiver: collects the JSON bodies POSTed to it.
+pub async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    g.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                    buf.drain(..end + 4 + len);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
 /// Redis tests run unless `AIGATE_SKIP_REDIS=1` (a missing Redis fails them otherwise).
 pub fn skip_redis() -> bool {
     let skip = std::env::var("AIGATE_SKIP_REDIS").is_ok_and(|v| v == "1");
@@ -262,6 +302,20 @@ pub fn skip_redis() -> bool {
         eprintln!("AIGATE_SKIP_REDIS=1: skipping a Redis test");
     }
     skip
+}
+
+/// PostgreSQL tests run unless `AIGATE_SKIP_POSTGRES=1` (a missing PostgreSQL fails them otherwise).
+pub fn skip_postgres() -> bool {
+    let skip = std::env::var("AIGATE_SKIP_POSTGRES").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("AIGATE_SKIP_POSTGRES=1: skipping a PostgreSQL test");
+    }
+    skip
+}
+
+/// The PostgreSQL the tests share: `AIGATE_TEST_POSTGRES_URL`, else the local `test` database.
+pub fn postgres_url() -> String {
+    std::env::var("AIGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// A `redis-server` of a test's own (so stopping it disturbs no other test); killed on drop.

@@ -132,45 +132,6 @@ async fn token_rules_reserve_then_settle_to_actual_usage() {
     assert!(ok >= 1 && ok <= left / estimate, "{ok} admitted with {left} left and an estimate of {estimate}");
 }
 
-/// A webhook receiver: collects the JSON bodies POSTed to it.
-async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let g = got.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let g = g.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut tmp = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut tmp).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&tmp[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body = buf[end + 4..end + 4 + len].to_vec();
-                    g.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
-                    buf.drain(..end + 4 + len);
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
-                }
-            });
-        }
-    });
-    (url, got)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_alerts_fire_once_per_threshold_and_the_budget_holds() {
     let (hook, got) = webhook_receiver().await;
