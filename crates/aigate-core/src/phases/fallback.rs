@@ -160,6 +160,7 @@ async fn run_step(
         translation: translation.as_ref(),
     };
     let lookup = cache::lookup(state, &call, &cache_options, meter).await;
+    let held_before = meter.held.len();
     if let Err(e) = limits(state, &call, lookup.is_hit(), meter).await {
         return fail(e);
     }
@@ -182,8 +183,16 @@ async fn run_step(
             Outcome::Answer(Ok(respond(answer, miss, step_route.endpoint, translation.as_ref(), meter)))
         }
         // A failed step's answer is dropped unread (its connection is not reused); its cache
-        // flight ends with it (followers go upstream on their own).
-        Ok(_) => Outcome::Next,
+        // flight ends with it (followers go upstream on their own). What it reserved is given
+        // back: the client's request counts once, against the step that answers it.
+        Ok(_) => {
+            state.limits.release(meter.held.split_off(held_before));
+            Outcome::Next
+        }
+        Err(e) if !last => {
+            state.limits.release(meter.held.split_off(held_before));
+            fail(e)
+        }
         Err(e) => fail(e),
     }
 }

@@ -326,6 +326,23 @@ async fn a_step_whose_limit_is_spent_is_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_falls_back_counts_once_against_the_gateways_limit() {
+    let toml = format!(
+        "{ADMIN}[providers.broken]\nbase_url = \"{{mock}}/status-503/v1\"\n[gateways.default]\n\
+         [gateways.default.rate_limit]\nlimit = 2\nperiod = \"1h\"\n\
+         [gateways.default.routes.r]\nsteps = [ {{ provider = \"broken\", model = \"m\" }}, {{ provider = \"openai\", model = \"gpt-4o-mini\" }} ]\n"
+    );
+    let env = env_with(&toml, MockConfig::default()).await;
+    for i in 0..2 {
+        let r = post(&env, "/v1/chat/completions", chat("dynamic/r", &i.to_string()), &[]).await;
+        assert_eq!((r.status().as_u16(), header(&r, "cf-aig-step")), (200, "1"), "request {i}");
+        r.bytes().await.unwrap();
+    }
+    let r = post(&env, "/v1/chat/completions", chat("dynamic/r", "third"), &[]).await;
+    assert_eq!(r.status(), 429, "two requests of two allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_routing_config_is_refused_naming_the_key() {
     for (toml, want) in [
         (
