@@ -196,6 +196,14 @@ impl LimitLayer {
         });
     }
 
+    /// Gives reservations back before returning (a fallback step failed: the next step reserves
+    /// again, and must see them gone).
+    pub(crate) async fn release_now(&self, held: Vec<Held>) {
+        for h in held {
+            let _ = self.store.settle(&h.reservation, 0).await;
+        }
+    }
+
     /// Settles reservations to the actual amounts and checks budget alerts (spawned: the caller is
     /// the log writer, which must not wait on the network per record).
     pub fn settle(self: &Arc<Self>, settlements: Vec<(Held, u64)>) {

@@ -186,11 +186,11 @@ async fn run_step(
         // flight ends with it (followers go upstream on their own). What it reserved is given
         // back: the client's request counts once, against the step that answers it.
         Ok(_) => {
-            state.limits.release(meter.held.split_off(held_before));
+            state.limits.release_now(meter.held.split_off(held_before)).await;
             Outcome::Next
         }
         Err(e) if !last => {
-            state.limits.release(meter.held.split_off(held_before));
+            state.limits.release_now(meter.held.split_off(held_before)).await;
             fail(e)
         }
         Err(e) => fail(e),
