@@ -17,6 +17,9 @@
 #                  (and the token rule settled) on every request, in the in-memory limit store
 #   aigate-limit-redis  the same rules in Redis (`[storage] limits = BENCH_REDIS_URL`), a fifth
 #                  process, when Redis answers there
+#   aigate-otel    client -> a sixth aigate process: the default config plus `[telemetry]` exporting
+#                  a span per request to the mock (which answers the OTLP posts), measured right
+#                  after aigate
 # The aigate processes have their own port and data_dir (SQLite log file) in the temporary
 # directory. The servers (mock, nginx, the aigate processes) are pinned to CPU 0, the load
 # generators to CPU 1 (Redis, not started by this script, is not pinned); only one target is loaded
@@ -33,7 +36,8 @@
 #      req/s scaled by the mock's CPU time per request during it), and the rows each logging
 #      instance's SQLite log store holds after the load against the requests wrk completed;
 #   5. the cost of the rate limiter: aigate-limit (and aigate-limit-redis) against aigate in the
-#      throughput points of 1. (req/s, p50, p99, CPU per request);
+#      throughput points of 1. (req/s, p50, p99, CPU per request); the same for OpenTelemetry
+#      export (aigate-otel), with its target;
 #   6. analytics query time over 1M log records: the `analytics_bench` example of aigate-store
 #      (SQLite, and PostgreSQL when reachable at AIGATE_TEST_POSTGRES_URL, default 127.0.0.1:5432).
 # Prints a markdown report with PASS/FAIL lines for the targets and writes it to
@@ -91,14 +95,14 @@ TARGETS=(direct nginx aigate-nolog aigate)
 # back to back) and the cost of the rate limiter (aigate-limit and aigate-limit-redis right after
 # them, the same config as aigate plus rules). Even rounds run the list backwards, so that a
 # machine slowing down (or speeding up) during a run favours neither side of a comparison.
-TP_TARGETS=(direct nginx aigate-nolog aigate aigate-bodies aigate-limit aigate-limit-redis aigate-hit aigate-nolog-hit)
+TP_TARGETS=(direct nginx aigate-nolog aigate aigate-otel aigate-bodies aigate-limit aigate-limit-redis aigate-hit aigate-nolog-hit)
 # The aigate processes (one per configuration) and the process behind each aigate target.
-INSTANCES=(aigate aigate-nolog aigate-bodies aigate-limit aigate-limit-redis)
+INSTANCES=(aigate aigate-nolog aigate-bodies aigate-limit aigate-limit-redis aigate-otel)
 declare -A INSTANCE=([aigate]=aigate [aigate-hit]=aigate [aigate-nolog]=aigate-nolog
     [aigate-nolog-hit]=aigate-nolog [aigate-bodies]=aigate-bodies [aigate-limit]=aigate-limit
-    [aigate-limit-redis]=aigate-limit-redis)
+    [aigate-limit-redis]=aigate-limit-redis [aigate-otel]=aigate-otel)
 # The aigate targets whose process stores request logs for the `default` gateway (records table).
-LOGGED_TARGETS=(aigate aigate-limit aigate-limit-redis aigate-bodies)
+LOGGED_TARGETS=(aigate aigate-otel aigate-limit aigate-limit-redis aigate-bodies)
 # The limiter targets, compared with aigate (same config without rules).
 LIMIT_TARGETS=(aigate-limit aigate-limit-redis)
 REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
@@ -120,6 +124,7 @@ TARGET_HIT_RATIO=0.8            # aigate-nolog-hit req/s >= 0.8 x direct req/s a
 TARGET_LOG_COST=0.10            # 1 - (aigate-bodies req/s / aigate-nolog req/s) <= 10% at equal machine speed, and the same
                                 # for aigate (logs on, no bodies), at each concurrency
 TARGET_ANALYTICS_MS=200         # every analytics query over 1M records (median of 7) < 200 ms
+TARGET_OTEL_COST=0.05           # 1 - (aigate-otel req/s / aigate req/s) <= 5% at equal machine speed, concurrency 32
 
 NGINX=/usr/sbin/nginx
 OHA=""
@@ -382,8 +387,8 @@ start_aigate() {
 }
 
 start_servers() {
-    local mock_port nginx_port gw_port nolog_port bodies_port limit_port redis_port
-    read -r mock_port nginx_port gw_port nolog_port bodies_port limit_port redis_port < <(free_ports 7)
+    local mock_port nginx_port gw_port nolog_port bodies_port limit_port redis_port otel_port
+    read -r mock_port nginx_port gw_port nolog_port bodies_port limit_port redis_port otel_port < <(free_ports 8)
     log "ports: mock $mock_port, nginx $nginx_port, aigate $gw_port, aigate-nolog $nolog_port," \
         "aigate-bodies $bodies_port, aigate-limit $limit_port, aigate-limit-redis $redis_port; work dir $WORK"
 
@@ -463,6 +468,14 @@ limits = "$REDIS_URL"
 
 $rules
 EOF
+    # The default config plus OpenTelemetry: a span per request, batched and posted to the mock.
+    aigate_config aigate-otel "$otel_port" "$mock_port" <<EOF
+[gateways.default]
+
+[telemetry]
+otlp_endpoint = "http://127.0.0.1:$mock_port/otlp"
+export_interval = "5s"
+EOF
     local name
     for name in "${INSTANCES[@]}"; do start_aigate "$name"; done
     AIGATE_PID=${GW_PID[aigate]}
@@ -473,6 +486,7 @@ EOF
     URL[aigate-bodies]="http://127.0.0.1:$bodies_port/v1/chat/completions"
     URL[aigate-limit]="http://127.0.0.1:$limit_port/v1/chat/completions"
     URL[aigate-limit-redis]="http://127.0.0.1:$redis_port/v1/chat/completions"
+    URL[aigate-otel]="http://127.0.0.1:$otel_port/v1/chat/completions"
 }
 
 # A sample of the Prometheus text of aigate process $1 (0 when absent); $2 is the metric name
@@ -769,12 +783,12 @@ report() {
     # The verdicts (5 onwards, in the order of log_lines) are on the latter.
     local -A cost ncost
     local -a log_lines=()
-    # The median of awk expression $2 over the paired round lines of targets $1 and aigate-nolog
-    # at concurrency $3 (fields 1-5: the target's "req/s p50 p99 cpu mock", 6-10: aigate-nolog's),
-    # and the per-round values as "a / b / c".
+    # The median of awk expression $2 over the paired round lines of targets $1 and $4 (default
+    # aigate-nolog) at concurrency $3 (fields 1-5: the target's "req/s p50 p99 cpu mock", 6-10: the
+    # other's), and the per-round values as "a / b / c".
     round_costs() {
         local vals
-        vals=$(paste -d' ' <(printf '%s' "${ROUND_LINES[$1,$3]}") <(printf '%s' "${ROUND_LINES[aigate-nolog,$3]}") |
+        vals=$(paste -d' ' <(printf '%s' "${ROUND_LINES[$1,$3]}") <(printf '%s' "${ROUND_LINES[${4:-aigate-nolog},$3]}") |
             awk "{ printf \"%.3f\\n\", 100 * ($2) }")
         printf '%s|%s' "$(sort -g <<<"$vals" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')" \
             "$(awk '{ printf "%s%.1f", (NR > 1 ? " / " : ""), $1 }' <<<"$vals")"
@@ -790,6 +804,16 @@ report() {
             log_lines+=("$t,$c")
         done
     done
+    # Telemetry export (aigate-otel against aigate, measured back to back), as the logging cost.
+    local otel_cost otel_ncost otel_rounds otel_nrounds otel_v=""
+    if [[ " ${TP_TARGETS[*]} " == *" aigate-otel "* ]]; then
+        out=$(round_costs aigate-otel '1 - $1 / $6' 32 aigate)
+        otel_cost=${out%%|*} otel_rounds=${out#*|}
+        out=$(round_costs aigate-otel '1 - ($1 * $5) / ($6 * $10)' 32 aigate)
+        otel_ncost=${out%%|*} otel_nrounds=${out#*|}
+        if is_true "$otel_ncost <= 100 * $TARGET_OTEL_COST"; then otel_v=PASS; else otel_v=FAIL; fi
+        verdicts+=("$otel_v")
+    fi
     # Analytics: the slowest median per backend against the target.
     local -a an_lines=()
     local b slowest
@@ -916,7 +940,7 @@ report() {
             "${LOG_STATS[$t]}"
     done
     echo
-    echo "## Limiter cost"
+    echo "## Limiter and telemetry cost"
     echo
     local redis_note="No aigate-limit-redis in this run (no Redis answering at $REDIS_URL, or BENCH_SKIP_REDIS=1)."
     if [[ " ${LIMIT_TARGETS[*]} " == *" aigate-limit-redis "* ]]; then
@@ -927,12 +951,14 @@ report() {
         "requests per 1h) and a per-credential token rule (10^12 tokens per 1h): never reached, checked on" \
         "every request, the token reservation settled to the response's usage; in the in-memory limit" \
         "store. $redis_note Each is measured right after aigate (the same config without rules) at each" \
-        "concurrency; CPU as in Logging cost."
+        "concurrency; CPU as in Logging cost. aigate-otel: aigate's config plus \`[telemetry]\`, every" \
+        "request's span exported to the mock (on the servers' CPU)."
     echo
     echo "| target | concurrency | req/s | p50 ms | p99 ms | aigate CPU µs/request | req/s vs aigate | p50 vs aigate | p99 vs aigate | CPU vs aigate |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for c in "${CONCURRENCIES[@]}"; do
-        for t in aigate "${LIMIT_TARGETS[@]}"; do
+        for t in aigate "${LIMIT_TARGETS[@]}" aigate-otel; do
+            [[ " ${TP_TARGETS[*]} " == *" $t "* ]] || continue
             local drps="-" dp50="-" dp99="-" dcpu="-"
             if [[ $t != aigate ]]; then
                 drps="$(printf '%+.1f' "$(calc "100 * (${RPS[$t,$c]} / ${RPS[aigate,$c]} - 1)")") %"
@@ -999,6 +1025,13 @@ report() {
             "(target <= $(calc "100 * $TARGET_LOG_COST" | sed 's/\.000$//') %)"
         i=$((i + 1))
     done
+    if [[ -n $otel_v ]]; then
+        echo "- ${verdicts[$i]}: telemetry cost at concurrency 32 (aigate-otel against aigate):" \
+            "$(printf '%.1f' "$otel_ncost") % at equal machine speed ($otel_nrounds %); raw" \
+            "$(printf '%.1f' "$otel_cost") % ($otel_rounds %) (target <= $(calc "100 * $TARGET_OTEL_COST" | sed 's/\.000$//') %);" \
+            "spans exported $(gw_metric aigate-otel aigate_otel_exported_spans), dropped $(gw_metric aigate-otel aigate_otel_dropped_spans)"
+        i=$((i + 1))
+    fi
     for key in "${an_lines[@]}"; do
         read -r b slowest v <<<"$key"
         echo "- ${verdicts[$i]}: analytics over 1M records on $b: slowest query median $slowest ms, slowest single" \

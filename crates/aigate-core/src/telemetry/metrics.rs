@@ -20,7 +20,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, Sum,
 };
 
-use super::span::{gen_ai_system, kv_int, kv_str, operation, SpanEvent};
+use aigate_store::LogRecord;
+
+use super::span::{gen_ai_system, kv_int, kv_str, operation};
+use crate::endpoint::Endpoint;
 
 /// Series kept before new models are folded into `other`.
 pub const MAX_SERIES: usize = 2000;
@@ -111,11 +114,11 @@ struct Inner {
 
 impl Aggregator {
     /// Counts one finished request.
-    pub fn record(&self, e: &SpanEvent) {
+    pub fn record(&self, e: &LogRecord, endpoint: Endpoint) {
         use std::fmt::Write;
         let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Inner { buf, series } = &mut *guard;
-        let op = operation(e.endpoint);
+        let op = operation(endpoint);
         let mut model = e.requested_model.as_deref().unwrap_or_default();
         let lookup = |buf: &mut String, model: &str| {
             buf.clear();
@@ -138,7 +141,7 @@ impl Aggregator {
             Some((_, s)) => s,
             None => {
                 let key = Key {
-                    gateway: e.gateway.clone(),
+                    gateway: Arc::from(e.gateway.as_str()),
                     provider: e.provider.clone(),
                     operation: op,
                     model: model.to_owned(),
@@ -156,7 +159,7 @@ impl Aggregator {
         if let Some(t) = e.tokens_out {
             s.output_tokens.observe(&TOKEN_BOUNDS, t as f64);
         }
-        s.duration.observe(&DURATION_BOUNDS, e.end_ns.saturating_sub(e.start_ns) as f64 / 1e9);
+        s.duration.observe(&DURATION_BOUNDS, e.duration_ms / 1e3);
     }
 
     /// The metrics as of `now` (cumulative since `start`, Unix ns); empty before any request.

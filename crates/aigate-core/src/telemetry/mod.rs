@@ -4,13 +4,15 @@
 //! ```text
 //! request arrives ──▶ meter keeps the caller's trace context (traceparent / cf-aig-otel-*)
 //! log writer finalises the record ──▶ Telemetry::record ──┬─▶ metrics aggregator (cumulative)
-//!                                                         └─try_send─▶ bounded queue ──▶ exporter task
+//!                                                         └─span encoded, try_send─▶ bounded queue ──▶ exporter task
 //! exporter task: batches of `batch_size` spans (or what came within SPAN_LINGER) ──POST──▶ /v1/traces
 //!                every `export_interval` ──POST──▶ /v1/metrics
 //! ```
 //!
 //! - The request path only decodes the two trace headers into fixed arrays on the meter (nothing
-//!   when they are absent). Spans are built from the finished [`LogRecord`] by the log writer.
+//!   when they are absent). Spans are encoded from the finished [`LogRecord`] by the log writer,
+//!   straight to protobuf ([`span`] says why), one buffer each; the exporter joins a batch of them
+//!   into one export request without decoding them.
 //! - A full queue drops the span and counts it (`aigate_otel_dropped_spans_total`); every export
 //!   has a timeout; a failed export drops its spans (no retry: a collector that is down must not
 //!   build a backlog) and logs a warning at most every 10 s. Requests never wait for any of it.
@@ -33,11 +35,9 @@ use bytes::Bytes;
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::metrics::v1::{ResourceMetrics, ScopeMetrics};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 
@@ -45,17 +45,20 @@ use crate::client::HttpClient;
 use crate::config::TelemetrySettings;
 use crate::meter::Meter;
 pub use context::TraceContext;
-pub use span::SpanEvent;
+pub use span::SpanInput;
 
 pub mod context;
 mod metrics;
-mod span;
+pub mod span;
 
 /// How long a span waits for its batch to fill before it is sent anyway.
 pub const SPAN_LINGER: Duration = Duration::from_millis(500);
 
 /// The longest the exporter spends sending what is left at shutdown.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+/// Room reserved for an encoded span: most fit (about 450 bytes with a long model name and route).
+const SPAN_CAPACITY: usize = 512;
 
 /// At most one warning about failing exports per this period.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -75,7 +78,9 @@ pub struct TelemetryStats {
 
 /// The export pipeline shared by the log writer (which records) and the exporter task.
 pub struct Telemetry {
-    tx: mpsc::Sender<SpanEvent>,
+    /// Encoded spans (the body of an OTLP `Span` each).
+    tx: mpsc::Sender<Vec<u8>>,
+    ids: Ids,
     /// Taken by [`Telemetry::run_exporter`].
     exporter: Mutex<Option<Exporter>>,
     /// Counters.
@@ -95,47 +100,62 @@ impl Telemetry {
         let (tx, rx) = mpsc::channel(settings.queue);
         let metrics = Arc::new(metrics::Aggregator::default());
         let kv = span::kv_str;
+        let resource = Resource {
+            attributes: vec![
+                kv("service.name", &settings.service_name),
+                kv("service.version", env!("CARGO_PKG_VERSION")),
+            ],
+            ..Default::default()
+        };
+        let scope = InstrumentationScope {
+            name: "aigate".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        };
+        let (mut resource_field, mut scope_field) = (Vec::new(), Vec::new());
+        span::encode_message(&mut resource_field, 1, &resource.encode_to_vec());
+        span::encode_message(&mut scope_field, 1, &scope.encode_to_vec());
         let exporter = Exporter {
             rx,
             client,
             settings: settings.clone(),
-            resource: Resource {
-                attributes: vec![
-                    kv("service.name", &settings.service_name),
-                    kv("service.version", env!("CARGO_PKG_VERSION")),
-                ],
-                ..Default::default()
-            },
-            scope: InstrumentationScope {
-                name: "aigate".to_owned(),
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                ..Default::default()
-            },
+            resource,
+            scope,
+            resource_field,
+            scope_field,
             metrics: metrics.clone(),
             stats: stats.clone(),
             started_ns: unix_ns(),
-            rng: seed(),
             last_warn: None,
         };
-        Arc::new(Telemetry { tx, exporter: Mutex::new(Some(exporter)), stats, metrics })
+        Arc::new(Telemetry {
+            tx,
+            ids: Ids(AtomicU64::new(seed())),
+            exporter: Mutex::new(Some(exporter)),
+            stats,
+            metrics,
+        })
     }
 
-    /// Records a finished request: counts it in the metrics and queues its span (unless the
-    /// caller's trace is not sampled). Never waits: a full queue drops the span.
+    /// Records a finished request: counts it in the metrics and queues its span, encoded (unless
+    /// the caller's trace is not sampled). Never waits: a full queue drops the span.
     pub fn record(&self, record: &LogRecord, m: &Meter) {
-        let event = SpanEvent::new(record, m);
-        self.metrics.record(&event);
-        if event.context.is_some_and(|c| !c.sampled) {
+        self.metrics.record(record, m.endpoint);
+        if m.trace.is_some_and(|c| !c.sampled) {
             return;
         }
-        match self.tx.try_send(event) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
-            }
+        let permit = match self.tx.try_reserve() {
+            Ok(p) => p,
             Err(_) => {
                 self.stats.dropped_spans.fetch_add(1, Ordering::Relaxed);
+                return;
             }
-        }
+        };
+        let input = SpanInput { context: m.trace, log_id: m.id, endpoint: m.endpoint, record };
+        let mut span = Vec::with_capacity(SPAN_CAPACITY);
+        span::encode(&mut span, &input, self.ids.next(), self.ids.next());
+        permit.send(span);
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The exporter loop; returns after `shutdown` once what was queued is sent (or
@@ -143,7 +163,7 @@ impl Telemetry {
     pub async fn run_exporter(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let Some(mut ex) = self.exporter.lock().unwrap_or_else(PoisonError::into_inner).take() else { return };
         let batch = ex.settings.batch_size;
-        let mut buf: Vec<SpanEvent> = Vec::with_capacity(batch);
+        let mut buf: Vec<Vec<u8>> = Vec::with_capacity(batch);
         let mut tick = tokio::time::interval(ex.settings.export_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate: nothing to export yet.
@@ -183,44 +203,33 @@ impl Telemetry {
 
 /// The exporter task's own state.
 struct Exporter {
-    rx: mpsc::Receiver<SpanEvent>,
+    rx: mpsc::Receiver<Vec<u8>>,
     client: HttpClient,
     settings: TelemetrySettings,
     resource: Resource,
     scope: InstrumentationScope,
+    /// `resource` and `scope` as the two fields of `ResourceSpans` and `ScopeSpans` that precede the
+    /// spans, encoded once.
+    resource_field: Vec<u8>,
+    scope_field: Vec<u8>,
     metrics: Arc<metrics::Aggregator>,
     stats: Arc<TelemetryStats>,
     /// Start of the cumulative metrics, Unix ns.
     started_ns: u64,
-    /// Span and trace ids (SplitMix64; ids need to be unique, not secret).
-    rng: u64,
     last_warn: Option<Instant>,
 }
 
 impl Exporter {
-    async fn export_spans(&mut self, buf: &mut Vec<SpanEvent>) {
+    async fn export_spans(&mut self, buf: &mut Vec<Vec<u8>>) {
         if buf.is_empty() {
             return;
         }
         let n = buf.len() as u64;
         self.stats.queued.fetch_sub(n, Ordering::Relaxed);
-        let spans = buf
-            .drain(..)
-            .map(|e| {
-                let span_id = self.next_id::<8>();
-                let trace_id = self.next_id::<16>();
-                e.to_proto(span_id, trace_id)
-            })
-            .collect();
-        let req = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans { scope: Some(self.scope.clone()), spans, ..Default::default() }],
-                ..Default::default()
-            }],
-        };
+        let body = self.trace_request(buf);
+        buf.clear();
         let url = self.settings.traces_url.clone();
-        match self.post(&url, req.encode_to_vec()).await {
+        match self.post(&url, body).await {
             Ok(()) => {
                 self.stats.exported_spans.fetch_add(n, Ordering::Relaxed);
             }
@@ -229,6 +238,22 @@ impl Exporter {
                 self.failed("spans", &e);
             }
         }
+    }
+
+    /// An `ExportTraceServiceRequest` of the encoded `spans`: one `ResourceSpans` (the resource,
+    /// one `ScopeSpans`: the scope, the spans).
+    fn trace_request(&self, spans: &[Vec<u8>]) -> Vec<u8> {
+        let scope_spans = self.scope_field.len() + spans.iter().map(|s| span::message_len(s.len())).sum::<usize>();
+        let resource_spans = self.resource_field.len() + span::message_len(scope_spans);
+        let mut out = Vec::with_capacity(span::message_len(resource_spans));
+        span::encode_header(&mut out, 1, resource_spans);
+        out.extend_from_slice(&self.resource_field);
+        span::encode_header(&mut out, 2, scope_spans);
+        out.extend_from_slice(&self.scope_field);
+        for s in spans {
+            span::encode_message(&mut out, 2, s);
+        }
+        out
     }
 
     async fn export_metrics(&mut self) {
@@ -288,14 +313,19 @@ impl Exporter {
             );
         }
     }
+}
 
+/// Span and trace ids: SplitMix64 over a shared counter (ids need to be unique, not secret).
+struct Ids(AtomicU64);
+
+impl Ids {
     /// A random, non-zero id.
-    fn next_id<const N: usize>(&mut self) -> [u8; N] {
+    fn next<const N: usize>(&self) -> [u8; N] {
         let mut out = [0u8; N];
         loop {
             for chunk in out.chunks_mut(8) {
-                self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = self.rng;
+                let mut z =
+                    self.0.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
                 z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
                 z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
                 z ^= z >> 31;
@@ -318,5 +348,52 @@ fn seed() -> u64 {
     match getrandom::fill(&mut raw) {
         Ok(()) => u64::from_le_bytes(raw),
         Err(_) => unix_ns() ^ u64::from(std::process::id()) << 32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_of_encoded_spans_is_one_export_request() {
+        let settings = crate::config::Settings::from_toml("[telemetry]\notlp_endpoint = \"http://127.0.0.1:1\"\n")
+            .expect("config");
+        let client = crate::client::build_client(&settings.upstream).expect("client");
+        let t = Telemetry::new(settings.telemetry.as_ref().expect("telemetry settings"), client, Default::default());
+        let ex = t.exporter.lock().unwrap().take().unwrap();
+        let records: Vec<LogRecord> = (0..200)
+            .map(|i| LogRecord { gateway: format!("g{i}"), provider: "openai".into(), ..Default::default() })
+            .collect();
+        let spans: Vec<Vec<u8>> = records
+            .iter()
+            .map(|r| {
+                let mut b = Vec::new();
+                let input = SpanInput {
+                    context: None,
+                    log_id: uuid::Uuid::nil(),
+                    endpoint: crate::endpoint::Endpoint::Other,
+                    record: r,
+                };
+                span::encode(&mut b, &input, t.ids.next(), t.ids.next());
+                b
+            })
+            .collect();
+        let req = ExportTraceServiceRequest::decode(ex.trace_request(&spans).as_slice()).expect("decodes");
+        assert_eq!(req.resource_spans.len(), 1);
+        let rs = &req.resource_spans[0];
+        assert_eq!(rs.resource, Some(ex.resource.clone()));
+        assert_eq!(rs.scope_spans.len(), 1);
+        assert_eq!(rs.scope_spans[0].scope, Some(ex.scope.clone()));
+        let got = &rs.scope_spans[0].spans;
+        assert_eq!(got.len(), 200);
+        for (i, s) in got.iter().enumerate() {
+            let gw = s.attributes.iter().find(|a| a.key == "aigate.gateway").and_then(|a| a.value.clone());
+            assert_eq!(gw, Some(span::any_str(&format!("g{i}"))));
+        }
+        let ids: std::collections::HashSet<_> = got.iter().map(|s| s.span_id.clone()).collect();
+        assert_eq!(ids.len(), 200, "span ids are unique");
     }
 }
