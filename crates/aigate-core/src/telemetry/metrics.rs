@@ -115,22 +115,21 @@ struct Inner {
 impl Aggregator {
     /// Counts one finished request.
     pub fn record(&self, e: &LogRecord, endpoint: Endpoint) {
-        use std::fmt::Write;
         let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Inner { buf, series } = &mut *guard;
         let op = operation(endpoint);
         let mut model = e.requested_model.as_deref().unwrap_or_default();
+        // Joined by hand rather than with `write!`: this runs for every request, and the
+        // formatting machinery cost more than the lookup itself.
         let lookup = |buf: &mut String, model: &str| {
             buf.clear();
-            let _ = write!(
-                buf,
-                "{}\0{}\0{}\0{model}\0{}\0{}",
-                e.gateway,
-                e.provider,
-                op.unwrap_or_default(),
-                e.status,
-                e.cache_status
-            );
+            for part in [e.gateway.as_str(), &e.provider, op.unwrap_or_default(), model] {
+                buf.push_str(part);
+                buf.push('\0');
+            }
+            buf.push_str(itoa::Buffer::new().format(e.status));
+            buf.push('\0');
+            buf.push_str(&e.cache_status);
         };
         lookup(buf, model);
         if series.len() >= MAX_SERIES && !series.contains_key(buf.as_str()) {

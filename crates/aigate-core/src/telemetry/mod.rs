@@ -57,8 +57,10 @@ pub const SPAN_LINGER: Duration = Duration::from_millis(500);
 /// The longest the exporter spends sending what is left at shutdown.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
-/// Room reserved for an encoded span: most fit (about 450 bytes with a long model name and route).
-const SPAN_CAPACITY: usize = 512;
+/// Room reserved for an encoded span, so that it is written without growing its buffer: a chat
+/// completion's span takes about 550 bytes, one with long model names, a route and an error more.
+/// (The queue's `queue` spans hold at most this much each, unless a span is larger.)
+const SPAN_CAPACITY: usize = 1024;
 
 /// At most one warning about failing exports per this period.
 const WARN_EVERY: Duration = Duration::from_secs(10);
