@@ -92,6 +92,12 @@ impl Load {
     }
 }
 
+/// Responses by phase, for a test's figures.
+fn show(by: &BTreeMap<usize, Tally>) -> String {
+    let phase = |p: usize| if p == TRANSITION { "across phases".to_string() } else { format!("phase {p}") };
+    by.iter().map(|(&p, t)| format!("{}: {t:?}", phase(p))).collect::<Vec<_>>().join(", ")
+}
+
 /// All responses of all phases.
 fn total(by_phase: &BTreeMap<usize, Tally>) -> u64 {
     by_phase.values().flat_map(|t| t.values()).sum()
@@ -127,6 +133,17 @@ async fn stored(to: &impl Target, n: u64) {
         metric(to, "aigate_log_records_written_total").await >= n as f64
     })
     .await;
+}
+
+/// The peak resident memory of process `pid` so far, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
 }
 
 /// A file holding [`ADMIN_TOKEN`] (an `aigate` process cannot be given `env:GW_TOKEN`).
@@ -237,7 +254,7 @@ async fn redis_killed_and_restarted_under_load() {
     load_a.responses(after, 20).await;
     load_d.responses(after, 20).await;
     let (by_a, by_d) = (load_a.stop().await, load_d.stop().await);
-    eprintln!("redis fault: reconnected {reconnect:?} after the restart; allow {by_a:?}; deny {by_d:?}");
+    eprintln!("redis fault: reconnected {reconnect:?} after the restart; allow {}; deny {}", show(&by_a), show(&by_d));
 
     // Limits count again: 5 pass, the sixth is refused, for both policies.
     for (policy, env) in [("allow", &allow), ("deny", &deny)] {
@@ -319,7 +336,8 @@ async fn postgres_stopped_and_started_under_load() {
     assert_eq!(metric(&*env, "aigate_log_records_written_total").await, sent as f64);
     assert_eq!(metric(&*env, "aigate_log_records_dropped_total").await, 0.0);
     eprintln!(
-        "postgres fault: {sent} requests ({by:?}), {spilled} records spilled and replayed, {} stored",
+        "postgres fault: {sent} requests ({}), {spilled} records spilled and replayed, {} stored",
+        show(&by),
         recs.len()
     );
 }
@@ -421,7 +439,10 @@ async fn spill_disk_full_under_load() {
     // Still serving and logging.
     assert_eq!(status_of(&gw, "/v1/chat/completions", CHAT, &[]).await, 200);
     stored(&gw, written as u64 + 1).await;
-    eprintln!("spill disk full: {sent} requests, {spilled} spilled and replayed, {dropped} dropped; {reported}");
+    eprintln!(
+        "spill disk full: {sent} requests, {spilled} spilled and replayed, {dropped} dropped, peak RSS {:.1} MiB; {reported}",
+        peak_rss_mib(gw.pid())
+    );
     gw.kill();
     drop(tmpfs);
 }
@@ -540,7 +561,7 @@ async fn upstream_faults_under_load() {
         assert_eq!((r.status().as_u16(), cache_status(&r).as_str()), (200, "MISS"), "{name} was cached");
         r.bytes().await.unwrap();
     }
-    eprintln!("upstream faults: {} requests {by:?}; by kind (responses, HITs): {counts:?}", total(&by));
+    eprintln!("upstream faults: {} requests ({}); by kind (responses, HITs): {counts:?}", total(&by), show(&by));
 }
 
 /// SIGTERM while 50 slow streams are in flight: the listener closes (new connections are
@@ -591,6 +612,7 @@ async fn sigterm_under_streaming_load_drops_no_stream() {
     })
     .await;
     let in_flight = mock.stats.completed_streams.load(Ordering::SeqCst);
+    let rss = peak_rss_mib(gw.pid());
     let t0 = Instant::now();
     gw.signal("TERM");
     let port = gw.port;
@@ -613,7 +635,9 @@ async fn sigterm_under_streaming_load_drops_no_stream() {
     use aigate_store::LogStore as _;
     let store = aigate_store::SqliteLogStore::open(&gw.dir().join(aigate_store::LOG_SQLITE_FILE)).unwrap();
     assert_eq!(store.count("default").await.unwrap(), 1 + STREAMS as u64, "every stream logged");
-    eprintln!("sigterm: {STREAMS} streams in flight, all complete {drained:?} after the signal, 0 dropped");
+    eprintln!(
+        "sigterm: {STREAMS} streams in flight, all complete {drained:?} after the signal, 0 dropped, peak RSS {rss:.1} MiB"
+    );
 }
 
 /// `kill -9` of a process with the embedded stores (disk cache, SQLite logs) right after a burst
@@ -652,6 +676,7 @@ async fn kill_9_then_restart_keeps_stores_consistent() {
         }
     }
     // Killed right after the burst's last answer: its records may still be queued.
+    let rss = peak_rss_mib(gw.pid());
     gw.kill();
     let gw = Aigate::serve_in(&dir, &[], &toml).await;
     let recs = all_records(&gw, "default").await;
@@ -678,7 +703,7 @@ async fn kill_9_then_restart_keeps_stores_consistent() {
     // The restarted stores take new records.
     stored(&gw, STORED + BURST).await;
     eprintln!(
-        "kill -9: {} requests, {} records survived ({lost} of the last {BURST} lost), {hits} cache HITs after the restart",
+        "kill -9: {} requests, {} records survived ({lost} of the last {BURST} lost), {hits} cache HITs after the restart, peak RSS {rss:.1} MiB",
         STORED + BURST,
         recs.len()
     );
