@@ -65,21 +65,38 @@ pub(super) fn list_spill_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The spill file being appended to.
 struct SpillFile {
     path: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
+    /// Unbuffered: a record counts as spilled only once its line is in the file, so a full disk
+    /// can never take records that were already counted (as a buffer flushed later could).
+    out: std::fs::File,
+    /// Bytes of whole lines in the file.
     bytes: u64,
 }
 
+/// How often at most the spill thread warns that records are being dropped.
+const DROP_WARN_EVERY_MS: u64 = 10_000;
+
 /// The spill thread: appends records as JSON lines to `*.jsonl.partial`, renamed to `*.jsonl`
-/// when closed (size cap, idle, flush).
+/// when closed (size cap, idle, flush). A record that cannot be written (disk full, I/O error,
+/// `log_spill_max` reached) is dropped, counted and reported (a warning at most every 10 s); a
+/// line cut short by a failed write is cut off the file, so the next record starts a whole line.
 pub(super) fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &Finalizer, max_bytes: u64) {
     let mut current: Option<SpillFile> = None;
     let mut seq: u64 = 0;
+    let mut last_warn_ms: Option<u64> = None;
+    let mut drop_record = |why: &dyn std::fmt::Display| {
+        let dropped = fin.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = fin.clock.now_ms();
+        if last_warn_ms.is_none_or(|t| now.saturating_sub(t) >= DROP_WARN_EVERY_MS) {
+            last_warn_ms = Some(now);
+            tracing::warn!(reason = %why, dropped_total = dropped, "log spill: records dropped");
+        }
+    };
     let close = |f: Option<SpillFile>| {
-        if let Some(mut f) = f {
-            let _ = f.out.flush();
-            let _ = f.out.get_ref().sync_data();
+        if let Some(f) = f {
+            let _ = f.out.sync_data();
             let done = f.path.with_extension("");
             if let Err(e) = std::fs::rename(&f.path, &done) {
                 tracing::warn!(error = %e, "cannot close a log spill file");
@@ -108,38 +125,51 @@ pub(super) fn spill_loop(rx: &std_mpsc::Receiver<SpillItem>, dir: &Path, fin: &F
             }
         };
         for r in records {
-            let Ok(mut line) = serde_json::to_vec(&r) else {
-                fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
+            let mut line = match serde_json::to_vec(&r) {
+                Ok(l) => l,
+                Err(e) => {
+                    drop_record(&e);
+                    continue;
+                }
             };
             line.push(b'\n');
             let len = line.len() as u64;
             if fin.stats.spill_bytes.load(Ordering::Relaxed) + len > max_bytes {
-                fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                drop_record(&"storage.log_spill_max reached");
                 continue;
             }
             if current.as_ref().is_some_and(|f| f.bytes >= SPILL_FILE_MAX) {
                 close(current.take());
             }
-            if current.is_none() {
-                seq += 1;
-                let path = dir.join(format!("spill-{:013}-{:06}.jsonl.partial", fin.clock.now_ms(), seq));
-                match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-                    Ok(f) => current = Some(SpillFile { path, out: std::io::BufWriter::new(f), bytes: 0 }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot create a log spill file: record dropped");
-                        fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
+            let f = match &mut current {
+                Some(f) => f,
+                None => {
+                    seq += 1;
+                    let path = dir.join(format!("spill-{:013}-{:06}.jsonl.partial", fin.clock.now_ms(), seq));
+                    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+                        Ok(out) => current.insert(SpillFile { path, out, bytes: 0 }),
+                        Err(e) => {
+                            drop_record(&format_args!("cannot create a spill file: {e}"));
+                            continue;
+                        }
                     }
                 }
-            }
-            if let Some(f) = &mut current {
-                if f.out.write_all(&line).is_ok() {
+            };
+            match f.out.write_all(&line) {
+                Ok(()) => {
                     f.bytes += len;
                     fin.stats.spill_bytes.fetch_add(len, Ordering::Relaxed);
                     fin.stats.spilled.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    fin.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    drop_record(&e);
+                    // Part of the line may be in the file: cut it off. If that fails too, the file
+                    // is closed as it is (replay skips the torn line) and counted at its size.
+                    if f.out.set_len(f.bytes).is_err() {
+                        let on_disk = f.out.metadata().map_or(f.bytes, |m| m.len());
+                        fin.stats.spill_bytes.fetch_add(on_disk.saturating_sub(f.bytes), Ordering::Relaxed);
+                        close(current.take());
+                    }
                 }
             }
         }

@@ -345,6 +345,121 @@ impl Drop for RedisServer {
     }
 }
 
+/// A PostgreSQL server of a test's own: a fresh cluster in a temporary directory, on a free port
+/// (so stopping it disturbs no other test). PostgreSQL refuses to run as root: as root, its
+/// programs run as the `postgres` user (`runuser`), the directory given to that user. Initialised
+/// without fsync and with trust authentication (user `postgres`, database `postgres`); stopped
+/// (immediately) and removed on drop.
+pub struct PgServer {
+    /// The data directory (also the directory of the Unix socket and of the server log).
+    dir: PathBuf,
+    /// The TCP port on 127.0.0.1.
+    pub port: u16,
+}
+
+/// Where Debian and Ubuntu install PostgreSQL's server programs (the newest version present).
+fn pg_bin(name: &str) -> PathBuf {
+    let root = std::path::Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<u32> = std::fs::read_dir(root)
+        .expect("PostgreSQL server programs under /usr/lib/postgresql")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let v = versions.last().expect("a PostgreSQL version under /usr/lib/postgresql");
+    root.join(v.to_string()).join("bin").join(name)
+}
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// A PostgreSQL program with `args`, run as `postgres` when this process is root.
+fn pg_command(name: &str, args: &[&str]) -> Command {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin(name));
+        c
+    } else {
+        Command::new(pg_bin(name))
+    };
+    cmd.args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a PostgreSQL program to its end; panics with its output unless it succeeds.
+fn pg_run(name: &str, args: &[&str]) {
+    let out = pg_command(name, args).output().unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PgServer {
+    /// Creates a cluster and starts it; returns once it accepts connections.
+    pub async fn start() -> PgServer {
+        let dir = temp_dir("pg");
+        let port = free_port();
+        let d = dir.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            if is_root() {
+                let st = Command::new("chown").args(["-R", "postgres:postgres", &d]).status().unwrap();
+                assert!(st.success(), "chown {d} to postgres");
+            }
+            pg_run(
+                "initdb",
+                &["--no-sync", "--no-instructions", "-A", "trust", "-U", "postgres", "-E", "UTF8", "-D", &d],
+            );
+        })
+        .await
+        .unwrap();
+        let server = PgServer { dir, port };
+        server.start_again().await;
+        server
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the (stopped) server again on the same port and data; returns once it accepts
+    /// connections.
+    pub async fn start_again(&self) {
+        let (d, port) = (self.dir.display().to_string(), self.port);
+        tokio::task::spawn_blocking(move || {
+            let opts = format!("-p {port} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off");
+            pg_run("pg_ctl", &["-D", &d, "-l", &format!("{d}/server.log"), "-o", &opts, "-w", "-t", "30", "start"]);
+        })
+        .await
+        .unwrap();
+        wait_until(&format!("PostgreSQL on port {port}"), async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+    }
+
+    /// Stops the server (`fast`: open connections are closed, as on a restart) and waits until
+    /// it has.
+    pub async fn stop(&self) {
+        let d = self.dir.display().to_string();
+        tokio::task::spawn_blocking(move || pg_run("pg_ctl", &["-D", &d, "-m", "fast", "-w", "stop"])).await.unwrap();
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let d = self.dir.display().to_string();
+        // Already stopped is fine: pg_ctl fails and the directory goes anyway.
+        let _ = pg_command("pg_ctl", &["-D", &d, "-m", "immediate", "-w", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// An `aigate` process on a config file of its own, and what it writes to stderr; killed on drop.
 pub struct Aigate {
     child: Child,
@@ -369,14 +484,20 @@ impl Aigate {
     /// Runs `aigate [args] serve --config <file>` on `toml` (see [`Aigate::write_config`]) and
     /// waits until it says it is listening.
     pub async fn serve(args: &[&str], toml: &str) -> Aigate {
-        let (port, dir) = (free_port(), temp_dir("proc"));
+        Aigate::serve_in(&temp_dir("proc"), args, toml).await
+    }
+
+    /// [`Aigate::serve`] in directory `dir` (its config file and data directory): a second
+    /// process in the directory of a first one that stopped starts on the first one's data.
+    pub async fn serve_in(dir: &std::path::Path, args: &[&str], toml: &str) -> Aigate {
+        let port = free_port();
         let config = dir.join("aigate.toml");
         write_config(&config, port, toml);
         let mut child = Command::new(env!("CARGO_BIN_EXE_aigate"))
             .args(args)
             .args(["serve", "--config", config.to_str().unwrap()])
             .env_remove("AIGATE_CONFIG")
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -411,6 +532,17 @@ impl Aigate {
     pub fn signal(&self, name: &str) {
         let st = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
         assert!(st.success(), "kill -{name}");
+    }
+
+    /// The directory of its config file, which is its data directory.
+    pub fn dir(&self) -> PathBuf {
+        self.config.parent().unwrap().to_path_buf()
+    }
+
+    /// Kills the process (SIGKILL: no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Waits for a line on stderr that contains `needle` (the lines before it are passed over).

@@ -202,13 +202,25 @@ async fn exactly_the_limit_across_two_processes_on_redis() {
     let gw = unique_name("rp");
     let toml = format!(
         "[storage]\nlimits = \"redis://127.0.0.1:6379\"\n[providers.openai]\nbase_url = \"{}/v1\"\n\
-         [gateways.default]\n[gateways.{gw}]\n[gateways.{gw}.rate_limit]\nlimit = 50\nperiod = \"1h\"\n",
+         [gateways.default]\n[gateways.{gw}]\n[gateways.{gw}.rate_limit]\nlimit = 50\nperiod = \"1h\"\n\
+         [gateways.{gw}w]\n[gateways.{gw}w.rate_limit]\nlimit = 1000000\nperiod = \"1h\"\n",
         mock.url()
     );
     let (a, b) = (Aigate::serve(&[], &toml).await, Aigate::serve(&[], &toml).await);
+    // Each process connected to Redis before the burst: a first connection slower than the
+    // 250 ms operation timeout (a loaded machine) fails open and would admit one request too many.
+    for p in [&a, &b] {
+        wait_until_within(Duration::from_secs(20), "the process to reach Redis", async || {
+            let errors = metric(p, "aigate_limit_store_errors_total").await;
+            assert_eq!(status_of(p, &format!("/{gw}w/openai/chat/completions"), CHAT, &[]).await, 200);
+            metric(p, "aigate_limit_store_errors_total").await == errors
+        })
+        .await;
+    }
+    let calls = mock.requests();
     let path = format!("/{gw}/openai/chat/completions");
     assert_eq!(concurrent_statuses(&[&a, &b], &path, CHAT, 200).await, (50, 150));
-    assert_eq!(mock.requests(), 50);
+    assert_eq!(mock.requests() - calls, 50);
 }
 
 /// Redis stops while the gateway runs: requests follow `on_store_error`.
