@@ -1029,3 +1029,6 @@ mod telemetry;
 
 #[path = "gateway/replicas.rs"]
 mod replicas;
+
+#[path = "gateway/cache_rules.rs"]
+mod cache_rules;
