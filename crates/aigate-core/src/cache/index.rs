@@ -51,6 +51,9 @@ pub struct IndexEntry {
     /// is counted).
     #[serde(skip)]
     pub prev_expires_at_ms: u64,
+    /// Purged since it was stored (it stays indexed: what repeats is still worth knowing, and
+    /// warming).
+    pub purged: bool,
     /// When a request last looked it up, Unix ms.
     pub last_seen_ms: u64,
     /// What one upstream answer cost, USD, when priced.
@@ -159,7 +162,8 @@ impl CacheIndex {
     /// An entry was stored.
     pub fn on_write(&self, gateway: &str, key: &CacheKey, created_at_ms: u64, expires_at_ms: u64, bytes: u64) {
         self.with_entry(gateway, key, created_at_ms, |e| {
-            e.prev_expires_at_ms = e.expires_at_ms;
+            e.prev_expires_at_ms = if e.purged { 0 } else { e.expires_at_ms };
+            e.purged = false;
             e.created_at_ms = created_at_ms;
             e.expires_at_ms = expires_at_ms;
             e.bytes = bytes;
@@ -181,7 +185,7 @@ impl CacheIndex {
                 e.misses += 1;
                 let expired = |x: u64| x != 0 && x <= s.at_ms;
                 let refilled = e.created_at_ms >= s.at_ms;
-                if expired(e.expires_at_ms) || refilled && expired(e.prev_expires_at_ms) {
+                if !e.purged && expired(e.expires_at_ms) || refilled && expired(e.prev_expires_at_ms) {
                     e.expired_misses += 1;
                 }
                 if s.cost_usd.is_some() {
@@ -204,17 +208,17 @@ impl CacheIndex {
         });
     }
 
-    /// Forgets a gateway's entries (its cache was purged whole) or some of them.
-    pub fn forget(&self, gateway: &str, keys: Option<&[CacheKey]>) {
+    /// Marks a gateway's entries (all, or `keys`) purged: they stay indexed, no longer counted as
+    /// held, and a miss on one is not an expired miss.
+    pub fn purged(&self, gateway: &str, keys: Option<&[CacheKey]>) {
         let mut g = self.gateways.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(m) = g.get_mut(gateway) else { return };
         match keys {
-            None => {
-                g.remove(gateway);
-            }
+            None => m.values_mut().for_each(|e| e.purged = true),
             Some(keys) => {
-                if let Some(m) = g.get_mut(gateway) {
-                    for k in keys {
-                        m.remove(k);
+                for k in keys {
+                    if let Some(e) = m.get_mut(k) {
+                        e.purged = true;
                     }
                 }
             }
@@ -229,7 +233,7 @@ impl CacheIndex {
         let mut picked: Vec<&IndexEntry> = Vec::new();
         if let Some(m) = g.get(gateway) {
             for e in m.values().filter(|e| e.last_seen_ms.max(e.created_at_ms) >= since_ms) {
-                if e.expires_at_ms > now_ms {
+                if e.expires_at_ms > now_ms && !e.purged {
                     totals.entries += 1;
                     totals.bytes += e.bytes;
                 }
@@ -251,7 +255,7 @@ impl CacheIndex {
             .map(|e| TopEntry {
                 entry: e.clone(),
                 age_s: (e.created_at_ms != 0).then(|| now_ms.saturating_sub(e.created_at_ms) / 1000),
-                expired: e.expires_at_ms != 0 && e.expires_at_ms <= now_ms,
+                expired: !e.purged && e.expires_at_ms != 0 && e.expires_at_ms <= now_ms,
             })
             .collect();
         Top { gateway: gateway.to_owned(), since_ms, totals, entries }
@@ -368,8 +372,14 @@ mod tests {
         assert_eq!(top.totals.entries, 1);
         assert_eq!(ix.top("g", 0, 200_000, 10).totals.entries, 0, "expired");
         assert_eq!(ix.top("g", 150_000, 150_000, 10).entries.len(), 0, "outside the window");
-        ix.forget("g", None);
-        assert!(ix.top("g", 0, 70_000, 10).entries.is_empty());
+        ix.purged("g", None);
+        let top = ix.top("g", 0, 70_000, 10);
+        assert!(top.entries[0].entry.purged && top.totals.entries == 0);
+        // A miss after a purge is not one a longer TTL would have served.
+        ix.on_request(&seen(CacheStatus::Miss, 200_000));
+        ix.on_write("g", &CacheKey([1; 32]), 200_100, 260_100, 42);
+        let e = &ix.top("g", 0, 200_200, 10).entries[0];
+        assert_eq!((e.entry.expired_misses, e.entry.purged), (1, false));
     }
 
     #[test]

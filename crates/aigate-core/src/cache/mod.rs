@@ -243,7 +243,7 @@ impl CacheLayer {
     /// Removes one entry or a whole gateway's entries.
     pub async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
         let n = self.store.purge(ns, key).await?;
-        self.index.forget(ns, key.map(std::slice::from_ref));
+        self.index.purged(ns, key.map(std::slice::from_ref));
         Ok(n)
     }
 
@@ -251,7 +251,7 @@ impl CacheLayer {
     /// memory tier); returns how many.
     pub async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<u64, StoreError> {
         let keys = self.store.purge_matching(ns, filter).await?;
-        self.index.forget(ns, Some(&keys));
+        self.index.purged(ns, Some(&keys));
         Ok(keys.len() as u64)
     }
 

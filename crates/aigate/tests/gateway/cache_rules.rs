@@ -344,3 +344,77 @@ async fn top_shows_what_repeats_with_totals_and_expired_misses() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_from_logs_and_from_a_file_through_the_gateway() {
+    let gw = unique_name("warm");
+    let env = env_with(&config("memory", &gw, ""), MockConfig::default()).await;
+    let path = format!("/{gw}/openai/chat/completions");
+    let (x, y) = (chat("gpt-4o-mini", &format!("x {gw}")), chat("gpt-4o-mini", &format!("y {gw}")));
+    let md = [("cf-aig-metadata", r#"{"feature":"resume"}"#)];
+    fill(&env, &path, &x, &md).await;
+    assert_eq!(send(&env, &path, &x, &md).await.0, "HIT");
+    fill(&env, &path, &y, &[]).await;
+    wait_until("the index to count 3 lookups", async || {
+        admin_get(&env, &format!("/admin/gateways/{gw}/cache/top")).await["totals"]["misses"] == 2
+    })
+    .await;
+    assert_eq!(purge(&env, &gw, "").await.1["purged"], 2);
+
+    // Dry run: what would be sent, most repeated first, with the cost priced when it was logged.
+    let upstream = env.mock.requests();
+    let out = cli(&env, &["cache", "warm", "--gateway", &gw, "--from-logs", "--since", "1h", "--dry-run"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("POST {path}  $")) && lines[0].contains(&format!("question x {gw}")),
+        "{text}"
+    );
+    assert!(lines[2].starts_with("would send 2 requests, estimated cost $"), "{text}");
+    assert_eq!(env.mock.requests(), upstream, "a dry run sends nothing");
+
+    // The real run fills the cache (with the logged metadata, so rules would match the same).
+    let out = cli(&env, &["cache", "warm", "--gateway", &gw, "--from-logs", "--top", "5"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("2 sent upstream, 0 already cached"), "{text}");
+    assert_eq!(env.mock.requests(), upstream + 2);
+    assert_eq!(env.mock.last_request().unwrap().headers.get("cf-aig-metadata"), None, "gateway headers stay here");
+    cache_written(&env, cache_writes(&env)).await;
+    wait_until("the warmed entries", async || send(&env, &path, &x, &md).await.0 == "HIT").await;
+
+    // A file: a path under the gateway, a body, headers; then a failing line stops the run.
+    let file = temp_dir("warm").join("requests.jsonl");
+    let z = chat("gpt-4o-mini", &format!("z {gw}"));
+    std::fs::write(
+        &file,
+        format!(
+            "{{\"path\": \"openai/chat/completions\", \"body\": {z}}}\n\n\
+             {{\"path\": \"nosuch/chat/completions\", \"body\": {z}}}\n\
+             {{\"path\": \"openai/chat/completions\", \"body\": {x}}}\n"
+        ),
+    )
+    .unwrap();
+    let out = cli(&env, &["cache", "warm", "--gateway", &gw, "--file", file.to_str().unwrap()]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("stopped at request 2 of 3") && err.contains("400"), "{err}");
+    wait_until("the file's entry", async || send(&env, &path, &z, &[]).await.0 == "HIT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_from_logs_says_when_bodies_are_not_logged() {
+    let gw = unique_name("warmnb");
+    let toml = format!("{ADMIN}[gateways.default]\n[gateways.{gw}]\n[gateways.{gw}.cache]\nenabled = true\n");
+    let env = env_with(&toml, MockConfig::default()).await;
+    fill(&env, &format!("/{gw}/openai/chat/completions"), &chat("gpt-4o-mini", &gw), &[]).await;
+    wait_until("the index", async || {
+        admin_get(&env, &format!("/admin/gateways/{gw}/cache/top")).await["totals"]["misses"] == 1
+    })
+    .await;
+    let out = cli(&env, &["cache", "warm", "--gateway", &gw, "--from-logs", "--dry-run"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("[gateways.{gw}.logs] bodies = true")), "{err}");
+}
