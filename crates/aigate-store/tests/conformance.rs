@@ -353,6 +353,39 @@ async fn disk_survives_reopen() {
     assert!(st.bytes > e.encode().len() as u64);
 }
 
+/// A cache file written before entries kept their facts gains the columns in place: its rows are
+/// still served, and match only a purge by age (their creation reads as 0, long ago).
+#[tokio::test]
+async fn disk_file_without_fact_columns_is_upgraded_in_place() {
+    let dir = TempDir::new("upgrade");
+    let k = key("upgrade", 1);
+    let e = entry("old", MINUTE);
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("cache.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE cache (key BLOB PRIMARY KEY NOT NULL, ns TEXT NOT NULL, expires_at INTEGER NOT NULL, \
+             size INTEGER NOT NULL, value BLOB NOT NULL);",
+        )
+        .unwrap();
+        let value = e.encode();
+        conn.execute(
+            "INSERT INTO cache (key, ns, expires_at, size, value) VALUES (?1, 'gw', ?2, ?3, ?4)",
+            rusqlite::params![&k.0[..], e.expires_at_ms as i64, value.len() as i64 + 64, &value[..]],
+        )
+        .unwrap();
+    }
+    let s = DiskCacheStore::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(*s.get("gw", &k).await.unwrap().expect("kept"), *e);
+    let by_model = CacheFilter { model: Some("gpt-4o".into()), ..CacheFilter::default() };
+    assert!(s.purge_matching("gw", &by_model).await.unwrap().is_empty());
+    let meta = EntryMeta { model: Some("gpt-4o".into()), endpoint: "chat".into(), metadata: vec![] };
+    s.put_with_meta("gw", &key("upgrade", 2), entry("new", MINUTE), &meta).await.unwrap();
+    assert_eq!(s.purge_matching("gw", &by_model).await.unwrap(), vec![key("upgrade", 2)]);
+    let old = CacheFilter { created_before_ms: Some(1), ..CacheFilter::default() };
+    assert_eq!(s.purge_matching("gw", &old).await.unwrap(), vec![k]);
+    assert_eq!(s.stats().entries, 0);
+}
+
 #[tokio::test]
 async fn disk_stays_under_byte_cap() {
     let dir = TempDir::new("cap");
