@@ -71,6 +71,10 @@ fn bench(c: &mut Criterion) {
     assert_eq!(rules.find(&last).map(|r| &*r.name), Some("last"));
     c.bench_function("cache_rules/10_rules_no_match", |b| b.iter(|| rules.find(black_box(&none)).is_some()));
     c.bench_function("cache_rules/10_rules_last_matches", |b| b.iter(|| rules.find(black_box(&last)).is_some()));
+    // The parts: the walk over the body for its model, the first rule alone.
+    c.bench_function("cache_rules/part_body_model_walk", |b| {
+        b.iter(|| aigate_core::meter::usage::member_value(black_box(BODY.as_bytes()), "model").is_some())
+    });
     let empty = CacheRules::none();
     c.bench_function("cache_rules/no_rules", |b| b.iter(|| empty.find(black_box(&none)).is_some()));
 }

@@ -18,7 +18,7 @@ use http::HeaderValue;
 
 use crate::cache::MAX_TTL;
 use crate::endpoint::Endpoint;
-use crate::meter::usage::{member_value, value_is};
+use crate::meter::usage::{for_each_member, member_value, value_is};
 
 /// Most rules per gateway (a rule list is walked on every request).
 pub const MAX_RULES: usize = 64;
@@ -83,9 +83,10 @@ impl CacheRules {
         if self.0.is_empty() {
             return None;
         }
-        // The body's model is looked for once, by the first rule that asks.
-        let mut model = None;
-        self.0.iter().find(|r| r.matches_with(req, &mut model))
+        // The body's model and the metadata's entries are looked for once, by the first rule that
+        // asks.
+        let mut facts = Facts::default();
+        self.0.iter().find(|r| r.matches_with(req, &mut facts))
     }
 
     /// Validates `[[...cache.rules]]` (`key` is `gateways.NAME.cache`): an unknown match key, an
@@ -109,13 +110,13 @@ impl CacheRules {
 impl CacheRule {
     /// Whether every condition of the rule holds for `req`.
     pub fn matches(&self, req: &RuleInput<'_>) -> bool {
-        self.matches_with(req, &mut None)
+        self.matches_with(req, &mut Facts::default())
     }
 
-    /// [`CacheRule::matches`], with the request's model found once per request in `model`.
-    /// Cheapest conditions first: the body's model costs a walk over the body.
+    /// [`CacheRule::matches`], with what costs a walk (the body's model, the metadata's entries)
+    /// found once per request in `facts`. Cheapest conditions first.
     #[inline]
-    fn matches_with<'a>(&self, req: &RuleInput<'a>, model: &mut Option<Option<Cow<'a, str>>>) -> bool {
+    fn matches_with<'a>(&self, req: &RuleInput<'a>, facts: &mut Facts<'a>) -> bool {
         if self.endpoint.is_some_and(|e| e != req.endpoint) {
             return false;
         }
@@ -125,15 +126,13 @@ impl CacheRule {
             }
         }
         if !self.metadata.is_empty() {
-            let Some(md) = req.metadata else { return false };
-            for (k, v) in &self.metadata {
-                if !member_value(md, k).is_some_and(|raw| value_is(raw, v)) {
-                    return false;
-                }
+            let md = facts.metadata.get_or_insert_with(|| Metadata::of(req.metadata));
+            if !self.metadata.iter().all(|(k, v)| md.get(k).is_some_and(|raw| value_is(raw, v))) {
+                return false;
             }
         }
         if let Some(m) = &self.model {
-            if model.get_or_insert_with(|| request_model(req)).as_deref() != Some(&**m) {
+            if facts.model.get_or_insert_with(|| request_model(req)).as_deref() != Some(&**m) {
                 return false;
             }
         }
@@ -163,6 +162,50 @@ impl CacheRule {
             "the gateway's ttl".to_owned()
         };
         format!("{}: match {{ {} }} -> {then}", self.name, parts.join(", "))
+    }
+}
+
+/// What the rules of one request look up once.
+#[derive(Default)]
+struct Facts<'a> {
+    model: Option<Option<Cow<'a, str>>>,
+    metadata: Option<Metadata<'a>>,
+}
+
+/// Entries of `cf-aig-metadata` kept, as raw JSON (Cloudflare keeps five; a header with more is
+/// looked up by a walk for what is not here).
+const METADATA_KEPT: usize = 8;
+
+/// The raw members of the metadata header, split once: (quoted key, value).
+struct Metadata<'a> {
+    header: Option<&'a [u8]>,
+    items: [(&'a [u8], &'a [u8]); METADATA_KEPT],
+    len: usize,
+    overflow: bool,
+}
+
+impl<'a> Metadata<'a> {
+    fn of(header: Option<&'a [u8]>) -> Metadata<'a> {
+        let mut md = Metadata { header, items: [(&[], &[]); METADATA_KEPT], len: 0, overflow: false };
+        if let Some(h) = header {
+            for_each_member(h, |k, v| {
+                if md.len < METADATA_KEPT {
+                    md.items[md.len] = (k, v);
+                    md.len += 1;
+                } else {
+                    md.overflow = true;
+                }
+            });
+        }
+        md
+    }
+
+    /// The raw value of `key` (a repeated key: the last one).
+    fn get(&self, key: &str) -> Option<&'a [u8]> {
+        if self.overflow {
+            return member_value(self.header?, key);
+        }
+        self.items[..self.len].iter().rev().find(|(k, _)| value_is(k, key)).map(|(_, v)| *v)
     }
 }
 
@@ -303,6 +346,12 @@ match = { path_prefix = "/v1/chat" }
         assert_eq!(&*r.find(&md).unwrap().name, "#3");
         let md = input(Endpoint::ChatCompletions, "x", mini, Some(r#"{"feature":"resume","tier":"3"}"#));
         assert!(r.find(&md).is_none());
+        // A repeated key: the last one; more entries than are split once: still found.
+        let md = input(Endpoint::ChatCompletions, "x", mini, Some(r#"{"feature":"x","tier":2,"feature":"resume"}"#));
+        assert_eq!(&*r.find(&md).unwrap().name, "#3");
+        let many = r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7,"h":8,"tier":2,"feature":"resume"}"#;
+        let md = input(Endpoint::ChatCompletions, "x", mini, Some(many));
+        assert_eq!(&*r.find(&md).unwrap().name, "#3");
         let p = input(Endpoint::ChatCompletions, "v1/chat/completions", mini, None);
         assert_eq!(&*r.find(&p).unwrap().name, "#4");
         let gem = input(Endpoint::GeminiGenerateContent, "v1beta/models/gpt-4o:generateContent", "{}", None);

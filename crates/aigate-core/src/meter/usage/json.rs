@@ -135,6 +135,16 @@ pub fn member_value<'a>(buf: &'a [u8], key: &str) -> Option<&'a [u8]> {
     buf.get(span)
 }
 
+/// Calls `f(raw key, raw value)` for each top-level member of the JSON object `buf`, in order (the
+/// key with its quotes); false if `buf` is not an object.
+pub fn for_each_member<'a>(buf: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> bool {
+    walk_members(buf, |k, v| {
+        f(&buf[k], &buf[v]);
+        true
+    })
+    .is_some()
+}
+
 /// Whether the raw JSON value `raw` is the string `expected`, or a number or literal written as
 /// `expected` (`3`, `true`): metadata compares that way everywhere. Allocates only for a string
 /// with escapes.

@@ -294,7 +294,7 @@ mod sse;
 
 pub use inject::{inject_include_usage, InjectedUsageFilter};
 use json::*;
-pub use json::{member_value, request_model, value_is};
+pub use json::{for_each_member, member_value, request_model, value_is};
 use raw::*;
 pub use sse::SseUsage;
 
