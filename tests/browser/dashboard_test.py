@@ -188,6 +188,8 @@ def run(base, config, original):
             page.mouse.move(box["x"] + box["width"] - 3, box["y"] + box["height"] / 2)
             expect(chart.locator(".u-legend .u-series").nth(1).locator(".u-value")).not_to_have_text("–")
             expect(page.locator("table.breakdown tbody tr").first).to_contain_text("gpt-4o-mini")
+            # the cache card: the most repeated request first, with its prompt
+            expect(page.locator("#cache-top tbody tr").first).to_contain_text("What is a gateway?")
             page.get_by_label("Break down by").select_option("metadata")
             page.get_by_label("Metadata key").fill("team")
             page.get_by_label("Metadata key").press("Enter")

@@ -40,6 +40,39 @@ pub enum UsageFormat {
 }
 
 impl Endpoint {
+    /// The names of the cacheable endpoints, as configuration and admin queries write them.
+    pub const NAMES: [&'static str; 7] =
+        ["chat", "completions", "embeddings", "responses", "messages", "generate_content", "models"];
+
+    /// The endpoint's name (`other` for what is never cached).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::AnthropicMessages => "messages",
+            Endpoint::GeminiGenerateContent => "generate_content",
+            Endpoint::Models => "models",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// The cacheable endpoint named `name` (see [`Endpoint::NAMES`]).
+    pub fn from_name(name: &str) -> Option<Endpoint> {
+        [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+            Endpoint::Responses,
+            Endpoint::AnthropicMessages,
+            Endpoint::GeminiGenerateContent,
+            Endpoint::Models,
+        ]
+        .into_iter()
+        .find(|e| e.as_str() == name)
+    }
+
     /// Classifies a request: the provider name, the method and the provider path the client sent
     /// (percent-encoded, no leading slash needed; a query string is ignored).
     pub fn classify(provider: &str, method: &Method, path: &str) -> Endpoint {

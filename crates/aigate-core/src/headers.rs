@@ -52,6 +52,8 @@ pub const CF_AIG_CACHE_STATUS: HeaderName = HeaderName::from_static("cf-aig-cach
 pub const AIGATE_CACHE: HeaderName = HeaderName::from_static("aigate-cache");
 /// The cache key digest of a cacheable request, usable with the purge API (response).
 pub const AIGATE_CACHE_KEY: HeaderName = HeaderName::from_static("aigate-cache-key");
+/// Response: the name of the cache rule that applied to the request (absent when none did).
+pub const AIGATE_CACHE_RULE: HeaderName = HeaderName::from_static("aigate-cache-rule");
 /// Skip the cache for this request (request).
 pub const CF_AIG_SKIP_CACHE: HeaderName = HeaderName::from_static("cf-aig-skip-cache");
 /// Legacy name of `cf-aig-skip-cache`.

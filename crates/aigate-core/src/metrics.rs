@@ -60,6 +60,13 @@ struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheRuleLabels {
+    gateway: String,
+    rule: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabels {
     gateway: String,
     budget: String,
@@ -100,6 +107,7 @@ pub struct Metrics {
     breaker_state: Family<GatewayLabels, Gauge>,
     breaker_skips: Family<GatewayLabels, Counter>,
     fallbacks: Family<GatewayLabels, Counter>,
+    cache_rules: Family<CacheRuleLabels, Counter>,
     models: Mutex<HashSet<String>>,
     handles: Mutex<HandleCache>,
 }
@@ -199,6 +207,12 @@ impl Metrics {
             "Fallback steps that failed or were skipped, so the next step was tried (by the step's provider)",
             fallbacks.clone(),
         );
+        let cache_rules = Family::<CacheRuleLabels, Counter>::default();
+        registry.register(
+            "aigate_cache_rule_requests",
+            "Requests a cache rule applied to, by cache status (HIT, MISS, BYPASS, SHADOW-HIT)",
+            cache_rules.clone(),
+        );
         registry.register_collector(Box::new(StateCollector { cache, logs, limits, telemetry }));
         Arc::new(Metrics {
             registry,
@@ -215,6 +229,7 @@ impl Metrics {
             breaker_state,
             breaker_skips,
             fallbacks,
+            cache_rules,
             models: Mutex::new(HashSet::new()),
             handles: Mutex::new(HandleCache::default()),
         })
@@ -311,6 +326,13 @@ impl Metrics {
     /// A request refused by `rule`.
     pub fn record_limited(&self, gateway: &str, rule: &str) {
         self.limited.get_or_create(&RuleLabels { gateway: gateway.to_owned(), rule: rule.to_owned() }).inc();
+    }
+
+    /// A request a cache rule applied to (rule names are bounded by the configuration).
+    pub fn record_cache_rule(&self, gateway: &str, rule: &str, status: &'static str) {
+        self.cache_rules
+            .get_or_create(&CacheRuleLabels { gateway: gateway.to_owned(), rule: rule.to_owned(), status })
+            .inc();
     }
 
     /// An upstream request about to be sent again.

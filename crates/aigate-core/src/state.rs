@@ -92,6 +92,7 @@ impl AppState {
             limits.clone(),
             clock.clone(),
             telemetry.clone(),
+            cache.index.clone(),
         )
         .map_err(|e| StartError::Logs(format!("spill directory: {e}")))?;
         Ok(Arc::new(AppState {

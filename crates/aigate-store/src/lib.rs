@@ -36,7 +36,7 @@ pub use self::cache::disk::DiskCacheStore;
 pub use self::cache::memory::MemoryCacheStore;
 pub use self::cache::redis::RedisCacheStore;
 pub use self::cache::tiered::TieredCache;
-pub use self::cache::{CacheKey, CacheStore, CacheStoreStats, CachedResponse};
+pub use self::cache::{CacheFilter, CacheKey, CacheStore, CacheStoreStats, CachedResponse, EntryMeta};
 pub use self::clock::Clock;
 pub use self::limit::memory::{MemoryLimitStore, DEFAULT_LIMIT_MAX_KEYS};
 pub use self::limit::redis::{RedisLimitStore, LIMIT_REDIS_OP_TIMEOUT};

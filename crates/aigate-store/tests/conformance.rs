@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aigate_store::{
-    build_cache, CacheBackend, CacheKey, CacheStore, CachedResponse, Clock, DiskCacheStore, MemoryCacheStore,
-    RedisCacheStore, StoreError, TieredCache,
+    build_cache, CacheBackend, CacheFilter, CacheKey, CacheStore, CachedResponse, Clock, DiskCacheStore, EntryMeta,
+    MemoryCacheStore, RedisCacheStore, StoreError, TieredCache,
 };
 use bytes::Bytes;
 
@@ -195,6 +195,47 @@ mod cases {
         assert_eq!(s.purge(&b, None).await.unwrap(), 2);
     }
 
+    pub async fn purge_matching_by_facts_and_age(s: &dyn CacheStore, ns: &str) {
+        let meta = |model: &str, endpoint: &str, feature: &str| EntryMeta {
+            model: Some(model.into()),
+            endpoint: endpoint.into(),
+            metadata: vec![("feature".into(), feature.into())],
+        };
+        let ks: Vec<CacheKey> = (0..4u8).map(|i| key(ns, i)).collect();
+        s.put_with_meta(ns, &ks[0], entry("a", MINUTE), &meta("gpt-4o", "chat", "resume")).await.unwrap();
+        s.put_with_meta(ns, &ks[1], entry("b", MINUTE), &meta("gpt-4o-mini", "chat", "resume")).await.unwrap();
+        s.put_with_meta(ns, &ks[2], entry("c", MINUTE), &meta("gpt-4o", "embeddings", "search")).await.unwrap();
+        s.put_with_meta(ns, &ks[3], entry("d", MINUTE), &meta("gpt-4o", "chat", "search")).await.unwrap();
+        let other = format!("{ns}-other");
+        s.put_with_meta(&other, &key(&other, 0), entry("o", MINUTE), &meta("gpt-4o", "chat", "resume")).await.unwrap();
+        let f = |model: Option<&str>, endpoint: Option<&str>, feature: Option<&str>, before: Option<u64>| CacheFilter {
+            model: model.map(Into::into),
+            endpoint: endpoint.map(Into::into),
+            metadata: feature.map(|v| vec![("feature".to_string(), v.to_string())]).unwrap_or_default(),
+            created_before_ms: before,
+        };
+        let purged = s.purge_matching(ns, &f(Some("gpt-4o"), Some("chat"), Some("resume"), None)).await.unwrap();
+        assert_eq!(purged, vec![ks[0]]);
+        assert!(s.get(ns, &ks[0]).await.unwrap().is_none());
+        assert!(s.get(ns, &ks[1]).await.unwrap().is_some());
+        // Nothing was stored an hour ago; everything before now.
+        let hour_ago = now_ms() - 3_600_000;
+        assert!(s.purge_matching(ns, &f(None, None, None, Some(hour_ago))).await.unwrap().is_empty());
+        let mut purged = s.purge_matching(ns, &f(Some("gpt-4o"), None, None, Some(now_ms() + 1))).await.unwrap();
+        purged.sort_unstable();
+        let mut want = vec![ks[2], ks[3]];
+        want.sort_unstable();
+        assert_eq!(purged, want);
+        assert!(s.get(ns, &ks[1]).await.unwrap().is_some(), "gpt-4o-mini kept");
+        assert!(s.get(&other, &key(&other, 0)).await.unwrap().is_some(), "other namespace kept");
+        assert_eq!(s.purge(ns, None).await.unwrap(), 1);
+        assert!(
+            s.purge_matching(ns, &f(None, None, None, None)).await.unwrap().is_empty(),
+            "the facts go with a purge"
+        );
+        s.purge(&other, None).await.unwrap();
+    }
+
     pub async fn large_entry_roundtrip(s: &dyn CacheStore, ns: &str) {
         let body = compressible(300 * 1024);
         let chunks: Vec<Bytes> = body.chunks(7_000).map(Bytes::copy_from_slice).collect();
@@ -225,6 +266,7 @@ macro_rules! conformance {
             conformance!(@case $fixture, purge_one_key);
             conformance!(@case $fixture, purge_namespace_leaves_others);
             conformance!(@case $fixture, large_entry_roundtrip);
+            conformance!(@case $fixture, purge_matching_by_facts_and_age);
             conformance!(@case $fixture, overwrite_replaces);
         }
     };
@@ -309,6 +351,39 @@ async fn disk_survives_reopen() {
     let st = s.stats();
     assert_eq!(st.entries, 1);
     assert!(st.bytes > e.encode().len() as u64);
+}
+
+/// A cache file written before entries kept their facts gains the columns in place: its rows are
+/// still served, and match only a purge by age (their creation reads as 0, long ago).
+#[tokio::test]
+async fn disk_file_without_fact_columns_is_upgraded_in_place() {
+    let dir = TempDir::new("upgrade");
+    let k = key("upgrade", 1);
+    let e = entry("old", MINUTE);
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("cache.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE cache (key BLOB PRIMARY KEY NOT NULL, ns TEXT NOT NULL, expires_at INTEGER NOT NULL, \
+             size INTEGER NOT NULL, value BLOB NOT NULL);",
+        )
+        .unwrap();
+        let value = e.encode();
+        conn.execute(
+            "INSERT INTO cache (key, ns, expires_at, size, value) VALUES (?1, 'gw', ?2, ?3, ?4)",
+            rusqlite::params![&k.0[..], e.expires_at_ms as i64, value.len() as i64 + 64, &value[..]],
+        )
+        .unwrap();
+    }
+    let s = DiskCacheStore::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(*s.get("gw", &k).await.unwrap().expect("kept"), *e);
+    let by_model = CacheFilter { model: Some("gpt-4o".into()), ..CacheFilter::default() };
+    assert!(s.purge_matching("gw", &by_model).await.unwrap().is_empty());
+    let meta = EntryMeta { model: Some("gpt-4o".into()), endpoint: "chat".into(), metadata: vec![] };
+    s.put_with_meta("gw", &key("upgrade", 2), entry("new", MINUTE), &meta).await.unwrap();
+    assert_eq!(s.purge_matching("gw", &by_model).await.unwrap(), vec![key("upgrade", 2)]);
+    let old = CacheFilter { created_before_ms: Some(1), ..CacheFilter::default() };
+    assert_eq!(s.purge_matching("gw", &old).await.unwrap(), vec![k]);
+    assert_eq!(s.stats().entries, 0);
 }
 
 #[tokio::test]

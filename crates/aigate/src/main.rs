@@ -8,6 +8,7 @@ use aigate_core::Settings;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod cache_cmd;
 mod remote;
 
 /// mimalloc rather than glibc's malloc: the request path allocates and frees many small objects
@@ -136,7 +137,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Purge a gateway's cache (all entries, or one).
+    /// Purge a gateway's cache: all entries, one, or those a filter matches.
     Purge {
         /// The gateway.
         #[arg(long)]
@@ -147,6 +148,19 @@ enum CacheCommand {
         /// One entry, by the `cf-aig-cache-key` it was stored under.
         #[arg(long)]
         cache_key: Option<String>,
+        /// Only entries stored by requests for this model.
+        #[arg(long, conflicts_with_all = ["key", "cache_key"])]
+        model: Option<String>,
+        /// Only entries of this endpoint (`chat`, `completions`, `embeddings`, `responses`,
+        /// `messages`, `generate_content`, `models`).
+        #[arg(long, conflicts_with_all = ["key", "cache_key"])]
+        endpoint: Option<String>,
+        /// Only entries whose request carried this `cf-aig-metadata` entry (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", conflicts_with_all = ["key", "cache_key"])]
+        metadata: Vec<String>,
+        /// Only entries stored longer ago than this (`1h`, `7d`).
+        #[arg(long, conflicts_with_all = ["key", "cache_key"])]
+        older_than: Option<String>,
         /// The server's base URL (default: the configuration's listen address).
         #[arg(long)]
         url: Option<String>,
@@ -157,6 +171,62 @@ enum CacheCommand {
         #[arg(long, short, env = "AIGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// The requests that repeat most: each entry's hits, misses, size, age, savings, model and
+    /// prompt, with totals (what the server's process has seen).
+    Top {
+        /// The gateway.
+        #[arg(long)]
+        gateway: String,
+        /// Entries looked up or stored in this window.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Most entries listed.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// The server's JSON answer as is.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Fills the cache by sending requests through the gateway (its limits and budgets apply);
+    /// stops at the first request that fails.
+    Warm {
+        /// The gateway.
+        #[arg(long)]
+        gateway: String,
+        #[command(flatten)]
+        source: WarmSource,
+        /// With --from-logs: requests looked up in this window.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// With --from-logs: how many of the most repeated requests.
+        #[arg(long, default_value_t = 100)]
+        top: usize,
+        /// Print what would be sent and its estimated cost; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A header added to every request, e.g. the provider credential (`"authorization: Bearer
+        /// sk-…"`) when the gateway stores none (repeatable).
+        #[arg(long, value_name = "NAME: VALUE")]
+        header: Vec<String>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+}
+
+/// Where `aigate cache warm` takes its requests from.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct WarmSource {
+    /// The gateway's most repeated requests (its cache index), sent again with the bodies its logs
+    /// kept (needs `[gateways.G.logs] bodies = true`).
+    #[arg(long)]
+    from_logs: bool,
+    /// A JSON Lines file, one request a line: `{"path": "openai/chat/completions", "body": {…},
+    /// "headers": {…}}` (a path without a leading `/` is under the gateway).
+    #[arg(long)]
+    file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -271,14 +341,47 @@ fn run_other(command: Command) -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
-        Command::Cache { command: CacheCommand::Purge { gateway, key, cache_key, url, token, config } } => {
+        Command::Cache {
+            command:
+                CacheCommand::Purge { gateway, key, cache_key, model, endpoint, metadata, older_than, url, token, config },
+        } => {
             let settings = load(config.as_deref())?;
             let base = url.unwrap_or_else(|| format!("http://{}", settings.listen));
             let token = token
                 .or_else(|| settings.admin_token.as_ref().map(|t| t.expose().to_string()))
                 .context("no admin token: pass --token, set AIGATE_ADMIN_TOKEN or [admin] token")?;
+            let mut query: Vec<(String, String)> = Vec::new();
+            for (k, v) in [
+                ("key", key),
+                ("cache_key", cache_key),
+                ("model", model),
+                ("endpoint", endpoint),
+                ("older_than", older_than),
+            ] {
+                if let Some(v) = v {
+                    query.push((k.to_owned(), v));
+                }
+            }
+            for m in metadata {
+                let (k, v) = m.split_once('=').with_context(|| format!("--metadata {m:?}: expected KEY=VALUE"))?;
+                query.push((format!("metadata.{k}"), v.to_owned()));
+            }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(purge(&base, &token, &gateway, key.as_deref(), cache_key.as_deref()))
+            rt.block_on(purge(&base, &token, &gateway, &query))
+        }
+        Command::Cache { command: CacheCommand::Top { gateway, since, limit, json, remote } } => {
+            let server = remote.resolve()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(cache_cmd::top(&server, &gateway, &since, limit, json))
+        }
+        Command::Cache { command: CacheCommand::Warm { gateway, source, since, top, dry_run, header, remote } } => {
+            let server = remote.resolve()?;
+            let source = match source.file {
+                Some(f) => cache_cmd::Source::File(f),
+                None => cache_cmd::Source::Logs { since, top },
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(cache_cmd::warm(&server, &gateway, source, dry_run, &header))
         }
         Command::Tail { gateway, errors, json, remote } => {
             let server = remote.resolve()?;
@@ -319,25 +422,12 @@ fn run_other(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn purge(
-    base: &str,
-    token: &str,
-    gateway: &str,
-    key: Option<&str>,
-    cache_key: Option<&str>,
-) -> anyhow::Result<()> {
+async fn purge(base: &str, token: &str, gateway: &str, query: &[(String, String)]) -> anyhow::Result<()> {
     let url = format!("{}/admin/gateways/{gateway}/cache", base.trim_end_matches('/'));
-    let mut query: Vec<(&str, &str)> = Vec::new();
-    if let Some(k) = key {
-        query.push(("key", k));
-    }
-    if let Some(k) = cache_key {
-        query.push(("cache_key", k));
-    }
     let client = reqwest::Client::builder().no_proxy().build()?;
     let resp = client
         .delete(&url)
-        .query(&query)
+        .query(query)
         .bearer_auth(token)
         .send()
         .await
@@ -559,6 +649,9 @@ fn describe(s: &Settings, path: Option<&std::path::Path>) -> String {
             size(c.max_entry_size),
             c.coalesce
         );
+        for r in c.rules.rules() {
+            let _ = writeln!(out, "  cache rule {}", r.describe());
+        }
         let lg = &g.logs;
         let _ = writeln!(
             out,

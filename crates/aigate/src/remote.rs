@@ -1,5 +1,5 @@
 //! Commands that talk to a running server over its admin API: `tail`, `logs`, `report` (and
-//! `cache purge`, in main). Output is one line per record for people, or JSON for scripts.
+//! `cache purge`, in main; `cache top` and `cache warm`, in `cache_cmd`). Output is one line per record for people, or JSON for scripts.
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
@@ -68,7 +68,18 @@ impl Server {
         Ok(resp)
     }
 
-    async fn get_json(&self, path: &str, query: &[(String, String)]) -> anyhow::Result<Value> {
+    /// The server's base URL (no trailing slash).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The HTTP client (for requests to the gateway's public routes).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// GETs an admin path as JSON.
+    pub async fn get_json(&self, path: &str, query: &[(String, String)]) -> anyhow::Result<Value> {
         Ok(self.request(reqwest::Method::GET, path, query).await?.json().await?)
     }
 }

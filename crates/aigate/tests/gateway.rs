@@ -1032,3 +1032,5 @@ mod replicas;
 
 #[path = "gateway/faults.rs"]
 mod faults;
+#[path = "gateway/cache_rules.rs"]
+mod cache_rules;

@@ -4,7 +4,11 @@
 //! (401 otherwise, compared in constant time). Endpoints:
 //! - `DELETE /admin/gateways/{id}/cache`: purge a gateway's cache; `?key=<aigate-cache-key>` purges
 //!   one entry, `?cache_key=<cf-aig-cache-key value>` the entry stored under a custom key.
-//!   Answers `{"purged": n}`.
+//!   Answers `{"purged": n}`. With `model=`, `endpoint=` (`chat`, `embeddings`, …), `metadata.KEY=`
+//!   and `older_than=` (a duration: `1h`, `7d`), only the entries stored by requests that match
+//!   every one of them, on every replica.
+//! - `GET /admin/gateways/{id}/cache/top?since=24h&limit=50`: the entries most hit among those
+//!   looked up or stored in the window, with totals (this process's cache index, never the store).
 //! - `GET /admin/gateways/{id}/logs?filters`: a page of records, newest first, without bodies
 //!   (`{"records": [...], "next_cursor": ...}`); `DELETE` with the same filters deletes
 //!   (`{"deleted": n}`). Filters: `from`, `to` (Unix ms or RFC 3339), `status`, `success`,
@@ -41,7 +45,7 @@ use crate::config::{CacheScope, Gateway, Settings};
 use crate::error::GatewayError;
 use crate::report::{self, Comparison, Report};
 use crate::state::AppState;
-use aigate_store::CacheKey;
+use aigate_store::{CacheKey, CacheStore as _};
 pub use query::{parse_analytics_query, parse_filter, parse_report_query, parse_time_ms, ReportQuery};
 
 /// Largest admin request body (a PATCH document).
@@ -89,6 +93,7 @@ pub(crate) async fn route(
             })?;
             match (&method, rest) {
                 (&Method::DELETE, ["cache"]) => purge(state, gateway, &query).await,
+                (&Method::GET, ["cache", "top"]) => cache_top(state, gateway, &query),
                 (&Method::GET, ["analytics"]) => {
                     let (q, _) =
                         parse_analytics_query(&query, state.clock.now_ms()).map_err(GatewayError::BadRequest)?;
@@ -120,7 +125,9 @@ pub(crate) async fn route(
                     let id = id.to_string();
                     patch(state, gw, &id, req).await
                 }
-                (_, ["cache" | "analytics" | "report" | "logs"] | ["logs", _]) => Err(GatewayError::MethodNotAllowed),
+                (_, ["cache" | "analytics" | "report" | "logs"] | ["logs", _] | ["cache", "top"]) => {
+                    Err(GatewayError::MethodNotAllowed)
+                }
                 _ => Err(GatewayError::NotFound("no such admin endpoint".into())),
             }
         }
@@ -128,12 +135,15 @@ pub(crate) async fn route(
     }
 }
 
-/// `DELETE /admin/gateways/{id}/cache`: everything, one entry by digest (`key`), or the entry of
+/// `DELETE /admin/gateways/{id}/cache`: everything, one entry by digest (`key`), the entry of
 /// a custom key (`cache_key`; only where the key is shared by every credential, `scope =
-/// "gateway"`: otherwise each credential has its own entry, purged by its digest).
+/// "gateway"`: otherwise each credential has its own entry, purged by its digest), or the entries a
+/// filter matches (`model`, `endpoint`, `metadata.KEY`, `older_than`).
 async fn purge(state: &AppState, gateway: &Gateway, query: &str) -> Result<Response<GatewayBody>, GatewayError> {
     let gw = &*gateway.name;
     let mut one: Option<CacheKey> = None;
+    let mut filter = aigate_store::CacheFilter::default();
+    let mut filtered = false;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
             "key" => {
@@ -150,11 +160,79 @@ async fn purge(state: &AppState, gateway: &Gateway, query: &str) -> Result<Respo
                      purge its entry by the digest of its aigate-cache-key response header (key=...), or the whole gateway"
                 )))
             }
-            _ => {}
+            "model" => filter.model = Some(v.into_owned()),
+            "endpoint" => {
+                if crate::endpoint::Endpoint::from_name(&v).is_none() {
+                    return Err(GatewayError::BadRequest(format!(
+                        "endpoint: unknown endpoint {v:?}; expected one of {}",
+                        crate::endpoint::Endpoint::NAMES.join(", ")
+                    )));
+                }
+                filter.endpoint = Some(v.into_owned());
+            }
+            "older_than" => {
+                let d = humantime::parse_duration(&v)
+                    .map_err(|e| GatewayError::BadRequest(format!("older_than: {v:?} is not a duration like 1h or 7d: {e}")))?;
+                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                filter.created_before_ms = Some(state.clock.now_ms().saturating_sub(ms));
+            }
+            other => match other.strip_prefix("metadata.") {
+                Some(mk) if !mk.is_empty() => filter.metadata.push((mk.to_owned(), v.into_owned())),
+                _ => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "unknown parameter {other:?}: expected key, cache_key, model, endpoint, metadata.KEY or older_than"
+                    )))
+                }
+            },
+        }
+        filtered |= !matches!(k.as_ref(), "key" | "cache_key");
+    }
+    if filtered && one.is_some() {
+        return Err(GatewayError::BadRequest("key and cache_key purge one entry: give no filter with them".into()));
+    }
+    let cache_err = |e| GatewayError::store("cache store", e);
+    let n = if filtered {
+        state.cache.purge_matching(gw, &filter).await.map_err(cache_err)?
+    } else {
+        state.cache.purge(gw, one.as_ref()).await.map_err(cache_err)?
+    };
+    json(&serde_json::json!({ "purged": n, "gateway": gw }))
+}
+
+/// Most entries a top query lists.
+const MAX_TOP: usize = 1000;
+
+/// `GET /admin/gateways/{id}/cache/top?since=24h&limit=50`.
+fn cache_top(state: &AppState, gateway: &Gateway, query: &str) -> Result<Response<GatewayBody>, GatewayError> {
+    let now = state.clock.now_ms();
+    let (mut since, mut limit) = (std::time::Duration::from_secs(86_400), 50usize);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "since" => {
+                since = humantime::parse_duration(&v).map_err(|e| {
+                    GatewayError::BadRequest(format!("since: {v:?} is not a duration like 24h or 7d: {e}"))
+                })?
+            }
+            "limit" => {
+                limit = v.parse().ok().filter(|n| (1..=MAX_TOP).contains(n)).ok_or_else(|| {
+                    GatewayError::BadRequest(format!("limit: {v:?} is not a number from 1 to {MAX_TOP}"))
+                })?
+            }
+            other => {
+                return Err(GatewayError::BadRequest(format!("unknown parameter {other:?}: expected since or limit")))
+            }
         }
     }
-    let n = state.cache.purge(gw, one.as_ref()).await.map_err(|e| GatewayError::store("cache store", e))?;
-    json(&serde_json::json!({ "purged": n, "gateway": gw }))
+    let since_ms = now.saturating_sub(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+    let top = state.cache.index.top(&gateway.name, since_ms, now, limit);
+    let store = state.cache.store.stats();
+    json(&serde_json::json!({
+        "gateway": top.gateway,
+        "since_ms": top.since_ms,
+        "totals": top.totals,
+        "store": { "kind": state.cache.store.kind(), "entries": store.entries, "bytes": store.bytes },
+        "entries": top.entries,
+    }))
 }
 
 /// `GET /admin/gateways/{id}/report`: the gateway's report, or its comparison with `compare`'s

@@ -12,15 +12,17 @@
 //! and the request goes upstream.
 
 pub mod coalesce;
+pub mod index;
 pub mod key;
 pub mod replay;
+pub mod rules;
 pub mod tee;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigate_store::{CacheKey, CacheStore, CachedResponse, StoreError, TieredCache};
+use aigate_store::{CacheFilter, CacheKey, CacheStore, CachedResponse, EntryMeta, StoreError, TieredCache};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::sync::{mpsc, watch};
 
@@ -103,6 +105,38 @@ struct WriteJob {
     ns: Arc<str>,
     entry: Arc<CachedResponse>,
     flight: Arc<coalesce::Flight>,
+    facts: EntryFacts,
+}
+
+/// What the request that fills an entry says about it, kept as references (no copy, no parse)
+/// until the writer turns them into the entry's [`EntryMeta`] off the request path.
+#[derive(Debug, Clone)]
+pub struct EntryFacts {
+    /// The request body (its `model`).
+    pub body: bytes::Bytes,
+    /// `cf-aig-metadata`.
+    pub metadata: Option<HeaderValue>,
+    /// The endpoint.
+    pub endpoint: crate::endpoint::Endpoint,
+}
+
+impl EntryFacts {
+    /// The entry's meta: the requested model, the endpoint's name, the metadata as text.
+    pub fn meta(&self) -> EntryMeta {
+        let metadata = self
+            .metadata
+            .as_ref()
+            .and_then(|v| crate::logs::parse_metadata(v.as_bytes()))
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| (k.clone(), index::meta_text(v)))
+            .collect();
+        EntryMeta {
+            model: crate::meter::usage::request_model(&self.body),
+            endpoint: self.endpoint.as_str().to_owned(),
+            metadata,
+        }
+    }
 }
 
 /// The cache stage's shared state: store, in-flight registry, writer queue, counters.
@@ -113,6 +147,8 @@ pub struct CacheLayer {
     pub inflight: Inflight,
     /// Counters.
     pub stats: CacheStats,
+    /// What this process knows of each entry (insight).
+    pub index: Arc<index::CacheIndex>,
     /// Time source for expiry and `age`.
     pub clock: Clock,
     writer: mpsc::Sender<WriteJob>,
@@ -131,6 +167,7 @@ impl CacheLayer {
             store: Arc::new(store),
             inflight: Inflight::default(),
             stats: CacheStats::default(),
+            index: Arc::default(),
             clock,
             writer: tx,
             writer_rx: std::sync::Mutex::new(Some(rx)),
@@ -158,8 +195,11 @@ impl CacheLayer {
     }
 
     async fn write(&self, job: WriteJob) {
-        match self.store.put(&job.ns, job.flight.key(), job.entry).await {
+        let (key, e) = (job.flight.key(), &job.entry);
+        let (created, expires, bytes) = (e.created_at_ms, e.expires_at_ms, e.body_len() as u64);
+        match self.store.put_with_meta(&job.ns, key, job.entry, &job.facts.meta()).await {
             Ok(()) => {
+                self.index.on_write(&job.ns, key, created, expires, bytes);
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => self.store_error("write", &e),
@@ -168,8 +208,14 @@ impl CacheLayer {
     }
 
     /// Queues an entry for writing; the flight stays registered until it lands.
-    pub(crate) fn enqueue(&self, ns: Arc<str>, entry: Arc<CachedResponse>, flight: Arc<coalesce::Flight>) {
-        if let Err(e) = self.writer.try_send(WriteJob { ns, entry, flight }) {
+    pub(crate) fn enqueue(
+        &self,
+        ns: Arc<str>,
+        entry: Arc<CachedResponse>,
+        flight: Arc<coalesce::Flight>,
+        facts: EntryFacts,
+    ) {
+        if let Err(e) = self.writer.try_send(WriteJob { ns, entry, flight, facts }) {
             self.stats.write_drops.fetch_add(1, Ordering::Relaxed);
             let job = match e {
                 mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
@@ -196,7 +242,17 @@ impl CacheLayer {
 
     /// Removes one entry or a whole gateway's entries.
     pub async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
-        self.store.purge(ns, key).await
+        let n = self.store.purge(ns, key).await?;
+        self.index.purged(ns, key.map(std::slice::from_ref));
+        Ok(n)
+    }
+
+    /// Removes the entries of a gateway that `filter` matches (every store tier, every replica's
+    /// memory tier); returns how many.
+    pub async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<u64, StoreError> {
+        let keys = self.store.purge_matching(ns, filter).await?;
+        self.index.purged(ns, Some(&keys));
+        Ok(keys.len() as u64)
     }
 
     fn store_error(&self, op: &'static str, e: &StoreError) {
@@ -221,18 +277,32 @@ pub struct MissHandle {
     layer: Arc<CacheLayer>,
     ns: Arc<str>,
     ttl: Duration,
+    facts: EntryFacts,
     armed: bool,
 }
 
 impl MissHandle {
     /// The handle of a flight registered in the in-flight registry (others may follow it).
-    pub fn registered(flight: Arc<Flight>, layer: Arc<CacheLayer>, ns: Arc<str>, ttl: Duration) -> MissHandle {
-        MissHandle { flight, layer, ns, ttl, armed: true }
+    pub fn registered(
+        flight: Arc<Flight>,
+        layer: Arc<CacheLayer>,
+        ns: Arc<str>,
+        ttl: Duration,
+        facts: EntryFacts,
+    ) -> MissHandle {
+        MissHandle { flight, layer, ns, ttl, facts, armed: true }
     }
 
     /// A flight nobody can join (shadow mode, coalescing off): it only builds the entry.
-    pub fn private(key: CacheKey, max: usize, layer: Arc<CacheLayer>, ns: Arc<str>, ttl: Duration) -> MissHandle {
-        MissHandle { flight: Flight::new(key, max), layer, ns, ttl, armed: true }
+    pub fn private(
+        key: CacheKey,
+        max: usize,
+        layer: Arc<CacheLayer>,
+        ns: Arc<str>,
+        ttl: Duration,
+        facts: EntryFacts,
+    ) -> MissHandle {
+        MissHandle { flight: Flight::new(key, max), layer, ns, ttl, facts, armed: true }
     }
 
     /// The entry's key.
@@ -261,6 +331,7 @@ impl MissHandle {
             headers,
             self.ttl,
             terminal,
+            self.facts.clone(),
         );
         GatewayBody::Tee(Box::new(tee))
     }

@@ -26,6 +26,7 @@ pub struct Tee {
     status: u16,
     headers: Arc<Vec<(String, Bytes)>>,
     ttl: Duration,
+    facts: super::EntryFacts,
     marker: Option<&'static [u8]>,
     saw_marker: bool,
     /// The last bytes relayed (fewer than the marker's length), so that a marker split across
@@ -86,6 +87,7 @@ impl Tee {
         headers: Arc<Vec<(String, Bytes)>>,
         ttl: Duration,
         marker: Option<&'static [u8]>,
+        facts: super::EntryFacts,
     ) -> Tee {
         let marker = marker.filter(|m| !m.is_empty() && m.len() <= MAX_MARKER);
         Tee {
@@ -96,6 +98,7 @@ impl Tee {
             status,
             headers,
             ttl,
+            facts,
             marker,
             saw_marker: false,
             carry: Carry::default(),
@@ -114,7 +117,7 @@ impl Tee {
                 let headers = self.headers.as_ref().clone();
                 let entry = Arc::new(CachedResponse::from_chunks(self.status, headers, &chunks, now, expires_at_ms));
                 self.flight.finish(Some(entry.clone()));
-                self.layer.enqueue(self.ns.clone(), entry, self.flight.clone());
+                self.layer.enqueue(self.ns.clone(), entry, self.flight.clone(), self.facts.clone());
             }
             None => {
                 self.flight.finish(None);

@@ -237,6 +237,29 @@ pub struct CacheConfig {
     pub coalesce: Option<bool>,
     /// How long a waiting request waits for the first one's response head. Default `60s`.
     pub coalesce_wait: Option<DurationValue>,
+    /// Exceptions to these defaults, tried in order; the first that matches wins.
+    #[serde(default)]
+    pub rules: Vec<CacheRuleConfig>,
+}
+
+/// `[[gateways.NAME.cache.rules]]`: requests it matches get their own TTL, or bypass the cache.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRuleConfig {
+    /// Its name in the `aigate-cache-rule` header and metrics. Default `#N` (its 1-based position).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Conditions, all of which must hold: `endpoint` (`chat`, `embeddings`, …), `model`,
+    /// `metadata.KEY`, `path_prefix` (of the provider path). Checked by `validate` so an error
+    /// names the rule.
+    #[serde(default, rename = "match")]
+    pub matches: toml::Table,
+    /// TTL of the entries it stores, 60s to 30 days. Default: the gateway's.
+    #[serde(default)]
+    pub ttl: Option<toml::Value>,
+    /// `false`: matching requests bypass the cache. Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 /// Cache mode.

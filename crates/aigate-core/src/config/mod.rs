@@ -194,6 +194,8 @@ pub struct CacheSettings {
     pub coalesce: bool,
     /// Longest wait for a coalesced leader's response head.
     pub coalesce_wait: Duration,
+    /// Exceptions to these defaults, first match wins.
+    pub rules: crate::cache::rules::CacheRules,
 }
 
 /// Upstream connection settings.

@@ -392,6 +392,7 @@ pub(super) fn validate_cache(c: &CacheConfig, key: &str) -> Result<CacheSettings
         max_entry_size,
         coalesce: c.coalesce.unwrap_or(true),
         coalesce_wait: c.coalesce_wait.map_or(Duration::from_secs(60), |d| d.0),
+        rules: crate::cache::rules::CacheRules::validate(&c.rules, key).map_err(ConfigError::Invalid)?,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct Finalizer {
     pub(super) clock: Clock,
     /// OpenTelemetry export, when configured.
     pub(super) telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The cache index, told how each lookup ended.
+    pub(super) cache_index: Arc<crate::cache::index::CacheIndex>,
 }
 
 impl Finalizer {
@@ -153,6 +155,26 @@ impl Finalizer {
             breaker: m.breaker.take(),
         };
         self.metrics.record(&record);
+        if let Some((rule, _)) = &m.cache_rule {
+            self.metrics.record_cache_rule(&m.gateway, rule, m.cache_status.aigate_value());
+        }
+        if let Some((key, _)) = m.cache_key {
+            self.cache_index.on_request(&crate::cache::index::Seen {
+                gateway: &m.gateway,
+                key,
+                status: m.cache_status,
+                at_ms: m.created_at_ms,
+                cost_usd: record.cost_usd,
+                saved_usd: record.saved_usd,
+                model: record.requested_model.as_deref(),
+                endpoint: m.endpoint.as_str(),
+                provider: &m.provider.name,
+                path: &m.path,
+                metadata: &record.metadata,
+                body: bodies.then_some(&m.request_body[..]),
+                log_id: keep.then_some(record.id.as_str()),
+            });
+        }
         if let Some(t) = &self.telemetry {
             t.record(&record, m);
         }

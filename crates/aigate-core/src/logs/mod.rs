@@ -174,6 +174,7 @@ impl std::fmt::Debug for LogPipeline {
 
 impl LogPipeline {
     /// Builds the pipeline and starts its spill thread; [`LogPipeline::run_writer`] must be spawned.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: &Settings,
         store: Arc<dyn LogStore>,
@@ -182,6 +183,7 @@ impl LogPipeline {
         limits: Arc<crate::limits::LimitLayer>,
         clock: Clock,
         telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+        cache_index: Arc<crate::cache::index::CacheIndex>,
     ) -> std::io::Result<Arc<LogPipeline>> {
         let (tx, rx) = mpsc::channel(settings.storage.log_queue);
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
@@ -193,6 +195,7 @@ impl LogPipeline {
             limits,
             clock,
             telemetry,
+            cache_index,
         });
         let spill_dir = settings.data_dir.join(SPILL_DIR);
         std::fs::create_dir_all(&spill_dir)?;
@@ -537,6 +540,7 @@ mod tests {
             state.limits.clone(),
             state.clock.clone(),
             None,
+            state.cache.index.clone(),
         )
         .unwrap();
         // Records counted in analytics only (logs off): nothing dedupes them on a second replay.

@@ -156,6 +156,10 @@ pub struct Meter {
     pub breaker: Option<String>,
     /// The caller's trace (`traceparent` or `cf-aig-otel-*`), for the exported span.
     pub trace: Option<crate::telemetry::TraceContext>,
+    /// The cache rule that applied: its name and its `aigate-cache-rule` header value.
+    pub cache_rule: Option<(Arc<str>, HeaderValue)>,
+    /// The key the cache looked up and the TTL an answer is stored with (for the cache index).
+    pub cache_key: Option<(aigate_store::CacheKey, std::time::Duration)>,
 }
 
 impl Meter {
@@ -225,6 +229,8 @@ impl Meter {
             route: None,
             breaker: None,
             trace: crate::telemetry::TraceContext::from_headers(headers),
+            cache_rule: None,
+            cache_key: None,
         })
     }
 

@@ -8,6 +8,12 @@
 //! the body and, with `scope = "credential"` (the default), the caller's credentials
 //! ([`crate::cache::key`]).
 //!
+//! The gateway's cache rules ([`crate::cache::rules`]) are tried here, where the TTL is decided:
+//! the first that matches sets the TTL of what is stored, or bypasses the cache (`enabled =
+//! false`); the rule's name goes to the `aigate-cache-rule` header. Request headers win over a
+//! rule (`cf-aig-skip-cache`, `cf-aig-cache-ttl`); rules take no part on a gateway whose cache is
+//! off.
+//!
 //! Reads: the gateway's cache settings, the `cf-aig-skip-cache` / `cf-aig-cache-ttl` /
 //! `cf-aig-cache-key` headers (and the legacy `cf-skip-cache` / `cf-cache-ttl`), the method, path,
 //! query, body and credentials. Writes: the meter's cache status (`aigate-cache`: `HIT`, `MISS`,
@@ -21,15 +27,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aigate_store::CacheKey;
-use http::{HeaderMap, HeaderName, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 use super::Call;
 use crate::body::GatewayBody;
 use crate::cache::coalesce::{FlightReceiver, Joined};
-use crate::cache::{key, replay, CacheLayer, CacheStatus, MissHandle, CUSTOM_KEY_DEFAULT_TTL, MAX_TTL};
+use crate::cache::rules::RuleInput;
+use crate::cache::{key, replay, CacheLayer, CacheStatus, EntryFacts, MissHandle, CUSTOM_KEY_DEFAULT_TTL, MAX_TTL};
 use crate::config::{CacheMode, CacheScope};
 use crate::error::GatewayError;
-use crate::headers::{CF_AIG_CACHE_KEY, CF_AIG_CACHE_TTL, CF_AIG_SKIP_CACHE, CF_CACHE_TTL, CF_SKIP_CACHE};
+use crate::headers::{
+    CF_AIG_CACHE_KEY, CF_AIG_CACHE_TTL, CF_AIG_METADATA, CF_AIG_SKIP_CACHE, CF_CACHE_TTL, CF_SKIP_CACHE,
+};
 use crate::meter::Meter;
 use crate::state::AppState;
 
@@ -78,7 +87,7 @@ impl Follow {
 
 /// Looks the request up.
 pub async fn lookup(state: &AppState, call: &Call<'_>, options: &CacheOptions, meter: &mut Meter) -> Lookup {
-    let plan = match plan(call, options) {
+    let plan = match plan(call, options, meter) {
         Ok(plan) => plan,
         Err(status) => {
             meter.cache_status = status;
@@ -88,9 +97,15 @@ pub async fn lookup(state: &AppState, call: &Call<'_>, options: &CacheOptions, m
     let layer = &state.cache;
     let stats = &layer.stats;
     let ns = &call.route.gateway.name;
+    meter.cache_key = Some((plan.key, plan.ttl));
     let found = layer.lookup(ns, &plan.key).await;
     let max = usize::try_from(plan.max_entry_size).unwrap_or(usize::MAX);
-    let private = || MissHandle::private(plan.key, max, layer.clone(), ns.clone(), plan.ttl);
+    let facts = || EntryFacts {
+        body: call.body.clone(),
+        metadata: call.head.headers.get(CF_AIG_METADATA).cloned(),
+        endpoint: call.route.endpoint,
+    };
+    let private = || MissHandle::private(plan.key, max, layer.clone(), ns.clone(), plan.ttl, facts());
     if plan.shadow {
         let status = if found.is_some() { CacheStatus::ShadowHit } else { CacheStatus::Miss };
         let counter = if found.is_some() { &stats.shadow_hits } else { &stats.misses };
@@ -113,7 +128,9 @@ pub async fn lookup(state: &AppState, call: &Call<'_>, options: &CacheOptions, m
         return Lookup::Miss(private());
     }
     match layer.inflight.join(plan.key, max) {
-        Joined::Leader(flight) => Lookup::Miss(MissHandle::registered(flight, layer.clone(), ns.clone(), plan.ttl)),
+        Joined::Leader(flight) => {
+            Lookup::Miss(MissHandle::registered(flight, layer.clone(), ns.clone(), plan.ttl, facts()))
+        }
         Joined::Finished(entry) => {
             stats.coalesced.fetch_add(1, Ordering::Relaxed);
             meter.on_hit(Some(entry.clone()), filtered());
@@ -147,8 +164,9 @@ struct Plan {
 }
 
 /// Decides whether and how the cache takes part; when it does not, the status that says why
-/// (`OFF`: the gateway's cache is off; `BYPASS`: skipped for this request or never cached).
-fn plan(call: &Call<'_>, options: &CacheOptions) -> Result<Plan, CacheStatus> {
+/// (`OFF`: the gateway's cache is off; `BYPASS`: skipped for this request, by a rule, or never
+/// cached). The rule that applied goes to the meter.
+fn plan(call: &Call<'_>, options: &CacheOptions, meter: &mut Meter) -> Result<Plan, CacheStatus> {
     let s = &call.route.gateway.cache;
     let custom = options.custom_key.as_deref();
     if s.mode == CacheMode::Off && custom.is_none() {
@@ -156,6 +174,22 @@ fn plan(call: &Call<'_>, options: &CacheOptions) -> Result<Plan, CacheStatus> {
     }
     if options.skip || options.ttl == Some(Duration::ZERO) || !call.route.endpoint.cacheable() {
         return Err(CacheStatus::Bypass);
+    }
+    let rule = if s.mode == CacheMode::Off {
+        None
+    } else {
+        s.rules.find(&RuleInput {
+            endpoint: call.route.endpoint,
+            path: call.route.rest,
+            body: call.body,
+            metadata: call.head.headers.get(CF_AIG_METADATA).map(HeaderValue::as_bytes),
+        })
+    };
+    if let Some(r) = rule {
+        meter.cache_rule = Some((r.name.clone(), r.header.clone()));
+        if !r.enabled {
+            return Err(CacheStatus::Bypass);
+        }
     }
     let input = key::KeyInput {
         gateway: &call.route.gateway.name,
@@ -173,7 +207,7 @@ fn plan(call: &Call<'_>, options: &CacheOptions) -> Result<Plan, CacheStatus> {
     let default_ttl = if s.mode == CacheMode::Off { CUSTOM_KEY_DEFAULT_TTL } else { s.ttl };
     Ok(Plan {
         key,
-        ttl: options.ttl.unwrap_or(default_ttl),
+        ttl: options.ttl.or(rule.and_then(|r| r.ttl)).unwrap_or(default_ttl),
         shadow: s.mode == CacheMode::Shadow,
         coalesce: s.coalesce && s.mode != CacheMode::Shadow,
         coalesce_wait: s.coalesce_wait,

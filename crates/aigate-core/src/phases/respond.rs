@@ -132,6 +132,9 @@ pub fn finish(
             for (k, v) in std::mem::take(&mut m.rate_headers) {
                 h.insert(k, v);
             }
+            if let Some((_, v)) = &m.cache_rule {
+                h.insert(crate::headers::AIGATE_CACHE_RULE, v.clone());
+            }
             m.on_head(resp.status().as_u16(), resp.headers().get(http::header::CONTENT_TYPE));
             let logs: Arc<_> = state.logs.clone();
             resp.map(|b| ResponseBody::metered(b, m, logs))

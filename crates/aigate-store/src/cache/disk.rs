@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, Clock, StoreError};
+use crate::{CacheFilter, CacheKey, CacheStore, CacheStoreStats, CachedResponse, Clock, EntryMeta, StoreError};
 
 /// File name of the database inside the directory given to [`DiskCacheStore::open`].
 pub const DISK_CACHE_FILE: &str = "cache.sqlite3";
@@ -109,6 +109,7 @@ impl DiskCacheStore {
              CREATE INDEX IF NOT EXISTS cache_ns ON cache(ns);",
         )
         .map_err(sql_err)?;
+        add_meta_columns(&conn)?;
         let tx = conn.transaction().map_err(sql_err)?;
         delete_expired(&tx, Clock::system().now_ms())?;
         let (entries, bytes): (i64, i64) = tx
@@ -196,6 +197,21 @@ impl Shared {
     }
 }
 
+/// Adds the columns a filtered purge reads (`created_at`, `meta`: [`EntryMeta`] as JSON) to a
+/// file written before they existed; its rows keep `created_at = 0` and no meta.
+fn add_meta_columns(conn: &Connection) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('cache')").map_err(sql_err)?;
+    let cols: Vec<String> =
+        stmt.query_map([], |r| r.get(0)).map_err(sql_err)?.collect::<Result<_, _>>().map_err(sql_err)?;
+    if !cols.iter().any(|c| c == "created_at") {
+        conn.execute_batch("ALTER TABLE cache ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0").map_err(sql_err)?;
+    }
+    if !cols.iter().any(|c| c == "meta") {
+        conn.execute_batch("ALTER TABLE cache ADD COLUMN meta TEXT").map_err(sql_err)?;
+    }
+    Ok(())
+}
+
 /// Deletes rows expired at `now`; returns (rows, bytes) deleted.
 fn delete_expired(tx: &Transaction<'_>, now: u64) -> Result<(u64, u64), StoreError> {
     let now = to_sql_ms(now);
@@ -258,6 +274,99 @@ impl CacheStore for DiskCacheStore {
     }
 
     async fn put(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) -> Result<(), StoreError> {
+        self.put_row(ns, key, entry, None).await
+    }
+
+    async fn put_with_meta(
+        &self,
+        ns: &str,
+        key: &CacheKey,
+        entry: Arc<CachedResponse>,
+        meta: &EntryMeta,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(meta).map_err(|e| StoreError::Corrupt(format!("entry meta: {e}")))?;
+        self.put_row(ns, key, entry, Some(json)).await
+    }
+
+    async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<Vec<CacheKey>, StoreError> {
+        let ns = ns.to_owned();
+        let filter = filter.clone();
+        self.run(move |shared, conn| {
+            let tx = conn.transaction().map_err(sql_err)?;
+            let mut victims: Vec<(CacheKey, u64)> = Vec::new();
+            {
+                let mut stmt = tx
+                    .prepare_cached("SELECT key, created_at, meta, size FROM cache WHERE ns = ?1")
+                    .map_err(sql_err)?;
+                let mut rows = stmt.query([&ns]).map_err(sql_err)?;
+                while let Some(r) = rows.next().map_err(sql_err)? {
+                    let key: Vec<u8> = r.get(0).map_err(sql_err)?;
+                    let created: i64 = r.get(1).map_err(sql_err)?;
+                    let meta: Option<String> = r.get(2).map_err(sql_err)?;
+                    let size: i64 = r.get(3).map_err(sql_err)?;
+                    let meta = meta.and_then(|m| serde_json::from_str::<EntryMeta>(&m).ok());
+                    let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else { continue };
+                    if filter.matches(meta.as_ref(), u64::try_from(created).unwrap_or(0)) {
+                        victims.push((CacheKey(key), u64::try_from(size).unwrap_or(0)));
+                    }
+                }
+            }
+            let mut bytes = 0;
+            {
+                let mut del = tx.prepare_cached("DELETE FROM cache WHERE key = ?1").map_err(sql_err)?;
+                for (k, size) in &victims {
+                    del.execute([&k.0[..]]).map_err(sql_err)?;
+                    bytes += size;
+                }
+            }
+            tx.commit().map_err(sql_err)?;
+            shared.sub(victims.len() as u64, bytes);
+            Ok(victims.into_iter().map(|(k, _)| k).collect())
+        })
+        .await
+    }
+
+    async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
+        let key = key.copied();
+        let ns = ns.to_owned();
+        self.run(move |shared, conn| {
+            let tx = conn.transaction().map_err(sql_err)?;
+            let (n, bytes) = match key {
+                Some(k) => match delete_key(&tx, &k)? {
+                    Some(size) => (1, size),
+                    None => (0, 0),
+                },
+                None => {
+                    let (n, bytes): (i64, i64) = tx
+                        .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM cache WHERE ns = ?1", [&ns], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .map_err(sql_err)?;
+                    tx.execute("DELETE FROM cache WHERE ns = ?1", [&ns]).map_err(sql_err)?;
+                    (u64::try_from(n).unwrap_or(0), u64::try_from(bytes).unwrap_or(0))
+                }
+            };
+            tx.commit().map_err(sql_err)?;
+            shared.sub(n, bytes);
+            Ok(n)
+        })
+        .await
+    }
+
+    fn stats(&self) -> CacheStoreStats {
+        self.stats_sync()
+    }
+}
+
+impl DiskCacheStore {
+    /// Stores a row, with its meta (JSON) if given.
+    async fn put_row(
+        &self,
+        ns: &str,
+        key: &CacheKey,
+        entry: Arc<CachedResponse>,
+        meta: Option<String>,
+    ) -> Result<(), StoreError> {
         let key = *key;
         let ns = ns.to_owned();
         let now = self.clock.now_ms();
@@ -282,8 +391,17 @@ impl CacheStore for DiskCacheStore {
             let size = value.len() as u64 + ns.len() as u64 + ROW_OVERHEAD;
             if !entry.is_expired(now) && size <= shared.max_bytes {
                 tx.execute(
-                    "INSERT INTO cache (key, ns, expires_at, size, value) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![&key.0[..], ns, to_sql_ms(entry.expires_at_ms), to_sql_ms(size), &value[..]],
+                    "INSERT INTO cache (key, ns, expires_at, size, value, created_at, meta) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        &key.0[..],
+                        ns,
+                        to_sql_ms(entry.expires_at_ms),
+                        to_sql_ms(size),
+                        &value[..],
+                        to_sql_ms(entry.created_at_ms),
+                        meta
+                    ],
                 )
                 .map_err(sql_err)?;
                 entries += 1;
@@ -333,36 +451,5 @@ impl CacheStore for DiskCacheStore {
             Ok(())
         })
         .await
-    }
-
-    async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
-        let key = key.copied();
-        let ns = ns.to_owned();
-        self.run(move |shared, conn| {
-            let tx = conn.transaction().map_err(sql_err)?;
-            let (n, bytes) = match key {
-                Some(k) => match delete_key(&tx, &k)? {
-                    Some(size) => (1, size),
-                    None => (0, 0),
-                },
-                None => {
-                    let (n, bytes): (i64, i64) = tx
-                        .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM cache WHERE ns = ?1", [&ns], |r| {
-                            Ok((r.get(0)?, r.get(1)?))
-                        })
-                        .map_err(sql_err)?;
-                    tx.execute("DELETE FROM cache WHERE ns = ?1", [&ns]).map_err(sql_err)?;
-                    (u64::try_from(n).unwrap_or(0), u64::try_from(bytes).unwrap_or(0))
-                }
-            };
-            tx.commit().map_err(sql_err)?;
-            shared.sub(n, bytes);
-            Ok(n)
-        })
-        .await
-    }
-
-    fn stats(&self) -> CacheStoreStats {
-        self.stats_sync()
     }
 }

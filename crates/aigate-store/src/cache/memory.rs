@@ -21,13 +21,16 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, Clock, StoreError};
+use crate::{CacheFilter, CacheKey, CacheStore, CacheStoreStats, CachedResponse, Clock, EntryMeta, StoreError};
 
-/// What the moka cache holds for a key: the response and the namespace it was stored under.
+/// What the moka cache holds for a key: the response, the namespace it was stored under, and what
+/// a filtered purge matches on (absent for an entry copied from a backing store: the backing store
+/// keeps it, and tells which keys a filtered purge removed).
 #[derive(Clone)]
 struct Entry {
     response: Arc<CachedResponse>,
     ns: Arc<str>,
+    meta: Option<Arc<EntryMeta>>,
 }
 
 /// Computes each entry's moka lifetime from its absolute expiry, capped by the optional TTL cap.
@@ -144,11 +147,27 @@ impl MemoryCacheStore {
     /// Stores `entry` under `key` in namespace `ns` until its expiry (or the TTL cap). An already
     /// expired entry is not stored, and removes what `key` held.
     pub fn put_sync(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) {
+        self.put_meta_sync(ns, key, entry, None);
+    }
+
+    /// [`MemoryCacheStore::put_sync`] with what a filtered purge matches on.
+    pub fn put_meta_sync(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>, meta: Option<Arc<EntryMeta>>) {
         if entry.is_expired(self.clock.now_ms()) {
             self.cache.invalidate(key);
             return;
         }
-        self.cache.insert(*key, Entry { response: entry, ns: Arc::from(ns) });
+        self.cache.insert(*key, Entry { response: entry, ns: Arc::from(ns), meta });
+    }
+
+    /// Removes the entries of `ns` that `filter` matches; returns their keys.
+    pub fn purge_matching_sync(&self, ns: &str, filter: &CacheFilter) -> Vec<CacheKey> {
+        let keys: Vec<Arc<CacheKey>> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| &*e.ns == ns && filter.matches(e.meta.as_deref(), e.response.created_at_ms))
+            .map(|(k, _)| k)
+            .collect();
+        keys.into_iter().filter(|k| self.cache.remove(&**k).is_some()).map(|k| *k).collect()
     }
 
     /// Removes `key`, or every entry of `ns` when `key` is `None`; returns how many were removed.
@@ -198,8 +217,23 @@ impl CacheStore for MemoryCacheStore {
         Ok(())
     }
 
+    async fn put_with_meta(
+        &self,
+        ns: &str,
+        key: &CacheKey,
+        entry: Arc<CachedResponse>,
+        meta: &EntryMeta,
+    ) -> Result<(), StoreError> {
+        self.put_meta_sync(ns, key, entry, Some(Arc::new(meta.clone())));
+        Ok(())
+    }
+
     async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
         Ok(self.purge_sync(ns, key))
+    }
+
+    async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<Vec<CacheKey>, StoreError> {
+        Ok(self.purge_matching_sync(ns, filter))
     }
 
     fn stats(&self) -> CacheStoreStats {

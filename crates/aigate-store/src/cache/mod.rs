@@ -207,6 +207,52 @@ impl CachedResponse {
     }
 }
 
+/// What is known of an entry besides its response: the request that filled it, as a filtered purge
+/// ([`CacheFilter`]) matches it. Stored beside the entry by [`CacheStore::put_with_meta`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryMeta {
+    /// The requested model, if the body named one.
+    #[serde(default, rename = "m", skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The endpoint's name (`chat`, `embeddings`, …).
+    #[serde(default, rename = "e")]
+    pub endpoint: String,
+    /// `cf-aig-metadata` entries of the request that filled it, values as text (a string as is,
+    /// anything else as JSON: `7`, `true`).
+    #[serde(default, rename = "md", skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Which entries of a namespace a filtered purge removes: every condition given must hold. An
+/// entry stored without [`EntryMeta`] matches only a filter on its age.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheFilter {
+    /// The requested model.
+    pub model: Option<String>,
+    /// The endpoint's name.
+    pub endpoint: Option<String>,
+    /// Metadata entries (key, value as text).
+    pub metadata: Vec<(String, String)>,
+    /// Stored before this Unix ms.
+    pub created_before_ms: Option<u64>,
+}
+
+impl CacheFilter {
+    /// Whether the entry created at `created_at_ms` with `meta` matches.
+    pub fn matches(&self, meta: Option<&EntryMeta>, created_at_ms: u64) -> bool {
+        if self.created_before_ms.is_some_and(|t| created_at_ms >= t) {
+            return false;
+        }
+        if self.model.is_none() && self.endpoint.is_none() && self.metadata.is_empty() {
+            return true;
+        }
+        let Some(m) = meta else { return false };
+        self.model.as_ref().is_none_or(|want| m.model.as_ref() == Some(want))
+            && self.endpoint.as_ref().is_none_or(|want| &m.endpoint == want)
+            && self.metadata.iter().all(|(k, v)| m.metadata.iter().any(|(mk, mv)| mk == k && mv == v))
+    }
+}
+
 /// Size and eviction figures of a store (for metrics).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStoreStats {
@@ -232,9 +278,19 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn get(&self, ns: &str, key: &CacheKey) -> Result<Option<Arc<CachedResponse>>, StoreError>;
     /// Stores `entry` until its `expires_at_ms`.
     async fn put(&self, ns: &str, key: &CacheKey, entry: Arc<CachedResponse>) -> Result<(), StoreError>;
+    /// Stores `entry` with what a filtered purge matches on.
+    async fn put_with_meta(
+        &self,
+        ns: &str,
+        key: &CacheKey,
+        entry: Arc<CachedResponse>,
+        meta: &EntryMeta,
+    ) -> Result<(), StoreError>;
     /// Removes one key, or every entry of the namespace when `key` is `None`; returns how many
     /// entries were removed (best effort for remote stores).
     async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError>;
+    /// Removes the entries of `ns` that `filter` matches; returns their keys.
+    async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<Vec<CacheKey>, StoreError>;
     /// Size figures.
     fn stats(&self) -> CacheStoreStats {
         CacheStoreStats::default()
@@ -253,6 +309,29 @@ mod tests {
         assert_eq!(e.chunks, parts.to_vec());
         assert_eq!(e.chunks[2].as_ptr(), e.chunks[0].as_ptr().wrapping_add(parts[0].len()));
         assert_eq!(CachedResponse::decode(e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn filter_matches_every_condition_given() {
+        let meta = EntryMeta {
+            model: Some("gpt-4o".into()),
+            endpoint: "chat".into(),
+            metadata: vec![("feature".into(), "resume".into()), ("n".into(), "7".into())],
+        };
+        let f = |model: Option<&str>, endpoint: Option<&str>, md: &[(&str, &str)], before: Option<u64>| CacheFilter {
+            model: model.map(Into::into),
+            endpoint: endpoint.map(Into::into),
+            metadata: md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            created_before_ms: before,
+        };
+        assert!(f(None, None, &[], None).matches(None, 5));
+        assert!(f(Some("gpt-4o"), Some("chat"), &[("n", "7")], Some(6)).matches(Some(&meta), 5));
+        assert!(!f(Some("gpt-4o"), None, &[], Some(5)).matches(Some(&meta), 5));
+        assert!(!f(Some("gpt-4o-mini"), None, &[], None).matches(Some(&meta), 5));
+        assert!(!f(None, Some("embeddings"), &[], None).matches(Some(&meta), 5));
+        assert!(!f(None, None, &[("feature", "x")], None).matches(Some(&meta), 5));
+        assert!(!f(Some("gpt-4o"), None, &[], None).matches(None, 5), "no meta: only an age filter matches");
+        assert!(f(None, None, &[], Some(6)).matches(None, 5));
     }
 
     #[test]

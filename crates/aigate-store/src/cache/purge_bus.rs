@@ -5,7 +5,8 @@
 //! TTL cap ([`crate::REDIS_MEMORY_TTL_CAP`]). So a replica that purges also announces it:
 //!
 //! 1. it purges its own memory tier and Redis (what [`crate::TieredCache::purge`] always does);
-//! 2. it `PUBLISH`es `{id}\n{key hex or *}\n{namespace}` on [`PURGE_CHANNEL`]; Redis answers with
+//! 2. it `PUBLISH`es `{id}\n{key hex, comma-separated keys of a filtered purge, or *}\n{namespace}`
+//!    on [`PURGE_CHANNEL`]; Redis answers with
 //!    the number of subscribers that received it (every running replica, this one included);
 //! 3. each replica's subscriber purges its memory tier, then acknowledges by incrementing
 //!    `aigate:cache:purge-ack:{id}` (which expires after a minute);
@@ -54,19 +55,26 @@ fn ack_key(id: &str) -> String {
     format!("aigate:cache:purge-ack:{id}")
 }
 
-/// An announcement's message.
-fn encode(id: &str, ns: &str, key: Option<&CacheKey>) -> String {
-    format!("{id}\n{}\n{ns}", key.map_or_else(|| "*".to_owned(), CacheKey::to_hex))
+/// An announcement's message: the keys comma-separated, or `*` for the whole namespace.
+fn encode(id: &str, ns: &str, keys: Option<&[CacheKey]>) -> String {
+    let keys = match keys {
+        None => "*".to_owned(),
+        Some(keys) => keys.iter().map(CacheKey::to_hex).collect::<Vec<_>>().join(","),
+    };
+    format!("{id}\n{keys}\n{ns}")
 }
 
-/// Parses [`encode`]'s output: (id, key or all, namespace).
-fn decode(msg: &[u8]) -> Option<(String, Option<CacheKey>, String)> {
+/// Parses [`encode`]'s output: (id, keys or all, namespace).
+fn decode(msg: &[u8]) -> Option<(String, Option<Vec<CacheKey>>, String)> {
     let text = std::str::from_utf8(msg).ok()?;
     let mut parts = text.splitn(3, '\n');
-    let (id, key, ns) = (parts.next()?, parts.next()?, parts.next()?);
-    let key = if key == "*" { None } else { Some(CacheKey::from_hex(key)?) };
-    Some((id.to_owned(), key, ns.to_owned()))
+    let (id, keys, ns) = (parts.next()?, parts.next()?, parts.next()?);
+    let keys = if keys == "*" { None } else { Some(keys.split(',').map(CacheKey::from_hex).collect::<Option<_>>()?) };
+    Some((id.to_owned(), keys, ns.to_owned()))
 }
+
+/// Keys per announcement of a filtered purge (about 65 KB of message).
+const KEYS_PER_ANNOUNCEMENT: usize = 1000;
 
 /// A replica's end of the purge announcements: it announces its own purges and, in a background
 /// task, applies the others' to its memory tier. Dropping it stops the task.
@@ -108,9 +116,23 @@ impl PurgeBus {
     /// Tells every replica to purge `key` (or all of `ns`) from its memory tier and waits until
     /// they have (at most [`PURGE_ACK_WAIT`]); returns how many acknowledged.
     pub async fn announce(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
+        self.announce_message(ns, key.map(std::slice::from_ref)).await
+    }
+
+    /// Tells every replica to purge `keys` of `ns` from its memory tier (a filtered purge), in
+    /// announcements of at most [`KEYS_PER_ANNOUNCEMENT`] keys; returns the fewest acknowledgements.
+    pub async fn announce_keys(&self, ns: &str, keys: &[CacheKey]) -> Result<u64, StoreError> {
+        let mut acked = u64::MAX;
+        for chunk in keys.chunks(KEYS_PER_ANNOUNCEMENT) {
+            acked = acked.min(self.announce_message(ns, Some(chunk)).await?);
+        }
+        Ok(if acked == u64::MAX { 0 } else { acked })
+    }
+
+    async fn announce_message(&self, ns: &str, keys: Option<&[CacheKey]>) -> Result<u64, StoreError> {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let receivers: u64 =
-            self.redis.query(redis::cmd("PUBLISH").arg(PURGE_CHANNEL).arg(encode(&id, ns, key))).await?;
+            self.redis.query(redis::cmd("PUBLISH").arg(PURGE_CHANNEL).arg(encode(&id, ns, keys))).await?;
         let deadline = Instant::now() + PURGE_ACK_WAIT;
         loop {
             let acked: Option<u64> = self.redis.query(redis::cmd("GET").arg(ack_key(&id))).await?;
@@ -148,11 +170,20 @@ async fn subscribe_forever(redis: RedisCacheStore, memory: MemoryCacheStore, sub
                 subscribed.store(true, Ordering::Release);
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
-                    let Some((id, key, ns)) = decode(msg.get_payload_bytes()) else {
+                    let Some((id, keys, ns)) = decode(msg.get_payload_bytes()) else {
                         tracing::debug!("cache purge announcements: malformed message ignored");
                         continue;
                     };
-                    memory.purge_sync(&ns, key.as_ref());
+                    match keys {
+                        None => {
+                            memory.purge_sync(&ns, None);
+                        }
+                        Some(keys) => {
+                            for k in &keys {
+                                memory.purge_sync(&ns, Some(k));
+                            }
+                        }
+                    }
                     let ack = redis::cmd("EVAL").arg(ACK_SCRIPT).arg(1).arg(ack_key(&id)).arg(ACK_TTL_MS).clone();
                     if let Err(e) = redis.query::<u64>(&ack).await {
                         tracing::debug!(error = %e, "cache purge announcements: acknowledgement failed");
@@ -190,7 +221,15 @@ mod tests {
     #[test]
     fn message_roundtrip() {
         let k = CacheKey([9u8; 32]);
-        assert_eq!(decode(encode("a1", "prod", Some(&k)).as_bytes()), Some(("a1".into(), Some(k), "prod".into())));
+        assert_eq!(
+            decode(encode("a1", "prod", Some(&[k])).as_bytes()),
+            Some(("a1".into(), Some(vec![k]), "prod".into()))
+        );
+        let two = [k, CacheKey([1u8; 32])];
+        assert_eq!(
+            decode(encode("a5", "p", Some(&two)).as_bytes()),
+            Some(("a5".into(), Some(two.to_vec()), "p".into()))
+        );
         assert_eq!(decode(encode("a2", "x\ny", None).as_bytes()), Some(("a2".into(), None, "x\ny".into())));
         assert_eq!(decode(b"a3\nnot-hex\nprod"), None);
         assert_eq!(decode(b"a4"), None);

@@ -10,6 +10,13 @@
 //! size is bounded by the Redis server's own `maxmemory` policy. Decoded entries are limited to
 //! [`MAX_DECODED_BYTES`]. [`CacheStore::stats`] is unknown (all zeros).
 //!
+//! What a filtered purge matches on ([`EntryMeta`], with the entry's creation and expiry) is kept
+//! per namespace in a hash, `aigate:cache-meta:{ns}` (field: the key's hex digest), beside a sorted
+//! set of the fields by expiry, `aigate:cache-exp:{ns}`; [`PUT_SCRIPT`] writes the entry and both
+//! at once and drops up to [`PRUNE_PER_PUT`] fields whose entry has expired, so the hash stays
+//! about as large as the live entries. A filtered purge reads the hash (`HSCAN`), never the
+//! entries.
+//!
 //! Failure behaviour: [`RedisCacheStore::new`] never connects, so it succeeds while Redis is down
 //! (only a malformed URL fails). The connection (a [`ConnectionManager`], which reconnects by
 //! itself once established) is created on first use, in a background task bounded by
@@ -27,7 +34,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 
-use crate::{CacheKey, CacheStore, CachedResponse, Clock, StoreError};
+use crate::{CacheFilter, CacheKey, CacheStore, CachedResponse, Clock, EntryMeta, StoreError};
 
 /// Encoded entries larger than this many bytes are LZ4-compressed.
 pub const COMPRESS_THRESHOLD: usize = 1024;
@@ -43,6 +50,43 @@ pub const FLAG_RAW: u8 = 0;
 
 /// Flag byte: the rest is LZ4-compressed with the uncompressed size prepended (u32 little endian).
 pub const FLAG_LZ4: u8 = 1;
+
+/// Expired fields removed from a namespace's meta hash by each write with meta.
+pub const PRUNE_PER_PUT: usize = 32;
+
+/// Writes an entry (`KEYS[1]`, value `ARGV[1]`, TTL `ARGV[2]` ms) and its meta (`ARGV[4]`) under
+/// field `ARGV[3]` of the hash `KEYS[2]`, indexed by expiry `ARGV[5]` in the sorted set `KEYS[3]`;
+/// then drops fields that expired before `ARGV[6]`.
+const PUT_SCRIPT: &str = "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) \
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3]) \
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[6], 'LIMIT', 0, ARGV[7]) \
+if #old > 0 then redis.call('HDEL', KEYS[2], unpack(old)) redis.call('ZREM', KEYS[3], unpack(old)) end \
+return #old";
+
+/// Fields read per `HSCAN` round of a filtered purge.
+const HSCAN_COUNT: u32 = 500;
+
+/// The meta hash of a namespace.
+fn meta_key(ns: &str) -> String {
+    format!("aigate:cache-meta:{ns}")
+}
+
+/// The expiry index of a namespace's meta hash.
+fn exp_key(ns: &str) -> String {
+    format!("aigate:cache-exp:{ns}")
+}
+
+/// A meta hash value: the entry's facts, creation and expiry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredMeta {
+    #[serde(flatten)]
+    meta: EntryMeta,
+    /// Created, Unix ms.
+    c: u64,
+    /// Expires, Unix ms.
+    x: u64,
+}
 
 /// Keys scanned per `SCAN` round of a namespace purge.
 const SCAN_COUNT: u32 = 500;
@@ -288,10 +332,80 @@ impl CacheStore for RedisCacheStore {
         self.query::<()>(redis::cmd("SET").arg(k).arg(value).arg("PX").arg(ttl_ms)).await
     }
 
+    async fn put_with_meta(
+        &self,
+        ns: &str,
+        key: &CacheKey,
+        entry: Arc<CachedResponse>,
+        meta: &EntryMeta,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let ttl_ms = entry.expires_at_ms.saturating_sub(now);
+        if ttl_ms == 0 {
+            return self.purge(ns, Some(key)).await.map(|_| ());
+        }
+        let stored = StoredMeta { meta: meta.clone(), c: entry.created_at_ms, x: entry.expires_at_ms };
+        let json = serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(format!("entry meta: {e}")))?;
+        let cmd = redis::cmd("EVAL")
+            .arg(PUT_SCRIPT)
+            .arg(3)
+            .arg(redis_key(ns, key))
+            .arg(meta_key(ns))
+            .arg(exp_key(ns))
+            .arg(encode_value(&entry))
+            .arg(ttl_ms)
+            .arg(key.to_hex())
+            .arg(json)
+            .arg(entry.expires_at_ms)
+            .arg(now)
+            .arg(PRUNE_PER_PUT)
+            .clone();
+        self.query::<u64>(&cmd).await.map(|_| ())
+    }
+
+    async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<Vec<CacheKey>, StoreError> {
+        let (hash, exp) = (meta_key(ns), exp_key(ns));
+        let now = self.clock.now_ms();
+        let mut cursor: u64 = 0;
+        let mut purged = Vec::new();
+        loop {
+            let (next, pairs): (u64, Vec<(String, String)>) =
+                self.query(redis::cmd("HSCAN").arg(&hash).arg(cursor).arg("COUNT").arg(HSCAN_COUNT)).await?;
+            let mut fields: Vec<&str> = Vec::new();
+            let mut keys: Vec<String> = Vec::new();
+            for (field, value) in &pairs {
+                let Some(key) = CacheKey::from_hex(field) else { continue };
+                let Ok(m) = serde_json::from_str::<StoredMeta>(value) else { continue };
+                if m.x <= now {
+                    fields.push(field);
+                } else if filter.matches(Some(&m.meta), m.c) {
+                    fields.push(field);
+                    keys.push(redis_key(ns, &key));
+                    purged.push(key);
+                }
+            }
+            if !keys.is_empty() {
+                self.query::<u64>(redis::cmd("UNLINK").arg(&keys)).await?;
+            }
+            if !fields.is_empty() {
+                self.query::<u64>(redis::cmd("HDEL").arg(&hash).arg(&fields)).await?;
+                self.query::<u64>(redis::cmd("ZREM").arg(&exp).arg(&fields)).await?;
+            }
+            if next == 0 {
+                return Ok(purged);
+            }
+            cursor = next;
+        }
+    }
+
     async fn purge(&self, ns: &str, key: Option<&CacheKey>) -> Result<u64, StoreError> {
         if let Some(key) = key {
+            let hex = key.to_hex();
+            self.query::<u64>(redis::cmd("HDEL").arg(meta_key(ns)).arg(&hex)).await?;
+            self.query::<u64>(redis::cmd("ZREM").arg(exp_key(ns)).arg(&hex)).await?;
             return self.query(redis::cmd("DEL").arg(redis_key(ns, key))).await;
         }
+        self.query::<u64>(redis::cmd("UNLINK").arg(meta_key(ns)).arg(exp_key(ns))).await?;
         let pattern = ns_pattern(ns);
         let mut cursor: u64 = 0;
         let mut removed = 0u64;

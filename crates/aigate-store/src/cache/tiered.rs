@@ -16,7 +16,9 @@
 use std::sync::Arc;
 
 use crate::cache::purge_bus::PurgeBus;
-use crate::{CacheKey, CacheStore, CacheStoreStats, CachedResponse, MemoryCacheStore, StoreError};
+use crate::{
+    CacheFilter, CacheKey, CacheStore, CacheStoreStats, CachedResponse, EntryMeta, MemoryCacheStore, StoreError,
+};
 
 /// A memory tier in front of an optional backing store. Cloning shares both tiers.
 #[derive(Clone)]
@@ -104,6 +106,43 @@ impl CacheStore for TieredCache {
             Some(backing) => backing.put(ns, key, entry).await,
             None => Ok(()),
         }
+    }
+
+    async fn put_with_meta(
+        &self,
+        ns: &str,
+        key: &CacheKey,
+        entry: Arc<CachedResponse>,
+        meta: &EntryMeta,
+    ) -> Result<(), StoreError> {
+        self.memory.put_meta_sync(ns, key, entry.clone(), Some(Arc::new(meta.clone())));
+        match &self.backing {
+            Some(backing) => backing.put_with_meta(ns, key, entry, meta).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Purges the matching entries of the backing store (which knows every entry's facts), then
+    /// those keys and the matching entries of the memory tier (which may hold entries it never
+    /// wrote to the backing store with their facts), then the other replicas' memory tiers by the
+    /// keys, through the [`PurgeBus`].
+    async fn purge_matching(&self, ns: &str, filter: &CacheFilter) -> Result<Vec<CacheKey>, StoreError> {
+        let mut keys = match &self.backing {
+            Some(backing) => backing.purge_matching(ns, filter).await?,
+            None => Vec::new(),
+        };
+        for k in &keys {
+            self.memory.purge_sync(ns, Some(k));
+        }
+        keys.extend(self.memory.purge_matching_sync(ns, filter));
+        keys.sort_unstable();
+        keys.dedup();
+        if let (Some(bus), false) = (&self.bus, keys.is_empty()) {
+            if let Err(e) = bus.announce_keys(ns, &keys).await {
+                tracing::warn!(gateway = ns, error = %e, "cache purge: the other replicas were not told; they serve their copies at most {:?}", crate::REDIS_MEMORY_TTL_CAP);
+            }
+        }
+        Ok(keys)
     }
 
     /// Purges both tiers, then the other replicas' memory tiers through the [`PurgeBus`] if there is

@@ -223,3 +223,28 @@ async fn settings_changed_in_the_dashboard_apply_live_and_keep_the_file() {
     assert_eq!(r.status(), 409);
     assert!(std::fs::read_to_string(&gw.config).unwrap().contains("mode = \"off\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_page_shows_the_cache_top() {
+    let env = env_with(
+        &format!("{ADMIN}[gateways.default]\n[gateways.default.logs]\nbodies = true\n[gateways.default.cache]\nenabled = true\n"),
+        MockConfig::default(),
+    )
+    .await;
+    let (cookie, _) = log_in(&env, ADMIN_TOKEN).await;
+    for _ in 0..3 {
+        assert_eq!(post(&env, "/v1/chat/completions", CHAT, &[]).await.status(), 200);
+        cache_written(&env, 1).await;
+    }
+    let mut top = serde_json::Value::Null;
+    wait_until("the cache index", async || {
+        top = get_json(&env, "/dashboard/api/gateways/default/cache/top?since=24h&limit=20", &cookie).await;
+        top["totals"]["hits"] == 2
+    })
+    .await;
+    assert_eq!(top["entries"][0]["preview"], "hi", "{top:#}");
+    // The page's script asks for it and draws the table.
+    let js = browser().get(env.url("/dashboard/assets/app.js")).header("cookie", &cookie).send().await.unwrap();
+    let js = js.text().await.unwrap();
+    assert!(js.contains("\"/cache/top\"") && js.contains("Most repeated requests"), "app.js has no cache table");
+}

@@ -258,7 +258,9 @@
     const charts = el("div", { class: "charts" });
     const breakdown = el("section", { class: "card", "aria-labelledby": "breakdown-h" });
     const compare = el("section", { class: "card", "aria-labelledby": "compare-h" });
-    setMain(el("h1", {}, gw), rangeLinks(range), el("p", { class: "muted", role: "status", id: "status" }, "Loading…"), charts, breakdown, compare);
+    const cache = el("section", { class: "card", id: "cache-top", "aria-labelledby": "cache-top-h" });
+    setMain(el("h1", {}, gw), rangeLinks(range), el("p", { class: "muted", role: "status", id: "status" }, "Loading…"), charts, cache, breakdown, compare);
+    renderCacheTop(cache, range);
     const to = Date.now();
     const from = to - RANGE_MS[range];
     let a;
@@ -289,6 +291,26 @@
     }
     renderBreakdown(breakdown, from, to, GRANULARITY[range]);
     renderCompare(compare, range);
+  }
+
+  // The requests that repeat most (this server's cache index): `aigate cache top`.
+  async function renderCacheTop(section, range) {
+    section.append(el("h2", { id: "cache-top-h" }, "Cache"));
+    let t;
+    try {
+      t = await api(gwApi(gw, "/cache/top") + `?since=${encodeURIComponent(range)}&limit=20`);
+    } catch (e) { section.append(errorBox(e)); return; }
+    const s = t.totals;
+    section.append(el("dl", { class: "stats" },
+      stat("Entries", fmtInt(s.entries)), stat("Bytes", fmtInt(s.bytes)), stat("Hit rate", fmtPct(s.hit_rate)),
+      stat("Saved", fmtUsd(s.saved_usd)), stat("A longer TTL would add", fmtInt(s.expired_misses) + " hits")));
+    if (t.entries.length === 0) { section.append(el("p", { class: "muted" }, "No cached requests in this period.")); return; }
+    const rows = t.entries.map((e) => el("tr", {},
+      el("td", {}, fmtInt(e.hits)), el("td", {}, fmtInt(e.misses)), el("td", {}, fmtInt(e.bytes)),
+      el("td", {}, e.age_s === null ? "–" : fmtMs(e.age_s * 1000)), el("td", {}, fmtUsd(e.saved_usd)),
+      el("td", {}, e.model || "–"), el("td", {}, e.endpoint), el("td", { class: "preview" }, e.preview || ""),
+      el("td", {}, el("code", { title: e.key }, e.key.slice(0, 12)))));
+    section.append(table(["Hits", "Misses", "Bytes", "Age", "Saved", "Model", "Endpoint", "Prompt", "Key"], rows, { class: "numeric", caption: "Most repeated requests" }));
   }
 
   function renderBreakdown(section, from, to, granularity) {

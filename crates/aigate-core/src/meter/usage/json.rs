@@ -128,6 +128,34 @@ pub fn request_model(body: &[u8]) -> Option<String> {
     serde_json::from_slice(&body[span]).ok()
 }
 
+/// The raw JSON value of the top-level member `key` of the object `buf` (a repeated key: the last
+/// one), without allocating. `None` if `buf` is not an object or has no such member.
+pub fn member_value<'a>(buf: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let span = find_member(buf, key.as_bytes())?.value?;
+    buf.get(span)
+}
+
+/// Calls `f(raw key, raw value)` for each top-level member of the JSON object `buf`, in order (the
+/// key with its quotes); false if `buf` is not an object.
+pub fn for_each_member<'a>(buf: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> bool {
+    walk_members(buf, |k, v| {
+        f(&buf[k], &buf[v]);
+        true
+    })
+    .is_some()
+}
+
+/// Whether the raw JSON value `raw` is the string `expected`, or a number or literal written as
+/// `expected` (`3`, `true`): metadata compares that way everywhere. Allocates only for a string
+/// with escapes.
+pub fn value_is(raw: &[u8], expected: &str) -> bool {
+    match raw {
+        [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => inner == expected.as_bytes(),
+        [b'"', ..] => serde_json::from_slice::<String>(raw).is_ok_and(|s| s == expected),
+        _ => raw == expected.as_bytes(),
+    }
+}
+
 /// A member of the top-level object of `buf`.
 pub(super) struct Member {
     /// The span of the value of the key looked for, if present.

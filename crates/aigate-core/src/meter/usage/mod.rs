@@ -293,8 +293,8 @@ mod raw;
 mod sse;
 
 pub use inject::{inject_include_usage, InjectedUsageFilter};
-pub use json::request_model;
 use json::*;
+pub use json::{for_each_member, member_value, request_model, value_is};
 use raw::*;
 pub use sse::SseUsage;
 
