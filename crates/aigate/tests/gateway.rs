@@ -1030,7 +1030,7 @@ mod telemetry;
 #[path = "gateway/replicas.rs"]
 mod replicas;
 
-#[path = "gateway/faults.rs"]
-mod faults;
 #[path = "gateway/cache_rules.rs"]
 mod cache_rules;
+#[path = "gateway/faults.rs"]
+mod faults;
