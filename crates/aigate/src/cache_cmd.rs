@@ -20,7 +20,7 @@ pub async fn top(server: &Server, gateway: &str, since: &str, limit: usize, json
     }
     let t = &v["totals"];
     println!(
-        "gateway {gateway}, last {since}: {} entries, {} bytes, hit rate {:.1}% ({} hits, {} misses), saved ${:.4}; \
+        "gateway {gateway}, last {since}: {} entries, {} bytes, hit rate {:.1}% ({} hits, {} misses), saved ${:.6}; \
          a longer TTL would have added {} hits (misses on expired entries)",
         t["entries"],
         t["bytes"],
@@ -41,11 +41,12 @@ pub async fn top(server: &Server, gateway: &str, since: &str, limit: usize, json
         );
         println!(
             "{:>6} {:>6} {:>9} {:>8} {:>10}  {:<16} {:<12} {:<22} {}{}",
-            e["hits"],
-            e["misses"],
-            e["bytes"],
+            // Numbers, not `Value`s: a `Value`'s Display ignores the column width.
+            e["hits"].as_u64().unwrap_or(0),
+            e["misses"].as_u64().unwrap_or(0),
+            e["bytes"].as_u64().unwrap_or(0),
             age,
-            format!("${:.4}", e["saved_usd"].as_f64().unwrap_or(0.0)),
+            format!("${:.6}", e["saved_usd"].as_f64().unwrap_or(0.0)),
             &e["key"].as_str().unwrap_or("")[..16.min(e["key"].as_str().unwrap_or("").len())],
             e["endpoint"].as_str().unwrap_or(""),
             e["model"].as_str().unwrap_or("-"),
