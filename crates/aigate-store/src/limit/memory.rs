@@ -109,9 +109,22 @@ fn eval_sliding(counts: &[u64], head: u64, spec: &LimitSpec, now: u64, cost: u64
     }
     // Sub-windows after `cur` hold usage from before a small backward clock step: still counted.
     let (from, to) = (oldest.max((head + 1).saturating_sub(len)), cur.max(head));
-    let used = ring_iter(counts, head, from, to).fold(0u64, |a, (_, c)| a.saturating_add(c));
-    let reset_ms =
-        ring_iter(counts, head, from, to).find(|&(_, c)| c > 0).map_or(0, |(j, _)| leave_at(j, period, sub) - now);
+    // The usage and the oldest non-empty sub-window (when the usage starts leaving), in one pass
+    // over the ring from `from` to `head` (later sub-windows hold nothing yet): this runs for every
+    // rule of every request, so it steps an index rather than taking a remainder per slot.
+    let (mut used, mut first) = (0u64, None);
+    if from <= head {
+        let mut i = (from % len) as usize;
+        for j in from..=head {
+            let c = counts[i];
+            if c > 0 {
+                used = used.saturating_add(c);
+                first.get_or_insert(j);
+            }
+            i = if i + 1 == counts.len() { 0 } else { i + 1 };
+        }
+    }
+    let reset_ms = first.map_or(0, |j| leave_at(j, period, sub) - now);
     let mut retry_after_ms = 0;
     if used.saturating_add(cost) > spec.limit {
         // Walk oldest first until enough leaves the period for `cost` to fit (or everything has).
