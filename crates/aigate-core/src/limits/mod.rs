@@ -143,15 +143,27 @@ impl std::fmt::Debug for LimitLayer {
 
 /// `37s`, `1m5s`, `250ms`: durations as OpenAI writes them in `x-ratelimit-reset-*`.
 pub fn format_reset(ms: u64) -> String {
+    // Pieced together rather than with `format!`: it runs for every rule of every request (the
+    // `x-ratelimit-reset-*` headers), and the formatting machinery cost more than the rest of them.
+    let mut out = String::with_capacity(16);
+    let mut put = |n: u64, unit: &str| {
+        out.push_str(itoa::Buffer::new().format(n));
+        out.push_str(unit);
+    };
     if ms < 1000 {
-        return format!("{ms}ms");
+        put(ms, "ms");
+    } else {
+        let s = ms.div_ceil(1000);
+        let (h, m, s) = (s / 3600, s % 3600 / 60, s % 60);
+        if h > 0 {
+            put(h, "h");
+        }
+        if h > 0 || m > 0 {
+            put(m, "m");
+        }
+        put(s, "s");
     }
-    let s = ms.div_ceil(1000);
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, m, s) => format!("{h}h{m}m{s}s"),
-    }
+    out
 }
 
 impl LimitLayer {
@@ -331,6 +343,12 @@ mod tests {
         assert_eq!(format_reset(37_000), "37s");
         assert_eq!(format_reset(65_001), "1m6s");
         assert_eq!(format_reset(3_600_000), "1h0m0s");
+        assert_eq!(
+            (format_reset(0), format_reset(999), format_reset(1000)),
+            ("0ms".into(), "999ms".into(), "1s".into())
+        );
+        assert_eq!((format_reset(60_000), format_reset(3_599_001)), ("1m0s".into(), "1h0m0s".into()));
+        assert_eq!(format_reset(90_061_000), "25h1m1s");
         assert_eq!(usd_to_micros(0.0000011), 2);
         assert_eq!(actual_amount(Measure::Requests, 1, true, true, None, None, false), 0);
         assert_eq!(actual_amount(Measure::Tokens, 900, false, true, Some(120), None, false), 120);
