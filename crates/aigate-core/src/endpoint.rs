@@ -60,18 +60,20 @@ impl Endpoint {
 
     /// The cacheable endpoint named `name` (see [`Endpoint::NAMES`]).
     pub fn from_name(name: &str) -> Option<Endpoint> {
-        [
-            Endpoint::ChatCompletions,
-            Endpoint::Completions,
-            Endpoint::Embeddings,
-            Endpoint::Responses,
-            Endpoint::AnthropicMessages,
-            Endpoint::GeminiGenerateContent,
-            Endpoint::Models,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == name)
+        Endpoint::ALL.into_iter().find(|&e| e != Endpoint::Other && e.as_str() == name)
     }
+
+    /// Every endpoint.
+    pub const ALL: [Endpoint; 8] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::AnthropicMessages,
+        Endpoint::GeminiGenerateContent,
+        Endpoint::Models,
+        Endpoint::Other,
+    ];
 
     /// Classifies a request: the provider name, the method and the provider path the client sent
     /// (percent-encoded, no leading slash needed; a query string is ignored).

@@ -158,16 +158,7 @@ pub(super) fn valid_stream() -> impl Strategy<Value = ValidStream> {
     )
 }
 
-pub(super) const USAGE_ENDPOINTS: &[Endpoint] = &[
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-    Endpoint::Responses,
-    Endpoint::AnthropicMessages,
-    Endpoint::GeminiGenerateContent,
-    Endpoint::Models,
-    Endpoint::Other,
-];
+pub(super) const USAGE_ENDPOINTS: &[Endpoint] = &Endpoint::ALL;
 
 /// Usage and model of a body read in `chunks`.
 pub(super) fn sse_usage(endpoint: Endpoint, chunks: &[Vec<u8>]) -> (Option<Usage>, Option<String>) {
