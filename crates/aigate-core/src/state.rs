@@ -84,6 +84,7 @@ impl AppState {
             client.clone(),
             metrics.clone(),
         ));
+        limits.start_settler();
         let logs = LogPipeline::new(
             &settings,
             stores.logs,

@@ -40,7 +40,7 @@ pub use self::cache::{CacheFilter, CacheKey, CacheStore, CacheStoreStats, Cached
 pub use self::clock::Clock;
 pub use self::limit::memory::{MemoryLimitStore, DEFAULT_LIMIT_MAX_KEYS};
 pub use self::limit::redis::{RedisLimitStore, LIMIT_REDIS_OP_TIMEOUT};
-pub use self::limit::{Decision, LimitSpec, RateLimitStore, Reservation, Technique, MAX_SUB_WINDOWS};
+pub use self::limit::{Check, Decision, LimitSpec, RateLimitStore, Reservation, Technique, MAX_SUB_WINDOWS};
 pub use self::log::analytics::{
     Analytics, AnalyticsBucket, AnalyticsGroup, AnalyticsQuery, AnalyticsStats, Granularity, GroupBy,
     HOUR_ROLLUP_RETENTION_MS, MAX_ANALYTICS_BUCKETS, MINUTE_ROLLUP_RETENTION_MS,

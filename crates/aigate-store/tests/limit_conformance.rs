@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aigate_store::{
-    build_limit_store, Clock, Decision, LimitBackend, LimitSpec, MemoryLimitStore, RateLimitStore, RedisLimitStore,
-    StoreError, Technique,
+    build_limit_store, Check, Clock, Decision, LimitBackend, LimitSpec, MemoryLimitStore, RateLimitStore,
+    RedisLimitStore, StoreError, Technique,
 };
 
 use common::{now_ms, unique};
@@ -313,6 +313,39 @@ mod cases {
         }
     }
 
+    /// All the rules of a request at once: all reserved, or none when one refuses; settled
+    /// together by another replica.
+    pub async fn all_rules_or_none(f: &Fixture) {
+        let p = f.long_period().await;
+        let (fixed, sliding) = (spec(10, p, Technique::Fixed), spec(100, p, Technique::Sliding));
+        let (ka, kb) = (f.key("a"), f.key("b"));
+        let checks =
+            |ca: u64, cb: u64| [Check { key: &ka, spec: fixed, cost: ca }, Check { key: &kb, spec: sliding, cost: cb }];
+        let used =
+            || async { (f.twin.peek(&ka, &fixed).await.unwrap().used, f.twin.peek(&kb, &sliding).await.unwrap().used) };
+        let ds = f.store.acquire_all(&checks(4, 30)).await.unwrap();
+        assert!(ds.len() == 2 && ds.iter().all(allowed), "{ds:?}");
+        assert_eq!((ds[0].used, ds[1].used), (4, 30));
+        // The second refuses: the first reserves nothing either.
+        let ds = f.twin.acquire_all(&checks(4, 71)).await.unwrap();
+        assert_eq!(ds.len(), 2, "{ds:?}");
+        assert!(ds[0].allowed && ds[0].reservation.is_none(), "{ds:?}");
+        assert!(!ds[1].allowed && ds[1].reservation.is_none() && ds[1].used == 30, "{ds:?}");
+        assert_eq!(used().await, (4, 30));
+        // The first refuses: the later rules are not checked.
+        let ds = f.store.acquire_all(&checks(7, 1)).await.unwrap();
+        assert!(ds.len() == 1 && !allowed(&ds[0]), "{ds:?}");
+        assert_eq!(used().await, (4, 30));
+        // Settled together, by another replica, below and above the reservations.
+        let ds = f.store.acquire_all(&checks(6, 70)).await.unwrap();
+        assert!(ds.iter().all(allowed), "{ds:?}");
+        let settle: Vec<_> = ds.iter().zip([1, 75]).map(|(d, a)| (d.reservation.clone().unwrap(), a)).collect();
+        f.twin.settle_all(&settle).await.unwrap();
+        assert_eq!(used().await, (5, 105));
+        assert!(f.store.acquire_all(&[]).await.unwrap().is_empty());
+        f.store.settle_all(&[]).await.unwrap();
+    }
+
     /// Keys and rules are independent: another key, or the same key under another period or
     /// technique, has its own count.
     pub async fn keys_and_rules_are_independent(f: &Fixture) {
@@ -345,6 +378,7 @@ macro_rules! conformance {
             conformance!(@case $fixture, settle_after_expiry_is_a_noop);
             conformance!(@case $fixture, deny_changes_nothing);
             conformance!(@case $fixture, keys_and_rules_are_independent);
+            conformance!(@case $fixture, all_rules_or_none);
         }
     };
     (@case $fixture:path, $case:ident) => {

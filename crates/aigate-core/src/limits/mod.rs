@@ -108,10 +108,18 @@ pub struct LimitLayer {
     runtime: Option<tokio::runtime::Handle>,
     /// Alert deliveries, POSTed in order by one task.
     webhook_tx: Option<tokio::sync::mpsc::Sender<(http::Uri, Bytes)>>,
+    /// Settlements, joined into batches by the settler task ([`LimitLayer::start_settler`]).
+    settle_tx: std::sync::OnceLock<tokio::sync::mpsc::Sender<Vec<(Held, u64)>>>,
 }
 
 /// Alerts waiting for webhook delivery; beyond, an alert's POST is dropped (and counted).
 pub const WEBHOOK_QUEUE: usize = 256;
+
+/// Records' settlements waiting for the settler task; beyond, a record's are settled on their own.
+pub const SETTLE_QUEUE: usize = 4096;
+
+/// Most records' settlements joined into one store call.
+pub const SETTLE_BATCH: usize = 256;
 
 /// Delivers alerts one after the other, so a receiver sees them in the order they fired.
 async fn deliver_webhooks(
@@ -182,7 +190,16 @@ impl LimitLayer {
             rt.spawn(deliver_webhooks(rx, client.clone(), stats.clone()));
             tx
         });
-        LimitLayer { store, stats, opts: ArcSwap::from_pointee(opts), clock, metrics, runtime, webhook_tx }
+        LimitLayer {
+            store,
+            stats,
+            opts: ArcSwap::from_pointee(opts),
+            clock,
+            metrics,
+            runtime,
+            webhook_tx,
+            settle_tx: std::sync::OnceLock::new(),
+        }
     }
 
     /// Applies reloaded options.
@@ -195,25 +212,11 @@ impl LimitLayer {
         self.opts.load_full()
     }
 
-    /// Gives reservations back (a later rule refused the request).
-    pub(crate) fn release(&self, held: Vec<Held>) {
-        if held.is_empty() {
-            return;
-        }
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            for h in held {
-                let _ = store.settle(&h.reservation, 0).await;
-            }
-        });
-    }
-
     /// Gives reservations back before returning (a fallback step failed: the next step reserves
     /// again, and must see them gone).
     pub(crate) async fn release_now(&self, held: Vec<Held>) {
-        for h in held {
-            let _ = self.store.settle(&h.reservation, 0).await;
-        }
+        let back: Vec<_> = held.into_iter().map(|h| (h.reservation, 0)).collect();
+        let _ = self.store.settle_all(&back).await;
     }
 
     /// Settles reservations to the actual amounts and checks budget alerts (spawned: the caller is
@@ -222,20 +225,53 @@ impl LimitLayer {
         if settlements.is_empty() {
             return;
         }
+        // Queued for the settler task, which joins what arrives together into one store call;
+        // when it is behind (or absent: no runtime when the layer was built), settled on its own.
+        let settlements = match self.settle_tx.get() {
+            None => settlements,
+            Some(tx) => match tx.try_send(settlements) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+        };
         let this = self.clone();
         let Some(rt) = tokio::runtime::Handle::try_current().ok().or_else(|| self.runtime.clone()) else { return };
+        rt.spawn(async move { this.settle_now(settlements).await });
+    }
+
+    /// Settles in one store call what differs from its reservation (an exact reservation, as every
+    /// request rule's, needs none), then checks the budgets' alerts.
+    async fn settle_now(&self, settlements: Vec<(Held, u64)>) {
+        let changed: Vec<(Reservation, u64)> = settlements
+            .iter()
+            .filter(|(h, actual)| *actual != h.reservation.amount())
+            .map(|(h, actual)| (h.reservation.clone(), *actual))
+            .collect();
+        if let Err(e) = self.store.settle_all(&changed).await {
+            self.store_error(&e);
+        }
+        for (h, _) in &settlements {
+            if h.rule.budget.is_some() {
+                self.check_alerts(h).await;
+            }
+        }
+    }
+
+    /// Starts the settler task (once; needs a runtime): settlements queued by [`LimitLayer::settle`]
+    /// go to the store in batches of up to [`SETTLE_BATCH`] records.
+    pub fn start_settler(self: &Arc<Self>) {
+        let Some(rt) = tokio::runtime::Handle::try_current().ok().or_else(|| self.runtime.clone()) else { return };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(Held, u64)>>(SETTLE_QUEUE);
+        if self.settle_tx.set(tx).is_err() {
+            return;
+        }
+        // A weak reference: the task ends with the layer (its sender is dropped with it).
+        let weak = Arc::downgrade(self);
         rt.spawn(async move {
-            for (h, actual) in settlements {
-                // A reservation that was exact (every request rule) needs no round trip.
-                if actual != h.reservation.amount() {
-                    if let Err(e) = this.store.settle(&h.reservation, actual).await {
-                        this.store_error(&e);
-                        continue;
-                    }
-                }
-                if h.rule.budget.is_some() {
-                    this.check_alerts(&h).await;
-                }
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+                let Some(this) = weak.upgrade() else { return };
+                this.settle_now(batch.drain(..).flatten().collect()).await;
             }
         });
     }

@@ -1,24 +1,24 @@
 //! Phase 5, limits: rate limits and spend limits (budgets), checked after the cache lookup (a hit
 //! that does not count never reserves anything) and before anything goes upstream.
 //!
-//! Every rule of the gateway that applies to the request reserves its cost with one atomic
-//! check-and-reserve in the [`aigate_store::RateLimitStore`] (memory, or Redis shared by
-//! replicas): 1 for request rules, an estimate for token rules (prompt bytes / 4 plus
+//! Every rule of the gateway that applies to the request reserves its cost, all of them in one
+//! atomic check-and-reserve of the [`aigate_store::RateLimitStore`] (memory, or Redis shared by
+//! replicas, one round trip): 1 for request rules, an estimate for token rules (prompt bytes / 4 plus
 //! `max_tokens`, else `default_max_tokens`) and for cost rules and budgets (that estimate priced,
 //! in micro-USD). The reservations ride on the request's meter; when the response ends, the log
 //! writer settles each to the actual amount ([`crate::limits::LimitLayer::settle`]).
 //!
 //! Reads: the gateway's rules, the request body (model, `max_tokens`), `cf-aig-metadata`, the
 //! caller's credentials. Writes: the meter's reservations and `x-ratelimit-*` headers. Fails
-//! closed with 429 naming the rule, the limit, what was used and when it resets (reservations
-//! already taken are given back); a failing store follows `on_store_error`: allow (counted,
+//! closed with 429 naming the rule, the limit, what was used and when it resets (and nothing
+//! reserved under any rule); a failing store follows `on_store_error`: allow (counted,
 //! logged once per 10 s) or deny with 503.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigate_store::{Decision, LimitSpec, Technique};
+use aigate_store::{Check, Decision, LimitSpec, Technique};
 use http::HeaderValue;
 use serde::Deserialize;
 
@@ -149,7 +149,9 @@ async fn reserve(
         return Ok(adm);
     }
     let now = layer.clock.now_ms();
-    let mut tightest: [Option<Decision>; 2] = [None, None];
+    // Every rule that applies, then one check-and-reserve for all of them (one round trip to a
+    // shared store; all or nothing, so a refusal leaves nothing to give back).
+    let mut planned = Vec::with_capacity(rules.len());
     for rule in rules {
         if hit && rule.measure != Measure::Requests {
             continue;
@@ -172,42 +174,49 @@ async fn reserve(
             }
             Measure::CostUsd => facts.cost_estimate_micros(opts.default_max_tokens),
         };
-        // An estimate above the whole limit reserves the limit: the request passes on an empty
-        // window and is settled to what it used, instead of being refused forever.
-        let cost = estimate.min(rule.limit);
         let window = rule.budget.as_ref().and_then(|b| b.period.window(now));
         let (key, spec) = store_key(gateway, rule, &value, window);
-        match layer.store.acquire(&key, &spec, cost).await {
-            Ok(d) if d.allowed => {
-                let slot = match rule.measure {
-                    Measure::Requests => Some(0),
-                    Measure::Tokens => Some(1),
-                    Measure::CostUsd => None,
-                };
-                if let Some(i) = slot {
-                    if tightest[i].as_ref().is_none_or(|t| d.remaining < t.remaining) {
-                        tightest[i] = Some(d.clone());
-                    }
-                }
-                if let Some(reservation) = d.reservation {
-                    adm.held.push(Held { rule: rule.clone(), gateway: gateway.clone(), reservation, window });
-                }
+        planned.push(Planned { rule, key, spec, estimate, window });
+    }
+    let checks: Vec<Check<'_>> = planned
+        .iter()
+        // An estimate above the whole limit reserves the limit: the request passes on an empty
+        // window and is settled to what it used, instead of being refused forever.
+        .map(|p| Check { key: &p.key, spec: p.spec, cost: p.estimate.min(p.rule.limit) })
+        .collect();
+    let decisions = match layer.store.acquire_all(&checks).await {
+        Ok(d) => d,
+        Err(e) => {
+            layer.store_error(&e);
+            if opts.on_store_error == OnStoreError::Deny {
+                return Err(GatewayError::LimitStoreUnavailable);
             }
-            Ok(d) => {
-                layer.release(std::mem::take(&mut adm.held));
-                layer.stats.limited.fetch_add(1, Ordering::Relaxed);
-                layer.metrics.record_limited(gateway, &rule.name);
-                let assumed = (rule.measure != Measure::Requests && facts.assumes_default_output())
-                    .then_some(opts.default_max_tokens);
-                return Err(denied(rule, &d, (estimate, assumed), window, now));
+            return Ok(adm);
+        }
+    };
+    let mut tightest: [Option<Decision>; 2] = [None, None];
+    for (p, d) in planned.iter().zip(decisions) {
+        let rule = p.rule;
+        if !d.allowed {
+            layer.stats.limited.fetch_add(1, Ordering::Relaxed);
+            layer.metrics.record_limited(gateway, &rule.name);
+            let assumed = (rule.measure != Measure::Requests && facts.assumes_default_output())
+                .then_some(opts.default_max_tokens);
+            return Err(denied(rule, &d, (p.estimate, assumed), p.window, now));
+        }
+        let slot = match rule.measure {
+            Measure::Requests => Some(0),
+            Measure::Tokens => Some(1),
+            Measure::CostUsd => None,
+        };
+        let reservation = d.reservation.clone();
+        if let Some(i) = slot {
+            if tightest[i].as_ref().is_none_or(|t| d.remaining < t.remaining) {
+                tightest[i] = Some(d);
             }
-            Err(e) => {
-                layer.store_error(&e);
-                if opts.on_store_error == OnStoreError::Deny {
-                    layer.release(std::mem::take(&mut adm.held));
-                    return Err(GatewayError::LimitStoreUnavailable);
-                }
-            }
+        }
+        if let Some(reservation) = reservation {
+            adm.held.push(Held { rule: rule.clone(), gateway: gateway.clone(), reservation, window: p.window });
         }
     }
     let names = [
@@ -224,6 +233,15 @@ async fn reserve(
         }
     }
     Ok(adm)
+}
+
+/// A rule that applies to the request, with what it would reserve.
+struct Planned<'r> {
+    rule: &'r Rule,
+    key: String,
+    spec: LimitSpec,
+    estimate: u64,
+    window: Option<(u64, u64)>,
 }
 
 /// The store key and spec of a rule for a key value (and a budget's calendar window).

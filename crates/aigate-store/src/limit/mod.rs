@@ -199,6 +199,59 @@ pub trait RateLimitStore: Send + Sync + 'static {
 
     /// Current usage without changing it: the decision a cost of 1 would get, without a reservation.
     async fn peek(&self, key: &str, spec: &LimitSpec) -> Result<Decision, StoreError>;
+
+    /// Check-and-reserve of every rule of one request, all or nothing: the decisions in order, up to
+    /// and including the first refusal if there is one, in which case nothing stays reserved.
+    ///
+    /// The default runs [`RateLimitStore::acquire`] rule by rule and gives earlier reservations back
+    /// on a refusal; a store behind a network overrides it with one round trip for all of them.
+    async fn acquire_all(&self, checks: &[Check<'_>]) -> Result<Vec<Decision>, StoreError> {
+        let mut out: Vec<Decision> = Vec::with_capacity(checks.len());
+        for c in checks {
+            let d = match self.acquire(c.key, &c.spec, c.cost).await {
+                Ok(d) => d,
+                Err(e) => {
+                    give_back(self, &mut out).await;
+                    return Err(e);
+                }
+            };
+            let refused = !d.allowed;
+            out.push(d);
+            if refused {
+                give_back(self, &mut out).await;
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Settles several reservations (see [`RateLimitStore::settle`]); stops at the first error. The
+    /// default settles one by one; a store behind a network overrides it with one round trip.
+    async fn settle_all(&self, settlements: &[(Reservation, u64)]) -> Result<(), StoreError> {
+        for (r, actual) in settlements {
+            self.settle(r, *actual).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Gives back the reservations of `decisions` (a later check of the same request was refused or
+/// failed). Best effort: a failing store keeps them until their window ends.
+async fn give_back<S: RateLimitStore + ?Sized>(store: &S, decisions: &mut [Decision]) {
+    for r in decisions.iter_mut().filter_map(|d| d.reservation.take()) {
+        let _ = store.settle(&r, 0).await;
+    }
+}
+
+/// One rule's check of [`RateLimitStore::acquire_all`].
+#[derive(Debug, Clone, Copy)]
+pub struct Check<'a> {
+    /// The limiter key.
+    pub key: &'a str,
+    /// The rule.
+    pub spec: LimitSpec,
+    /// The cost to reserve.
+    pub cost: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

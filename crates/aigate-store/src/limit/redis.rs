@@ -2,7 +2,9 @@
 //!
 //! Every operation is one Lua script (sent as `EVALSHA`, loaded on `NOSCRIPT`) that reads Redis's own
 //! clock (`TIME`) and does the check and the write atomically: the gateway never reads then writes,
-//! and replica clocks do not matter. The scripts mirror the memory store's arithmetic
+//! and replica clocks do not matter. All the rules of a request are checked by one script call
+//! ([`RateLimitStore::acquire_all`]: one round trip, all or nothing), and the log writer's
+//! settlements go in one call per batch ([`RateLimitStore::settle_all`]). The scripts mirror the memory store's arithmetic
 //! ([`crate::limit`]), so both pass the same conformance suite.
 //!
 //! Layout (one key per rule and limiter key, so a rule whose period or technique changes starts from
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::limit::decision;
-use crate::{Decision, LimitSpec, RateLimitStore, RedisCacheStore, Reservation, StoreError, Technique};
+use crate::{Check, Decision, LimitSpec, RateLimitStore, RedisCacheStore, Reservation, StoreError, Technique};
 
 /// Per-operation timeout of the Redis rate-limit store built by [`crate::build_limit_store`].
 pub const LIMIT_REDIS_OP_TIMEOUT: Duration = Duration::from_millis(250);
@@ -43,139 +45,157 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
-/// Fixed window check (and reserve if ARGV[4] == '1').
-/// ARGV: limit, period, cost, write. Returns {allowed, used, reset_ms, retry_after_ms, window}.
-const FIXED_ACQUIRE: &str = r"
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local w = math.floor(now / period)
-local wend = (w + 1) * period
-local v = redis.call('HMGET', KEYS[1], 'w', 'c')
-local same = v[1] and tonumber(v[1]) == w
-local used = 0
-if same then used = tonumber(v[2]) or 0 end
-local reset = wend - now
-if used + cost > limit then
-  local retry = reset
-  if cost > limit then retry = period end
-  return {0, used, reset, retry, w}
-end
-if ARGV[4] ~= '1' then return {1, used, reset, 0, w} end
-if same then
-  used = redis.call('HINCRBY', KEYS[1], 'c', ARGV[3])
-else
-  redis.call('HSET', KEYS[1], 'w', string.format('%d', w), 'c', ARGV[3])
-  redis.call('PEXPIREAT', KEYS[1], string.format('%d', wend))
-  used = cost
-end
-return {1, used, reset, 0, w}
-";
-
-/// Fixed window settlement. ARGV: period, window, reserved, actual. Returns 1 if applied.
-const FIXED_SETTLE: &str = r"
-local period = tonumber(ARGV[1])
-local w = tonumber(ARGV[2])
-if math.floor(now / period) ~= w then return 0 end
-local v = redis.call('HMGET', KEYS[1], 'w', 'c')
-if not v[1] or tonumber(v[1]) ~= w then return 0 end
-local c = math.max((tonumber(v[2]) or 0) - tonumber(ARGV[3]), 0) + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'c', string.format('%d', c))
-return 1
-";
-
-/// Sliding window check (and reserve if ARGV[5] == '1').
-/// ARGV: limit, period, sub-window ms, cost, write, ring length. Sub-windows after the current one
-/// (left by a backward clock step of less than a period) still count. Returns {allowed, used, reset_ms, retry_after_ms,
-/// sub-window}.
-const SLIDING_ACQUIRE: &str = r"
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local sub = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local write = ARGV[5] == '1'
-local ring = tonumber(ARGV[6])
-local cur = math.floor(now / sub)
-local oldest = 0
-if now + 1 >= period then oldest = math.floor((now + 1 - period) / sub) end
-local function leave(j) return (j + 1) * sub + period - 1 end
-local flat = redis.call('HGETALL', KEYS[1])
-local live = {}
-local stale = {}
-local used = 0
-for i = 1, #flat, 2 do
-  local j = tonumber(flat[i])
-  local c = tonumber(flat[i + 1]) or 0
-  if j == nil or j < oldest or j >= cur + ring then
-    stale[#stale + 1] = flat[i]
-  elseif c > 0 then
-    used = used + c
-    live[#live + 1] = {j, c}
-  end
-end
-table.sort(live, function(a, b) return a[1] < b[1] end)
-if write and #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
-if used + cost > limit then
-  local reset = 0
-  if #live > 0 then reset = leave(live[1][1]) - now end
-  local retry = 0
-  if cost > limit then
-    retry = period
+/// Check (and reserve if ARGV[1] == '1') of every rule of a request, all or nothing.
+/// KEYS: one per rule. ARGV[1]: write; then six per rule: technique (`f` or `s`), limit, period,
+/// sub-window ms, cost, ring length (the last two only read for sliding). Stops at the first rule
+/// that refuses; writes only when none does. Returns five numbers per rule checked: allowed, used,
+/// reset_ms, retry_after_ms, slot (the fixed window or sliding sub-window index).
+///
+/// Sliding sub-windows after the current one (left by a backward clock step of less than a period)
+/// still count.
+const ACQUIRE: &str = r"
+local write = ARGV[1] == '1'
+local function leave(j, period, sub) return (j + 1) * sub + period - 1 end
+local rules = {}
+local out = {}
+local refused = false
+for i = 1, #KEYS do
+  local b = 1 + (i - 1) * 6
+  local r = {
+    key = KEYS[i], sliding = ARGV[b + 1] == 's', limit = tonumber(ARGV[b + 2]),
+    period = tonumber(ARGV[b + 3]), sub = tonumber(ARGV[b + 4]), cost = tonumber(ARGV[b + 5]),
+    costarg = ARGV[b + 5], ring = tonumber(ARGV[b + 6])
+  }
+  local used, reset, retry = 0, 0, 0
+  if not r.sliding then
+    r.slot = math.floor(now / r.period)
+    r.wend = (r.slot + 1) * r.period
+    local v = redis.call('HMGET', r.key, 'w', 'c')
+    r.same = v[1] and tonumber(v[1]) == r.slot
+    if r.same then used = tonumber(v[2]) or 0 end
+    reset = r.wend - now
+    if used + r.cost > r.limit then
+      retry = reset
+      if r.cost > r.limit then retry = r.period end
+    end
   else
-    local left = used
-    for _, e in ipairs(live) do
-      left = left - e[2]
-      retry = leave(e[1]) - now
-      if left + cost <= limit then break end
+    r.slot = math.floor(now / r.sub)
+    local oldest = 0
+    if now + 1 >= r.period then oldest = math.floor((now + 1 - r.period) / r.sub) end
+    local flat = redis.call('HGETALL', r.key)
+    local live = {}
+    r.stale = {}
+    for k = 1, #flat, 2 do
+      local j = tonumber(flat[k])
+      local c = tonumber(flat[k + 1]) or 0
+      if j == nil or j < oldest or j >= r.slot + r.ring then
+        r.stale[#r.stale + 1] = flat[k]
+      elseif c > 0 then
+        used = used + c
+        live[#live + 1] = {j, c}
+      end
+    end
+    table.sort(live, function(a, b) return a[1] < b[1] end)
+    r.first = live[1] and live[1][1]
+    if r.first then reset = leave(r.first, r.period, r.sub) - now end
+    if used + r.cost > r.limit then
+      if r.cost > r.limit then
+        retry = r.period
+      else
+        local left = used
+        for _, e in ipairs(live) do
+          left = left - e[2]
+          retry = leave(e[1], r.period, r.sub) - now
+          if left + r.cost <= r.limit then break end
+        end
+      end
     end
   end
-  return {0, used, reset, retry, cur}
+  r.used, r.reset = used, reset
+  rules[i] = r
+  local ok = used + r.cost <= r.limit
+  out[#out + 1] = ok and 1 or 0
+  out[#out + 1] = used
+  out[#out + 1] = reset
+  out[#out + 1] = ok and 0 or retry
+  out[#out + 1] = r.slot
+  if not ok then
+    refused = true
+    break
+  end
 end
-if write then
-  redis.call('HINCRBY', KEYS[1], string.format('%d', cur), ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], string.format('%d', period + sub))
-  used = used + cost
+if not write then return out end
+for i, r in ipairs(rules) do
+  if r.sliding and #r.stale > 0 then redis.call('HDEL', r.key, unpack(r.stale)) end
 end
-local first = nil
-if #live > 0 then first = live[1][1] elseif write and cost > 0 then first = cur end
-local reset = 0
-if first then reset = leave(first) - now end
-return {1, used, reset, 0, cur}
+if refused then return out end
+for i, r in ipairs(rules) do
+  local o = (i - 1) * 5
+  if not r.sliding then
+    if r.same then
+      out[o + 2] = redis.call('HINCRBY', r.key, 'c', r.costarg)
+    else
+      redis.call('HSET', r.key, 'w', string.format('%d', r.slot), 'c', r.costarg)
+      redis.call('PEXPIREAT', r.key, string.format('%d', r.wend))
+      out[o + 2] = r.cost
+    end
+  else
+    redis.call('HINCRBY', r.key, string.format('%d', r.slot), r.costarg)
+    redis.call('PEXPIRE', r.key, string.format('%d', r.period + r.sub))
+    out[o + 2] = r.used + r.cost
+    if not r.first and r.cost > 0 then out[o + 3] = leave(r.slot, r.period, r.sub) - now end
+  end
+end
+return out
 ";
 
-/// Sliding window settlement. ARGV: period, sub-window ms, sub-window, reserved, actual. Returns 1 if
-/// applied.
-const SLIDING_SETTLE: &str = r"
-local period = tonumber(ARGV[1])
-local sub = tonumber(ARGV[2])
-local j = tonumber(ARGV[3])
-local oldest = 0
-if now + 1 >= period then oldest = math.floor((now + 1 - period) / sub) end
-if j < oldest then return 0 end
-local c = redis.call('HGET', KEYS[1], ARGV[3])
-if not c then return 0 end
-c = math.max(tonumber(c) - tonumber(ARGV[4]), 0) + tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], ARGV[3], string.format('%d', c))
-return 1
+/// Settlement of reservations. KEYS: one per reservation. ARGV: six per reservation: technique
+/// (`f` or `s`), period, sub-window ms, slot, reserved, actual. A reservation whose window or
+/// sub-window no longer counts is skipped. Returns how many were applied.
+const SETTLE: &str = r"
+local applied = 0
+for i = 1, #KEYS do
+  local b = (i - 1) * 6
+  local period = tonumber(ARGV[b + 2])
+  local sub = tonumber(ARGV[b + 3])
+  local slot = tonumber(ARGV[b + 4])
+  local reserved = tonumber(ARGV[b + 5])
+  local actual = tonumber(ARGV[b + 6])
+  if ARGV[b + 1] == 'f' then
+    if math.floor(now / period) == slot then
+      local v = redis.call('HMGET', KEYS[i], 'w', 'c')
+      if v[1] and tonumber(v[1]) == slot then
+        local c = math.max((tonumber(v[2]) or 0) - reserved, 0) + actual
+        redis.call('HSET', KEYS[i], 'c', string.format('%d', c))
+        applied = applied + 1
+      end
+    end
+  else
+    local oldest = 0
+    if now + 1 >= period then oldest = math.floor((now + 1 - period) / sub) end
+    if slot >= oldest then
+      local c = redis.call('HGET', KEYS[i], ARGV[b + 4])
+      if c then
+        c = math.max(tonumber(c) - reserved, 0) + actual
+        redis.call('HSET', KEYS[i], ARGV[b + 4], string.format('%d', c))
+        applied = applied + 1
+      end
+    end
+  end
+end
+return applied
 ";
 
-/// The four scripts, hashed once.
+/// The two scripts, hashed once.
 struct Scripts {
-    fixed_acquire: redis::Script,
-    fixed_settle: redis::Script,
-    sliding_acquire: redis::Script,
-    sliding_settle: redis::Script,
+    acquire: redis::Script,
+    settle: redis::Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
         let s = |body: &str| redis::Script::new(&format!("{NOW}{body}"));
-        Scripts {
-            fixed_acquire: s(FIXED_ACQUIRE),
-            fixed_settle: s(FIXED_SETTLE),
-            sliding_acquire: s(SLIDING_ACQUIRE),
-            sliding_settle: s(SLIDING_SETTLE),
-        }
+        Scripts { acquire: s(ACQUIRE), settle: s(SETTLE) }
     }
 }
 
@@ -228,32 +248,58 @@ impl RedisLimitStore {
         .map_err(|_| StoreError::Timeout)?
     }
 
-    /// The acquire / peek script: `write` reserves.
-    async fn check(&self, key: &str, spec: &LimitSpec, cost: u64, write: bool) -> Result<Decision, StoreError> {
-        let limit = spec.limit.min(MAX_EXACT);
-        let cost = cost.min(MAX_EXACT);
-        let rkey = redis_limit_key(key, spec);
-        let w = if write { "1" } else { "0" };
-        let reply: Vec<i64> = match spec.technique {
-            Technique::Fixed => {
-                let mut inv = self.scripts.fixed_acquire.key(rkey);
-                inv.arg(limit).arg(spec.period()).arg(cost).arg(w);
-                self.run(&inv).await?
-            }
-            Technique::Sliding => {
-                let mut inv = self.scripts.sliding_acquire.key(rkey);
-                inv.arg(limit).arg(spec.period()).arg(spec.sub_window_ms()).arg(cost).arg(w).arg(spec.ring_len());
-                self.run(&inv).await?
-            }
-        };
-        let [allowed, used, reset, retry, slot] = reply[..] else {
-            return Err(StoreError::Corrupt(format!("rate-limit script returned {reply:?}")));
-        };
-        let mut d = decision(spec.limit, allowed == 1, to_u64(used), to_u64(reset), to_u64(retry));
-        if write && d.allowed {
-            d.reservation = Some(Reservation { key: Arc::from(key), spec: *spec, slot: to_u64(slot), amount: cost });
+    /// The acquire / peek script over `checks`: `write` reserves.
+    async fn check(&self, checks: &[Check<'_>], write: bool) -> Result<Vec<Decision>, StoreError> {
+        if checks.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(d)
+        let mut inv = self.scripts.acquire.prepare_invoke();
+        inv.arg(if write { "1" } else { "0" });
+        for c in checks {
+            let spec = &c.spec;
+            inv.key(redis_limit_key(c.key, spec));
+            inv.arg(technique_arg(spec))
+                .arg(spec.limit.min(MAX_EXACT))
+                .arg(spec.period())
+                .arg(spec.sub_window_ms())
+                .arg(c.cost.min(MAX_EXACT))
+                .arg(spec.ring_len());
+        }
+        let reply: Vec<i64> = self.run(&inv).await?;
+        if reply.is_empty() || !reply.len().is_multiple_of(5) || reply.len() / 5 > checks.len() {
+            return Err(StoreError::Corrupt(format!("rate-limit script returned {reply:?}")));
+        }
+        let all_allowed = reply.chunks(5).all(|r| r[0] == 1);
+        Ok(reply
+            .chunks(5)
+            .zip(checks)
+            .map(|(r, c)| {
+                let mut d = decision(c.spec.limit, r[0] == 1, to_u64(r[1]), to_u64(r[2]), to_u64(r[3]));
+                if write && all_allowed {
+                    d.reservation = Some(Reservation {
+                        key: Arc::from(c.key),
+                        spec: c.spec,
+                        slot: to_u64(r[4]),
+                        amount: c.cost.min(MAX_EXACT),
+                    });
+                }
+                d
+            })
+            .collect())
+    }
+
+    /// One decision of a single check.
+    async fn check_one(&self, key: &str, spec: &LimitSpec, cost: u64, write: bool) -> Result<Decision, StoreError> {
+        let mut ds = self.check(&[Check { key, spec: *spec, cost }], write).await?;
+        ds.pop().ok_or_else(|| StoreError::Corrupt("rate-limit script returned nothing".into()))
+    }
+}
+
+/// A rule's technique as the scripts read it.
+fn technique_arg(spec: &LimitSpec) -> &'static str {
+    match spec.technique {
+        Technique::Fixed => "f",
+        Technique::Sliding => "s",
     }
 }
 
@@ -264,30 +310,40 @@ impl RateLimitStore for RedisLimitStore {
     }
 
     async fn acquire(&self, key: &str, spec: &LimitSpec, cost: u64) -> Result<Decision, StoreError> {
-        self.check(key, spec, cost, true).await
+        self.check_one(key, spec, cost, true).await
     }
 
     async fn settle(&self, reservation: &Reservation, actual: u64) -> Result<(), StoreError> {
-        let spec = &reservation.spec;
-        let rkey = redis_limit_key(&reservation.key, spec);
-        let (amount, actual) = (reservation.amount.min(MAX_EXACT), actual.min(MAX_EXACT));
-        let _applied: i64 = match spec.technique {
-            Technique::Fixed => {
-                let mut inv = self.scripts.fixed_settle.key(rkey);
-                inv.arg(spec.period()).arg(reservation.slot).arg(amount).arg(actual);
-                self.run(&inv).await?
-            }
-            Technique::Sliding => {
-                let mut inv = self.scripts.sliding_settle.key(rkey);
-                inv.arg(spec.period()).arg(spec.sub_window_ms()).arg(reservation.slot).arg(amount).arg(actual);
-                self.run(&inv).await?
-            }
-        };
-        Ok(())
+        self.settle_all(&[(reservation.clone(), actual)]).await
     }
 
     async fn peek(&self, key: &str, spec: &LimitSpec) -> Result<Decision, StoreError> {
-        self.check(key, spec, 1, false).await
+        self.check_one(key, spec, 1, false).await
+    }
+
+    /// One script call for every rule of the request: one round trip, and all or nothing in Redis.
+    async fn acquire_all(&self, checks: &[Check<'_>]) -> Result<Vec<Decision>, StoreError> {
+        self.check(checks, true).await
+    }
+
+    /// One script call for all the settlements.
+    async fn settle_all(&self, settlements: &[(Reservation, u64)]) -> Result<(), StoreError> {
+        if settlements.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.scripts.settle.prepare_invoke();
+        for (r, actual) in settlements {
+            let spec = &r.spec;
+            inv.key(redis_limit_key(&r.key, spec));
+            inv.arg(technique_arg(spec))
+                .arg(spec.period())
+                .arg(spec.sub_window_ms())
+                .arg(r.slot)
+                .arg(r.amount.min(MAX_EXACT))
+                .arg((*actual).min(MAX_EXACT));
+        }
+        let _applied: i64 = self.run(&inv).await?;
+        Ok(())
     }
 }
 
