@@ -1044,16 +1044,15 @@ report() {
         i=$((i + 1))
     done
     if [[ -s $WORK/scale/targets.md ]]; then cat "$WORK/scale/targets.md"; fi
-    echo
     # The limiter: information (issue #5's per-call target is the criterion benchmark's, see
     # docs/benchmarks.md).
     for t in "${LIMIT_TARGETS[@]}"; do
+        echo
         echo "Limiter, $t against aigate:" \
             "$(for c in "${CONCURRENCIES[@]}"; do
                 printf 'c=%s %+.1f %% req/s, %+.1f µs CPU/request; ' "$c" \
                     "$(calc "100 * (${RPS[$t,$c]} / ${RPS[aigate,$c]} - 1)")" "$(calc "${CPU_US[$t,$c]} - ${CPU_US[aigate,$c]}")"
             done)${LIMIT_STATS[$t]} (information, no target)."
-        echo
     done
 
     local total_errors=0

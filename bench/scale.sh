@@ -371,8 +371,8 @@ section() {
     done
     echo
     echo "**$CONNECTIONS connections** against aigate-nolog (cache miss), each with a request in flight:" \
-        "wrk -t1 -c$CONNECTIONS for ${CONN_DURATION} s (the connections opened within it); aigate's VmRSS," \
-        "established client connections and open files sampled every 0.5 s, VmHWM after."
+        "wrk -t1 -c$CONNECTIONS for ${CONN_DURATION} s (the connections opened within it); every 0.5 s aigate's" \
+        "VmRSS, the connections established on its side and on wrk's, and its open files; VmHWM after."
     echo
     echo "| connections | most established, aigate's side / wrk's | all on aigate's side after | req/s | p50 ms | p99 ms | errors | RSS before | most VmRSS | VmHWM after | most open files / limit | aigate CPU µs/request |"
     echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -385,6 +385,7 @@ section() {
         "side a connection counts once its handshake is answered, even when aigate's full accept queue dropped" \
         "the final ACK (SYN cookies). Listen queue overflows during the point (the kernel's" \
         "TcpExtListenOverflows, all sockets): $CONN_OVERFLOWS."
+    echo
     echo "Upstream failures of aigate-nolog during the run (its debug log): $CONN_FAILS." \
         "WARN/ERROR lines of aigate-nolog and the mock: $CONN_WARN.${CONN_ALIVE:+ $CONN_ALIVE}"
 }
