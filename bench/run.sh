@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/run.sh: aigate against nginx against no proxy at all, in one run, on the same mock upstream.
 #
-#   bench/run.sh                      # full run: about 6.5 minutes after the build (1.5 of them analytics)
+#   bench/run.sh                      # full run: about 8 minutes after the build (1.5 of them analytics,
+#                                     # 1.5 streams and scale)
 #   BENCH_DURATION=5 bench/run.sh     # shorter points
 #
 # Targets, each in front of the same `aigate-mock` (non-streaming chat completions):
@@ -39,7 +40,12 @@
 #      throughput points of 1. (req/s, p50, p99, CPU per request); the same for OpenTelemetry
 #      export (aigate-otel), with its target;
 #   6. analytics query time over 1M log records: the `analytics_bench` example of aigate-store
-#      (SQLite, and PostgreSQL when reachable at AIGATE_TEST_POSTGRES_URL, default 127.0.0.1:5432).
+#      (SQLite, and PostgreSQL when reachable at AIGATE_TEST_POSTGRES_URL, default 127.0.0.1:5432);
+#   7. streams and scale, by bench/scale.sh (its own servers, after the added-latency points; see
+#      its header): time to first event of a streamed completion direct, through aigate as a miss
+#      and as a hit; 1,000 streams at once; req/s at concurrency 1024 against 32; 10,000 keep-alive
+#      connections with aigate's RSS; CPU per request of each. Its section and PASS/FAIL lines go
+#      in this report.
 # Prints a markdown report with PASS/FAIL lines for the targets and writes it to
 # bench/results/latest.md (raw load-generator output goes to bench/results/latest-raw.log; both are
 # generated and not kept in git: docs/benchmarks.md holds the latest figures).
@@ -62,6 +68,8 @@
 #                            against the mock's 1 ms timer tick: see docs/benchmarks.md.
 #   BENCH_SKIP_BUILD=1   use the release binaries already built
 #   BENCH_SKIP_ANALYTICS=1  skip the analytics benchmark (6.; about 15-40 s per backend)
+#   BENCH_SKIP_SCALE=1   skip bench/scale.sh (7.); its own variables (BENCH_TTFE_N, BENCH_STREAMS,
+#                        BENCH_CONNECTIONS, ...) are listed in its header
 #   BENCH_REDIS_URL      Redis for aigate-limit-redis (default redis://127.0.0.1:6379)
 #   BENCH_SKIP_REDIS=1   no aigate-limit-redis (also skipped when Redis does not answer PING)
 #   AIGATE_SKIP_POSTGRES=1  run the analytics benchmark on SQLite only
@@ -106,7 +114,6 @@ LOGGED_TARGETS=(aigate aigate-otel aigate-limit aigate-limit-redis aigate-bodies
 # The limiter targets, compared with aigate (same config without rules).
 LIMIT_TARGETS=(aigate-limit aigate-limit-redis)
 REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
-TTFE_N=${BENCH_TTFE_N:-200}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
 CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 BODY_FILE=$BENCH/request.json
@@ -531,24 +538,17 @@ print(sum(db.execute(f"SELECT count(*) FROM logs_p{seq}").fetchone()[0] for seq 
 EOF
 }
 
-# Time to first event of a streamed cache hit: the same streaming request $TTFE_N times after one
-# warm-up request (a MISS that fills the cache); fills TTFE_P50/TTFE_P99 (ms) and, for reference,
-# TTFE_DIRECT_P50 (a fresh stream straight from the mock).
-measure_ttfe() {
-    local body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"stream me"}]}'
-    local url=${URL[aigate-hit]} direct=${URL[direct]} i
-    local -a c=(taskset -c "$CLIENT_CPU" curl -s -o /dev/null -w '%{time_starttransfer}\n' -X POST
-        -H 'content-type: application/json' -H 'authorization: Bearer sk-bench-not-a-real-key' --data "$body")
-    "${c[@]}" "$url" >/dev/null
-    sleep 0.2
-    for ((i = 0; i < TTFE_N; i++)); do "${c[@]}" "$url"; done >"$WORK/ttfe-hit.txt"
-    for ((i = 0; i < TTFE_N; i++)); do "${c[@]}" "$direct"; done >"$WORK/ttfe-direct.txt"
-    read -r TTFE_P50 TTFE_P99 < <(sort -g "$WORK/ttfe-hit.txt" | awk '{ v[NR] = $1 * 1000 }
-        END { printf "%.3f %.3f\n", v[int(NR * 0.5 + 0.5)], v[int(NR * 0.99 + 0.5)] }')
-    TTFE_DIRECT_P50=$(sort -g "$WORK/ttfe-direct.txt" | awk '{ v[NR] = $1 * 1000 }
-        END { printf "%.3f", v[int(NR * 0.5 + 0.5)] }')
-    log "streamed hit time to first event: p50 ${TTFE_P50} ms, p99 ${TTFE_P99} ms" \
-        "(a fresh stream direct from the mock: p50 ${TTFE_DIRECT_P50} ms)"
+# Streams and scale (7.): bench/scale.sh with the binaries of this run; its section, PASS/FAIL lines
+# and raw output land in $WORK/scale (the raw output is appended to $RAW).
+measure_scale() {
+    if [[ ${BENCH_SKIP_SCALE:-0} == 1 ]]; then
+        log "BENCH_SKIP_SCALE=1: streams and scale skipped"
+        return
+    fi
+    log "streams and scale: bench/scale.sh"
+    CARGO_TARGET_DIR=$TARGET_DIR BENCH_SKIP_BUILD=1 BENCH_STRICT=0 BENCH_SCALE_OUT=$WORK/scale "$BENCH/scale.sh" ||
+        die "bench/scale.sh failed"
+    cat "$WORK/scale/raw.log" >>"$RAW"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -825,6 +825,7 @@ report() {
         done
     fi
     for v in "${verdicts[@]}"; do [[ $v == PASS ]] || fails=$((fails + 1)); done
+    if [[ -s $WORK/scale/targets.md ]]; then fails=$((fails + $(grep -c '^- FAIL' "$WORK/scale/targets.md" || true))); fi
     FAILS=$fails
 
     echo "# aigate benchmark: $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -977,6 +978,10 @@ report() {
         printf '| %s | %s | %s |\n' "$t" "${LIMIT_HEADERS[$t]}" "${LIMIT_STATS[$t]}"
     done
     echo
+    if [[ -s $WORK/scale/section.md ]]; then
+        cat "$WORK/scale/section.md"
+        echo
+    fi
     echo "## Analytics queries over 1M log records"
     echo
     if [[ -z $ANALYTICS_ROWS ]]; then
@@ -1038,19 +1043,17 @@ report() {
             "run $v ms (target < ${TARGET_ANALYTICS_MS} ms per query, on the median)"
         i=$((i + 1))
     done
-    echo
+    if [[ -s $WORK/scale/targets.md ]]; then cat "$WORK/scale/targets.md"; fi
     # The limiter: information (issue #5's per-call target is the criterion benchmark's, see
     # docs/benchmarks.md).
     for t in "${LIMIT_TARGETS[@]}"; do
+        echo
         echo "Limiter, $t against aigate:" \
             "$(for c in "${CONCURRENCIES[@]}"; do
                 printf 'c=%s %+.1f %% req/s, %+.1f µs CPU/request; ' "$c" \
                     "$(calc "100 * (${RPS[$t,$c]} / ${RPS[aigate,$c]} - 1)")" "$(calc "${CPU_US[$t,$c]} - ${CPU_US[aigate,$c]}")"
             done)${LIMIT_STATS[$t]} (information, no target)."
-        echo
     done
-    echo "Streamed cache hit (aigate-hit, logs on), time to first event over ${TTFE_N} sequential requests (curl):" \
-        "p50 ${TTFE_P50} ms, p99 ${TTFE_P99} ms; a fresh stream straight from the mock: p50 ${TTFE_DIRECT_P50} ms."
 
     local total_errors=0
     for c in "${CONCURRENCIES[@]}"; do for t in "${TP_TARGETS[@]}"; do total_errors=$((total_errors + ERRS[$t,$c])); done; done
@@ -1126,7 +1129,7 @@ main() {
     # takes part in the added-latency points, which add little).
     for t in "${INSTANCES[@]:1}"; do GW_PEAK_RSS[$t]=$(kib "${GW_PID[$t]}" VmHWM); done
     measure_rate
-    measure_ttfe
+    measure_scale
 
     PEAK_RSS=$(kib "$AIGATE_PID" VmHWM)
     NGINX_PEAK_RSS=$(nginx_rss "$NGINX_PID" VmHWM)
