@@ -48,6 +48,8 @@ struct ClientInner {
     swept: Mutex<Instant>,
     idle_timeout: Duration,
     max_idle: usize,
+    /// Most connections open to one origin; more requests wait for one (within their timeout).
+    max_per_origin: usize,
 }
 
 /// Most upstream origins the pool keeps. An origin can come from the client (Azure's resource
@@ -56,10 +58,12 @@ struct ClientInner {
 const MAX_ORIGINS: usize = 1024;
 
 /// Makes room for one more origin; false when every origin still has connections.
-fn room_for_origin(origins: &mut Vec<Origin>) -> bool {
+fn room_for_origin(origins: &mut Vec<Origin>, max_per_origin: usize) -> bool {
     if origins.len() >= MAX_ORIGINS {
         origins.retain(|o| {
-            o.h2.as_ref().is_some_and(|h2| !h2.is_closed()) || o.idle.iter().any(|(tx, _)| !tx.is_closed())
+            o.h2.as_ref().is_some_and(|h2| !h2.is_closed())
+                || o.idle.iter().any(|(tx, _)| !tx.is_closed())
+                || o.has_open_connections(max_per_origin)
         });
     }
     origins.len() < MAX_ORIGINS
@@ -75,6 +79,37 @@ struct Origin {
     idle: Vec<(http1::SendRequest<Full<Bytes>>, Instant)>,
     /// The HTTP/2 connection, shared by all requests.
     h2: Option<http2::SendRequest<Full<Bytes>>>,
+    /// Room for connections to the origin, and word of one coming back to the pool.
+    slots: Arc<Slots>,
+}
+
+/// The bound on an origin's connections: each open connection holds one permit of `room` for its
+/// whole life (its task drops it when it closes); `returned` wakes a request waiting for a
+/// connection when one goes back to the pool.
+struct Slots {
+    room: Arc<tokio::sync::Semaphore>,
+    returned: tokio::sync::Notify,
+}
+
+/// What a request that found no idle connection gets: one that came back meanwhile, or room
+/// for a new one (`None`: no bound, the pool is full of origins).
+enum Slot {
+    Idle(Conn, HeaderValue),
+    New(Option<tokio::sync::OwnedSemaphorePermit>),
+}
+
+impl Origin {
+    fn new(scheme: Scheme, authority: Authority, host: HeaderValue, max_connections: usize) -> Origin {
+        let room = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        let slots = Arc::new(Slots { room, returned: tokio::sync::Notify::new() });
+        Origin { scheme, authority, host, idle: Vec::new(), h2: None, slots }
+    }
+
+    /// Whether connections of the origin are open (in use: idle ones are in `idle`). Such an
+    /// origin is kept, so that its bound still counts them.
+    fn has_open_connections(&self, max_connections: usize) -> bool {
+        self.slots.room.available_permits() < max_connections
+    }
 }
 
 enum Conn {
@@ -142,6 +177,7 @@ fn client_over(
             swept: Mutex::new(Instant::now()),
             idle_timeout: s.pool_idle_timeout,
             max_idle: s.pool_max_idle_per_host,
+            max_per_origin: s.max_connections_per_host,
         }),
     }
 }
@@ -157,10 +193,16 @@ impl HttpClient {
         loop {
             let (conn, host, reused) = match (!fresh_only).then(|| self.checkout(&scheme, &authority)).flatten() {
                 Some((conn, host)) => (conn, host, true),
-                None => {
-                    let (conn, host) = self.connect(&uri, &scheme, &authority).await?;
-                    (conn, host, false)
-                }
+                None => match self.slot(&scheme, &authority, fresh_only).await? {
+                    Slot::Idle(conn, host) => (conn, host, true),
+                    Slot::New(permit) => {
+                        // Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is a large future that
+                        // runs once per connection; inline, every request's future would carry room
+                        // for it.
+                        let (conn, host) = Box::pin(self.connect(&uri, &scheme, &authority, permit)).await?;
+                        (conn, host, false)
+                    }
+                },
             };
             match conn {
                 Conn::H1(mut tx) => {
@@ -237,6 +279,33 @@ impl HttpClient {
         None
     }
 
+    /// Waits until a new connection to the origin may open, or one comes back to the pool (not
+    /// for `fresh_only`, a retry that needs a new connection).
+    async fn slot(&self, scheme: &Scheme, authority: &Authority, fresh_only: bool) -> Result<Slot, ClientError> {
+        let host = host_header(scheme, authority)?;
+        let Some(slots) = self.with_origin(scheme, authority, &host, |o| o.slots.clone()) else {
+            return Ok(Slot::New(None));
+        };
+        loop {
+            // Registered before looking, so a connection coming back in between is not missed.
+            let returned = slots.returned.notified();
+            let mut returned = std::pin::pin!(returned);
+            returned.as_mut().enable();
+            if !fresh_only {
+                if let Some((conn, host)) = self.checkout(scheme, authority) {
+                    return Ok(Slot::Idle(conn, host));
+                }
+            }
+            if let Ok(permit) = slots.room.clone().try_acquire_owned() {
+                return Ok(Slot::New(Some(permit)));
+            }
+            tokio::select! {
+                permit = slots.room.clone().acquire_owned() => return Ok(Slot::New(permit.ok())),
+                () = returned, if !fresh_only => {}
+            }
+        }
+    }
+
     fn drop_h2(&self, scheme: &Scheme, authority: &Authority) {
         let mut origins = self.inner.origins.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(o) = origins.iter_mut().find(|o| o.authority == *authority && o.scheme == *scheme) {
@@ -250,6 +319,7 @@ impl HttpClient {
         uri: &Uri,
         scheme: &Scheme,
         authority: &Authority,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<(Conn, HeaderValue), ClientError> {
         let io = self.inner.connector.clone().call(uri.clone()).await.map_err(ClientError::Connect)?;
         let host = host_header(scheme, authority)?;
@@ -259,7 +329,7 @@ impl HttpClient {
                 .handshake(io)
                 .await
                 .map_err(|e| ClientError::Connect(Box::new(e)))?;
-            spawn_connection(conn, "HTTP/2");
+            spawn_connection(conn, "HTTP/2", permit);
             self.with_origin(scheme, authority, &host, |o| o.h2 = Some(tx.clone()));
             return Ok((Conn::H2(tx), host));
         }
@@ -270,27 +340,28 @@ impl HttpClient {
             .handshake(io)
             .await
             .map_err(|e| ClientError::Connect(Box::new(e)))?;
-        spawn_connection(conn, "HTTP/1.1");
+        spawn_connection(conn, "HTTP/1.1", permit);
         Ok((Conn::H1(tx), host))
     }
 
-    fn with_origin(&self, scheme: &Scheme, authority: &Authority, host: &HeaderValue, f: impl FnOnce(&mut Origin)) {
+    /// `f` over the origin's entry, made if missing; `None` when the pool has no room for it.
+    fn with_origin<T>(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+        host: &HeaderValue,
+        f: impl FnOnce(&mut Origin) -> T,
+    ) -> Option<T> {
         let mut origins = self.inner.origins.lock().unwrap_or_else(PoisonError::into_inner);
         let i = match origins.iter().position(|o| o.authority == *authority && o.scheme == *scheme) {
             Some(i) => i,
-            None if !room_for_origin(&mut origins) => return,
+            None if !room_for_origin(&mut origins, self.inner.max_per_origin) => return None,
             None => {
-                origins.push(Origin {
-                    scheme: scheme.clone(),
-                    authority: authority.clone(),
-                    host: host.clone(),
-                    idle: Vec::new(),
-                    h2: None,
-                });
+                origins.push(Origin::new(scheme.clone(), authority.clone(), host.clone(), self.inner.max_per_origin));
                 origins.len() - 1
             }
         };
-        f(&mut origins[i]);
+        Some(f(&mut origins[i]))
     }
 }
 
@@ -299,8 +370,11 @@ impl HttpClient {
 fn spawn_connection(
     conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'static,
     protocol: &'static str,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     tokio::spawn(async move {
+        // The connection's room under the origin's bound, given back when it closes.
+        let _permit = permit;
         if let Err(e) = conn.await {
             tracing::debug!(protocol, error = %ErrorChain(&e), "upstream connection ended");
         }
@@ -345,21 +419,22 @@ impl Return {
                     if o.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
                         o.h2 = None;
                     }
-                    o.h2.is_some() || !o.idle.is_empty()
+                    o.h2.is_some() || !o.idle.is_empty() || o.has_open_connections(client.max_per_origin)
                 });
             }
         }
         let o = match origins.iter_mut().position(|o| o.authority == authority && o.scheme == scheme) {
             Some(i) => &mut origins[i],
-            None if !room_for_origin(&mut origins) => return,
+            None if !room_for_origin(&mut origins, client.max_per_origin) => return,
             None => {
-                origins.push(Origin { scheme, authority, host, idle: Vec::new(), h2: None });
+                origins.push(Origin::new(scheme, authority, host, client.max_per_origin));
                 let last = origins.len() - 1;
                 &mut origins[last]
             }
         };
         if o.idle.len() < client.max_idle {
             o.idle.push((tx, now));
+            o.slots.returned.notify_one();
         }
     }
 }

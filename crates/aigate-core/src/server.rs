@@ -47,8 +47,18 @@ impl ServerHandle {
 
 /// Binds `settings.listen` and starts serving.
 pub async fn start(settings: Settings) -> std::io::Result<ServerHandle> {
-    let listener = TcpListener::bind(settings.listen).await?;
+    let listener = bind(settings.listen, settings.listen_backlog)?;
     start_on(settings, listener)
+}
+
+/// A listener on `addr` whose queue of connections not yet accepted holds `backlog` (the
+/// kernel caps it at `net.core.somaxconn`): a burst of thousands of new connections waits there
+/// instead of being dropped and retried by the clients a second later.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Starts serving on an already bound listener (tests bind port 0).
@@ -159,7 +169,10 @@ impl Connection {
             let busy = tracked.begin();
             let st = state.clone();
             async move {
-                let resp = service::handle(st, req).await?;
+                // Boxed: hyper keeps room for one request's future in every connection for the
+                // connection's whole life, and this future is several KB; boxed, an idle connection
+                // holds a pointer and the room is taken only while a request runs.
+                let resp = Box::pin(service::handle(st, req)).await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
             }
         });

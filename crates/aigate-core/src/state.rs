@@ -131,6 +131,7 @@ impl AppState {
         fixed("[storage]", new.storage != old.storage);
         fixed("[upstream]", new.upstream != old.upstream);
         fixed("max_connections", new.max_connections != old.max_connections);
+        fixed("listen_backlog", new.listen_backlog != old.listen_backlog);
         fixed("header_read_timeout", new.header_read_timeout != old.header_read_timeout);
         fixed("blocking_threads", new.blocking_threads != old.blocking_threads);
         fixed("[telemetry]", new.telemetry != old.telemetry);

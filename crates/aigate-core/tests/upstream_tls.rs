@@ -65,12 +65,18 @@ async fn tls_server(alpn: &[&[u8]]) -> (u16, Arc<AtomicU64>) {
 }
 
 fn client() -> HttpClient {
+    client_with(64)
+}
+
+/// A client opening at most `max_connections` connections to one host.
+fn client_with(max_connections: usize) -> HttpClient {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_file(fixture("ca.pem")).unwrap()).unwrap();
     let settings = aigate_core::config::UpstreamSettings {
         connect_timeout: Duration::from_secs(5),
         pool_idle_timeout: Duration::from_secs(90),
         pool_max_idle_per_host: 16,
+        max_connections_per_host: max_connections,
     };
     build_client_with_roots(&settings, roots).unwrap()
 }
@@ -116,4 +122,21 @@ async fn http1_over_tls_reuses_its_connections() {
     assert!(answers.iter().all(|a| a.starts_with("HTTP/1.1 ")), "{answers:?}");
     let opened = accepted.load(Ordering::SeqCst);
     assert!((2..=4).contains(&opened), "{opened}: concurrent requests open connections side by side");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_one_host_are_bounded_and_requests_wait_for_one() {
+    let (port, accepted) = tls_server(&[b"http/1.1"]).await;
+    let client = client_with(3);
+    // 24 requests of 20 ms at once over at most 3 connections: they take turns, none fails.
+    let answers = futures_util::future::join_all((0..24).map(|i| {
+        let client = client.clone();
+        async move { get(&client, port, &format!("/v1/b{i}")).await }
+    }))
+    .await;
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a, &format!("HTTP/1.1 /v1/b{i}"));
+    }
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&opened), "{opened} connections opened for a bound of 3");
 }

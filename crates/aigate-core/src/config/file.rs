@@ -36,6 +36,10 @@ pub struct FileConfig {
     /// Most client connections served at once; more wait in the listen backlog. Default 10000.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Connections the listen queue holds before they are accepted (capped by the kernel's
+    /// `net.core.somaxconn`). Default 4096.
+    #[serde(default)]
+    pub listen_backlog: Option<u32>,
     /// Longest time to receive a request body. Default `60s`; slower uploads get 408.
     #[serde(default)]
     pub request_body_timeout: Option<DurationValue>,
@@ -315,6 +319,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Option<DurationValue>,
     /// Idle connections kept per upstream host. Default 512.
     pub pool_max_idle_per_host: Option<usize>,
+    /// Most connections open to one upstream host at once; more requests wait for one within
+    /// their timeout. Default 1024.
+    pub max_connections_per_host: Option<usize>,
 }
 
 /// `[providers.NAME]`.

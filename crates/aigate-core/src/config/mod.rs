@@ -95,6 +95,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Most client connections served at once.
     pub max_connections: usize,
+    /// Connections the listen queue holds before they are accepted.
+    pub listen_backlog: u32,
     /// Longest time to receive a request body.
     pub request_body_timeout: Duration,
     /// Longest time to receive a request head.
@@ -207,6 +209,8 @@ pub struct UpstreamSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// Most connections open to one host at once.
+    pub max_connections_per_host: usize,
 }
 
 /// One gateway: its own auth, keys and (in later stages) cache, limits and logs.

@@ -111,6 +111,10 @@ impl FileConfig {
             connect_timeout: self.upstream.connect_timeout.map_or(Duration::from_secs(10), |d| d.0),
             pool_idle_timeout: self.upstream.pool_idle_timeout.map_or(Duration::from_secs(90), |d| d.0),
             pool_max_idle_per_host: self.upstream.pool_max_idle_per_host.unwrap_or(512),
+            max_connections_per_host: match self.upstream.max_connections_per_host {
+                Some(0) => return Err(invalid("upstream.max_connections_per_host: must be greater than zero".into())),
+                n => n.unwrap_or(1024),
+            },
         };
         let disk_bytes = self.storage.cache_disk.map_or(2_000_000_000, |b| b.0);
         let cache_spec = self.storage.cache.as_deref().unwrap_or("disk");
@@ -175,6 +179,10 @@ impl FileConfig {
                 Some(0) => return Err(invalid("max_connections: must be greater than zero".into())),
                 Some(n) => n,
                 None => 10_000,
+            },
+            listen_backlog: match self.listen_backlog {
+                Some(0) => return Err(invalid("listen_backlog: must be greater than zero".into())),
+                n => n.unwrap_or(4096),
             },
             request_body_timeout: match self.request_body_timeout {
                 Some(d) if d.0.is_zero() => {
