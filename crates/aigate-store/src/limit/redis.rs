@@ -186,16 +186,40 @@ end
 return applied
 ";
 
-/// The two scripts, hashed once.
+/// A Lua script, hashed once: called with `EVALSHA`, loaded on `NOSCRIPT`.
+///
+/// Called by hand rather than through `redis::Script::invoke_async`, which copies the keys and
+/// arguments twice and the whole source once per call (to have its `SCRIPT LOAD` ready): this runs
+/// for every request with limits.
+struct Lua {
+    code: String,
+    hash: String,
+}
+
+impl Lua {
+    fn new(body: &str) -> Lua {
+        let code = format!("{NOW}{body}");
+        let hash = redis::Script::new(&code).get_hash().to_owned();
+        Lua { code, hash }
+    }
+
+    /// `EVALSHA <hash> <nkeys>`: the keys and then the arguments follow.
+    fn call(&self, nkeys: usize) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(&self.hash).arg(nkeys);
+        c
+    }
+}
+
+/// The two scripts.
 struct Scripts {
-    acquire: redis::Script,
-    settle: redis::Script,
+    acquire: Lua,
+    settle: Lua,
 }
 
 impl Scripts {
     fn new() -> Scripts {
-        let s = |body: &str| redis::Script::new(&format!("{NOW}{body}"));
-        Scripts { acquire: s(ACQUIRE), settle: s(SETTLE) }
+        Scripts { acquire: Lua::new(ACQUIRE), settle: Lua::new(SETTLE) }
     }
 }
 
@@ -238,11 +262,24 @@ impl RedisLimitStore {
         self.redis.op_timeout()
     }
 
-    /// Runs one script invocation, bounded by the operation timeout.
-    async fn run<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
+    /// Runs one script call (built by [`Lua::call`]), loading the script if Redis does not have
+    /// it; bounded by the operation timeout.
+    async fn run<T: redis::FromRedisValue>(&self, lua: &Lua, call: &redis::Cmd) -> Result<T, StoreError> {
+        let failed = |e: redis::RedisError| StoreError::Unavailable(format!("redis: {e}"));
         tokio::time::timeout(self.redis.op_timeout(), async {
             let mut conn = self.redis.conn().await?;
-            inv.invoke_async::<T>(&mut conn).await.map_err(|e| StoreError::Unavailable(format!("redis: {e}")))
+            match call.query_async::<T>(&mut conn).await {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(&lua.code)
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(failed)?;
+                    call.query_async::<T>(&mut conn).await.map_err(failed)
+                }
+                r => r.map_err(failed),
+            }
         })
         .await
         .map_err(|_| StoreError::Timeout)?
@@ -253,19 +290,22 @@ impl RedisLimitStore {
         if checks.is_empty() {
             return Ok(Vec::new());
         }
-        let mut inv = self.scripts.acquire.prepare_invoke();
-        inv.arg(if write { "1" } else { "0" });
+        let lua = &self.scripts.acquire;
+        let mut call = lua.call(checks.len());
+        for c in checks {
+            call.arg(redis_limit_key(c.key, &c.spec));
+        }
+        call.arg(if write { "1" } else { "0" });
         for c in checks {
             let spec = &c.spec;
-            inv.key(redis_limit_key(c.key, spec));
-            inv.arg(technique_arg(spec))
+            call.arg(technique_arg(spec))
                 .arg(spec.limit.min(MAX_EXACT))
                 .arg(spec.period())
                 .arg(spec.sub_window_ms())
                 .arg(c.cost.min(MAX_EXACT))
                 .arg(spec.ring_len());
         }
-        let reply: Vec<i64> = self.run(&inv).await?;
+        let reply: Vec<i64> = self.run(lua, &call).await?;
         if reply.is_empty() || !reply.len().is_multiple_of(5) || reply.len() / 5 > checks.len() {
             return Err(StoreError::Corrupt(format!("rate-limit script returned {reply:?}")));
         }
@@ -331,18 +371,21 @@ impl RateLimitStore for RedisLimitStore {
         if settlements.is_empty() {
             return Ok(());
         }
-        let mut inv = self.scripts.settle.prepare_invoke();
+        let lua = &self.scripts.settle;
+        let mut call = lua.call(settlements.len());
+        for (r, _) in settlements {
+            call.arg(redis_limit_key(&r.key, &r.spec));
+        }
         for (r, actual) in settlements {
             let spec = &r.spec;
-            inv.key(redis_limit_key(&r.key, spec));
-            inv.arg(technique_arg(spec))
+            call.arg(technique_arg(spec))
                 .arg(spec.period())
                 .arg(spec.sub_window_ms())
                 .arg(r.slot)
                 .arg(r.amount.min(MAX_EXACT))
                 .arg((*actual).min(MAX_EXACT));
         }
-        let _applied: i64 = self.run(&inv).await?;
+        let _applied: i64 = self.run(lua, &call).await?;
         Ok(())
     }
 }
